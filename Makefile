@@ -1,0 +1,30 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Both create .venv when missing and install pinned torch first (an unpinned torch would pull
+# a multi-GB build), then this package with its test extras.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+STAMP := $(VENV)/.sidscale-installed
+export HF_HUB_OFFLINE := 1
+export DS_ACCELERATOR := cpu
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup test demo lint clean-demo
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check sidscale tools tests
+
+DEMO_RUN ?= runs/demo
+demo: setup
+	$(PY) tools/demo.py --run-dir $(DEMO_RUN)

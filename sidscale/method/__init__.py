@@ -1,0 +1,16 @@
+"""SiD-LSG: guidance, losses, guards and the two steps. Networks and tensors only."""
+
+from sidscale.method.guidance import EpsFn, guided_eps
+from sidscale.method.sid_lsg import (
+    MethodSettings,
+    StepNoise,
+    apply_prompt_dropout,
+    fake_step,
+    generator_step,
+    one_step_generate,
+)
+
+__all__ = [
+    "EpsFn", "guided_eps", "MethodSettings", "StepNoise", "apply_prompt_dropout",
+    "fake_step", "generator_step", "one_step_generate",
+]

@@ -1,0 +1,28 @@
+"""Classifier-free guidance as ONE batched network call on [uncond; cond]."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from sidscale.models.conditioning import Cond, cat_conds
+
+# (x_t, t, cond) -> eps prediction in fp32. Networks are wrapped into this shape by
+# sidscale.models.unet_eps.UNetEps, so the method never sees a UNet's keyword arguments.
+EpsFn = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
+
+
+def guided_eps(
+    eps_fn: EpsFn, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond, scale: float
+) -> torch.Tensor:
+    """``eps(uncond) + scale * (eps(cond) - eps(uncond))``.
+
+    NOTE: scale == 1 runs only the conditional call (it is exactly eps(cond)); any other scale
+    runs one call of batch 2B so the network sees both branches in a single pass.
+    """
+    if scale == 1.0:
+        return eps_fn(x_t, t, cond)
+    both = eps_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_conds([uncond, cond]))
+    eps_uncond, eps_cond = both.chunk(2)
+    return eps_uncond + scale * (eps_cond - eps_uncond)

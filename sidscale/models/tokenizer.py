@@ -1,0 +1,124 @@
+"""The real CLIP BPE tokenizer, built offline from the vocabulary that ships inside open_clip_torch.
+
+Stable Diffusion 1.x/2.x tokenize with OpenAI's CLIP BPE (49,408 ids). No model hub is reachable
+here, but ``open_clip`` ships the same merges as ``bpe_simple_vocab_16e6.txt.gz``. From it we
+derive the two files a transformers ``CLIPTokenizer`` reads (``vocab.json``, ``merges.txt``).
+
+The id layout (the one both OpenAI CLIP and open_clip use, so ids agree token for token):
+  0..255      the 256 byte symbols (GPT-2 style printable byte -> unicode map)
+  256..511    the same symbols with the end-of-word marker ``</w>``
+  512..49405  one id per merge, in merge-rank order (48,894 merges)
+  49406       ``<|startoftext|>``    49407  ``<|endoftext|>``
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import tempfile
+from pathlib import Path
+
+CLIP_VOCAB_SIZE = 49408
+NUM_MERGES = CLIP_VOCAB_SIZE - 2 * 256 - 2  # 48,894
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+
+
+def open_clip_bpe_path() -> Path:
+    """Location of open_clip's shipped BPE merges file (a clear error if it is missing)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("open_clip_torch is not installed; it ships the CLIP BPE vocabulary we need")
+    path = Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"CLIP BPE vocabulary not found at {path}")
+    return path
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 unicode stand-ins for raw bytes, in CLIP's id order.
+
+    Printable latin-1 bytes map to themselves (and come first, in byte order); the remaining
+    bytes (control characters, space, ...) map to code points from 256 upward, so that no BPE
+    symbol is whitespace or a control character.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    keep = set(printable)
+    others = [b for b in range(256) if b not in keep]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+
+
+def _read_merges(bpe_path: Path) -> list[tuple[str, str]]:
+    lines = gzip.open(bpe_path, "rt", encoding="utf-8").read().split("\n")
+    # line 0 is a version header; CLIP uses exactly the first NUM_MERGES merges after it
+    merges = [tuple(line.split()) for line in lines[1 : 1 + NUM_MERGES]]
+    if len(merges) != NUM_MERGES or any(len(m) != 2 for m in merges):
+        raise ValueError(f"{bpe_path} does not look like the CLIP BPE file (bad merges section)")
+    return merges  # type: ignore[return-value]
+
+
+def clip_vocab_and_merges(bpe_path: Path | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(token -> id, merges in rank order) of OpenAI CLIP's tokenizer."""
+    merges = _read_merges(bpe_path or open_clip_bpe_path())
+    symbols = _byte_symbols()
+    tokens = symbols + [s + "</w>" for s in symbols] + [a + b for a, b in merges] + [BOS_TOKEN, EOS_TOKEN]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    if len(vocab) != CLIP_VOCAB_SIZE:
+        raise ValueError(f"derived CLIP vocabulary has {len(vocab)} distinct tokens, expected {CLIP_VOCAB_SIZE}")
+    return vocab, merges
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # NOTE: several processes may build the same tokenizer dir at once (e.g. ranks of one job);
+    # write-then-rename means a reader never sees a half-written file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_clip_tokenizer_files(out_dir: str | os.PathLike, model_max_length: int = 77,
+                               pad_token: str = EOS_TOKEN) -> Path:
+    """Write vocab.json, merges.txt and the tokenizer config into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab, merges = clip_vocab_and_merges()
+    _write_atomic(out / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    _write_atomic(out / "merges.txt", "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": model_max_length,
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "unk_token": EOS_TOKEN,
+        "pad_token": pad_token,
+        "do_lower_case": True,
+    }
+    _write_atomic(out / "tokenizer_config.json", json.dumps(config, indent=2))
+    specials = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    _write_atomic(out / "special_tokens_map.json", json.dumps(specials, indent=2))
+    return out
+
+
+def build_clip_tokenizer(out_dir: str | os.PathLike, model_max_length: int = 77, pad_token: str = EOS_TOKEN):
+    """Write a CLIP tokenizer directory and load it as a transformers ``CLIPTokenizer``.
+
+    ``pad_token`` defaults to ``<|endoftext|>`` (SD1.5's tokenizer); SD2.x pads with ``"!"`` (id 0,
+    which is also what ``open_clip.tokenize`` pads with).
+    """
+    from transformers import CLIPTokenizer
+
+    out = write_clip_tokenizer_files(out_dir, model_max_length, pad_token)
+    # NOTE: load through from_pretrained: in transformers 5.x, CLIPTokenizer(vocab_file=...,
+    # merges_file=...) silently ignores the files and yields a 3-token vocabulary.
+    tok = CLIPTokenizer.from_pretrained(str(out), model_max_length=model_max_length)
+    if len(tok) != CLIP_VOCAB_SIZE:
+        raise RuntimeError(
+            f"CLIPTokenizer loaded from {out} has {len(tok)} tokens, expected {CLIP_VOCAB_SIZE}; "
+            "the vocab.json / merges.txt were not picked up (transformers API change?)"
+        )
+    if tok.bos_token_id != CLIP_VOCAB_SIZE - 2 or tok.eos_token_id != CLIP_VOCAB_SIZE - 1:
+        raise RuntimeError(f"unexpected special token ids bos={tok.bos_token_id} eos={tok.eos_token_id}")
+    return tok

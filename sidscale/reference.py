@@ -1,0 +1,103 @@
+"""The plain single-process SiD-LSG loop: the numerical reference of the DeepSpeed trainer.
+
+It stays small and obviously correct: fp32 copies of the teacher UNet as generator and fake
+net, torch Adam, the whole global batch per step, the method's NaN guards, the EMA. The
+DeepSpeed trainer (``sidscale.train``) must reproduce its weights in fp32 on the same prompts
+and noises (tests/test_trainer_equivalence.py).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from sidscale.ema import ema_beta, update_ema_
+from sidscale.method.guards import sanitize_grads_
+from sidscale.method.sid_lsg import MethodSettings, fake_step, generator_step
+from sidscale.models.conditioning import ClipConditioner
+from sidscale.models.unet_eps import UNetEps
+from sidscale.noise import PHASE_FAKE, PHASE_GEN, draw_step_noise
+from sidscale.schedule import VPSchedule
+
+# (step, phase, global sample indices) -> prompts
+PromptFn = Callable[[int, int, Sequence[int]], list[str]]
+
+
+@dataclass
+class OptimSettings:
+    lr: float
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float = 0.0
+
+
+def make_adam(params, opt: OptimSettings) -> torch.optim.Adam:
+    return torch.optim.Adam(
+        params, lr=opt.lr, betas=(float(opt.betas[0]), float(opt.betas[1])), eps=opt.eps,
+        weight_decay=opt.weight_decay,
+    )
+
+
+class ReferenceLoop:
+    """One iteration = one fake-score step then one generator step, each on ``global_batch``."""
+
+    def __init__(
+        self, teacher_unet: torch.nn.Module, conditioner: ClipConditioner, schedule: VPSchedule,
+        settings: MethodSettings, gen_opt: OptimSettings, fake_opt: OptimSettings, global_batch: int,
+        latent_shape: Sequence[int], seed: int, prompt_fn: PromptFn,
+        ema_halflife_kimg: float = 50.0, ema_rampup_ratio: float = 0.05,
+    ):
+        self.teacher_net = copy.deepcopy(teacher_unet).float().requires_grad_(False)
+        self.gen_net = copy.deepcopy(teacher_unet).float().requires_grad_(True)
+        self.fake_net = copy.deepcopy(teacher_unet).float().requires_grad_(True)
+        self.ema = [p.detach().clone() for p in self.gen_net.parameters()]
+        self.teacher, self.gen, self.fake = (UNetEps(n, schedule) for n in
+                                             (self.teacher_net, self.gen_net, self.fake_net))
+        self.gen_optim = make_adam(self.gen_net.parameters(), gen_opt)
+        self.fake_optim = make_adam(self.fake_net.parameters(), fake_opt)
+        self.conditioner, self.schedule, self.settings = conditioner, schedule, settings
+        self.global_batch, self.latent_shape, self.seed = global_batch, tuple(latent_shape), seed
+        self.prompt_fn = prompt_fn
+        self.ema_halflife_kimg, self.ema_rampup_ratio = ema_halflife_kimg, ema_rampup_ratio
+        self.step_index = 0
+
+    def _inputs(self, phase: int):
+        idx = list(range(self.global_batch))
+        s = self.settings
+        noise = draw_step_noise(self.seed, self.step_index, phase, idx, self.latent_shape,
+                                s.t_min, s.t_max, s.prompt_dropout)
+        cond = self.conditioner.encode(self.prompt_fn(self.step_index, phase, idx))
+        return noise, cond, self.conditioner.empty(self.global_batch)
+
+    def step(self) -> dict[str, float]:
+        noise, cond, uncond = self._inputs(PHASE_FAKE)
+        loss_fake, stats = fake_step(self.gen, self.fake, self.schedule, noise, cond, uncond,
+                                     self.settings, loss_normaliser=self.global_batch)
+        self.fake_optim.zero_grad(set_to_none=True)
+        loss_fake.backward()
+        sanitize_grads_(self.fake_net.parameters())
+        self.fake_optim.step()
+
+        noise, cond, uncond = self._inputs(PHASE_GEN)
+        self.fake_net.requires_grad_(False)
+        loss_gen, gen_stats = generator_step(self.gen, self.fake, self.teacher, self.schedule, noise, cond,
+                                             uncond, self.settings, loss_normaliser=self.global_batch)
+        self.gen_optim.zero_grad(set_to_none=True)
+        loss_gen.backward()
+        self.fake_net.requires_grad_(True)
+        sanitize_grads_(self.gen_net.parameters())
+        self.gen_optim.step()
+
+        beta = ema_beta(self.global_batch, self.step_index * self.global_batch,
+                        self.ema_halflife_kimg, self.ema_rampup_ratio)
+        update_ema_(self.ema, self.gen_net.parameters(), beta)
+        self.step_index += 1
+        stats.update(gen_stats)
+        return {k: float(v) for k, v in stats.items()}
+
+    def ema_state_dict(self) -> dict[str, torch.Tensor]:
+        names = [n for n, _ in self.gen_net.named_parameters()]
+        return dict(zip(names, (e.clone() for e in self.ema), strict=True))

@@ -1,0 +1,103 @@
+"""The discrete VP noise schedule of Stable Diffusion, and the conversions between predictions.
+
+Everything here is a pure tensor function of ``alphas_cumprod`` (``abar``), so the same code
+serves the toy teacher and SD1.5 / SD2.1 / SDXL. ``abar`` is computed in float64 and stored in
+float32, exactly as diffusers' ``DDPMScheduler.alphas_cumprod``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def make_alphas_cumprod(
+    num_train_timesteps: int = 1000,
+    beta_start: float = 0.00085,
+    beta_end: float = 0.012,
+    beta_schedule: str = "scaled_linear",
+) -> torch.Tensor:
+    """``abar_t = prod_{s<=t} (1 - beta_s)`` for t = 0 .. T-1, float32 (diffusers' convention)."""
+    if beta_schedule == "scaled_linear":
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    elif beta_schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+    else:
+        raise ValueError(f"beta_schedule {beta_schedule!r} is not supported; expected 'scaled_linear' or 'linear'")
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+@dataclass
+class VPSchedule:
+    """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` with integer timesteps t in [0, T)."""
+
+    alphas_cumprod: torch.Tensor
+    prediction_type: str = "epsilon"
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type {self.prediction_type!r}; expected one of {PREDICTION_TYPES}")
+
+    @classmethod
+    def from_settings(
+        cls,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        beta_schedule: str = "scaled_linear",
+        prediction_type: str = "epsilon",
+    ) -> VPSchedule:
+        abar = make_alphas_cumprod(num_train_timesteps, beta_start, beta_end, beta_schedule)
+        return cls(abar, prediction_type)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    def coefficients(self, t: torch.Tensor | int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sqrt(abar_t), sqrt(1 - abar_t)) broadcastable against ``like`` (batch first), in fp32."""
+        abar = self.alphas_cumprod.to(like.device)
+        t = torch.as_tensor(t, device=like.device, dtype=torch.long)
+        a = abar[t]
+        shape = (-1,) + (1,) * (like.dim() - 1) if a.dim() == 1 else ()
+        return a.sqrt().reshape(shape), (1.0 - a).sqrt().reshape(shape)
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        a, s = self.coefficients(t, x0)
+        return a * x0 + s * eps
+
+    def eps_to_x0(self, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        a, s = self.coefficients(t, x_t)
+        return (x_t - s * eps) / a
+
+    def x0_to_eps(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        a, s = self.coefficients(t, x_t)
+        return (x_t - a * x0) / s
+
+    def v_to_eps(self, x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        # v = a eps - s x0  =>  eps = s x_t + a v  (since a^2 + s^2 = 1)
+        a, s = self.coefficients(t, x_t)
+        return s * x_t + a * v
+
+    def eps_x0_to_v(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        a, s = self.coefficients(t, x0)
+        return a * eps - s * x0
+
+    def model_output_to_eps(self, x_t: torch.Tensor, out: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """The network's raw output (eps or v, per ``prediction_type``) as an eps prediction."""
+        if self.prediction_type == "epsilon":
+            return out
+        return self.v_to_eps(x_t, out, t)
+
+    def sample_timesteps(
+        self, batch: int, t_min: int, t_max: int, generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
+        """t ~ UniformInt{t_min .. t_max-1}, one per sample."""
+        if not 0 <= t_min < t_max <= self.num_train_timesteps:
+            raise ValueError(f"need 0 <= t_min < t_max <= {self.num_train_timesteps}, got {t_min}, {t_max}")
+        t = torch.randint(t_min, t_max, (batch,), generator=generator)
+        return t.to(device)
