@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import math
 import os
 import tempfile
@@ -186,6 +187,7 @@ def _type_name(tp: Any) -> str:
     return f"{origin.__name__}[{', '.join(_type_name(a) for a in get_args(tp) if a is not Ellipsis)}]"
 
 
+@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     # NOTE: annotations are strings (``from __future__ import annotations``); resolve them once.
     return get_type_hints(cls)
@@ -412,7 +414,7 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.load(f, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+            data = yaml.load(f, Loader=_StrictLoader)  # safe: a SafeLoader subclass
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
     except yaml.YAMLError as e:

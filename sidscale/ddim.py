@@ -28,8 +28,9 @@ def ddim_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
     return ts.tolist()
 
 
-def guided_eps(eps_fn: EpsFn, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond | None,
-               cfg_scale: float) -> torch.Tensor:
+def guided_eps(
+    eps_fn: EpsFn, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond | None, cfg_scale: float
+) -> torch.Tensor:
     """``eps_u + k (eps_c - eps_u)`` as ONE batched call on [uncond; cond]; only the cond call when k == 1."""
     if cfg_scale == 1.0 or uncond is None:
         if cfg_scale != 1.0:
@@ -44,9 +45,17 @@ def guided_eps(eps_fn: EpsFn, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, un
 
 
 @torch.no_grad()
-def ddim_sample(eps_fn: EpsFn, schedule: VPSchedule, shape: tuple[int, ...] | torch.Size, cond: Cond,
-                uncond: Cond | None, cfg_scale: float, steps: int, generator: torch.Generator | None = None,
-                x_T: torch.Tensor | None = None) -> torch.Tensor:
+def ddim_sample(
+    eps_fn: EpsFn,
+    schedule: VPSchedule,
+    shape: tuple[int, ...] | torch.Size,
+    cond: Cond,
+    uncond: Cond | None,
+    cfg_scale: float,
+    steps: int,
+    generator: torch.Generator | None = None,
+    x_T: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Sample x0 with deterministic DDIM; ``eps_fn(x_t, t[B] long, cond) -> eps``.
 
     The initial noise is drawn on CPU from ``generator`` (so results do not depend on the device)

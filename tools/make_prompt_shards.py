@@ -24,8 +24,8 @@ from sidscale.data.shards import read_prompt_file, write_prompt_shards  # noqa: 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", type=Path, help="prompt files (.txt/.jsonl/.csv/.tsv, optionally .gz)")
-    p.add_argument("--out", required=True, type=Path, help="output directory (must be empty unless --overwrite)")
+    p.add_argument("inputs", nargs="+", type=Path, help="prompt files (.txt/.jsonl/.csv/.tsv[.gz])")
+    p.add_argument("--out", required=True, type=Path, help="output dir (empty unless --overwrite)")
     p.add_argument("--shard-size", type=int, default=10000, help="prompts per tar shard")
     p.add_argument("--dedupe", action="store_true", help="drop exact duplicates (after whitespace strip)")
     p.add_argument("--min-chars", type=int, default=1, help="drop prompts shorter than this")

@@ -21,11 +21,15 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
     """``||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))`` for N(mu1, S1) and N(mu2, S2)."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    sigma1, sigma2 = (
+        np.atleast_2d(np.asarray(sigma1, np.float64)),
+        np.atleast_2d(np.asarray(sigma2, np.float64)),
+    )
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"shape mismatch: {mu1.shape} / {mu2.shape}, {sigma1.shape} / {sigma2.shape}")
     diff = mu1 - mu2
@@ -60,4 +64,6 @@ def toy_features(x: torch.Tensor, grid: int = 4) -> np.ndarray:
 
 def toy_frechet(samples: torch.Tensor, reference: torch.Tensor) -> float:
     """Frechet distance between two image sets in ``toy_features`` space."""
-    return frechet_distance(*feature_statistics(toy_features(samples)), *feature_statistics(toy_features(reference)))
+    return frechet_distance(
+        *feature_statistics(toy_features(samples)), *feature_statistics(toy_features(reference))
+    )

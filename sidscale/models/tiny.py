@@ -14,8 +14,9 @@ import torch
 from sidscale.models.tokenizer import CLIP_VOCAB_SIZE
 
 
-def tiny_unet_config(in_channels: int = 3, sample_size: int = 16, cross_attention_dim: int = 32,
-                     **overrides: Any) -> dict[str, Any]:
+def tiny_unet_config(
+    in_channels: int = 3, sample_size: int = 16, cross_attention_dim: int = 32, **overrides: Any
+) -> dict[str, Any]:
     """Config of a ~1M-parameter ``UNet2DConditionModel`` (two resolutions, cross-attention at the top)."""
     config: dict[str, Any] = {
         "sample_size": sample_size,

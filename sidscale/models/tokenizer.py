@@ -44,7 +44,11 @@ def _byte_symbols() -> list[str]:
     bytes (control characters, space, ...) map to code points from 256 upward, so that no BPE
     symbol is whitespace or a control character.
     """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     keep = set(printable)
     others = [b for b in range(256) if b not in keep]
     return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
@@ -66,7 +70,9 @@ def clip_vocab_and_merges(bpe_path: Path | None = None) -> tuple[dict[str, int],
     tokens = symbols + [s + "</w>" for s in symbols] + [a + b for a, b in merges] + [BOS_TOKEN, EOS_TOKEN]
     vocab = {tok: i for i, tok in enumerate(tokens)}
     if len(vocab) != CLIP_VOCAB_SIZE:
-        raise ValueError(f"derived CLIP vocabulary has {len(vocab)} distinct tokens, expected {CLIP_VOCAB_SIZE}")
+        raise ValueError(
+            f"derived CLIP vocabulary has {len(vocab)} distinct tokens, expected {CLIP_VOCAB_SIZE}"
+        )
     return vocab, merges
 
 
@@ -79,8 +85,7 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_clip_tokenizer_files(out_dir: str | os.PathLike, model_max_length: int = 77,
-                               pad_token: str = EOS_TOKEN) -> Path:
+def write_clip_tokenizer_files(out_dir: str | os.PathLike, model_max_length: int = 77) -> Path:
     """Write vocab.json, merges.txt and the tokenizer config into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,7 +98,7 @@ def write_clip_tokenizer_files(out_dir: str | os.PathLike, model_max_length: int
         "bos_token": BOS_TOKEN,
         "eos_token": EOS_TOKEN,
         "unk_token": EOS_TOKEN,
-        "pad_token": pad_token,
+        "pad_token": EOS_TOKEN,
         "do_lower_case": True,
     }
     _write_atomic(out / "tokenizer_config.json", json.dumps(config, indent=2))
@@ -102,15 +107,16 @@ def write_clip_tokenizer_files(out_dir: str | os.PathLike, model_max_length: int
     return out
 
 
-def build_clip_tokenizer(out_dir: str | os.PathLike, model_max_length: int = 77, pad_token: str = EOS_TOKEN):
+def build_clip_tokenizer(out_dir: str | os.PathLike, model_max_length: int = 77):
     """Write a CLIP tokenizer directory and load it as a transformers ``CLIPTokenizer``.
 
-    ``pad_token`` defaults to ``<|endoftext|>`` (SD1.5's tokenizer); SD2.x pads with ``"!"`` (id 0,
-    which is also what ``open_clip.tokenize`` pads with).
+    It pads with ``<|endoftext|>`` like SD1.5's tokenizer (open_clip.tokenize pads with 0; the ids
+    up to and including the first ``<|endoftext|>`` are identical). Not offered: SD2.x's ``"!"``
+    pad token, which as a special token also captures every "!" typed in a prompt.
     """
     from transformers import CLIPTokenizer
 
-    out = write_clip_tokenizer_files(out_dir, model_max_length, pad_token)
+    out = write_clip_tokenizer_files(out_dir, model_max_length)
     # NOTE: load through from_pretrained: in transformers 5.x, CLIPTokenizer(vocab_file=...,
     # merges_file=...) silently ignores the files and yields a 3-token vocabulary.
     tok = CLIPTokenizer.from_pretrained(str(out), model_max_length=model_max_length)

@@ -37,7 +37,9 @@ DEFAULT_COLOURS: dict[str, tuple[float, float, float]] = {
 SHAPES = ("circle", "square", "triangle", "ring")
 
 
-def _signed_distance(shape: str, x: torch.Tensor, y: torch.Tensor, cx: float, cy: float, r: float) -> torch.Tensor:
+def _signed_distance(
+    shape: str, x: torch.Tensor, y: torch.Tensor, cx: float, cy: float, r: float
+) -> torch.Tensor:
     """Approximate signed distance (pixels, negative inside) of a shape of radius ``r`` at (cx, cy)."""
     dx, dy = x - cx, y - cy
     if shape == "circle":
@@ -57,8 +59,9 @@ def _signed_distance(shape: str, x: torch.Tensor, y: torch.Tensor, cx: float, cy
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
-def draw_shape(shape: str, colour: Sequence[float], background: float, size: int,
-               cx: float, cy: float, r: float) -> torch.Tensor:
+def draw_shape(
+    shape: str, colour: Sequence[float], background: float, size: int, cx: float, cy: float, r: float
+) -> torch.Tensor:
     """A [C, size, size] float64 image: anti-aliased shape in ``colour`` on a flat background.
 
     The one-pixel soft edge keeps the means smooth, which a tiny UNet fits far more easily.
@@ -77,14 +80,23 @@ class ToyMixture:
     with Python's ``random.Random``, whose stream is stable across versions and platforms.
     """
 
-    def __init__(self, colours: dict[str, Sequence[float]] | None = None, shapes: Sequence[str] = SHAPES,
-                 components_per_prompt: int = 3, std: float = 0.15, size: int = 16,
-                 background: float = -0.5, seed: int = 0):
+    def __init__(
+        self,
+        colours: dict[str, Sequence[float]] | None = None,
+        shapes: Sequence[str] = SHAPES,
+        components_per_prompt: int = 3,
+        std: float = 0.15,
+        size: int = 16,
+        background: float = -0.5,
+        seed: int = 0,
+    ):
         colours = dict(DEFAULT_COLOURS if colours is None else colours)
         if not colours or not shapes:
             raise ValueError("ToyMixture needs at least one colour and one shape")
         if components_per_prompt < 1 or std <= 0:
-            raise ValueError(f"need components_per_prompt >= 1 and std > 0, got {components_per_prompt}, {std}")
+            raise ValueError(
+                f"need components_per_prompt >= 1 and std > 0, got {components_per_prompt}, {std}"
+            )
         channels = {len(c) for c in colours.values()}
         if len(channels) != 1:
             raise ValueError("all colours must have the same number of channels")
@@ -103,8 +115,14 @@ class ToyMixture:
     # ------------------------------------------------------------------ spec
     def _make_means(self) -> torch.Tensor:
         rng = random.Random(self.seed)
-        out = torch.empty(len(self.prompts), self.components_per_prompt, self.channels, self.size, self.size,
-                          dtype=torch.float64)
+        out = torch.empty(
+            len(self.prompts),
+            self.components_per_prompt,
+            self.channels,
+            self.size,
+            self.size,
+            dtype=torch.float64,
+        )
         for i, prompt in enumerate(self.prompts):
             _, colour, shape = prompt.split(" ", 2)
             for k in range(self.components_per_prompt):
@@ -172,8 +190,9 @@ class ToyMixture:
         return (mu + self.std * noise).float()
 
     # ---------------------------------------------------------- exact score
-    def component_posterior(self, x_t: torch.Tensor, t: torch.Tensor | int, prompts: Sequence[str],
-                            schedule: VPSchedule) -> torch.Tensor:
+    def component_posterior(
+        self, x_t: torch.Tensor, t: torch.Tensor | int, prompts: Sequence[str], schedule: VPSchedule
+    ) -> torch.Tensor:
         """[B, P*K] float64: p(k | x_t, prompt)."""
         x, a, s2 = self._prep(x_t, t, schedule)
         mu = self.means.reshape(self.num_components, -1).to(x.device)
@@ -184,8 +203,9 @@ class ToyMixture:
         logp = logp.masked_fill(~self.component_mask(prompts).to(x.device), float("-inf"))
         return torch.softmax(logp, dim=1)
 
-    def x0_posterior_mean(self, x_t: torch.Tensor, t: torch.Tensor | int, prompts: Sequence[str],
-                          schedule: VPSchedule) -> torch.Tensor:
+    def x0_posterior_mean(
+        self, x_t: torch.Tensor, t: torch.Tensor | int, prompts: Sequence[str], schedule: VPSchedule
+    ) -> torch.Tensor:
         """E[x0 | x_t, prompt] exactly, in the dtype of ``x_t``."""
         if len(prompts) != x_t.shape[0]:
             raise ValueError(f"{len(prompts)} prompts for a batch of {x_t.shape[0]}")
@@ -198,16 +218,20 @@ class ToyMixture:
         mean = (1 - a * gain) * (w @ mu) + gain * x
         return mean.reshape(x_t.shape).to(x_t.dtype)
 
-    def eps_exact(self, x_t: torch.Tensor, t: torch.Tensor | int, prompts: Sequence[str],
-                  schedule: VPSchedule) -> torch.Tensor:
+    def eps_exact(
+        self, x_t: torch.Tensor, t: torch.Tensor | int, prompts: Sequence[str], schedule: VPSchedule
+    ) -> torch.Tensor:
         """The ideal eps-prediction E[eps | x_t, prompt]."""
         x0 = self.x0_posterior_mean(x_t.double(), t, prompts, schedule)
         return schedule.x0_to_eps(x_t.double(), x0, t).to(x_t.dtype)
 
-    def _prep(self, x_t: torch.Tensor, t: torch.Tensor | int,
-              schedule: VPSchedule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _prep(
+        self, x_t: torch.Tensor, t: torch.Tensor | int, schedule: VPSchedule
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if tuple(x_t.shape[1:]) != self.shape:
-            raise ValueError(f"x_t has shape {tuple(x_t.shape)}, expected [B, {', '.join(map(str, self.shape))}]")
+            raise ValueError(
+                f"x_t has shape {tuple(x_t.shape)}, expected [B, {', '.join(map(str, self.shape))}]"
+            )
         x = x_t.reshape(x_t.shape[0], -1).double()
         abar = schedule.alphas_cumprod.to(x.device, torch.float64)
         t = torch.as_tensor(t, device=x.device, dtype=torch.long)

@@ -1,0 +1,77 @@
+"""Prompt sources the trainer draws from: a webdataset stream, or an indexed list.
+
+Both answer ``batch(step, phase, indices) -> (prompts, input_ids or None)`` and carry their
+position in ``state_dict()``. The indexed source is a pure function of (seed, step, phase,
+sample index), so a DeepSpeed run and the single-process reference loop see the same prompts
+(used by the equivalence tests and benchmarks: ``data.shards: indexed:toy``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+
+import torch
+
+from sidscale.noise import sample_seed
+
+INDEXED_PREFIX = "indexed:"
+
+
+class IndexedPromptSource:
+    def __init__(self, prompts: Sequence[str], seed: int):
+        if not prompts:
+            raise ValueError("IndexedPromptSource needs at least one prompt")
+        self.prompts, self.seed = list(prompts), seed
+
+    def prompts_for(self, step: int, phase: int, indices: Sequence[int]) -> list[str]:
+        # +1 so the prompt choice is not correlated with the noise drawn from the same seed
+        return [self.prompts[random.Random(sample_seed(self.seed + 1, step, phase, i)).randrange(len(self.prompts))]
+                for i in indices]
+
+    def batch(self, step: int, phase: int, indices: Sequence[int]) -> tuple[list[str], torch.Tensor | None]:
+        return self.prompts_for(step, phase, indices), None
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class StreamPromptSource:
+    """Sequential batches from a ``PromptStream`` (its own position is the data cursor)."""
+
+    def __init__(self, shards: str, *, rank: int, world_size: int, batch_size: int, seed: int, num_workers: int,
+                 shuffle_buffer: int, resampled: bool, tokenize: Callable[[list[str]], torch.Tensor] | None):
+        from sidscale.data.stream import PromptStream
+
+        self.stream = PromptStream(shards, rank=rank, world_size=world_size, batch_size=batch_size, seed=seed,
+                                   num_workers=num_workers, shuffle_buffer=shuffle_buffer, resampled=resampled,
+                                   tokenize=tokenize)
+
+    def batch(self, step: int, phase: int, indices: Sequence[int]) -> tuple[list[str], torch.Tensor | None]:
+        b = next(self.stream)
+        if len(b["prompts"]) != len(indices):
+            raise RuntimeError(f"prompt stream gave {len(b['prompts'])} prompts, expected {len(indices)}")
+        return b["prompts"], b.get("input_ids")
+
+    def stats(self) -> dict[str, int]:
+        return self.stream.stats()
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
+
+    def close(self) -> None:
+        close = getattr(self.stream, "close", None)
+        if close is not None:
+            close()

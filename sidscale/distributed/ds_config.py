@@ -1,0 +1,90 @@
+"""DeepSpeed JSON configs: read the user's file, fill batch sizes and precision from sidscale.
+
+The sidscale config owns batch sizes and precision; a ds_config that sets them differently is
+a conflict and an error (rather than two sources of truth that silently disagree).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from sidscale.config import Config, ConfigError, accumulation_steps, resolve_deepspeed_config
+
+SUPPORTED_STAGES = (1, 2, 3)
+# Keys sidscale fills in; a user file may omit them, or state the same values.
+_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def read_ds_config(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"deepspeed.config {path}: cannot read ({e})") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed.config {path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"deepspeed.config {path}: expected a JSON object at the top level")
+    return data
+
+
+def _precision_block(precision: str) -> dict:
+    if precision == "bf16":
+        return {"bf16": {"enabled": True}, "fp16": {"enabled": False}}
+    if precision == "fp16":
+        # Dynamic loss scaling (loss_scale 0); each engine keeps its own scaler.
+        return {"bf16": {"enabled": False},
+                "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+                         "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}}
+    return {"bf16": {"enabled": False}, "fp16": {"enabled": False}}
+
+
+def build_ds_config(cfg: Config, world_size: int) -> dict:
+    """The effective DeepSpeed config of both engines for this run."""
+    path = resolve_deepspeed_config(cfg)
+    user = read_ds_config(path)
+    gas = accumulation_steps(cfg, world_size)
+    owned = {
+        "train_batch_size": cfg.train.global_batch,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
+        "gradient_accumulation_steps": gas,
+    }
+    for key in _OWNED_KEYS:
+        if key in user and user[key] != "auto" and user[key] != owned[key]:
+            raise ConfigError(
+                f"deepspeed.config {path}: {key} = {user[key]!r} conflicts with the sidscale config "
+                f"({key} = {owned[key]} from train.global_batch={cfg.train.global_batch}, "
+                f"train.micro_batch={cfg.train.micro_batch}, world size {world_size}); remove it from the "
+                "JSON: sidscale fills it in"
+            )
+    for key in ("bf16", "fp16"):
+        block = user.get(key)
+        if isinstance(block, dict) and block.get("enabled") and cfg.train.precision != key:
+            raise ConfigError(
+                f"deepspeed.config {path}: {key}.enabled is true but train.precision = "
+                f"{cfg.train.precision!r}; set precision in the sidscale config only"
+            )
+    if "optimizer" in user or "scheduler" in user:
+        raise ConfigError(
+            f"deepspeed.config {path}: remove the 'optimizer'/'scheduler' blocks; sidscale passes a torch "
+            "Adam per engine built from generator.* and fake.* (a DeepSpeed-declared optimizer would also "
+            "JIT-compile FusedAdam on CPU)"
+        )
+    zero = user.get("zero_optimization", {})
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    if stage not in SUPPORTED_STAGES:
+        raise ConfigError(
+            f"deepspeed.config {path}: zero_optimization.stage = {stage!r}; expected one of {SUPPORTED_STAGES}"
+        )
+    out = copy.deepcopy(user)
+    out.update(owned)
+    out.update(_precision_block(cfg.train.precision))
+    out.setdefault("steps_per_print", 10**9)
+    return out
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config["zero_optimization"]["stage"])

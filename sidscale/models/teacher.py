@@ -1,0 +1,121 @@
+"""Load a frozen teacher from a local diffusers directory (never from a hub).
+
+A teacher directory is what ``save_pretrained`` writes: ``unet/``, ``text_encoder/``,
+``tokenizer/``, ``scheduler/``, ``vae/`` (and for SDXL ``text_encoder_2/``, ``tokenizer_2/``).
+The built-in toy teacher has the same layout without ``vae/`` (it lives in pixel space).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sidscale.config import ConfigError, TeacherConfig
+from sidscale.models.conditioning import ClipConditioner
+from sidscale.schedule import VPSchedule
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+REQUIRED = {
+    "toy": ("unet", "text_encoder", "tokenizer", "scheduler"),
+    "sd": ("unet", "text_encoder", "tokenizer", "scheduler", "vae"),
+    "sdxl": ("unet", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler", "vae"),
+}
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                "model.safetensors", "pytorch_model.bin")
+
+
+@dataclass
+class Teacher:
+    path: Path
+    kind: str
+    unet: torch.nn.Module
+    conditioner: ClipConditioner
+    schedule: VPSchedule
+    latent_shape: tuple[int, int, int]
+    scaling_factor: float
+    vae: torch.nn.Module | None
+
+
+class TeacherDirError(ConfigError):
+    pass
+
+
+def resolve_teacher_dir(cfg: TeacherConfig) -> Path:
+    """The teacher directory; for the built-in toy teacher, fitted once and cached."""
+    if cfg.kind == "toy" and not cfg.path:
+        from sidscale.models.toy_teacher import ensure_toy_teacher
+
+        return ensure_toy_teacher(Path(cfg.cache_dir).expanduser())
+    return Path(cfg.path).expanduser()
+
+
+def check_teacher_dir(path: Path, kind: str) -> None:
+    """Every folder the teacher needs is present, with its config and weights."""
+    layout = ", ".join(f"{d}/" for d in REQUIRED[kind])
+    if not path.is_dir():
+        raise TeacherDirError(f"teacher.path {path}: not a directory; a {kind} teacher directory must contain "
+                              f"{layout} (as written by diffusers' save_pretrained)")
+    for sub in REQUIRED[kind]:
+        d = path / sub
+        if not d.is_dir():
+            raise TeacherDirError(f"teacher.path {path}: missing {sub}/; a {kind} teacher directory must contain "
+                                  f"{layout}")
+        if sub.startswith("tokenizer"):
+            if not any((d / f).is_file() for f in ("vocab.json", "tokenizer.json")):
+                raise TeacherDirError(f"teacher tokenizer {d}: no vocab.json or tokenizer.json")
+            continue
+        cfg_name = "scheduler_config.json" if sub == "scheduler" else "config.json"
+        if not (d / cfg_name).is_file():
+            raise TeacherDirError(f"teacher {sub} {d}: missing {cfg_name}")
+        if sub != "scheduler" and not any((d / f).is_file() for f in WEIGHT_FILES):
+            raise TeacherDirError(f"teacher {sub} {d}: no weights file (expected one of {', '.join(WEIGHT_FILES)})")
+
+
+def schedule_from_dir(path: Path, prediction_type: str = "auto") -> VPSchedule:
+    sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    pred = sched.get("prediction_type", "epsilon") if prediction_type == "auto" else prediction_type
+    return VPSchedule.from_settings(
+        num_train_timesteps=sched.get("num_train_timesteps", 1000), beta_start=sched.get("beta_start", 0.00085),
+        beta_end=sched.get("beta_end", 0.012), beta_schedule=sched.get("beta_schedule", "scaled_linear"),
+        prediction_type=pred,
+    )
+
+
+def load_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu") -> Teacher:
+    """UNet + text conditioner + schedule (+ VAE) of the teacher, frozen, in ``cfg.dtype``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    if cfg.kind == "sdxl":
+        raise ConfigError("teacher.kind = 'sdxl': SDXL loading is not implemented yet (see the teachers issue)")
+    path = resolve_teacher_dir(cfg)
+    check_teacher_dir(path, cfg.kind)
+    dtype = DTYPES[cfg.dtype]
+    unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype, local_files_only=True)
+    unet = unet.to(device).requires_grad_(False).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype, local_files_only=True)
+    conditioner = ClipConditioner(tokenizer, text_encoder.to(device), dtype=dtype)
+    vae, scaling = None, 1.0
+    if (path / "vae").is_dir():
+        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, local_files_only=True)
+        vae = vae.to(device).requires_grad_(False).eval()
+        scaling = float(vae.config.scaling_factor)
+    down = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    if cfg.resolution % down:
+        raise ConfigError(f"teacher.resolution = {cfg.resolution}: must be a multiple of the VAE factor {down}")
+    latent_shape = (int(unet.config.in_channels), cfg.resolution // down, cfg.resolution // down)
+    return Teacher(path, cfg.kind, unet, conditioner, schedule_from_dir(path, cfg.prediction_type),
+                   latent_shape, scaling, vae)
+
+
+def decode_latents(teacher_vae: torch.nn.Module | None, latents: torch.Tensor, scaling_factor: float) -> torch.Tensor:
+    """Latents -> images in [-1, 1] (the toy teacher's latents are already pixels)."""
+    if teacher_vae is None:
+        return latents.float()
+    with torch.no_grad():
+        dtype = next(teacher_vae.parameters()).dtype
+        return teacher_vae.decode(latents.to(dtype) / scaling_factor).sample.float()

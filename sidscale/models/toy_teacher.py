@@ -1,0 +1,297 @@
+"""The built-in toy teacher: a tiny SD-architecture UNet fitted to a known Gaussian mixture.
+
+It is the project's default, CPU-runnable ground truth: a real ``UNet2DConditionModel`` eps-model,
+conditioned through a (tiny, random, frozen) ``CLIPTextModel`` and the real CLIP tokenizer, on a
+distribution whose exact samples and exact score we have (``sidscale.models.toy``). So a
+distilled one-step generator can be scored against exact samples in seconds.
+
+The UNet regresses onto the EXACT eps (the mixture's posterior mean), not onto the noise that
+made x_t: same minimiser, far lower variance, so a few hundred CPU steps suffice.
+
+Usage::
+
+    python -m sidscale.models.toy_teacher --cache-dir ~/.cache/sidscale
+
+writes ``<cache-dir>/toy-teacher-<hash of spec>/`` in diffusers layout (unet/, text_encoder/,
+tokenizer/, scheduler/) plus toy_mixture.json and fit_report.json, and prints the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from sidscale.ddim import ddim_sample
+from sidscale.eval.frechet import toy_frechet
+from sidscale.models.conditioning import ClipConditioner, Cond
+from sidscale.models.tiny import build_tiny_text_encoder, build_tiny_unet
+from sidscale.models.tokenizer import build_clip_tokenizer
+from sidscale.models.toy import ToyMixture
+from sidscale.schedule import VPSchedule
+
+log = logging.getLogger(__name__)
+
+# Bump when the fitting code changes in a way that changes the weights: it is part of the hash,
+# so stale cached teachers are not reused.
+FIT_VERSION = 1
+# Stable Diffusion's training noise schedule (SD1.5 / SD2.1), written as the teacher's scheduler.
+SD_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+    "steps_offset": 1,
+}
+
+
+@dataclasses.dataclass
+class ToyTeacherSpec:
+    """Everything that determines the toy teacher's weights (its hash names the cache entry)."""
+
+    mixture: dict[str, Any] = dataclasses.field(default_factory=lambda: ToyMixture().to_dict())
+    unet: dict[str, Any] = dataclasses.field(default_factory=dict)  # overrides of tiny_unet_config
+    text_hidden_size: int = 32
+    fit_steps: int = 400
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup_steps: int = 20
+    uncond_prob: float = 0.1
+    seed: int = 0
+    # the report: teacher DDIM samples (cfg 1) vs exact mixture samples, in toy_features space
+    eval_samples: int = 256
+    eval_steps: int = 25
+    eval_random_init: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        blob = json.dumps({"fit_version": FIT_VERSION, **self.to_dict()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_toy_mixture(teacher_dir: str | os.PathLike) -> ToyMixture:
+    """The mixture a toy teacher was fitted on (from its ``toy_mixture.json``)."""
+    path = Path(teacher_dir) / "toy_mixture.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {teacher_dir} is not a toy teacher directory")
+    return ToyMixture.from_dict(json.loads(path.read_text()))
+
+
+def unet_eps_fn(unet: torch.nn.Module):
+    """Adapt a diffusers UNet to the ``eps_fn(x_t, t, cond)`` protocol of ``ddim_sample``."""
+    from sidscale.models.conditioning import unet_kwargs
+
+    def eps_fn(x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return unet(x_t, t, **unet_kwargs(cond)).sample
+
+    return eps_fn
+
+
+# ------------------------------------------------------------------------------------------ fit
+def _lr_at(step: int, spec: ToyTeacherSpec) -> float:
+    """Linear warmup, then cosine decay to 5% of lr: the decay buys most of the final accuracy."""
+    if step < spec.warmup_steps:
+        return spec.lr * (step + 1) / spec.warmup_steps
+    frac = (step - spec.warmup_steps) / max(1, spec.fit_steps - spec.warmup_steps)
+    return spec.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def _fit(spec: ToyTeacherSpec, out_dir: Path) -> dict[str, Any]:
+    """Fit the teacher and write the whole teacher directory into ``out_dir`` (which exists)."""
+    from diffusers import DDPMScheduler
+
+    start = time.perf_counter()
+    mixture = ToyMixture.from_dict(spec.mixture)
+    schedule = VPSchedule.from_settings(
+        **{
+            k: SD_SCHEDULER_CONFIG[k]
+            for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
+        }
+    )
+    channels, size, _ = mixture.shape
+    unet_kw = dict(
+        in_channels=channels, sample_size=size, cross_attention_dim=spec.text_hidden_size, **spec.unet
+    )
+    unet = build_tiny_unet(spec.seed, **unet_kw)
+    text_encoder = build_tiny_text_encoder(spec.seed + 1, hidden_size=spec.text_hidden_size)
+    tokenizer = build_clip_tokenizer(out_dir / "tokenizer", model_max_length=77)
+    conditioner = ClipConditioner(tokenizer, text_encoder)
+
+    # The text encoder is frozen and there are only P + 1 distinct prompts: encode them once.
+    prompts = mixture.prompts
+    table = conditioner.encode([*prompts, ""])["encoder_hidden_states"]  # [P+1, 77, D]
+    gen = torch.Generator().manual_seed(spec.seed)
+    opt = torch.optim.Adam(unet.parameters(), lr=spec.lr)
+    unet.train()
+    losses: list[float] = []
+    for step in range(spec.fit_steps):
+        b = spec.batch_size
+        idx = torch.randint(0, len(prompts), (b,), generator=gen)
+        x0 = mixture.sample([prompts[i] for i in idx], gen)
+        # prompts are uniform, so x0 drawn per prompt and relabelled "" is a draw of the marginal
+        drop = torch.rand(b, generator=gen) < spec.uncond_prob
+        idx = torch.where(drop, len(prompts), idx)
+        labels = [prompts[i] if i < len(prompts) else "" for i in idx]
+        t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=gen)
+        x_t = schedule.add_noise(x0, torch.randn(x0.shape, generator=gen), t)
+        target = mixture.eps_exact(x_t, t, labels, schedule)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, spec)
+        pred = unet(x_t, t, encoder_hidden_states=table[idx]).sample
+        loss = F.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step % 50 == 0 or step == spec.fit_steps - 1:
+            log.info("toy teacher fit step %d/%d loss %.5f", step, spec.fit_steps, loss.item())
+    fit_seconds = time.perf_counter() - start
+    unet.eval()
+
+    report: dict[str, Any] = {
+        "spec_digest": spec.digest(),
+        "fit_steps": spec.fit_steps,
+        "batch_size": spec.batch_size,
+        "final_loss": float(sum(losses[-20:]) / len(losses[-20:])) if losses else None,
+        "first_loss": losses[0] if losses else None,
+        "fit_seconds": round(fit_seconds, 2),
+        "unet_parameters": sum(p.numel() for p in unet.parameters()),
+    }
+    if spec.eval_samples > 1:
+        report.update(_evaluate(spec, mixture, schedule, unet, table, unet_kw))
+    report["total_seconds"] = round(time.perf_counter() - start, 2)
+
+    unet.save_pretrained(out_dir / "unet")
+    text_encoder.save_pretrained(out_dir / "text_encoder")
+    DDPMScheduler(**SD_SCHEDULER_CONFIG).save_pretrained(out_dir / "scheduler")
+    (out_dir / "toy_mixture.json").write_text(json.dumps(mixture.to_dict(), indent=2))
+    (out_dir / "toy_teacher_spec.json").write_text(json.dumps(spec.to_dict(), indent=2))
+    # written last: its presence marks a complete directory
+    (out_dir / "fit_report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+@torch.no_grad()
+def _evaluate(
+    spec: ToyTeacherSpec,
+    mixture: ToyMixture,
+    schedule: VPSchedule,
+    unet: torch.nn.Module,
+    table: torch.Tensor,
+    unet_kw: dict[str, Any],
+) -> dict[str, Any]:
+    """Toy Frechet of DDIM samples (cfg 1) vs exact samples, with the floors that make it readable."""
+    n, prompts = spec.eval_samples, mixture.prompts
+    gen = torch.Generator().manual_seed(spec.seed + 12345)
+    idx = torch.randint(0, len(prompts), (n,), generator=gen)
+    labels = [prompts[i] for i in idx]
+    reference = mixture.sample(labels, gen)
+    x_T = torch.randn((n, *mixture.shape), generator=gen)
+    cond = {"encoder_hidden_states": table[idx]}
+
+    def run(eps_fn) -> float:
+        x = ddim_sample(eps_fn, schedule, x_T.shape, cond, None, 1.0, spec.eval_steps, x_T=x_T)
+        return toy_frechet(x, reference)
+
+    def exact_eps(x_t, t, c):  # the sampler with the true score: discretisation error only
+        return mixture.eps_exact(x_t, t, [labels[i] for i in range(x_t.shape[0])], schedule)
+
+    out = {
+        "eval_samples": n,
+        "eval_steps": spec.eval_steps,
+        "teacher_frechet": run(unet_eps_fn(unet)),
+        "exact_eps_ddim_frechet": run(exact_eps),
+        "exact_vs_exact_frechet": toy_frechet(mixture.sample(labels, gen), reference),
+    }
+    if spec.eval_random_init:
+        out["random_init_frechet"] = run(unet_eps_fn(build_tiny_unet(spec.seed, **unet_kw).eval()))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- cache
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _is_complete(path: Path) -> bool:
+    return (path / "fit_report.json").is_file()
+
+
+def ensure_toy_teacher(cache_dir: str | os.PathLike, spec: ToyTeacherSpec | None = None) -> Path:
+    """Path of the fitted toy teacher for ``spec``, fitting it first if it is not cached.
+
+    Safe with concurrent callers: a lock file serialises the fit (the others wait and then hit
+    the cache), and the directory appears atomically by rename, so a reader never sees a
+    half-written teacher; if the target appears anyway (lock-less filesystem), the existing
+    one is kept.
+    """
+    spec = spec or ToyTeacherSpec()
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    target = cache / f"toy-teacher-{spec.digest()}"
+    if _is_complete(target):
+        return target
+    with _file_lock(cache / f".{target.name}.lock"):
+        if _is_complete(target):
+            return target
+        tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{target.name}.tmp-"))
+        try:
+            report = _fit(spec, tmp)
+            log.info("toy teacher fitted: %s", report)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not _is_complete(target):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache-dir", required=True, help="where toy-teacher-<hash>/ is written")
+    parser.add_argument("--fit-steps", type=int, default=None, help="override the default spec's fit steps")
+    parser.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    spec = ToyTeacherSpec()
+    if args.fit_steps is not None:
+        spec.fit_steps = args.fit_steps
+    if args.seed is not None:
+        spec.seed = args.seed
+    path = ensure_toy_teacher(args.cache_dir, spec)
+    print(path)
+    print((path / "fit_report.json").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,419 @@
+"""SiD-LSG distillation on DeepSpeed: the product's main job.
+
+Launch recipes (the run directory holds config.yaml, tb/, samples/, checkpoints/, export/):
+
+    # one node, N processes (GPUs; on CPU: DS_ACCELERATOR=cpu, gloo)
+    deepspeed --num_gpus N sidscale/train.py --config sd15 --run-dir runs/sd15 \
+        --set teacher.path=/models/sd15 --set data.shards='/data/laion/prompts-{000000..000999}.tar'
+    # the same under torchrun
+    torchrun --nproc_per_node N sidscale/train.py --config toy --run-dir runs/toy
+    # several nodes from a hostfile
+    deepspeed --hostfile hosts.txt sidscale/train.py --config sdxl --run-dir /shared/runs/sdxl ...
+    # SLURM: one task per GPU started by srun (RANK/WORLD_SIZE come from SLURM_PROCID/SLURM_NTASKS)
+    srun --ntasks-per-node 8 python sidscale/train.py --config sdxl --run-dir /shared/runs/$SLURM_JOB_ID
+
+Starting in a directory that has checkpoints resumes from RUN/checkpoints/latest.
+``--set resume=false`` refuses to start over an existing run instead.
+
+One iteration (see docs/method in ../shared/docs/sid_lsg_method.md): a fake-score step on
+``train.global_batch`` samples, then a generator step on fresh ones, each accumulated over
+micro-batches; then the generator EMA update.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+if __package__ in (None, ""):  # `deepspeed sidscale/train.py` runs this file as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from sidscale import checkpoint as ckpt_lib
+from sidscale.config import Config, ConfigError, accumulation_steps, add_config_args, config_from_args, validate
+from sidscale.config import config_to_dict, dump_config
+from sidscale.data.prompts import INDEXED_PREFIX, IndexedPromptSource, StreamPromptSource
+from sidscale.distributed.ds_config import build_ds_config, zero_stage
+from sidscale.distributed.engines import build_engine, check_identical_across_ranks
+from sidscale.distributed.runtime import DistInfo, all_ranks_agree, broadcast_object, init_distributed
+from sidscale.distributed.runtime import shutdown_distributed
+from sidscale.distributed.sharded_ema import ShardedEMA
+from sidscale.ema import ema_beta
+from sidscale.export import export_generator
+from sidscale.io_utils import atomic_torch_save, atomic_write_json
+from sidscale.method.guards import register_grad_sanitizers
+from sidscale.method.sid_lsg import MethodSettings, fake_step, generator_step, one_step_generate
+from sidscale.models.teacher import Teacher, decode_latents, load_teacher, resolve_teacher_dir
+from sidscale.models.unet_eps import UNetEps
+from sidscale.noise import PHASE_FAKE, PHASE_GEN, draw_step_noise, rank_sample_indices
+from sidscale.run_logger import RunLogger, peak_memory_bytes
+from sidscale.sample import seeded_latent_noise
+
+log = logging.getLogger("sidscale.train")
+
+
+class RunDirError(ConfigError):
+    pass
+
+
+def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
+    """Create/check the run directory (rank 0). Returns True when there is a run to resume."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise RunDirError(f"--run-dir {run_dir}: not writable ({e.strerror})") from e
+    has_checkpoint = ckpt_lib.find_resume_checkpoint(run_dir) is not None
+    if not resume and (has_checkpoint or (run_dir / "config.yaml").exists()):
+        raise RunDirError(f"--run-dir {run_dir} already holds a run and resume=false: refusing to overwrite it; "
+                          "choose a new --run-dir or drop --set resume=false to continue it")
+    return has_checkpoint
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, dist_info: DistInfo):
+        self.cfg, self.run_dir, self.dist = cfg, Path(run_dir), dist_info
+        self.world, self.rank, self.device = dist_info.world_size, dist_info.rank, dist_info.device
+        self.micro = cfg.train.micro_batch
+        self.gas = accumulation_steps(cfg, self.world)
+        self.settings = MethodSettings.from_config(cfg.method)
+        self.ds_config = build_ds_config(cfg, self.world)
+        self.zero_stage = zero_stage(self.ds_config)
+
+        # The toy teacher is fitted once (rank 0), then every rank loads the same files.
+        if self.dist.is_main:
+            resolve_teacher_dir(cfg.teacher)
+        dist.barrier()
+        self.teacher: Teacher = load_teacher(cfg.teacher, self.device)
+        self.schedule = self.teacher.schedule
+        check_identical_across_ranks({"teacher UNet": self.teacher.unet,
+                                      "text encoder": self.teacher.conditioner.text_encoder})
+
+        self.gen_engine = build_engine(self.teacher.unet, cfg.generator, self.ds_config)
+        self.fake_engine = build_engine(self.teacher.unet, cfg.fake, self.ds_config)
+        if cfg.teacher.grad_checkpointing:
+            self.teacher.unet.enable_gradient_checkpointing()
+        if cfg.train.precision != "fp16":
+            # NOTE: with fp16 the loss scaler must see inf gradients to skip the step, so the
+            # method's NaN->0 / inf->1e5 mapping applies to fp32 and bf16 only.
+            register_grad_sanitizers(self.gen_engine.module)
+            register_grad_sanitizers(self.fake_engine.module)
+        self.ema = ShardedEMA(self.gen_engine.module, self.rank, self.world)
+
+        # eps-functions: the engine forward where the net trains, .module where it is only
+        # evaluated (environment_notes.md: the engine's hooks must not run in the generator step).
+        self.gen_train = UNetEps(self.gen_engine, self.schedule)
+        self.gen_eval = UNetEps(self.gen_engine.module, self.schedule)
+        self.fake_train = UNetEps(self.fake_engine, self.schedule)
+        self.fake_eval = UNetEps(self.fake_engine.module, self.schedule)
+        self.teacher_eval = UNetEps(self.teacher.unet, self.schedule)
+
+        self.prompts = self._build_prompt_source()
+        self.step, self.images_seen = 0, 0
+        self.logger: RunLogger | None = None
+
+    # ----------------------------------------------------------------------------- data
+    def _toy_prompts(self) -> list[str]:
+        from sidscale.models.toy_teacher import load_toy_mixture
+
+        return load_toy_mixture(self.teacher.path).prompts
+
+    def _build_prompt_source(self):
+        d = self.cfg.data
+        if d.shards.startswith(INDEXED_PREFIX):
+            name = d.shards[len(INDEXED_PREFIX):]
+            if name != "toy":
+                raise ConfigError(f"data.shards = {d.shards!r}: the only indexed source is 'indexed:toy'")
+            return IndexedPromptSource(self._toy_prompts(), self.cfg.train.seed)
+        shards = d.shards
+        if shards == "toy":
+            shards = str(self.run_dir / "data" / "toy_prompts" / "manifest.json")
+            if self.dist.is_main and not Path(shards).is_file():
+                from sidscale.data.shards import write_prompt_shards
+
+                write_prompt_shards(self._toy_prompts(), Path(shards).parent, shard_size=4, overwrite=True)
+            dist.barrier()
+        if not shards:
+            raise ConfigError("data.shards is empty: give a brace pattern of prompt tars, a manifest.json "
+                              "(tools/make_prompt_shards.py makes both), or 'toy'")
+        return StreamPromptSource(shards, rank=self.rank, world_size=self.world, batch_size=self.micro,
+                                  seed=self.cfg.train.seed, num_workers=d.num_workers,
+                                  shuffle_buffer=d.shuffle_buffer, resampled=d.resampled,
+                                  tokenize=self.teacher.conditioner.tokenize)
+
+    def _inputs(self, phase: int, accum_round: int):
+        idx = rank_sample_indices(self.world, self.rank, self.micro, accum_round)
+        s = self.settings
+        noise = draw_step_noise(self.cfg.train.seed, self.step, phase, idx, self.teacher.latent_shape,
+                                s.t_min, s.t_max, s.prompt_dropout, self.device)
+        prompts, input_ids = self.prompts.batch(self.step, phase, idx)
+        cond = (self.teacher.conditioner.encode_ids(input_ids) if input_ids is not None
+                else self.teacher.conditioner.encode(prompts))
+        return noise, cond, self.teacher.conditioner.empty(self.micro)
+
+    # ----------------------------------------------------------------------------- one iteration
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One fake-score step, then one generator step, then the EMA (method page, in order)."""
+        stats: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        t0 = time.perf_counter()
+        for r in range(self.gas):
+            noise, cond, uncond = self._inputs(PHASE_FAKE, r)
+            loss, st = fake_step(self.gen_eval, self.fake_train, self.schedule, noise, cond, uncond,
+                                 self.settings, loss_normaliser=self.micro)
+            self.fake_engine.backward(loss)
+            self.fake_engine.step()
+            for k, v in st.items():
+                stats[k] = stats[k] + v.float() / (self.gas if k.startswith("loss") else 1)
+        fake_applied = self.fake_engine.was_step_applied()
+        t1 = time.perf_counter()
+
+        gen_applied = False
+        if fake_applied:  # fp16 overflow in the fake engine: the generator skips this iteration too
+            self.fake_engine.module.requires_grad_(False)  # frozen, but still in the autograd graph
+            try:
+                for r in range(self.gas):
+                    noise, cond, uncond = self._inputs(PHASE_GEN, r)
+                    loss, st = generator_step(self.gen_train, self.fake_eval, self.teacher_eval, self.schedule,
+                                              noise, cond, uncond, self.settings, loss_normaliser=self.micro)
+                    self.gen_engine.backward(loss)
+                    self.gen_engine.step()
+                    for k, v in st.items():
+                        stats[k] = stats[k] + v.float() / (1 if k.startswith("dropped") else self.gas)
+            finally:
+                self.fake_engine.module.requires_grad_(True)
+            gen_applied = self.gen_engine.was_step_applied()
+        t2 = time.perf_counter()
+        if gen_applied:
+            tc = self.cfg.train
+            self.ema.update(ema_beta(tc.global_batch, self.images_seen, tc.ema_halflife_kimg, tc.ema_rampup_ratio))
+        stats["skipped_fake"] = torch.tensor(float(not fake_applied))
+        stats["skipped_gen"] = torch.tensor(float(not gen_applied))
+        stats["time_fake"] = torch.tensor(t1 - t0)
+        stats["time_gen"] = torch.tensor(time.perf_counter() - t1 if gen_applied else t2 - t1)
+        self.step += 1
+        self.images_seen += self.cfg.train.global_batch
+        return stats
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def _rng_state(self) -> dict:
+        state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def save_checkpoint(self) -> Path:
+        path = ckpt_lib.step_dir(self.run_dir, self.step)
+        client = {"step": self.step, "images_seen": self.images_seen}
+        # Every rank saves its engine shards, then its own client state, atomically.
+        self.gen_engine.save_checkpoint(str(path), tag="generator", client_state=client, save_latest=False)
+        self.fake_engine.save_checkpoint(str(path), tag="fake", client_state=client, save_latest=False)
+        atomic_torch_save(ckpt_lib.rank_file(path, self.rank), {
+            "ema": self.ema.state_dict(), "rng": self._rng_state(), "data": self.prompts.state_dict(),
+            "step": self.step, "images_seen": self.images_seen,
+        })
+        dist.barrier()
+        if self.dist.is_main:
+            atomic_write_json(path / ckpt_lib.META, {
+                "step": self.step, "images_seen": self.images_seen, "world_size": self.world,
+                "zero_stage": self.zero_stage, "config": config_to_dict(self.cfg),
+                "ema_names": self.ema.names, "ema_shapes": [list(s) for s in self._ema_shapes()],
+                "sampling": self.sampling_meta(),
+            })
+            ckpt_lib.mark_latest(self.run_dir, path)
+            ckpt_lib.prune_checkpoints(self.run_dir, self.cfg.train.keep_last)
+        dist.barrier()
+        return path
+
+    def _ema_shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(getattr(p, "ds_shape", p.shape)) for p in self.ema.params]
+
+    def resume(self, path: Path) -> None:
+        meta = ckpt_lib.read_meta(path)
+        if meta["world_size"] != self.world:
+            raise ConfigError(f"checkpoint {path} was written by {meta['world_size']} ranks; this run has "
+                              f"{self.world}. Resume with the same number of ranks (see README: Resume).")
+        for engine, tag in ((self.gen_engine, "generator"), (self.fake_engine, "fake")):
+            load_path, _ = engine.load_checkpoint(str(path), tag=tag)
+            if load_path is None:
+                raise RuntimeError(f"DeepSpeed could not load {path / tag}")
+        state = torch.load(ckpt_lib.rank_file(path, self.rank), map_location="cpu", weights_only=False)
+        self.ema.load_state_dict(state["ema"])
+        self.prompts.load_state_dict(state["data"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.step, self.images_seen = int(state["step"]), int(state["images_seen"])
+
+    # ----------------------------------------------------------------------------- outputs
+    def sampling_meta(self) -> dict:
+        sc = self.cfg.schedule
+        return {
+            "t_init": self.settings.t_init, "prediction_type": self.schedule.prediction_type,
+            "schedule": {"num_train_timesteps": sc.num_train_timesteps, "beta_start": sc.beta_start,
+                         "beta_end": sc.beta_end, "beta_schedule": sc.beta_schedule},
+            "latent_shape": list(self.teacher.latent_shape), "scaling_factor": self.teacher.scaling_factor,
+            "teacher_path": str(self.teacher.path.resolve()), "teacher_kind": self.cfg.teacher.kind,
+            "resolution": self.cfg.teacher.resolution, "step": self.step, "images_seen": self.images_seen,
+        }
+
+    def ema_unet(self) -> torch.nn.Module | None:
+        """The EMA generator as a plain fp32 UNet on rank 0 (collective: all ranks call)."""
+        full = self.ema.gather_full()
+        if not self.dist.is_main:
+            return None
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_config(self.teacher.unet.config).to(self.device)
+        unet.load_state_dict(full)
+        return unet.eval()
+
+    @torch.no_grad()
+    def preview(self) -> None:
+        unet = self.ema_unet()
+        if unet is None:
+            return
+        p = self.cfg.preview
+        prompts = [q for q in p.prompts for _ in range(p.seeds_per_prompt)]
+        seeds = list(range(len(prompts)))
+        z = seeded_latent_noise(seeds, self.teacher.latent_shape).to(self.device)
+        cond = self.teacher.conditioner.encode(prompts)
+        x0 = one_step_generate(UNetEps(unet, self.schedule), self.schedule, z, cond, self.settings.t_init)
+        images = decode_latents(self.teacher.vae, x0, self.teacher.scaling_factor)
+        self.logger.preview(self.step, images, nrow=p.seeds_per_prompt * min(4, len(p.prompts)))
+
+    def export(self) -> Path | None:
+        full = self.ema.gather_full()
+        if not self.dist.is_main:
+            return None
+        return export_generator(full, dict(self.teacher.unet.config), self.run_dir / "export", self.sampling_meta())
+
+    # ----------------------------------------------------------------------------- loop
+    def _log(self, stats: dict[str, torch.Tensor], seconds: float, steps: int) -> None:
+        keys = sorted(stats)
+        vec = torch.stack([stats[k].float().to(self.device) for k in keys])
+        dist.all_reduce(vec)
+        vals = dict(zip(keys, (vec / self.world).tolist(), strict=True))
+        src_stats = self.prompts.stats()
+        if self.logger is None or not self.dist.is_main:
+            return
+        out = {
+            "loss/fake": vals["loss_fake"], "loss/gen": vals.get("loss_gen", float("nan")),
+            "gen/w_mean": vals.get("w_mean", float("nan")),
+            "nan/dropped_fake": vals["dropped_fake"] * self.world,
+            "nan/dropped_gen": vals.get("dropped_gen", 0.0) * self.world,
+            "fp16/skipped_fake": vals["skipped_fake"], "fp16/skipped_gen": vals["skipped_gen"],
+            "time/fake_step_s": vals["time_fake"], "time/gen_step_s": vals["time_gen"],
+            "lr/generator": self.cfg.generator.lr, "lr/fake": self.cfg.fake.lr,
+            "perf/images_per_s": self.cfg.train.global_batch * steps / max(seconds, 1e-9),
+            "progress/kimg": self.images_seen / 1000.0,
+        }
+        grad_norm = self.gen_engine.get_global_grad_norm()
+        if grad_norm is not None:
+            out["gen/grad_norm"] = float(grad_norm)
+        out.update({f"memory/{k}": v for k, v in peak_memory_bytes(self.device).items()})
+        out.update({f"data/{k}": float(v) for k, v in src_stats.items()})
+        self.logger.scalars(self.step, out)
+
+    def run(self) -> None:
+        tc = self.cfg.train
+        self.logger = RunLogger(self.run_dir, tc.max_steps, self.step, tc.global_batch, self.dist.is_main)
+        window: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(()))
+        window_steps, window_start = 0, time.perf_counter()
+        try:
+            while self.step < tc.max_steps:
+                stats = self.train_step()
+                for k, v in stats.items():
+                    window[k] = window[k] + v.detach().float().cpu()
+                window_steps += 1
+                self.logger.step(self.step, self.images_seen)
+                if self.step % tc.log_every == 0 or self.step == tc.max_steps:
+                    self._log({k: v / window_steps for k, v in window.items()},
+                              time.perf_counter() - window_start, window_steps)
+                    window.clear()
+                    window_steps, window_start = 0, time.perf_counter()
+                if self.step % tc.preview_every == 0:
+                    self.preview()
+                if self.step % tc.ckpt_every == 0 and self.step < tc.max_steps:
+                    self.save_checkpoint()
+            final = ckpt_lib.step_dir(self.run_dir, self.step)
+            if not ckpt_lib.is_complete(final):
+                self.save_checkpoint()
+            if tc.export_at_end:
+                out = self.export()
+                if out is not None:
+                    self.logger.write(f"exported EMA generator to {out}")
+        finally:
+            self.logger.close()
+            self.prompts.close()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
+    p.add_argument("--run-dir", required=True, help="run directory (created; resumed when it has checkpoints)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        print(f"sidscale: config error: {e}", file=sys.stderr)
+        return 2
+    dist_info = init_distributed(args.local_rank)
+    code = 0
+    try:
+        validate(cfg, dist_info.world_size)
+        run_dir = Path(args.run_dir).expanduser()
+        decision: tuple[bool, str | None] = (False, None)
+        if dist_info.is_main:
+            try:
+                decision = (prepare_run_dir(run_dir, cfg.resume), None)
+                dump_config(cfg, run_dir / "config.yaml")
+            except ConfigError as e:
+                decision = (False, str(e))
+        has_checkpoint, error = broadcast_object(decision)
+        if error:
+            raise ConfigError(error)
+        trainer = Trainer(cfg, run_dir, dist_info)
+        if has_checkpoint:
+            path = broadcast_object(ckpt_lib.find_resume_checkpoint(run_dir) if dist_info.is_main else None)
+            trainer.resume(path)
+            if dist_info.is_main:
+                print(f"sidscale: resumed from {path} (step {trainer.step})", flush=True)
+        if not all_ranks_agree(True):
+            raise RuntimeError("a rank failed during start-up")
+        trainer.run()
+    except ConfigError as e:
+        if dist_info.is_main:
+            print(f"sidscale: error: {e}", file=sys.stderr)
+        code = 2
+    finally:
+        with contextlib.suppress(Exception):
+            shutdown_distributed()
+    return code
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    raise SystemExit(main())
