@@ -140,7 +140,7 @@ class PreviewConfig:
 
 @dataclass
 class EvalConfig:
-    num_samples: int = 2000  # toy Frechet sample count
+    num_samples: int = 2000  # toy Frechet sample count; 0 = no toy evaluation at the end
     teacher_steps: int = 25
 
 
@@ -336,7 +336,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(cfg.deepspeed.config != "", "deepspeed.config", cfg.deepspeed.config, "a JSON file path")
     _check(len(cfg.preview.prompts) > 0, "preview.prompts", cfg.preview.prompts, "at least one prompt")
     _check_positive(cfg.preview, "preview", ["seeds_per_prompt"])
-    _check_positive(cfg.eval, "eval", ["num_samples", "teacher_steps"])
+    # 0 switches the toy evaluation (or its teacher half) off; a Frechet distance needs >= 2 samples.
+    _check_non_negative(cfg.eval, "eval", ["teacher_steps"])
+    _check(cfg.eval.num_samples == 0 or cfg.eval.num_samples >= 2, "eval.num_samples", cfg.eval.num_samples,
+           "0 (no toy evaluation) or at least 2")
 
     if world_size is not None:
         accumulation_steps(cfg, world_size)

@@ -302,6 +302,28 @@ class Trainer:
             return None
         return export_generator(full, dict(self.teacher.unet.config), self.run_dir / "export", self.sampling_meta())
 
+    def toy_evaluation(self) -> dict | None:
+        """One-step student vs the teacher's DDIM sampler, both against exact mixture samples."""
+        from sidscale.eval.toy_eval import toy_quality
+        from sidscale.models.toy_teacher import load_toy_mixture
+
+        unet = self.ema_unet()
+        if unet is None:
+            return None
+        ev = self.cfg.eval
+        result = toy_quality(self.teacher, load_toy_mixture(self.teacher.path), unet, ev.num_samples,
+                             ev.teacher_steps, self.settings.cfg_eval_real, self.settings.t_init)
+        result.update(step=self.step, num_samples=ev.num_samples, teacher_steps=ev.teacher_steps,
+                      teacher_cfg=self.settings.cfg_eval_real)
+        atomic_write_json(self.run_dir / "toy_eval.json", result)
+        self.logger.scalars(self.step, {f"eval/{k}": v for k, v in result.items() if k.startswith("frechet")})
+        self.logger.write(
+            f"toy Frechet distance to exact samples ({ev.num_samples} samples): one-step student (EMA) "
+            f"{result['frechet_one_step']:.4f} | teacher DDIM {ev.teacher_steps} steps cfg "
+            f"{self.settings.cfg_eval_real} {result['frechet_teacher_ddim']:.4f} | exact-vs-exact floor "
+            f"{result['frechet_exact_vs_exact']:.4f}")
+        return result
+
     # ----------------------------------------------------------------------------- loop
     def _log(self, stats: dict[str, torch.Tensor], seconds: float, steps: int) -> None:
         keys = sorted(stats)
@@ -357,6 +379,8 @@ class Trainer:
                 out = self.export()
                 if out is not None:
                     self.logger.write(f"exported EMA generator to {out}")
+            if self.cfg.teacher.kind == "toy" and self.cfg.eval.num_samples > 0:
+                self.toy_evaluation()
         finally:
             self.logger.close()
             self.prompts.close()
@@ -384,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         validate(cfg, dist_info.world_size)
+        build_ds_config(cfg, dist_info.world_size)  # a bad ds_config fails here, before any model loads
         run_dir = Path(args.run_dir).expanduser()
         decision: tuple[bool, str | None] = (False, None)
         if dist_info.is_main:

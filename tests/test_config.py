@@ -234,7 +234,7 @@ def test_wrong_types(override: str, expected: str) -> None:
         ("train.keep_last=0", "train.keep_last = 0: expected a positive value"),
         ("train.seed=-1", "train.seed = -1: expected an int in [0, 2**32)"),
         ("preview.prompts=[]", "preview.prompts = []: expected at least one prompt"),
-        ("eval.num_samples=0", "eval.num_samples = 0: expected a positive value"),
+        ("eval.num_samples=1", "eval.num_samples = 1: expected 0 (no toy evaluation) or at least 2"),
     ],
 )
 def test_impossible_values(override: str, expected: str) -> None:

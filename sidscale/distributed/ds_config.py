@@ -31,14 +31,16 @@ def read_ds_config(path: Path) -> dict:
     return data
 
 
-def _precision_block(precision: str) -> dict:
+def _precision_block(precision: str, user: dict) -> dict:
+    """bf16/fp16 blocks from train.precision; loss-scaler settings in the user's fp16 block are kept."""
     if precision == "bf16":
         return {"bf16": {"enabled": True}, "fp16": {"enabled": False}}
     if precision == "fp16":
         # Dynamic loss scaling (loss_scale 0); each engine keeps its own scaler.
-        return {"bf16": {"enabled": False},
-                "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
-                         "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}}
+        fp16 = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
+                "min_loss_scale": 1}
+        fp16.update({k: v for k, v in (user.get("fp16") or {}).items() if k != "enabled"})
+        return {"bf16": {"enabled": False}, "fp16": {**fp16, "enabled": True}}
     return {"bf16": {"enabled": False}, "fp16": {"enabled": False}}
 
 
@@ -81,7 +83,7 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
         )
     out = copy.deepcopy(user)
     out.update(owned)
-    out.update(_precision_block(cfg.train.precision))
+    out.update(_precision_block(cfg.train.precision, user))
     out.setdefault("steps_per_print", 10**9)
     return out
 

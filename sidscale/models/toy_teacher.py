@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from sidscale.ddim import ddim_sample
 from sidscale.eval.frechet import toy_frechet
-from sidscale.models.conditioning import ClipConditioner, Cond
+from sidscale.models.conditioning import ClipConditioner, Cond, unet_kwargs
 from sidscale.models.tiny import build_tiny_text_encoder, build_tiny_unet
 from sidscale.models.tokenizer import build_clip_tokenizer
 from sidscale.models.toy import ToyMixture
@@ -99,7 +99,6 @@ def load_toy_mixture(teacher_dir: str | os.PathLike) -> ToyMixture:
 
 def unet_eps_fn(unet: torch.nn.Module):
     """Adapt a diffusers UNet to the ``eps_fn(x_t, t, cond)`` protocol of ``ddim_sample``."""
-    from sidscale.models.conditioning import unet_kwargs
 
     def eps_fn(x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         return unet(x_t, t, **unet_kwargs(cond)).sample
@@ -178,7 +177,9 @@ def _fit(spec: ToyTeacherSpec, out_dir: Path) -> dict[str, Any]:
         "unet_parameters": sum(p.numel() for p in unet.parameters()),
     }
     if spec.eval_samples > 1:
+        eval_start = time.perf_counter()
         report.update(_evaluate(spec, mixture, schedule, unet, table, unet_kw))
+        report["eval_seconds"] = round(time.perf_counter() - eval_start, 2)
     report["total_seconds"] = round(time.perf_counter() - start, 2)
 
     unet.save_pretrained(out_dir / "unet")

@@ -1,0 +1,169 @@
+"""DeepSpeed trainer behaviour on 2 CPU ranks: exact resume, export, precision modes, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+from sidscale.checkpoint import find_resume_checkpoint, full_ema_from_checkpoint, read_meta
+from tests.dist_launch import REPO, run_trainer
+from tests.tiny_teachers import write_tiny_toy_teacher
+
+BASE = [
+    "train.precision=fp32", "train.global_batch=8", "train.micro_batch=2", "train.preview_every=2",
+    "train.log_every=1", "train.export_at_end=false", "teacher.dtype=fp32", "teacher.resolution=8",
+    "data.shards=toy", "data.num_workers=1", "train.seed=3", "generator.lr=1e-2", "fake.lr=1e-2",
+    "train.ema_halflife_kimg=0.01", "eval.num_samples=0", "train.keep_last=5",
+]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    return write_tiny_toy_teacher(tmp_path_factory.mktemp("teacher") / "toy", sample_size=8)
+
+
+def final_weights(run_dir):
+    ckpt = find_resume_checkpoint(run_dir)
+    return ckpt, {tag: get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag) for tag in ("generator", "fake")}
+
+
+def test_resume_is_exact(tmp_path, teacher_dir):
+    common = BASE + [f"teacher.path={teacher_dir}", "train.ckpt_every=2"]
+    run_trainer(tmp_path / "straight", common + ["train.max_steps=4"])
+    run_trainer(tmp_path / "split", common + ["train.max_steps=2"])
+    proc = run_trainer(tmp_path / "split", common + ["train.max_steps=4"])
+    assert "resumed from" in proc.stdout and "step_00000002" in proc.stdout
+    ck_a, a = final_weights(tmp_path / "straight")
+    ck_b, b = final_weights(tmp_path / "split")
+    assert read_meta(ck_a)["step"] == read_meta(ck_b)["step"] == 4
+    for tag in a:
+        for k in a[tag]:
+            assert torch.equal(a[tag][k], b[tag][k]), f"{tag}.{k} differs after resume"
+    ema_a, ema_b = full_ema_from_checkpoint(ck_a), full_ema_from_checkpoint(ck_b)
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    # the data cursor: rank files of both runs hold the same stream position at step 4
+    for r in range(2):
+        sa = torch.load(ck_a / f"rank_{r:05d}.pt", weights_only=False)["data"]
+        sb = torch.load(ck_b / f"rank_{r:05d}.pt", weights_only=False)["data"]
+        assert sa == sb
+    # cadence artefacts: previews and TensorBoard events
+    assert (tmp_path / "straight" / "samples" / "step_00000004.png").is_file()
+    assert list((tmp_path / "straight" / "tb").glob("events.out.tfevents.*"))
+
+
+def test_export_loads_in_plain_diffusers_and_samples(tmp_path, teacher_dir):
+    from diffusers import UNet2DConditionModel
+
+    from sidscale.sample import OneStepPipeline, seeded_latent_noise
+    from sidscale.schedule import VPSchedule
+
+    run_trainer(tmp_path / "run", BASE + [f"teacher.path={teacher_dir}", "train.max_steps=2",
+                                          "train.ckpt_every=100", "train.export_at_end=true",
+                                          "deepspeed.config=ds_configs/zero3.json"])
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "run" / "export" / "unet")
+    ema = full_ema_from_checkpoint(find_resume_checkpoint(tmp_path / "run"))
+    sd = unet.state_dict()
+    assert all(torch.equal(sd[k], ema[k]) for k in ema)
+    meta = json.loads((tmp_path / "run" / "export" / "sidscale.json").read_text())
+    assert meta["t_init"] == 625 and meta["latent_shape"] == [3, 8, 8]
+    # sample.py against a direct computation of x_g = (x_in - s eps_G(x_in, t_init, c)) / a
+    pipe = OneStepPipeline.from_export(tmp_path / "run" / "export")
+    prompts, seeds = ["a red circle", "a blue square"], [11, 12]
+    got = pipe.latents(prompts, seeds)
+    sched = VPSchedule.from_settings()
+    a, s = sched.alphas_cumprod[625].sqrt(), (1 - sched.alphas_cumprod[625]).sqrt()
+    x_in = s * seeded_latent_noise(seeds, (3, 8, 8))
+    with torch.no_grad():
+        ehs = pipe.conditioner.encode(prompts)["encoder_hidden_states"]
+        eps = unet(x_in, torch.tensor([625, 625]), encoder_hidden_states=ehs).sample
+    torch.testing.assert_close(got, (x_in - s * eps) / a)
+    # the CLI writes a PNG
+    out = tmp_path / "img.png"
+    subprocess.run([sys.executable, "-m", "sidscale.sample", "--model", str(tmp_path / "run" / "export"),
+                    "--prompt", "a red circle", "--out", str(out)], check=True, cwd=REPO, capture_output=True)
+    assert out.stat().st_size > 0
+
+
+def test_bf16_runs_and_stays_finite(tmp_path, teacher_dir):
+    run_trainer(tmp_path / "run", BASE + [f"teacher.path={teacher_dir}", "train.max_steps=3",
+                                          "train.precision=bf16", "train.ckpt_every=100"])
+    _, w = final_weights(tmp_path / "run")
+    from diffusers import UNet2DConditionModel
+
+    t = UNet2DConditionModel.from_pretrained(teacher_dir / "unet").state_dict()
+    for tag in w:
+        assert all(torch.isfinite(v).all() for v in w[tag].values())
+        assert max((w[tag][k] - t[k]).abs().max().item() for k in t) > 1e-3, f"{tag} did not train"
+
+
+def test_fp16_overflow_skips_both_engines(tmp_path, teacher_dir):
+    """A loss scale of 2^60 overflows fp16 in the fake engine's first step: the generator must skip
+    that iteration too (its weights stay the teacher's), and training proceeds once the scale drops."""
+    cfg = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    cfg["fp16"] = {"initial_scale_power": 60, "hysteresis": 1}
+    ds = tmp_path / "fp16.json"
+    ds.write_text(json.dumps(cfg))
+    common = BASE + [f"teacher.path={teacher_dir}", "train.precision=fp16", f"deepspeed.config={ds}",
+                     "train.ckpt_every=1"]
+    run_trainer(tmp_path / "run", common + ["train.max_steps=1"])
+    from diffusers import UNet2DConditionModel
+
+    t = UNet2DConditionModel.from_pretrained(teacher_dir / "unet").state_dict()
+    _, w = final_weights(tmp_path / "run")
+    for tag in w:
+        # fp16 engines keep fp32 masters initialised from the fp16 copy of the teacher
+        assert all(torch.equal(w[tag][k], t[k].half().float()) for k in t), f"{tag} stepped despite the overflow"
+
+
+def run_single(tmp_path, overrides, run_dir=None):
+    cmd = [sys.executable, str(REPO / "sidscale" / "train.py"), "--config", "toy",
+           "--run-dir", str(run_dir or tmp_path / "run")]
+    for o in overrides:
+        cmd += ["--set", o]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"})
+
+
+@pytest.mark.parametrize("setup, message", [
+    ("missing", "deepspeed.config = 'nope.json': file not found"),
+    ("invalid", "not valid JSON"),
+    ("conflict", "train_batch_size = 64 conflicts with the sidscale config"),
+    ("stage0", "zero_optimization.stage = 0; expected one of (1, 2, 3)"),
+])
+def test_bad_ds_config_is_a_clear_error(tmp_path, setup, message):
+    path = tmp_path / "ds.json"
+    if setup == "missing":
+        path = "nope.json"
+    elif setup == "invalid":
+        path.write_text("{not json")
+    elif setup == "conflict":
+        path.write_text(json.dumps({"train_batch_size": 64, "zero_optimization": {"stage": 2}}))
+    else:
+        path.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
+    proc = run_single(tmp_path, [f"deepspeed.config={path}"])
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_unwritable_run_dir_and_refusing_to_overwrite(tmp_path, teacher_dir):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    proc = run_single(tmp_path, [f"teacher.path={teacher_dir}"], run_dir=blocker / "run")
+    assert proc.returncode == 2 and "not writable" in proc.stderr and str(blocker / "run") in proc.stderr
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "config.yaml").write_text("resume: true\n")
+    proc = run_single(tmp_path, [f"teacher.path={teacher_dir}", "resume=false"], run_dir=existing)
+    assert proc.returncode == 2 and "refusing to overwrite" in proc.stderr
+    assert (existing / "config.yaml").read_text() == "resume: true\n"
+
+
+def test_world_size_must_divide_the_batch(tmp_path, teacher_dir):
+    proc = run_single(tmp_path, [f"teacher.path={teacher_dir}", "train.global_batch=6", "train.micro_batch=4"])
+    assert proc.returncode == 2 and "train.global_batch" in proc.stderr
