@@ -40,13 +40,27 @@ import torch
 import torch.distributed as dist
 
 from sidscale import checkpoint as ckpt_lib
-from sidscale.config import Config, ConfigError, accumulation_steps, add_config_args, config_from_args, validate
-from sidscale.config import config_to_dict, dump_config
+from sidscale.config import (
+    Config,
+    ConfigError,
+    accumulation_steps,
+    add_config_args,
+    config_from_args,
+    config_to_dict,
+    dump_config,
+    validate,
+)
 from sidscale.data.prompts import INDEXED_PREFIX, IndexedPromptSource, StreamPromptSource
 from sidscale.distributed.ds_config import build_ds_config, zero_stage
 from sidscale.distributed.engines import build_engine, check_identical_across_ranks
-from sidscale.distributed.runtime import DistInfo, all_ranks_agree, broadcast_object, init_distributed
-from sidscale.distributed.runtime import shutdown_distributed
+from sidscale.distributed.preemption import EXIT_REQUEUE, StopSignal
+from sidscale.distributed.runtime import (
+    DistInfo,
+    all_ranks_agree,
+    broadcast_object,
+    init_distributed,
+    shutdown_distributed,
+)
 from sidscale.distributed.sharded_ema import ShardedEMA
 from sidscale.ema import ema_beta
 from sidscale.export import export_generator
@@ -63,6 +77,10 @@ log = logging.getLogger("sidscale.train")
 
 
 class RunDirError(ConfigError):
+    pass
+
+
+class CheckpointSaveError(RuntimeError):
     pass
 
 
@@ -214,7 +232,18 @@ class Trainer:
         return state
 
     def save_checkpoint(self) -> Path:
+        """Save on every rank; on an I/O error (disk full, quota) stop with a clear message. The
+        failed directory is never marked ``latest``, so the previous checkpoint stays the resume point."""
         path = ckpt_lib.step_dir(self.run_dir, self.step)
+        try:
+            return self._save_checkpoint(path)
+        except OSError as e:
+            previous = ckpt_lib.find_resume_checkpoint(self.run_dir)
+            raise CheckpointSaveError(
+                f"saving checkpoint {path} failed on rank {self.rank}: {e.strerror or e}; the previous complete "
+                f"checkpoint ({previous or 'none'}) is intact and remains the resume point") from e
+
+    def _save_checkpoint(self, path: Path) -> Path:
         client = {"step": self.step, "images_seen": self.images_seen}
         # Every rank saves its engine shards, then its own client state, atomically.
         self.gen_engine.save_checkpoint(str(path), tag="generator", client_state=client, save_latest=False)
@@ -351,7 +380,8 @@ class Trainer:
         out.update({f"data/{k}": float(v) for k, v in src_stats.items()})
         self.logger.scalars(self.step, out)
 
-    def run(self) -> None:
+    def run(self, stop: StopSignal | None = None) -> bool:
+        """Train to ``train.max_steps``. Returns False when stopped early by a signal (after saving)."""
         tc = self.cfg.train
         self.logger = RunLogger(self.run_dir, tc.max_steps, self.step, tc.global_batch, self.dist.is_main)
         window: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(()))
@@ -372,6 +402,11 @@ class Trainer:
                     self.preview()
                 if self.step % tc.ckpt_every == 0 and self.step < tc.max_steps:
                     self.save_checkpoint()
+                if stop is not None and self.step < tc.max_steps and stop.stop_requested():
+                    if not ckpt_lib.is_complete(ckpt_lib.step_dir(self.run_dir, self.step)):
+                        self.save_checkpoint()
+                    self.logger.write(f"sidscale: stopped by signal at step {self.step}; checkpoint saved")
+                    return False
             final = ckpt_lib.step_dir(self.run_dir, self.step)
             if not ckpt_lib.is_complete(final):
                 self.save_checkpoint()
@@ -381,6 +416,7 @@ class Trainer:
                     self.logger.write(f"exported EMA generator to {out}")
             if self.cfg.teacher.kind == "toy" and self.cfg.eval.num_samples > 0:
                 self.toy_evaluation()
+            return True
         finally:
             self.logger.close()
             self.prompts.close()
@@ -404,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"sidscale: config error: {e}", file=sys.stderr)
         return 2
+    stop = StopSignal()  # installed before the slow start-up so an early signal is not lost
     dist_info = init_distributed(args.local_rank)
     code = 0
     try:
@@ -428,11 +465,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"sidscale: resumed from {path} (step {trainer.step})", flush=True)
         if not all_ranks_agree(True):
             raise RuntimeError("a rank failed during start-up")
-        trainer.run()
+        if not trainer.run(stop):
+            code = EXIT_REQUEUE
     except ConfigError as e:
         if dist_info.is_main:
             print(f"sidscale: error: {e}", file=sys.stderr)
         code = 2
+    except CheckpointSaveError as e:
+        print(f"sidscale: error: {e}", file=sys.stderr, flush=True)
+        os._exit(1)  # other ranks may be blocked in a collective of the failed save: do not wait for them
     finally:
         with contextlib.suppress(Exception):
             shutdown_distributed()

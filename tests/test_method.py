@@ -49,17 +49,19 @@ def make_inputs(seed=0):
         drop=torch.zeros(B, dtype=torch.bool),
     )
     cond = {"encoder_hidden_states": torch.randn(B, 3, D, generator=g, dtype=torch.float64)}
-    uncond = {"encoder_hidden_states": torch.randn(1, 3, D, generator=g, dtype=torch.float64).expand(B, -1, -1)}
+    empty = torch.randn(1, 3, D, generator=g, dtype=torch.float64)
+    uncond = {"encoder_hidden_states": empty.expand(B, -1, -1)}
     return noise, cond, uncond
 
 
 def hand_gradient(gen, fake, teacher, schedule, noise, cond, uncond, k2, k4, alpha, t_init, norm):
     """dL/dW_G and dL/dU_G derived by hand for linear eps-nets (see the method page):
-    y = (x_t - s (W x_t + U c_k)) / a  =>  dy/dx_g = I - s W;  dL/dx_g = (1/w)[(Mr-Mf)^T E + (Mr - I - alpha(Mr-Mf))^T Dv]
+    y = (x_t - s (W x_t + U c_k)) / a  =>  dy/dx_g = I - s W;
+    dL/dx_g = (1/w)[(Mr-Mf)^T E + (Mr - I - alpha(Mr-Mf))^T Dv]
     with Dv = y_r - y_f, E = (y_r - x_g) - alpha Dv, and x_g = (x_in - s0 (W_G x_in + U_G c)) / a0."""
     abar = schedule.alphas_cumprod
     a0, s0 = abar[t_init].sqrt(), (1 - abar[t_init]).sqrt()
-    I = torch.eye(D, dtype=torch.float64)
+    eye = torch.eye(D, dtype=torch.float64)
     gW = torch.zeros(D, D, dtype=torch.float64)
     gU = torch.zeros(D, D, dtype=torch.float64)
     with torch.no_grad():
@@ -75,11 +77,11 @@ def hand_gradient(gen, fake, teacher, schedule, noise, cond, uncond, k2, k4, alp
                 return (x_t - s * (net.W @ x_t + net.U @ (cu + k * (c - cu)))) / a
 
             y_r, y_f = y(teacher, k4), y(fake, k2)
-            Mr, Mf = I - s * teacher.W, I - s * fake.W
+            Mr, Mf = eye - s * teacher.W, eye - s * fake.W
             w = (x_g - y_r).abs().mean().clamp_min(1e-5)
             Dv = y_r - y_f
             E = (y_r - x_g) - alpha * Dv
-            g = ((Mr - Mf).T @ E + (Mr - I - alpha * (Mr - Mf)).T @ Dv) / w
+            g = ((Mr - Mf).T @ E + (Mr - eye - alpha * (Mr - Mf)).T @ Dv) / w
             gW += -(s0 / a0) * torch.outer(g, x_in)
             gU += -(s0 / a0) * torch.outer(g, c)
     return gW / norm, gU / norm

@@ -5,7 +5,6 @@ reference loop on the same prompts and noises."""
 from __future__ import annotations
 
 import pytest
-import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from sidscale.checkpoint import find_resume_checkpoint, full_ema_from_checkpoint, read_meta

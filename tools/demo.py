@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(run_dir)
     env = dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", f"--master_port={free_port()}",
-           str(REPO / "sidscale" / "train.py"), "--config", "toy", "--run-dir", str(run_dir)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
+           f"--master_port={free_port()}", str(REPO / "sidscale" / "train.py"),
+           "--config", "toy", "--run-dir", str(run_dir)]
     for s in args.set:
         cmd += ["--set", s]
     print("+", " ".join(cmd), flush=True)

@@ -261,6 +261,9 @@ def ensure_toy_teacher(cache_dir: str | os.PathLike, spec: ToyTeacherSpec | None
     with _file_lock(cache / f".{target.name}.lock"):
         if _is_complete(target):
             return target
+        # holding the lock, any temp dir of this target is a leftover of a killed fit
+        for stale in cache.glob(f".{target.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{target.name}.tmp-"))
         try:
             report = _fit(spec, tmp)

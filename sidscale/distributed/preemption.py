@@ -1,0 +1,46 @@
+"""Graceful stop on SIGUSR1 / SIGTERM (SLURM preemption, time limit): finish the step, save, exit.
+
+The handler only records the signal; the training loop polls ``stop_requested()`` between
+iterations, which all-reduces the flag so every rank stops after the SAME step (one rank may
+get the signal later than another). A second signal while the checkpoint is being written is
+recorded and ignored, so it cannot tear the save.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: "stopped early on request, run me again" (slurm/distill.sh requeues)
+
+
+class StopSignal:
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)):
+        self.received: list[int] = []
+        self._previous = {}
+        for s in signals:
+            try:
+                self._previous[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread (e.g. under some test runners): no handler
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        self.received.append(signum)
+        # NOTE: logging from a signal handler is not re-entrant safe; a print is enough here.
+        print(f"sidscale: received signal {signal.Signals(signum).name}; stopping after this step", flush=True)
+
+    def stop_requested(self) -> bool:
+        """True on every rank when any rank got a signal (a collective: all ranks must call)."""
+        flag = torch.tensor([1 if self.received else 0], dtype=torch.int64)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
