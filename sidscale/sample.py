@@ -34,9 +34,8 @@ class OneStepPipeline:
     @classmethod
     def from_export(cls, export_dir: str | Path, device: str = "cpu", dtype: str = "fp32") -> OneStepPipeline:
         from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
 
-        from sidscale.models.conditioning import ClipConditioner
+        from sidscale.models.conditioning import load_conditioner
 
         export_dir = Path(export_dir)
         meta = read_export_meta(export_dir)
@@ -44,9 +43,9 @@ class OneStepPipeline:
         teacher = Path(meta["teacher_path"])
         check_teacher_dir(teacher, meta["teacher_kind"])
         unet = UNet2DConditionModel.from_pretrained(export_dir / "unet", torch_dtype=torch_dtype).to(device).eval()
-        tok = CLIPTokenizer.from_pretrained(teacher / "tokenizer", local_files_only=True)
-        te = CLIPTextModel.from_pretrained(teacher / "text_encoder", torch_dtype=torch_dtype,
-                                           local_files_only=True).to(device)
+        # NOTE: the teacher's own text side (SDXL: both encoders + time ids at the training resolution).
+        conditioner = load_conditioner(teacher, meta["teacher_kind"], torch_dtype, device,
+                                       resolution=int(meta["resolution"]))
         vae = None
         if (teacher / "vae").is_dir():
             vae = AutoencoderKL.from_pretrained(teacher / "vae", torch_dtype=torch_dtype,
@@ -54,7 +53,7 @@ class OneStepPipeline:
         s = meta["schedule"]
         schedule = VPSchedule.from_settings(s["num_train_timesteps"], s["beta_start"], s["beta_end"],
                                             s["beta_schedule"], meta["prediction_type"])
-        return cls(unet, ClipConditioner(tok, te, dtype=torch_dtype), vae, schedule, meta, device, torch_dtype)
+        return cls(unet, conditioner, vae, schedule, meta, device, torch_dtype)
 
     @torch.no_grad()
     def latents(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:

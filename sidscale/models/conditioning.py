@@ -10,6 +10,7 @@ teacher it has.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -50,6 +51,33 @@ def unet_kwargs(cond: Cond) -> dict:
     return kwargs
 
 
+class ClipTokenize:
+    """prompts -> token ids, padded to max length and truncated: ``[B, 77]`` for one tokenizer,
+    ``[B, n, 77]`` (stacked) for n tokenizers (SDXL: n = 2).
+
+    A separate object, not a conditioner method, because the data loader calls it inside its
+    workers: it must pickle without dragging the text encoders along.
+    """
+
+    def __init__(self, *tokenizers) -> None:
+        if not tokenizers:
+            raise ValueError("ClipTokenize needs at least one tokenizer")
+        self.tokenizers = tokenizers
+
+    def _one(self, tokenizer, prompts: list[str]) -> torch.Tensor:
+        return tokenizer(prompts, padding="max_length", max_length=int(tokenizer.model_max_length),
+                         truncation=True, return_tensors="pt").input_ids
+
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        prompts = list(prompts)
+        ids = [self._one(tok, prompts) for tok in self.tokenizers]
+        return ids[0] if len(ids) == 1 else torch.stack(ids, dim=1)
+
+
+def _device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
 class ClipConditioner(torch.nn.Module):
     """SD1.5 / SD2.1 conditioning: CLIP ``last_hidden_state``, padded to max length, truncated.
 
@@ -61,24 +89,18 @@ class ClipConditioner(torch.nn.Module):
     def __init__(self, tokenizer, text_encoder: torch.nn.Module, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.tokenizer = tokenizer
+        self.tokenize = ClipTokenize(tokenizer)
         self.text_encoder = text_encoder.requires_grad_(False).eval()
         self.dtype = dtype
-        self._empty: torch.Tensor | None = None
+        self._empty: Cond | None = None
 
     @property
     def max_length(self) -> int:
         return int(self.tokenizer.model_max_length)
 
-    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
-        ids = self.tokenizer(
-            list(prompts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
-        ).input_ids
-        return ids
-
     @torch.no_grad()
     def encode_ids(self, input_ids: torch.Tensor) -> Cond:
-        device = next(self.text_encoder.parameters()).device
-        hidden = self.text_encoder(input_ids.to(device)).last_hidden_state
+        hidden = self.text_encoder(input_ids.to(_device(self.text_encoder))).last_hidden_state
         return {"encoder_hidden_states": hidden.to(self.dtype)}
 
     def encode(self, prompts: Sequence[str]) -> Cond:
@@ -86,5 +108,74 @@ class ClipConditioner(torch.nn.Module):
 
     def empty(self, batch: int) -> Cond:
         if self._empty is None:
-            self._empty = self.encode([""])["encoder_hidden_states"]
-        return {"encoder_hidden_states": self._empty.expand(batch, -1, -1)}
+            self._empty = self.encode([""])
+        return {k: v.expand(batch, *v.shape[1:]) for k, v in self._empty.items()}
+
+
+def sdxl_time_ids(resolution: int | tuple[int, int]) -> tuple[int, int, int, int, int, int]:
+    """SDXL's micro-conditioning: (original_h, original_w, crop_top, crop_left, target_h, target_w).
+
+    Original size = target size = the training resolution and crop (0, 0), as diffusers'
+    pipeline does by default: "an uncropped image of this size".
+    """
+    h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
+    return (h, w, 0, 0, h, w)
+
+
+class SdxlConditioner(ClipConditioner):
+    """SDXL conditioning: both encoders' penultimate hidden states concatenated on the feature
+    dim (768 + 1280 = 2048), encoder 2's pooled projection ``text_embeds`` [B, 1280], and the
+    six ``time_ids``.
+
+    The unconditional branch is E(""), the empty prompt encoded exactly like a prompt (method
+    page). NOTE: diffusers' StableDiffusionXLPipeline instead uses all-zero embeddings for an
+    absent negative prompt when ``force_zeros_for_empty_prompt`` is set (SDXL-base ships it
+    true); sidscale deliberately follows the method page, so the teacher's guided score here
+    differs from the pipeline's default CFG sampling.
+    """
+
+    def __init__(self, tokenizer, tokenizer_2, text_encoder: torch.nn.Module, text_encoder_2: torch.nn.Module,
+                 resolution: int | tuple[int, int], dtype: torch.dtype = torch.float32):
+        super().__init__(tokenizer, text_encoder, dtype)
+        self.tokenizer_2 = tokenizer_2
+        self.tokenize = ClipTokenize(tokenizer, tokenizer_2)
+        self.text_encoder_2 = text_encoder_2.requires_grad_(False).eval()
+        self.time_ids = sdxl_time_ids(resolution)
+
+    @torch.no_grad()
+    def encode_ids(self, input_ids: torch.Tensor) -> Cond:
+        if input_ids.dim() != 3 or input_ids.shape[1] != 2:
+            raise ValueError(f"SDXL token ids must be [B, 2, L] (one row per tokenizer), got {tuple(input_ids.shape)}")
+        out1 = self.text_encoder(input_ids[:, 0].to(_device(self.text_encoder)), output_hidden_states=True)
+        out2 = self.text_encoder_2(input_ids[:, 1].to(_device(self.text_encoder_2)), output_hidden_states=True)
+        hidden = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2].to(out1.hidden_states[-2].device)], -1)
+        pooled = out2.text_embeds.to(hidden.device)
+        time_ids = torch.tensor(self.time_ids, dtype=self.dtype, device=hidden.device).expand(hidden.shape[0], -1)
+        return {"encoder_hidden_states": hidden.to(self.dtype), "text_embeds": pooled.to(self.dtype),
+                "time_ids": time_ids}
+
+
+Conditioner = ClipConditioner  # the base class: SdxlConditioner is one
+
+
+def load_conditioner(teacher_dir: str | Path, kind: str, dtype: torch.dtype = torch.float32,
+                     device: torch.device | str = "cpu", resolution: int = 1024) -> ClipConditioner:
+    """The frozen text side of a teacher directory (``local_files_only``: never a hub lookup).
+
+    kind "toy" / "sd": ``tokenizer/`` + ``text_encoder/``; kind "sdxl" adds ``tokenizer_2/`` +
+    ``text_encoder_2/`` (a CLIPTextModelWithProjection). ``resolution`` only feeds SDXL's time ids.
+    """
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    path = Path(teacher_dir)
+
+    def encoder(cls, sub: str) -> torch.nn.Module:
+        return cls.from_pretrained(path / sub, torch_dtype=dtype, local_files_only=True).to(device)
+
+    tok = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+    te = encoder(CLIPTextModel, "text_encoder")
+    if kind != "sdxl":
+        return ClipConditioner(tok, te, dtype=dtype)
+    tok2 = CLIPTokenizer.from_pretrained(path / "tokenizer_2", local_files_only=True)
+    te2 = encoder(CLIPTextModelWithProjection, "text_encoder_2")
+    return SdxlConditioner(tok, tok2, te, te2, resolution, dtype=dtype)

@@ -3,6 +3,12 @@
 A teacher directory is what ``save_pretrained`` writes: ``unet/``, ``text_encoder/``,
 ``tokenizer/``, ``scheduler/``, ``vae/`` (and for SDXL ``text_encoder_2/``, ``tokenizer_2/``).
 The built-in toy teacher has the same layout without ``vae/`` (it lives in pixel space).
+Presets (sidscale/configs/sd15.yaml, ...) ship placeholder paths; the checks below turn a
+placeholder or a half-copied directory into an error that says what a teacher dir must hold.
+
+Memory levers applied here to the teacher UNet (the trainable copies inherit the attention
+processors through ``copy.deepcopy``): SDPA attention (diffusers' ``AttnProcessor2_0``, its
+default on torch 2) or eager attention, channels-last weights, and the teacher dtype.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from pathlib import Path
 import torch
 
 from sidscale.config import ConfigError, TeacherConfig
-from sidscale.models.conditioning import ClipConditioner
+from sidscale.models.conditioning import ClipConditioner, load_conditioner
 from sidscale.schedule import VPSchedule
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -25,6 +31,10 @@ REQUIRED = {
 }
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                 "model.safetensors", "pytorch_model.bin")
+# NOTE: sharded checkpoints (large text encoders) ship an index instead of one weights file.
+WEIGHT_INDEX_FILES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json",
+                      "pytorch_model.bin.index.json")
+ATTENTION_MODES = ("sdpa", "eager")
 
 
 @dataclass
@@ -32,7 +42,7 @@ class Teacher:
     path: Path
     kind: str
     unet: torch.nn.Module
-    conditioner: ClipConditioner
+    conditioner: ClipConditioner  # SdxlConditioner for kind sdxl
     schedule: VPSchedule
     latent_shape: tuple[int, int, int]
     scaling_factor: float
@@ -54,10 +64,15 @@ def resolve_teacher_dir(cfg: TeacherConfig) -> Path:
 
 def check_teacher_dir(path: Path, kind: str) -> None:
     """Every folder the teacher needs is present, with its config and weights."""
+    if kind not in REQUIRED:
+        raise TeacherDirError(f"teacher.kind = {kind!r}: expected one of {', '.join(REQUIRED)}")
     layout = ", ".join(f"{d}/" for d in REQUIRED[kind])
     if not path.is_dir():
-        raise TeacherDirError(f"teacher.path {path}: not a directory; a {kind} teacher directory must contain "
-                              f"{layout} (as written by diffusers' save_pretrained)")
+        hint = (" (the preset's placeholder: set teacher.path to your local copy)"
+                if str(path).startswith("/path/to/") else "")
+        raise TeacherDirError(f"teacher.path {path}: not a directory{hint}; a {kind} teacher directory must "
+                              f"contain {layout} (as written by diffusers' save_pretrained; sidscale never "
+                              "downloads from a model hub)")
     for sub in REQUIRED[kind]:
         d = path / sub
         if not d.is_dir():
@@ -70,8 +85,9 @@ def check_teacher_dir(path: Path, kind: str) -> None:
         cfg_name = "scheduler_config.json" if sub == "scheduler" else "config.json"
         if not (d / cfg_name).is_file():
             raise TeacherDirError(f"teacher {sub} {d}: missing {cfg_name}")
-        if sub != "scheduler" and not any((d / f).is_file() for f in WEIGHT_FILES):
-            raise TeacherDirError(f"teacher {sub} {d}: no weights file (expected one of {', '.join(WEIGHT_FILES)})")
+        if sub != "scheduler" and not any((d / f).is_file() for f in WEIGHT_FILES + WEIGHT_INDEX_FILES):
+            raise TeacherDirError(f"teacher {sub} {d}: no weights file (expected one of {', '.join(WEIGHT_FILES)}, "
+                                  "or a sharded *.index.json)")
 
 
 def schedule_from_dir(path: Path, prediction_type: str = "auto") -> VPSchedule:
@@ -84,21 +100,54 @@ def schedule_from_dir(path: Path, prediction_type: str = "auto") -> VPSchedule:
     )
 
 
+def set_attention(unet: torch.nn.Module, mode: str = "sdpa") -> None:
+    """``sdpa``: torch's fused scaled_dot_product_attention (``AttnProcessor2_0``, flash /
+    memory-efficient kernels on GPU, no [B, heads, N, N] matrix kept); ``eager``: the plain
+    softmax(QK^T)V processor, the memory-hungry reference."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    if mode not in ATTENTION_MODES:
+        raise ConfigError(f"teacher.attention = {mode!r}: expected one of {', '.join(ATTENTION_MODES)}")
+    unet.set_attn_processor(AttnProcessor2_0() if mode == "sdpa" else AttnProcessor())
+
+
+def attention_processors(unet: torch.nn.Module) -> set[str]:
+    """Class names of the attention processors in use (a check that a mode really applies)."""
+    return {type(p).__name__ for p in unet.attn_processors.values()}
+
+
+def set_channels_last(module: torch.nn.Module) -> torch.nn.Module:
+    """4-D weights in NHWC: faster convolutions on tensor cores. Affects the frozen teacher only:
+    DeepSpeed ZeRO re-lays the trainable copies' parameters out in flat (contiguous) buffers."""
+    return module.to(memory_format=torch.channels_last)
+
+
+def check_unet_matches(unet: torch.nn.Module, path: Path, kind: str) -> None:
+    """An SD UNet under kind sdxl (or the reverse) would fail deep in the first forward."""
+    is_xl = unet.config.get("addition_embed_type") == "text_time"
+    if is_xl != (kind == "sdxl"):
+        found = "an SDXL" if is_xl else "a non-SDXL"
+        raise TeacherDirError(f"teacher.path {path}: unet/config.json describes {found} UNet "
+                              f"(addition_embed_type={unet.config.get('addition_embed_type')!r}) but "
+                              f"teacher.kind = {kind!r}")
+
+
 def load_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu") -> Teacher:
     """UNet + text conditioner + schedule (+ VAE) of the teacher, frozen, in ``cfg.dtype``."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
 
-    if cfg.kind == "sdxl":
-        raise ConfigError("teacher.kind = 'sdxl': SDXL loading is not implemented yet (see the teachers issue)")
     path = resolve_teacher_dir(cfg)
     check_teacher_dir(path, cfg.kind)
     dtype = DTYPES[cfg.dtype]
     unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype, local_files_only=True)
+    check_unet_matches(unet, path, cfg.kind)
+    # NOTE: getattr: the keys teacher.attention / teacher.channels_last are proposed for config.py;
+    # until they exist the defaults (SDPA, contiguous) apply.
+    set_attention(unet, getattr(cfg, "attention", "sdpa"))
+    if getattr(cfg, "channels_last", False):
+        set_channels_last(unet)
     unet = unet.to(device).requires_grad_(False).eval()
-    tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
-    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype, local_files_only=True)
-    conditioner = ClipConditioner(tokenizer, text_encoder.to(device), dtype=dtype)
+    conditioner = load_conditioner(path, cfg.kind, dtype, device, resolution=cfg.resolution)
     vae, scaling = None, 1.0
     if (path / "vae").is_dir():
         vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, local_files_only=True)

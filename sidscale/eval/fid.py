@@ -1,0 +1,141 @@
+"""FID with clean-fid's "clean" pipeline after the protocol's centre-crop + Lanczos-256 step.
+
+Per image: PNG/JPEG -> RGB uint8 -> centre crop, PIL Lanczos 256 (``protocol_resize``) -> clean-fid
+"clean" resize (PIL bicubic on float channels to 299) -> clean-fid's ``InceptionV3W`` (the
+TF-Inception torchscript port, pool3, 2048-d). Both generated and reference images go through the
+same path, so ``--ref-dir`` statistics and ``tools/ref_stats.py`` statistics are interchangeable.
+The weights are only ever read from a local file: nothing here downloads.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sidscale.eval.frechet import feature_statistics, frechet_distance
+from sidscale.eval.images import FID_SIZE, protocol_resize
+from sidscale.io_utils import atomic_write_bytes
+
+INCEPTION_FILE = "inception-2015-12-05.pt"
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+PROTOCOL = {"fid_mode": "clean", "crop": "center-square", "resize": f"PIL-lanczos-{FID_SIZE}",
+            "features": "cleanfid InceptionV3W pool3 (TF-Inception torchscript)"}
+
+FeatureFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class EvalWeightsError(FileNotFoundError):
+    """A metric's weights file is missing: the message names the file and where it is published."""
+
+
+def check_inception_file(path: str | os.PathLike) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise EvalWeightsError(
+            f"--inception-weights {path}: file not found. FID needs the TF-Inception torchscript "
+            f"{INCEPTION_FILE} that clean-fid uses, published at {INCEPTION_URL}; download it on a machine "
+            "with internet access and pass its local path (nothing is downloaded here)")
+    return path
+
+
+def load_inception(weights: str | os.PathLike, device: str | torch.device = "cpu") -> FeatureFn:
+    """clean-fid's ``InceptionV3W`` in "clean" mode (resize outside the net), from a local file.
+
+    ``InceptionV3W`` takes a directory and a fixed file name; we point it at a private directory
+    holding a symlink, so the user's file may have any name and clean-fid's download path
+    (``download=True``) is never taken."""
+    from cleanfid.inception_torchscript import InceptionV3W
+
+    path = check_inception_file(weights).resolve()
+    with tempfile.TemporaryDirectory(prefix="sidscale-inception-") as d:
+        os.symlink(path, Path(d) / INCEPTION_FILE)
+        model = InceptionV3W(d, download=False, resize_inside=False)
+    model = model.to(device).eval()
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        return model(x)
+
+    return features
+
+
+def files_features(
+    files: Sequence[str | os.PathLike], feature_fn: FeatureFn, device: str | torch.device = "cpu",
+    batch: int = 64, workers: int = 0, description: str = "",
+) -> np.ndarray:
+    """[N, 2048] float features of ``files`` in order, through clean-fid's own dataset/loop."""
+    from cleanfid.fid import get_files_features
+
+    if not files:
+        raise ValueError(f"no images to compute features of ({description or 'empty list'})")
+    with torch.no_grad():
+        return get_files_features([str(f) for f in files], model=feature_fn, num_workers=workers,
+                                  batch_size=batch, device=torch.device(device), mode="clean",
+                                  custom_image_tranform=protocol_resize, description=description,
+                                  verbose=bool(description))
+
+
+def timed_features(files: Sequence[Path], feature_fn: FeatureFn, **kw) -> tuple[np.ndarray, float]:
+    """(features, images per second)."""
+    t0 = time.perf_counter()
+    feats = files_features(files, feature_fn, **kw)
+    return feats, len(files) / max(time.perf_counter() - t0, 1e-9)
+
+
+def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, meta: dict) -> None:
+    """npz with ``mu``, ``sigma`` (clean-fid's names) and a JSON ``meta`` string; written atomically."""
+    buf = io.BytesIO()
+    np.savez(buf, mu=mu, sigma=sigma, meta=np.array(json.dumps(meta, sort_keys=True)))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"--ref-stats {path}: file not found (make it with tools/ref_stats.py)")
+    with np.load(path, allow_pickle=False) as z:
+        if "mu" not in z or "sigma" not in z:
+            raise ValueError(f"--ref-stats {path}: expected arrays 'mu' and 'sigma', found {sorted(z.files)}")
+        meta = json.loads(str(z["meta"])) if "meta" in z else {}
+        return z["mu"], z["sigma"], meta
+
+
+def folder_stats_meta(files: Sequence[Path], folder: Path, weights: Path) -> dict:
+    """What a cached reference-statistics file must match to be reused."""
+    st = Path(weights).stat()
+    return {"images": str(Path(folder).resolve()), "num_images": len(files), **PROTOCOL,
+            "inception_weights": {"name": Path(weights).name, "size": st.st_size}}
+
+
+def cached_folder_stats(
+    folder: Path, out: Path, weights: Path, feature_fn: FeatureFn | None = None, force: bool = False, **kw
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Statistics of every image under ``folder``; reuse ``out`` when it was made from the same folder,
+    image count, protocol and weights file (computing 40k COCO features takes a while)."""
+    from sidscale.eval.images import list_image_files
+
+    files = list_image_files(folder)
+    if len(files) < 2:
+        raise ValueError(f"--ref-dir {folder}: found {len(files)} images, need at least 2")
+    meta = folder_stats_meta(files, folder, weights)
+    if Path(out).is_file() and not force:
+        mu, sigma, old = load_stats(out)
+        if old == meta:
+            return mu, sigma, meta
+    feature_fn = feature_fn or load_inception(weights, kw.get("device", "cpu"))
+    feats = files_features(files, feature_fn, **kw)
+    mu, sigma = feature_statistics(feats)
+    save_stats(out, mu, sigma, meta)
+    return mu, sigma, meta
+
+
+def fid_from_features(feats: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray) -> float:
+    mu, sigma = feature_statistics(feats)
+    return frechet_distance(mu, sigma, ref_mu, ref_sigma)
