@@ -62,7 +62,10 @@ def find_resume_checkpoint(run_dir: Path) -> Path | None:
     root = checkpoints_root(run_dir)
     marker = root / LATEST
     if marker.is_file():
-        name = marker.read_text().strip()
+        try:  # a torn or garbage marker (non-UTF-8 bytes, unreadable) is just a wrong name
+            name = marker.read_text(errors="replace").strip()
+        except OSError:
+            name = ""
         candidate = root / name
         if name and is_complete(candidate):
             return candidate

@@ -36,6 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DTYPES = ("fp32", "bf16", "fp16")
 TEACHER_KINDS = ("toy", "sd", "sdxl")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
+ATTENTION_MODES = ("sdpa", "eager")
 BETA_SCHEDULES = ("scaled_linear", "linear")
 METHODS = ("sid_lsg",)
 
@@ -58,6 +59,8 @@ class TeacherConfig:
     prediction_type: str = "auto"  # auto (teacher's scheduler) | epsilon | v_prediction
     resolution: int = 512  # image size in pixels
     grad_checkpointing: bool = False
+    attention: str = "sdpa"  # sdpa (torch SDPA, diffusers AttnProcessor2_0) | eager (reference, more memory)
+    channels_last: bool = False  # teacher UNet weights in NHWC (GPU conv speed; the teacher only)
 
 
 @dataclass
@@ -297,6 +300,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(t.cache_dir != "", "teacher.cache_dir", t.cache_dir, "a directory path")
     _check_enum("teacher.dtype", t.dtype, DTYPES)
     _check_enum("teacher.prediction_type", t.prediction_type, PREDICTION_TYPES)
+    _check_enum("teacher.attention", t.attention, ATTENTION_MODES)
     _check_positive(t, "teacher", ["resolution"])
     # NOTE: SD VAEs downsample by 8; any other size cannot map to a latent grid.
     _check(t.kind == "toy" or t.resolution % 8 == 0, "teacher.resolution", t.resolution,

@@ -117,7 +117,7 @@ class Trainer:
         self.teacher: Teacher = load_teacher(cfg.teacher, self.device)
         self.schedule = self.teacher.schedule
         check_identical_across_ranks({"teacher UNet": self.teacher.unet,
-                                      "text encoder": self.teacher.conditioner.text_encoder})
+                                      "text encoder(s)": self.teacher.conditioner})
 
         self.gen_engine = build_engine(self.teacher.unet, cfg.generator, self.ds_config)
         self.fake_engine = build_engine(self.teacher.unet, cfg.fake, self.ds_config)
@@ -163,6 +163,9 @@ class Trainer:
 
                 write_prompt_shards(self._toy_prompts(), Path(shards).parent, shard_size=4, overwrite=True)
             dist.barrier()
+        if shards.startswith("/path/to/"):
+            raise ConfigError(f"data.shards = {shards!r} is the preset's placeholder: give your prompt tars "
+                              "(tools/make_prompt_shards.py) or a manifest.json")
         if not shards:
             raise ConfigError("data.shards is empty: give a brace pattern of prompt tars, a manifest.json "
                               "(tools/make_prompt_shards.py makes both), or 'toy'")

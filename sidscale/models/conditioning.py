@@ -145,12 +145,17 @@ class SdxlConditioner(ClipConditioner):
     @torch.no_grad()
     def encode_ids(self, input_ids: torch.Tensor) -> Cond:
         if input_ids.dim() != 3 or input_ids.shape[1] != 2:
-            raise ValueError(f"SDXL token ids must be [B, 2, L] (one row per tokenizer), got {tuple(input_ids.shape)}")
-        out1 = self.text_encoder(input_ids[:, 0].to(_device(self.text_encoder)), output_hidden_states=True)
-        out2 = self.text_encoder_2(input_ids[:, 1].to(_device(self.text_encoder_2)), output_hidden_states=True)
-        hidden = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2].to(out1.hidden_states[-2].device)], -1)
+            raise ValueError(f"SDXL token ids must be [B, 2, L] (one row per tokenizer), "
+                             f"got {tuple(input_ids.shape)}")
+        te1, te2 = self.text_encoder, self.text_encoder_2
+        out1 = te1(input_ids[:, 0].to(_device(te1)), output_hidden_states=True)
+        out2 = te2(input_ids[:, 1].to(_device(te2)), output_hidden_states=True)
+        # penultimate layers (SDXL was trained on them), concatenated on the feature dim: 768 + 1280
+        h1 = out1.hidden_states[-2]
+        hidden = torch.cat([h1, out2.hidden_states[-2].to(h1.device)], dim=-1)
         pooled = out2.text_embeds.to(hidden.device)
-        time_ids = torch.tensor(self.time_ids, dtype=self.dtype, device=hidden.device).expand(hidden.shape[0], -1)
+        time_ids = torch.tensor(self.time_ids, dtype=self.dtype, device=hidden.device)
+        time_ids = time_ids.expand(hidden.shape[0], -1)
         return {"encoder_hidden_states": hidden.to(self.dtype), "text_embeds": pooled.to(self.dtype),
                 "time_ids": time_ids}
 

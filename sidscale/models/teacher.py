@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from sidscale.config import ConfigError, TeacherConfig
+from sidscale.config import ATTENTION_MODES, ConfigError, TeacherConfig
 from sidscale.models.conditioning import ClipConditioner, load_conditioner
 from sidscale.schedule import VPSchedule
 
@@ -34,7 +34,6 @@ WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.
 # NOTE: sharded checkpoints (large text encoders) ship an index instead of one weights file.
 WEIGHT_INDEX_FILES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json",
                       "pytorch_model.bin.index.json")
-ATTENTION_MODES = ("sdpa", "eager")
 
 
 @dataclass
@@ -76,8 +75,8 @@ def check_teacher_dir(path: Path, kind: str) -> None:
     for sub in REQUIRED[kind]:
         d = path / sub
         if not d.is_dir():
-            raise TeacherDirError(f"teacher.path {path}: missing {sub}/; a {kind} teacher directory must contain "
-                                  f"{layout}")
+            raise TeacherDirError(f"teacher.path {path}: missing {sub}/; a {kind} teacher directory must "
+                                  f"contain {layout}")
         if sub.startswith("tokenizer"):
             if not any((d / f).is_file() for f in ("vocab.json", "tokenizer.json")):
                 raise TeacherDirError(f"teacher tokenizer {d}: no vocab.json or tokenizer.json")
@@ -86,15 +85,16 @@ def check_teacher_dir(path: Path, kind: str) -> None:
         if not (d / cfg_name).is_file():
             raise TeacherDirError(f"teacher {sub} {d}: missing {cfg_name}")
         if sub != "scheduler" and not any((d / f).is_file() for f in WEIGHT_FILES + WEIGHT_INDEX_FILES):
-            raise TeacherDirError(f"teacher {sub} {d}: no weights file (expected one of {', '.join(WEIGHT_FILES)}, "
-                                  "or a sharded *.index.json)")
+            raise TeacherDirError(f"teacher {sub} {d}: no weights file (expected one of "
+                                  f"{', '.join(WEIGHT_FILES)}, or a sharded *.index.json)")
 
 
 def schedule_from_dir(path: Path, prediction_type: str = "auto") -> VPSchedule:
     sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     pred = sched.get("prediction_type", "epsilon") if prediction_type == "auto" else prediction_type
     return VPSchedule.from_settings(
-        num_train_timesteps=sched.get("num_train_timesteps", 1000), beta_start=sched.get("beta_start", 0.00085),
+        num_train_timesteps=sched.get("num_train_timesteps", 1000),
+        beta_start=sched.get("beta_start", 0.00085),
         beta_end=sched.get("beta_end", 0.012), beta_schedule=sched.get("beta_schedule", "scaled_linear"),
         prediction_type=pred,
     )
@@ -143,8 +143,8 @@ def load_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu") -> Teac
     check_unet_matches(unet, path, cfg.kind)
     # NOTE: getattr: the keys teacher.attention / teacher.channels_last are proposed for config.py;
     # until they exist the defaults (SDPA, contiguous) apply.
-    set_attention(unet, getattr(cfg, "attention", "sdpa"))
-    if getattr(cfg, "channels_last", False):
+    set_attention(unet, cfg.attention)
+    if cfg.channels_last:
         set_channels_last(unet)
     unet = unet.to(device).requires_grad_(False).eval()
     conditioner = load_conditioner(path, cfg.kind, dtype, device, resolution=cfg.resolution)
@@ -155,13 +155,15 @@ def load_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu") -> Teac
         scaling = float(vae.config.scaling_factor)
     down = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
     if cfg.resolution % down:
-        raise ConfigError(f"teacher.resolution = {cfg.resolution}: must be a multiple of the VAE factor {down}")
+        raise ConfigError(f"teacher.resolution = {cfg.resolution}: must be a multiple of the VAE factor "
+                          f"{down}")
     latent_shape = (int(unet.config.in_channels), cfg.resolution // down, cfg.resolution // down)
     return Teacher(path, cfg.kind, unet, conditioner, schedule_from_dir(path, cfg.prediction_type),
                    latent_shape, scaling, vae)
 
 
-def decode_latents(teacher_vae: torch.nn.Module | None, latents: torch.Tensor, scaling_factor: float) -> torch.Tensor:
+def decode_latents(teacher_vae: torch.nn.Module | None, latents: torch.Tensor,
+                   scaling_factor: float) -> torch.Tensor:
     """Latents -> images in [-1, 1] (the toy teacher's latents are already pixels)."""
     if teacher_vae is None:
         return latents.float()

@@ -1,0 +1,316 @@
+"""Fault injection on the 2-rank CPU trainer: whatever happens, a restart loses nothing beyond the
+last complete checkpoint and ends bit-identical (fp32) to one uninterrupted run.
+
+(a) SIGKILL of the whole launch at a random step; (b) SIGKILL in the middle of a checkpoint save;
+(c) a corrupt ``latest`` marker; (d) the disk filling up during a save; (e) SIGUSR1 (SLURM's
+"time is nearly up") to one rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+from sidscale.checkpoint import (
+    LATEST,
+    checkpoints_root,
+    find_resume_checkpoint,
+    full_ema_from_checkpoint,
+    is_complete,
+    read_meta,
+    step_dir,
+)
+from sidscale.distributed.preemption import EXIT_REQUEUE
+from tests.dist_launch import REPO, free_port, run_trainer
+from tests.tiny_teachers import write_tiny_toy_teacher
+
+MAX_STEPS = 6
+BASE = [
+    "train.precision=fp32", "train.global_batch=8", "train.micro_batch=2", "teacher.dtype=fp32",
+    "teacher.resolution=8", "data.shards=toy", "data.num_workers=1", "eval.num_samples=0",
+    "train.export_at_end=false", "train.seed=3", "generator.lr=1e-2", "fake.lr=1e-2",
+    "train.ema_halflife_kimg=0.01", "train.log_every=1", f"train.max_steps={MAX_STEPS}", "train.ckpt_every=2",
+    "train.keep_last=5",
+]
+ENV = dict(HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+           PYTHONPATH=str(REPO))
+
+
+@pytest.fixture(scope="module")
+def overrides(tmp_path_factory):
+    teacher = write_tiny_toy_teacher(tmp_path_factory.mktemp("teacher") / "toy", sample_size=8)
+    return BASE + [f"teacher.path={teacher}"]
+
+
+@pytest.fixture(scope="module")
+def reference(overrides, tmp_path_factory):
+    """One uninterrupted run (checkpoints at steps 2, 4, 6) that every fault is compared with."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    run_trainer(run_dir, overrides)
+    return run_dir
+
+
+def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    ckpt = find_resume_checkpoint(run_dir)
+    assert ckpt is not None and read_meta(ckpt)["step"] == MAX_STEPS, f"{run_dir}: not finished ({ckpt})"
+    out = {f"{tag}.{k}": v for tag in ("generator", "fake")
+           for k, v in get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag).items()}
+    out.update({f"ema.{k}": v for k, v in full_ema_from_checkpoint(ckpt).items()})
+    for r in range(2):  # the data cursor
+        out[f"data.rank{r}"] = torch.load(ckpt / f"rank_{r:05d}.pt", weights_only=False)["data"]
+    return out
+
+
+def assert_identical(run_dir: Path, reference: Path) -> None:
+    got, want = final_state(run_dir), final_state(reference)
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        same = torch.equal(got[k], v) if isinstance(v, torch.Tensor) else got[k] == v
+        assert same, f"{k} differs from the uninterrupted run"
+
+
+def latest_step(run_dir: Path) -> int | None:
+    ckpt = find_resume_checkpoint(run_dir)
+    return None if ckpt is None else read_meta(ckpt)["step"]
+
+
+def resumed_step(proc: subprocess.CompletedProcess) -> int:
+    m = re.search(r"resumed from \S+ \(step (\d+)\)", proc.stdout)
+    assert m, f"no resume in the output:\n{proc.stdout[-2000:]}"
+    return int(m.group(1))
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+class Launch:
+    """A trainer started in the background in its own session (so one killpg reaches every process);
+    output goes to files, not pipes, so a chatty run can never block on a full pipe."""
+
+    def __init__(self, run_dir: Path, overrides: list[str], log_dir: Path, direct_ranks: bool = False):
+        self.log_dir = log_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
+        train = [str(REPO / "sidscale" / "train.py"), "--config", "toy", "--run-dir", str(run_dir)]
+        train += [a for o in overrides for a in ("--set", o)]
+        if direct_ranks:
+            # One process per rank with RANK/WORLD_SIZE in the environment, as srun starts them: each
+            # rank's own exit code is visible (torchrun would turn 75 into 1).
+            port = str(free_port())
+            self.procs = [self._popen([sys.executable, *train], f"rank{r}",
+                                      dict(ENV, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                           MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+                          for r in range(2)]
+        else:
+            self.procs = [self._popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                       f"--master_port={free_port()}", *train], "torchrun", ENV)]
+
+    def _popen(self, cmd: list[str], name: str, env: dict) -> subprocess.Popen:
+        out = open(self.log_dir / f"{name}.out", "w")  # closed in wait()
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                                env=dict(os.environ, **env), start_new_session=True)
+
+    def output(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("*.out")))
+
+    def progress(self) -> int:
+        """The last step tqdm reported on rank 0 (``| 3/6 [``), 0 before the first."""
+        steps = re.findall(rf"\| *(\d+)/{MAX_STEPS} \[", self.output())
+        return int(steps[-1]) if steps else 0
+
+    def running(self) -> bool:
+        return all(p.poll() is None for p in self.procs)
+
+    def wait_until(self, condition, timeout: float = 300, poll: float = 0.2, what: str = "") -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.running(), f"trainer exited before {what}:\n{self.output()[-4000:]}"
+            assert time.monotonic() < deadline, f"timeout waiting for {what}:\n{self.output()[-4000:]}"
+            time.sleep(poll)
+
+    def kill(self) -> None:
+        """SIGKILL every process of the launch at once, like a node failure or the OOM killer taking
+        the job. NOTE: torchrun starts each worker in a session of its own, so killing torchrun's
+        process group alone would leave the ranks running: kill each process group of the tree."""
+        tree = [pid for p in self.procs for pid in process_tree(p.pid)]
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(os.getpgid(pid), signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.wait()
+        assert not [pid for pid in tree if Path(f"/proc/{pid}").exists() and not _zombie(pid)], "survivors"
+
+    def wait(self, timeout: float = 300) -> list[int]:
+        codes = [p.wait(timeout=timeout) for p in self.procs]
+        for p in self.procs:
+            if p.stdout is not None:
+                p.stdout.close()
+        return codes
+
+
+def test_sigkill_at_a_random_step_then_restart_is_exact(overrides, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    target = random.Random().randint(2, MAX_STEPS - 1)  # after the first checkpoint (step 2)
+    launch = Launch(run_dir, overrides, tmp_path / "logs")
+    try:
+        launch.wait_until(lambda: launch.progress() >= target and latest_step(run_dir) is not None,
+                          what=f"step {target}")
+    finally:
+        launch.kill()
+    survived = latest_step(run_dir)
+    print(f"SIGKILL at step ~{launch.progress()} (target {target}); newest complete checkpoint: {survived}")
+    assert survived is not None and survived >= 2
+    proc = run_trainer(run_dir, overrides)
+    assert resumed_step(proc) == survived  # nothing lost beyond the last checkpoint
+    assert_identical(run_dir, reference)
+
+
+def test_sigkill_during_a_checkpoint_save_resumes_from_the_previous_one(overrides, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    partial = step_dir(run_dir, 4)
+    launch = Launch(run_dir, overrides, tmp_path / "logs")
+    try:
+        # The save of step 4 has started (its directory exists) but is not complete (no meta.json).
+        launch.wait_until(lambda: partial.is_dir() and not (partial / "meta.json").exists(), poll=0.002,
+                          what="the save of step 4")
+    finally:
+        launch.kill()
+    assert partial.is_dir() and not is_complete(partial), "the kill came after the save completed; rerun"
+    assert (checkpoints_root(run_dir) / LATEST).read_text().strip() == "step_00000002"
+    proc = run_trainer(run_dir, overrides)
+    assert resumed_step(proc) == 2
+    assert_identical(run_dir, reference)
+
+
+def corrupt_latest(run_dir: Path, how: str) -> None:
+    marker = checkpoints_root(run_dir) / LATEST
+    marker.unlink()  # never write through a hard link into the reference run
+    if how == "truncated":
+        marker.write_text("step_000")
+    elif how == "empty":
+        marker.write_bytes(b"")
+    elif how == "garbage":
+        marker.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(64)))
+    elif how == "missing_rank_shard":  # names step 6, which lost a rank's shard
+        marker.write_text("step_00000006\n")
+        (step_dir(run_dir, 6) / "rank_00001.pt").unlink()
+
+
+@pytest.mark.parametrize("how, expected_step", [
+    ("truncated", 6), ("empty", 6), ("garbage", 6), ("missing_rank_shard", 4),
+])
+def test_corrupt_latest_falls_back_with_a_warning(reference, tmp_path, caplog, how, expected_step):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir, copy_function=os.link)  # hard links: cheap, read-only use
+    corrupt_latest(run_dir, how)
+    with caplog.at_level(logging.WARNING, logger="sidscale.checkpoint"):
+        ckpt = find_resume_checkpoint(run_dir)
+    assert ckpt == step_dir(run_dir, expected_step)
+    assert "falling back to the newest complete checkpoint" in caplog.text
+
+
+def test_trainer_resumes_past_a_latest_that_names_an_incomplete_checkpoint(overrides, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)  # real copies: the trainer rewrites step 6
+    corrupt_latest(run_dir, "missing_rank_shard")
+    proc = run_trainer(run_dir, overrides)
+    assert "falling back to the newest complete checkpoint" in proc.stderr
+    assert resumed_step(proc) == 4
+    assert_identical(run_dir, reference)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs that holds the run and one checkpoint (~29 MB) but not a second one."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=44m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill up (needs root / CAP_SYS_ADMIN): {proc.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(overrides, reference, small_disk, tmp_path):
+    run_dir = small_disk / "run"
+    proc = run_trainer(run_dir, overrides, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, f"expected exit 1, got {proc.returncode}:\n{out[-4000:]}"
+    m = re.search(r"saving checkpoint (\S+) failed on rank \d: (.*?); the previous complete checkpoint "
+                  r"\((\S+)\) is intact and remains the resume point", proc.stderr)
+    assert m, f"no clear disk-full message:\n{out[-4000:]}"
+    assert m.group(1) == str(step_dir(run_dir, 4)) and m.group(3) == str(step_dir(run_dir, 2))
+    # the previous checkpoint is untouched and loads
+    assert (checkpoints_root(run_dir) / LATEST).read_text().strip() == "step_00000002"
+    ckpt = find_resume_checkpoint(run_dir)
+    assert ckpt == step_dir(run_dir, 2) and not is_complete(step_dir(run_dir, 4))
+    for tag in ("generator", "fake"):
+        assert get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)
+    assert full_ema_from_checkpoint(ckpt)
+    # moved to a bigger disk, the run continues from step 2 as if nothing happened
+    big = tmp_path / "big"
+    shutil.copytree(run_dir, big, symlinks=True)
+    proc = run_trainer(big, overrides)
+    assert resumed_step(proc) == 2
+    assert_identical(big, reference)
+
+
+def test_sigusr1_to_one_rank_checkpoints_exits_75_and_restart_is_exact(overrides, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    launch = Launch(run_dir, overrides, tmp_path / "logs", direct_ranks=True)
+    try:
+        launch.wait_until(lambda: latest_step(run_dir) is not None, what="the first checkpoint")
+        # Only rank 1 is told (SLURM may signal ranks at different times): both must stop together.
+        launch.procs[1].send_signal(signal.SIGUSR1)
+        codes = launch.wait(timeout=300)
+    except BaseException:
+        launch.kill()
+        raise
+    out = launch.output()
+    assert codes == [EXIT_REQUEUE, EXIT_REQUEUE], f"exit codes {codes}:\n{out[-4000:]}"
+    m = re.search(r"stopped by signal at step (\d+); checkpoint saved", out)
+    assert m, out[-4000:]
+    stopped = int(m.group(1))
+    assert 2 <= stopped < MAX_STEPS
+    ckpt = find_resume_checkpoint(run_dir)
+    assert ckpt == step_dir(run_dir, stopped) and is_complete(ckpt) and read_meta(ckpt)["step"] == stopped
+    proc = run_trainer(run_dir, overrides)
+    assert resumed_step(proc) == stopped
+    assert_identical(run_dir, reference)

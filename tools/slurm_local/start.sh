@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Start a one-node SLURM cluster on this machine (for tests/test_slurm.py and for trying
+# slurm/distill.sh without a real cluster):
+#
+#   tools/slurm_local/start.sh [DIR]        # DIR: default ${SLURM_LOCAL_DIR:-/tmp/sidscale-slurm}
+#   export SLURM_CONF=DIR/etc/slurm.conf    # printed at the end; every client command needs it
+#   tools/slurm_local/stop.sh [DIR]
+#
+# Everything (config, state, spool, logs, pid files, munge socket) lives under DIR, so the
+# cluster never touches /etc/slurm and several clusters can coexist when they use different
+# ports (SLURMCTLD_PORT, SLURMD_PORT; defaults 6817, 6818). Idempotent: daemons already running
+# from DIR are kept. Needs root (slurmd runs jobs as any user) and tools/slurm_local/install.sh.
+set -euo pipefail
+
+DIR=${1:-${SLURM_LOCAL_DIR:-/tmp/sidscale-slurm}}
+CTLD_PORT=${SLURMCTLD_PORT:-6817}
+SLURMD_PORT=${SLURMD_PORT:-6818}
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "slurm_local/start.sh: needs root (slurmd must be able to start jobs as any user)" >&2
+    exit 1
+fi
+for tool in munged slurmctld slurmd scontrol; do
+    command -v "$tool" >/dev/null || { echo "slurm_local/start.sh: $tool not found; run tools/slurm_local/install.sh" >&2; exit 1; }
+done
+
+mkdir -p "$DIR"
+DIR=$(cd "$DIR" && pwd)
+CONF=$DIR/etc/slurm.conf
+export SLURM_CONF=$CONF
+mkdir -p "$DIR/etc" "$DIR/run" "$DIR/log" "$DIR/state" "$DIR/spool" "$DIR/munge"
+
+alive() { [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+# munge: a private daemon with its own socket and pid file in DIR. munged refuses to run as
+# root and checks that its socket directory belongs to its user.
+chown munge:munge "$DIR/munge"
+chmod 0755 "$DIR/munge"
+if ! alive "$DIR/munge/munged.pid"; then
+    rm -f "$DIR/munge/munge.socket"
+    runuser -u munge -- munged --socket="$DIR/munge/munge.socket" --pid-file="$DIR/munge/munged.pid" \
+        --log-file="$DIR/munge/munged.log" --seed-file="$DIR/munge/munged.seed"
+fi
+
+# The node's size comes from this machine; RealMemory must not exceed what slurmd measures,
+# or the node is drained ("Low RealMemory"), hence the margin.
+CPUS=$(nproc)
+MEM_MB=$(( $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024 - 512 ))
+
+cat > "$CONF.tmp" <<CONF
+# Written by tools/slurm_local/start.sh: a one-node cluster on localhost (see environment_notes.md).
+ClusterName=sidscale-local
+SlurmctldHost=localhost(127.0.0.1)
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+# cred_expire also sets how long a requeued job waits before it may start again (default 120 s);
+# a short one keeps the preempt-requeue-resume test quick.
+AuthInfo=socket=$DIR/munge/munge.socket,cred_expire=10
+StateSaveLocation=$DIR/state
+SlurmdSpoolDir=$DIR/spool/slurmd-%n
+SlurmctldPidFile=$DIR/run/slurmctld.pid
+SlurmdPidFile=$DIR/run/slurmd.pid
+SlurmctldLogFile=$DIR/log/slurmctld.log
+SlurmdLogFile=$DIR/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MpiDefault=none
+MailProg=/bin/true
+ReturnToService=2
+JobRequeue=1
+# Look at pending jobs (e.g. a requeued one whose begin time has passed) every 2 s, not 60 s.
+SchedulerParameters=sched_interval=2
+# Keep finished jobs visible to scontrol for 5 minutes (no accounting database here).
+MinJobAge=300
+# SIGTERM -> SIGKILL delay on cancel / time limit: the trainer needs it to finish a save.
+KillWait=30
+NodeName=localhost NodeHostname=localhost NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
+# OverSubscribe=YES: jobs submitted with --oversubscribe may share cores (the tests run two
+# small jobs at once on a 2-core machine); other jobs get whole cores as usual.
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+CONF
+mv "$CONF.tmp" "$CONF"
+
+if ! alive "$DIR/run/slurmctld.pid"; then
+    slurmctld -f "$CONF"
+fi
+if ! alive "$DIR/run/slurmd.pid"; then
+    # -N decouples the node name from this machine's hostname.
+    slurmd -f "$CONF" -N localhost
+fi
+
+# Ready when the controller answers and the node accepts jobs.
+for _ in $(seq 1 60); do
+    state=$(sinfo -h -N -n localhost -o %t 2>/dev/null || true)
+    case $state in
+        idle*|mix*|alloc*) echo "slurm_local: cluster up in $DIR (node state $state)"
+                           echo "export SLURM_CONF=$CONF"
+                           exit 0 ;;
+        drain*|down*) scontrol update nodename=localhost state=resume >/dev/null 2>&1 || true ;;
+    esac
+    sleep 0.5
+done
+echo "slurm_local/start.sh: the cluster did not come up; see $DIR/log/" >&2
+exit 1
