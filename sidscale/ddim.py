@@ -8,14 +8,11 @@ and the last one predicts x0 from t = 0, where the prediction barely shrinks the
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-from sidscale.models.conditioning import Cond, cat_conds, cond_batch_size
+from sidscale.method.guidance import EpsFn, guided_eps
+from sidscale.models.conditioning import Cond, cond_batch_size
 from sidscale.schedule import VPSchedule
-
-EpsFn = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
 
 
 def ddim_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
@@ -26,22 +23,6 @@ def ddim_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
         return [num_train_timesteps - 1]
     ts = torch.linspace(num_train_timesteps - 1, 0, steps, dtype=torch.float64).round().long()
     return ts.tolist()
-
-
-def guided_eps(
-    eps_fn: EpsFn, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond | None, cfg_scale: float
-) -> torch.Tensor:
-    """``eps_u + k (eps_c - eps_u)`` as ONE batched call on [uncond; cond]; only the cond call when k == 1."""
-    if cfg_scale == 1.0 or uncond is None:
-        if cfg_scale != 1.0:
-            raise ValueError("cfg_scale != 1 needs an unconditional conditioning")
-        return eps_fn(x_t, t, cond)
-    b = x_t.shape[0]
-    if cond_batch_size(uncond) == 1 and b > 1:
-        uncond = {k: v.expand(b, *v.shape[1:]) for k, v in uncond.items()}
-    both = eps_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_conds([uncond, cond]))
-    eps_u, eps_c = both.chunk(2)
-    return eps_u + cfg_scale * (eps_c - eps_u)
 
 
 @torch.no_grad()
@@ -62,6 +43,10 @@ def ddim_sample(
     and moved to the device of the conditioning. The update runs in fp32 whatever the net's dtype.
     """
     device = next(iter(cond.values())).device
+    if cfg_scale != 1.0 and uncond is None:
+        raise ValueError("cfg_scale != 1 needs an unconditional conditioning")
+    if uncond is not None and cond_batch_size(uncond) == 1 and shape[0] > 1:
+        uncond = {k: v.expand(shape[0], *v.shape[1:]) for k, v in uncond.items()}
     if cond_batch_size(cond) != shape[0]:
         raise ValueError(f"cond has batch {cond_batch_size(cond)}, shape asks for {shape[0]}")
     if x_T is None:

@@ -34,7 +34,8 @@
 # yourself: scancel --signal=USR1 --batch JOBID). The shell forwards it to the srun step, srun to
 # every rank; the ranks agree on a step, finish it, save a checkpoint and exit 75; this script
 # then calls `scontrol requeue`, and the requeued job resumes from RUN_DIR/checkpoints/latest.
-# A plain scancel (SIGTERM) also checkpoints but is not requeued.
+# SIGTERM (plain scancel, the hard time limit, preemption) also makes the ranks checkpoint if
+# they can within KillWait, but this script does not requeue then: a cancelled job stays cancelled.
 #
 #SBATCH --job-name=sidscale
 #SBATCH --nodes=1
@@ -169,11 +170,12 @@ case $rc in
         echo "distill.sh: $(date '+%F %T') training finished; run dir $RUN_DIR"
         exit 0 ;;
     "$EXIT_REQUEUE")
-        # SIGTERM means Slurm is ending the job: a user's scancel (stay cancelled) or a
-        # preemption that requeues the job itself. Only the time limit is worth a requeue then.
-        state=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | cut -d= -f2 || true)
-        if [[ $GOT_TERM == 1 && $state != TIMEOUT ]]; then
-            echo "distill.sh: stopped by SIGTERM (job state ${state:-unknown}); checkpoint saved, not requeueing"
+        # SIGTERM means Slurm is ending the job: a user's scancel (it must stay cancelled), a
+        # preemption (Slurm requeues the job itself if so configured) or the hard time limit
+        # (everything is killed within KillWait; the USR1 grace exists to avoid that case).
+        if [[ $GOT_TERM == 1 ]]; then
+            echo "distill.sh: stopped by SIGTERM; checkpoint saved, not requeueing." \
+                 "Continue with: RUN_DIR=$RUN_DIR sbatch slurm/distill.sh $CONFIG ..."
             exit "$EXIT_REQUEUE"
         fi
         requeue ;;

@@ -110,7 +110,8 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
-def _zombie(pid: int) -> bool:
+def _gone(pid: int) -> bool:
+    """Exited (possibly a zombie that nobody has reaped yet)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
     except (OSError, IndexError):
@@ -172,7 +173,10 @@ class Launch:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.wait()
-        assert not [pid for pid in tree if Path(f"/proc/{pid}").exists() and not _zombie(pid)], "survivors"
+        deadline = time.monotonic() + 10
+        while (alive := [pid for pid in tree if not _gone(pid)]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive, f"processes {alive} survived SIGKILL"
 
     def wait(self, timeout: float = 300) -> list[int]:
         codes = [p.wait(timeout=timeout) for p in self.procs]
