@@ -101,7 +101,9 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, dist_info: DistInfo):
+    def __init__(self, cfg: Config, run_dir: Path, dist_info: DistInfo, teacher: Teacher | None = None):
+        """``teacher``: an already built teacher (benchmarks build real-size random-weight ones from
+        ``sidscale.models.presets``); by default it is loaded from ``cfg.teacher``."""
         self.cfg, self.run_dir, self.dist = cfg, Path(run_dir), dist_info
         self.world, self.rank, self.device = dist_info.world_size, dist_info.rank, dist_info.device
         self.micro = cfg.train.micro_batch
@@ -110,11 +112,13 @@ class Trainer:
         self.ds_config = build_ds_config(cfg, self.world)
         self.zero_stage = zero_stage(self.ds_config)
 
-        # The toy teacher is fitted once (rank 0), then every rank loads the same files.
-        if self.dist.is_main:
-            resolve_teacher_dir(cfg.teacher)
-        dist.barrier()
-        self.teacher: Teacher = load_teacher(cfg.teacher, self.device)
+        if teacher is None:
+            # The toy teacher is fitted once (rank 0), then every rank loads the same files.
+            if self.dist.is_main:
+                resolve_teacher_dir(cfg.teacher)
+            dist.barrier()
+            teacher = load_teacher(cfg.teacher, self.device)
+        self.teacher: Teacher = teacher
         self.schedule = self.teacher.schedule
         check_identical_across_ranks({"teacher UNet": self.teacher.unet,
                                       "text encoder(s)": self.teacher.conditioner})
@@ -144,9 +148,13 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- data
     def _toy_prompts(self) -> list[str]:
+        """The toy prompts of this teacher's mixture (or of the default mixture for SD teachers)."""
+        from sidscale.models.toy import ToyMixture
         from sidscale.models.toy_teacher import load_toy_mixture
 
-        return load_toy_mixture(self.teacher.path).prompts
+        if (Path(self.teacher.path) / "toy_mixture.json").is_file():
+            return load_toy_mixture(self.teacher.path).prompts
+        return ToyMixture().prompts
 
     def _build_prompt_source(self):
         d = self.cfg.data

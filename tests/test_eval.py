@@ -19,7 +19,14 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from sidscale.eval.fid import EvalWeightsError, cached_folder_stats, files_features, load_inception, load_stats
+from sidscale.eval.fid import (
+    EvalWeightsError,
+    cached_folder_stats,
+    fid_from_features,
+    files_features,
+    load_inception,
+    load_stats,
+)
 from sidscale.eval.frechet import feature_statistics, frechet_distance
 from sidscale.eval.generate import generate_images, one_step_sampler, read_prompts
 from sidscale.eval.images import image_path, is_complete_png, protocol_resize
@@ -159,7 +166,9 @@ def test_fid_of_a_folder_against_itself_is_zero_and_ref_stats_are_cached(work, i
     feats = files_features(sorted(folder.glob("*.png")), fn, batch=5)
     assert feats.shape == (12, 2048)
     mu, sigma = feature_statistics(feats)
-    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-6 * np.trace(sigma)
+    # 12 images < 2048 dims: fid_from_features takes its exact low-rank path (sqrtm of a 2048 matrix
+    # takes over a minute on a shared CPU)
+    assert abs(fid_from_features(feats, mu, sigma)) < 1e-6 * np.trace(sigma)
 
     out = work / "ref_stats.npz"
     mu_c, sigma_c, meta = cached_folder_stats(folder, out, inception_standin, fn, batch=4)
@@ -172,6 +181,20 @@ def test_fid_of_a_folder_against_itself_is_zero_and_ref_stats_are_cached(work, i
     cached_folder_stats(folder, out, inception_standin, must_not_run)  # cache hit
     write_random_images(folder, 13, seed=1)  # one more image: the cache no longer matches
     assert cached_folder_stats(folder, out, inception_standin, fn)[2]["num_images"] == 13
+
+
+def test_low_rank_fid_path_matches_the_standard_formula():
+    rng = np.random.default_rng(2)
+    d = 40
+    ref = rng.normal(size=(200, d)) * rng.uniform(0.5, 2, d) + 0.3
+    ref_mu, ref_sigma = feature_statistics(ref)
+    for n in (25, 40):  # N < D and N = D: singular sample covariance, the low-rank path
+        feats = rng.normal(size=(n, d))
+        expected = frechet_distance(*feature_statistics(feats), ref_mu, ref_sigma)
+        assert fid_from_features(feats, ref_mu, ref_sigma) == pytest.approx(expected, rel=1e-5)
+    feats = rng.normal(size=(60, d))  # N > D: the standard formula itself
+    assert fid_from_features(feats, ref_mu, ref_sigma) == frechet_distance(*feature_statistics(feats), ref_mu,
+                                                                           ref_sigma)
 
 
 # ---------------------------------------------------------------------------------------- preprocessing

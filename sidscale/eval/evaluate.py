@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from PIL import Image
 from sidscale.eval.clip_score import CLIP_PREFIX, DEFAULT_CLIP_MODEL, ClipScorer, check_clip_file, clip_score_files
 from sidscale.eval.fid import (
     PROTOCOL,
+    EvalWeightsError,
     FeatureFn,
     cached_folder_stats,
     check_inception_file,
@@ -40,7 +42,7 @@ from sidscale.eval.generate import (
     wait_for_images,
 )
 from sidscale.eval.images import image_path
-from sidscale.eval.model_source import ModelSource, resolve_model
+from sidscale.eval.model_source import ModelDirError, ModelSource, resolve_model
 from sidscale.io_utils import atomic_write_json
 
 log = logging.getLogger("sidscale.eval")
@@ -193,7 +195,12 @@ def compute_and_write_metrics(
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
-    metrics = evaluate(args)
+    try:
+        metrics = evaluate(args)
+    except (EvalWeightsError, ModelDirError, FileNotFoundError, TimeoutError) as e:
+        # bad input: the message says what is wrong and what is expected; a traceback adds nothing
+        print(f"fid_eval: error: {e}", file=sys.stderr)
+        return 2
     if metrics is not None:
         summary = {k: metrics[k] for k in ("fid", "clip_score", "num_images", "step")}
         if "teacher" in metrics:

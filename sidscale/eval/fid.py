@@ -137,5 +137,23 @@ def cached_folder_stats(
 
 
 def fid_from_features(feats: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray) -> float:
-    mu, sigma = feature_statistics(feats)
-    return frechet_distance(mu, sigma, ref_mu, ref_sigma)
+    """FID of [N, D] features against N(ref_mu, ref_sigma).
+
+    N > D (the FID-30k case): the standard formula (``frechet_distance``, scipy sqrtm, as clean-fid).
+    N <= D (quick FID-1k checks, tests): the sample covariance S = X^T X / (N-1) is singular, where
+    sqrtm is slow and needs an eps fudge; but the nonzero eigenvalues of S R equal those of the
+    N x N PSD matrix X R X^T / (N-1), so tr (S R)^(1/2) = sum sqrt(eig(X R X^T / (N-1))), exactly.
+    """
+    f = np.asarray(feats, dtype=np.float64)
+    n, d = f.shape
+    if n > d:
+        return frechet_distance(*feature_statistics(f), ref_mu, ref_sigma)
+    if n < 2:
+        raise ValueError(f"need at least 2 images for FID, got {n}")
+    mu = f.mean(axis=0)
+    x = f - mu
+    r = np.asarray(ref_sigma, dtype=np.float64)
+    m = x @ r @ x.T / (n - 1)
+    tr_covmean = float(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum())
+    diff = mu - np.asarray(ref_mu, dtype=np.float64)
+    return float(diff @ diff + (x * x).sum() / (n - 1) + np.trace(r) - 2 * tr_covmean)
