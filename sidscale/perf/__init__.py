@@ -1,0 +1,1 @@
+"""Performance accounting: FLOPs of an iteration, MFU, the per-GPU memory plan, benchmark set-up."""

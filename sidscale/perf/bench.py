@@ -1,0 +1,216 @@
+"""Measure SiD-LSG iterations of the real ``Trainer`` (and of the plain ``ReferenceLoop``).
+
+A *runner* wraps one configuration: ``step()`` runs one full iteration. ``measure`` times runners
+round-robin (one step of each in turn), so on a shared, noisy CPU every configuration sees the
+same background load; ratios between runners of one call are the numbers to trust, not absolutes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import resource
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sidscale.perf.flops import count_flops, gpu_peak_tflops, matmul_precision, mfu
+from sidscale.perf.setup import BenchCase, build_preset_teacher, case_config
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def host_memory() -> dict[str, float]:
+    """Peak RSS of the process (ru_maxrss: KiB on Linux) and, with psutil, the current RSS."""
+    out = {"host_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30}
+    with contextlib.suppress(ImportError):
+        import psutil
+
+        out["host_rss_gib"] = psutil.Process().memory_info().rss / 2**30
+    return out
+
+
+@dataclass
+class Runner:
+    name: str
+    device: torch.device
+    samples_per_step: int  # per rank
+    step: Callable[[], dict[str, Any]]  # one iteration; returns phase times (s) when it knows them
+    info: dict[str, Any] = field(default_factory=dict)
+    close: Callable[[], None] = lambda: None
+    times: list[float] = field(default_factory=list)
+    phases: dict[str, list[float]] = field(default_factory=dict)
+
+    def timed_step(self) -> None:
+        sync(self.device)
+        t0 = time.perf_counter()
+        out = self.step()
+        sync(self.device)
+        self.times.append(time.perf_counter() - t0)
+        for k, v in out.items():
+            self.phases.setdefault(k, []).append(float(v))
+
+
+def _synced(fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
+    def wrapped() -> Any:
+        sync(device)
+        return fn()
+
+    return wrapped
+
+
+def trainer_runner(case: BenchCase, dist_info, seed: int = 0) -> Runner:
+    """The DeepSpeed trainer on ``case`` (a fresh random-weight teacher of the preset)."""
+    from sidscale.train import Trainer
+
+    world = dist_info.world_size
+    cfg = case_config(case, world, seed)
+    teacher = build_preset_teacher(case.preset, dist_info.device, case.resolved_teacher_dtype(), seed)
+    run_dir = tempfile.mkdtemp(prefix="sidscale-bench-run-")
+    trainer = Trainer(cfg, run_dir, dist_info, teacher=teacher)
+    # The trainer reads its phase clock right after was_step_applied(): syncing there makes the
+    # phase split exact on CUDA (otherwise queued fake-step kernels are billed to the generator step).
+    for engine in (trainer.fake_engine, trainer.gen_engine):
+        engine.was_step_applied = _synced(engine.was_step_applied, dist_info.device)
+
+    def step() -> dict[str, float]:
+        stats = trainer.train_step()
+        return {"fake": float(stats["time_fake"]), "gen_and_ema": float(stats["time_gen"])}
+
+    def close() -> None:
+        nonlocal trainer
+        trainer.prompts.close()
+        del trainer
+
+    info = {"zero": case.zero, "precision": case.precision, "micro_batch": case.micro_batch,
+            "accumulation": case.accumulation, "grad_checkpointing": case.grad_checkpointing,
+            "teacher_dtype": case.resolved_teacher_dtype(), "world_size": world}
+    return Runner(case.label, dist_info.device, case.micro_batch * case.accumulation, step, info, close)
+
+
+def reference_runner(preset: str, device: torch.device, batch: int, seed: int = 0) -> Runner:
+    """The reference recipe: plain fp32 PyTorch ``ReferenceLoop``, no checkpointing, on ``batch`` samples."""
+    from sidscale.config import load_config
+    from sidscale.data.prompts import IndexedPromptSource
+    from sidscale.method.sid_lsg import MethodSettings, StepNoise
+    from sidscale.models.toy import ToyMixture
+    from sidscale.reference import OptimSettings, ReferenceLoop
+
+    cfg = load_config("toy")
+    teacher = build_preset_teacher(preset, device, "fp32", seed)
+
+    class DeviceReferenceLoop(ReferenceLoop):
+        # NOTE: ReferenceLoop draws its noise on the CPU (it is the CPU numerical reference); move it.
+        def _inputs(self, phase: int):
+            noise, cond, uncond = super()._inputs(phase)
+            return StepNoise(*(getattr(noise, f).to(device) for f in ("z", "eps", "t", "drop"))), cond, uncond
+
+    def opt(net) -> OptimSettings:
+        return OptimSettings(net.lr, tuple(net.betas), net.eps, net.weight_decay)
+
+    prompts = IndexedPromptSource(ToyMixture().prompts, seed)
+    loop = DeviceReferenceLoop(teacher.unet, teacher.conditioner, teacher.schedule,
+                               MethodSettings.from_config(cfg.method), opt(cfg.generator), opt(cfg.fake), batch,
+                               teacher.latent_shape, seed, prompts.prompts_for)
+    del teacher  # the loop holds its own fp32 copies
+
+    def step() -> dict[str, float]:
+        # The reference recipe runs true fp32: no TF32 in matmuls or convolutions (cuDNN allows it by default).
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            loop.step()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        return {}
+
+    def close() -> None:
+        nonlocal loop
+        del loop
+
+    info = {"precision": "fp32", "tf32": False, "micro_batch": batch, "grad_checkpointing": False, "world_size": 1}
+    return Runner(f"{preset}/reference/fp32/mb{batch}", device, batch, step, info, close)
+
+
+def measure(runners: list[Runner], warmup: int, steps: int) -> None:
+    """Warm up each runner, then time ``steps`` iterations of each, round-robin."""
+    for r in runners:
+        for _ in range(warmup):
+            r.step()
+    sync(runners[0].device)
+    if runners[0].device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(runners[0].device)
+    for _ in range(steps):
+        for r in runners:
+            r.timed_step()
+
+
+def iteration_flops(runner: Runner) -> int:
+    """FLOPs of one actual iteration (counted; it also advances the runner by one step)."""
+    flops, _ = count_flops(runner.step)
+    return flops
+
+
+def unet_forward_flops_per_sample(preset: str, device: torch.device) -> int:
+    """FLOPs of one UNet forward for one sample (77 tokens), counted on the meta device."""
+    from sidscale.perf.setup import build_preset_unet, latent_shape
+
+    unet = build_preset_unet(preset, "meta")
+    c, h, w = latent_shape(preset)
+    cfg = unet.config
+    kwargs: dict[str, Any] = {"encoder_hidden_states": torch.zeros(1, 77, cfg.cross_attention_dim, device="meta")}
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.zeros(1, pooled, device="meta"),
+                                       "time_ids": torch.zeros(1, 6, device="meta")}
+    x = torch.zeros(1, c, h, w, device="meta")
+    t = torch.full((1,), 500, dtype=torch.long, device="meta")
+    with torch.no_grad():
+        flops, _ = count_flops(lambda: unet(x, t, **kwargs))
+    return flops
+
+
+def summarize(runner: Runner, flops: int | None, unet_fwd: int | None, peak_tflops: float | None,
+              tf32: bool) -> dict[str, Any]:
+    """One JSON-able record of a runner after ``measure``."""
+    s_it = statistics.median(runner.times)
+    rec: dict[str, Any] = {
+        "config": runner.name, **runner.info, "device": str(runner.device), "steps": len(runner.times),
+        "s_per_iter": s_it, "s_per_iter_mean": statistics.fmean(runner.times),
+        "s_per_iter_min": min(runner.times),
+        "phase_s": {k: statistics.median(v) for k, v in runner.phases.items()},
+        "samples_per_s": runner.samples_per_step / s_it,
+        "samples_per_iter": runner.samples_per_step,
+    }
+    rec["phase_s"]["other"] = max(0.0, s_it - sum(rec["phase_s"].values()))
+    if runner.device.type == "cuda":
+        rec["device_name"] = torch.cuda.get_device_name(runner.device)
+        rec["device_peak_gib"] = torch.cuda.max_memory_allocated(runner.device) / 2**30
+        rec["device_reserved_peak_gib"] = torch.cuda.max_memory_reserved(runner.device) / 2**30
+    rec.update(host_memory())
+    if flops is not None:
+        rec["flops_per_iter"] = flops
+        rec["achieved_tflops"] = flops / s_it / 1e12
+        if unet_fwd:
+            rec["unet_fwd_flops_per_sample"] = unet_fwd
+            rec["unet_fwd_equivalents_per_sample"] = flops / (unet_fwd * runner.samples_per_step)
+        if peak_tflops is None and runner.device.type == "cuda":
+            peak_tflops = gpu_peak_tflops(rec["device_name"], matmul_precision(runner.info["precision"], tf32))
+        rec["peak_tflops"] = peak_tflops
+        rec["mfu"] = mfu(flops, s_it, peak_tflops)
+    return rec
+
+
+def release(runner: Runner) -> None:
+    runner.close()
+    gc.collect()
+    if runner.device.type == "cuda":
+        torch.cuda.empty_cache()

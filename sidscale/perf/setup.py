@@ -1,0 +1,121 @@
+"""Random-weight teachers at a preset's real architecture, and the trainer config of one benchmark case.
+
+The benchmark measures the real ``Trainer`` on the real network shapes; only the weights are random
+(speed and memory do not depend on them). ``tiny`` is the CPU-sized stand-in: the tiny UNet of
+tests/tiny_teachers.py (4-channel 8x8 latents, 0.8M parameters) with a tiny CLIP text tower.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from sidscale.config import Config, load_config
+from sidscale.models.conditioning import ClipConditioner, SdxlConditioner
+from sidscale.models.teacher import DTYPES, Teacher, set_attention
+from sidscale.schedule import VPSchedule
+
+BENCH_PRESETS = ("tiny", "sd15", "sd21", "sd21_768", "sdxl")
+TINY_LATENT = (4, 8, 8)
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """One benchmarked configuration of the trainer (per rank: micro_batch x accumulation samples)."""
+
+    preset: str
+    zero: int = 2
+    precision: str = "bf16"
+    micro_batch: int = 1
+    accumulation: int = 1
+    grad_checkpointing: bool = False
+    teacher_dtype: str | None = None  # default: the training precision (fp32 when training in fp32)
+
+    @property
+    def label(self) -> str:
+        ckpt = "+ckpt" if self.grad_checkpointing else ""
+        return f"{self.preset}/zero{self.zero}/{self.precision}/mb{self.micro_batch}x{self.accumulation}{ckpt}"
+
+    def resolved_teacher_dtype(self) -> str:
+        return self.teacher_dtype or self.precision
+
+
+@lru_cache(maxsize=1)
+def _tokenizer():
+    from sidscale.models.tokenizer import build_clip_tokenizer
+
+    return build_clip_tokenizer(Path(tempfile.mkdtemp(prefix="sidscale-bench-tok-")) / "tokenizer")
+
+
+def latent_shape(preset: str) -> tuple[int, int, int]:
+    if preset == "tiny":
+        return TINY_LATENT
+    from sidscale.models.presets import get_preset
+
+    p = get_preset(preset)
+    return (int(p.unet["in_channels"]), p.latent_size, p.latent_size)
+
+
+def build_preset_unet(preset: str, device: torch.device | str = "cpu", seed: int = 0) -> torch.nn.Module:
+    """The preset's UNet with random weights (``device="meta"``: shapes only)."""
+    if preset == "tiny":
+        from sidscale.models.tiny import build_tiny_unet
+
+        with torch.device(device):
+            return build_tiny_unet(seed, in_channels=4, sample_size=8, cross_attention_dim=32)
+    from sidscale.models.presets import build_unet
+
+    return build_unet(preset, device=device, seed=seed)
+
+
+def build_preset_text_encoders(preset: str, device: torch.device | str = "cpu") -> list[torch.nn.Module]:
+    if preset == "tiny":
+        from sidscale.models.tiny import build_tiny_text_encoder
+
+        with torch.device(device):
+            return [build_tiny_text_encoder(1, hidden_size=32)]
+    from sidscale.models.presets import build_text_encoders
+
+    return build_text_encoders(preset, device=device)
+
+
+def build_preset_teacher(preset: str, device: torch.device, dtype: str = "fp32", seed: int = 0) -> Teacher:
+    """A frozen random-weight teacher (UNet + text encoders, no VAE: training never decodes)."""
+    if preset not in BENCH_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(BENCH_PRESETS)}")
+    torch_dtype = DTYPES[dtype]
+    unet = build_preset_unet(preset, device, seed).to(torch_dtype).requires_grad_(False).eval()
+    set_attention(unet, "sdpa")
+    encoders = [e.to(device=device, dtype=torch_dtype) for e in build_preset_text_encoders(preset, device)]
+    tok = _tokenizer()
+    kind = "sdxl" if preset == "sdxl" else "sd"
+    if kind == "sdxl":
+        from sidscale.models.presets import get_preset
+
+        conditioner: ClipConditioner = SdxlConditioner(tok, tok, encoders[0], encoders[1],
+                                                       get_preset(preset).resolution, dtype=torch_dtype)
+    else:
+        conditioner = ClipConditioner(tok, encoders[0], dtype=torch_dtype)
+    pred = "v_prediction" if preset == "sd21_768" else "epsilon"
+    # NOTE: a path without toy_mixture.json: the trainer's indexed:toy prompts fall back to the default prompts.
+    path = Path(tempfile.gettempdir()) / f"sidscale-bench-{preset}"
+    return Teacher(path, kind, unet, conditioner, VPSchedule.from_settings(prediction_type=pred),
+                   latent_shape(preset), 0.18215, None)
+
+
+def case_config(case: BenchCase, world_size: int, seed: int = 0) -> Config:
+    """The trainer config of ``case``: the toy preset's method settings, the case's systems knobs."""
+    ckpt = str(case.grad_checkpointing).lower()
+    overrides = [
+        f"teacher.kind={'sdxl' if case.preset == 'sdxl' else 'sd'}", f"teacher.path=preset:{case.preset}",
+        f"teacher.dtype={case.resolved_teacher_dtype()}", f"teacher.grad_checkpointing={ckpt}",
+        f"generator.grad_checkpointing={ckpt}", f"fake.grad_checkpointing={ckpt}",
+        f"train.precision={case.precision}", f"train.micro_batch={case.micro_batch}",
+        f"train.global_batch={case.micro_batch * case.accumulation * world_size}", f"train.seed={seed}",
+        "data.shards=indexed:toy", f"deepspeed.config=ds_configs/zero{case.zero}.json", "eval.num_samples=0",
+    ]
+    return load_config("toy", overrides)
