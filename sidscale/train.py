@@ -395,13 +395,15 @@ class Trainer:
         """Train to ``train.max_steps``. Returns False when stopped early by a signal (after saving)."""
         tc = self.cfg.train
         self.logger = RunLogger(self.run_dir, tc.max_steps, self.step, tc.global_batch, self.dist.is_main)
-        window: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(()))
+        # NOTE: per-step stats stay on their device and are summed there; the one host sync is
+        # the all-reduce + .tolist() at logging steps.
+        window: dict[str, torch.Tensor] = {}
         window_steps, window_start = 0, time.perf_counter()
         try:
             while self.step < tc.max_steps:
                 stats = self.train_step()
                 for k, v in stats.items():
-                    window[k] = window[k] + v.detach().float().cpu()
+                    window[k] = v.detach().float() + window[k] if k in window else v.detach().float()
                 window_steps += 1
                 self.logger.step(self.step, self.images_seen)
                 if self.step % tc.log_every == 0 or self.step == tc.max_steps:

@@ -52,12 +52,13 @@ def test_toy_preset_values() -> None:
     assert cfg.teacher.kind == "toy" and cfg.teacher.path == ""
     assert cfg.teacher.resolution == 16 and cfg.teacher.dtype == "fp32"
     assert (cfg.method.cfg_train_fake, cfg.method.cfg_eval_fake, cfg.method.cfg_eval_real) == (1.5, 1.5, 1.5)
+    assert cfg.generator == NetConfig(lr=3e-5, betas=(0.0, 0.999), eps=1e-8, weight_decay=0.0)
+    assert cfg.fake == NetConfig(lr=1e-4, betas=(0.0, 0.999), eps=1e-8, weight_decay=0.0)
     for net in (cfg.generator, cfg.fake):
-        assert net == NetConfig(lr=1e-4, betas=(0.0, 0.999), eps=1e-8, weight_decay=0.0)
         assert isinstance(net.betas, tuple)
-    assert (cfg.train.global_batch, cfg.train.micro_batch, cfg.train.max_steps) == (32, 8, 300)
+    assert (cfg.train.global_batch, cfg.train.micro_batch, cfg.train.max_steps) == (16, 8, 150)
     assert cfg.train.precision == "bf16" and cfg.train.ema_halflife_kimg == 0.5
-    assert (cfg.train.log_every, cfg.train.preview_every, cfg.train.ckpt_every) == (10, 100, 100)
+    assert (cfg.train.log_every, cfg.train.preview_every, cfg.train.ckpt_every) == (10, 50, 50)
     assert cfg.train.keep_last == 2
     assert cfg.data.shards == "toy" and cfg.data.num_workers == 1
     assert cfg.deepspeed.config == "ds_configs/zero2.json"
@@ -268,7 +269,7 @@ def test_validation_runs_after_all_overrides() -> None:
 
 
 def test_validate_with_world_size() -> None:
-    cfg = load_config("toy")  # global 32, micro 8
+    cfg = load_config("toy", ["train.global_batch=32"])  # global 32, micro 8
     validate(cfg, world_size=1)
     validate(cfg, world_size=4)
     assert accumulation_steps(cfg, 1) == 4

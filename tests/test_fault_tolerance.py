@@ -280,6 +280,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(overrides, refere
     m = re.search(r"saving checkpoint (\S+) failed on rank \d: (.*?); the previous complete checkpoint "
                   r"\((\S+)\) is intact and remains the resume point", proc.stderr)
     assert m, f"no clear disk-full message:\n{out[-4000:]}"
+    print(m.group(0))
     assert m.group(1) == str(step_dir(run_dir, 4)) and m.group(3) == str(step_dir(run_dir, 2))
     # the previous checkpoint is untouched and loads
     assert (checkpoints_root(run_dir) / LATEST).read_text().strip() == "step_00000002"

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 aten = torch.ops.aten
 
@@ -21,10 +21,23 @@ aten = torch.ops.aten
 # SDPA runs ``_scaled_dot_product_flash_attention_for_cpu``, which FlopCounterMode would count as 0:
 # map it to the same formulas so CPU and GPU counts agree (argument order q, k, v / grad, q, k, v).
 _EXTRA_FORMULAS: dict[Any, Callable] = {}
-for _name, _fn in (("_scaled_dot_product_flash_attention_for_cpu", sdpa_flop),
-                   ("_scaled_dot_product_flash_attention_for_cpu_backward", sdpa_backward_flop)):
-    if hasattr(aten, _name):
-        _EXTRA_FORMULAS[getattr(aten, _name)] = _fn
+
+
+def _reuse(registered: Callable) -> Callable:
+    """A registered (already shape-wrapped) formula, marked raw so custom_mapping does not wrap it twice."""
+    def formula(*args: Any, **kwargs: Any) -> int:
+        return registered(*args, **kwargs)
+
+    formula._get_raw = True  # type: ignore[attr-defined]
+    return formula
+
+
+for _cpu_op, _cuda_op in (("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention"),
+                          ("_scaled_dot_product_flash_attention_for_cpu_backward",
+                           "_scaled_dot_product_flash_attention_backward")):
+    if hasattr(aten, _cpu_op):
+        _EXTRA_FORMULAS[getattr(aten, _cpu_op)] = _reuse(flop_registry[getattr(aten, _cuda_op)])
+
 
 # Dense peak TFLOP/s per GPU from vendor data sheets (no sparsity). fp32 = non-tensor-core FP32;
 # tf32 = tensor-core TF32 (what fp32 matmuls use when TF32 is allowed).

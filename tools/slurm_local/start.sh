@@ -9,7 +9,8 @@
 # Everything (config, state, spool, logs, pid files, munge socket) lives under DIR, so the
 # cluster never touches /etc/slurm and several clusters can coexist when they use different
 # ports (SLURMCTLD_PORT, SLURMD_PORT; defaults 6817, 6818). Idempotent: daemons already running
-# from DIR are kept. Needs root (slurmd runs jobs as any user) and tools/slurm_local/install.sh.
+# from DIR are kept, with the config they were started with. Needs root (slurmd runs jobs as
+# any user) and tools/slurm_local/install.sh.
 set -euo pipefail
 
 DIR=${1:-${SLURM_LOCAL_DIR:-/tmp/sidscale-slurm}}
@@ -47,6 +48,11 @@ fi
 CPUS=$(nproc)
 MEM_MB=$(( $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024 - 512 ))
 
+# A running cluster keeps the config it was started with (rewriting it, e.g. with other ports,
+# would cut the clients off from the running daemons).
+if alive "$DIR/run/slurmctld.pid" || alive "$DIR/run/slurmd.pid"; then
+    [[ -f $CONF ]] || { echo "slurm_local/start.sh: daemons running but $CONF is missing; run stop.sh" >&2; exit 1; }
+else
 cat > "$CONF.tmp" <<CONF
 # Written by tools/slurm_local/start.sh: a one-node cluster on localhost (see environment_notes.md).
 ClusterName=sidscale-local
@@ -88,6 +94,7 @@ NodeName=localhost NodeHostname=localhost NodeAddr=127.0.0.1 CPUs=$CPUS RealMemo
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
 mv "$CONF.tmp" "$CONF"
+fi
 
 if ! alive "$DIR/run/slurmctld.pid"; then
     slurmctld -f "$CONF"

@@ -1,0 +1,82 @@
+"""Saved-activation bytes of a UNet forward, measured with ``torch.autograd.graph.saved_tensors_hooks``.
+
+What autograd saves for the backward is what the activations cost. The hook sees every saved
+tensor; we count each underlying storage once (views share one StorageImpl, keyed by ``_cdata``)
+and skip parameter storages (weights saved for the input gradient are not activations).
+
+The measurement runs on any device, including ``meta``: meta tensors carry shapes and dtypes but
+no data, so a real-size UNet at its real latent size costs no memory and about a second. On meta,
+SDPA picks the same O(N) kernels family as CPU/GPU (no [N, N] attention matrix is saved).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from sidscale.perf.setup import build_preset_unet, latent_shape
+
+
+def saved_tensor_bytes(fn, params: list[torch.nn.Parameter] | None = None) -> int:
+    """Bytes of distinct non-parameter storages autograd saves while running ``fn()``."""
+    skip = {p.untyped_storage()._cdata for p in params or []}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st._cdata not in skip:
+            seen[st._cdata] = st.nbytes()
+        return t
+
+    # NOTE: outputs are kept alive until the hook context ends, so no storage is freed and reused
+    # (a reused address would be counted once although both were alive).
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+def unet_inputs(unet: torch.nn.Module, batch: int, size: int, device: Any, dtype: torch.dtype) -> tuple:
+    cfg = unet.config
+    x = torch.randn(batch, cfg.in_channels, size, size, device=device, dtype=dtype, requires_grad=True)
+    t = torch.full((batch,), 500, device=device, dtype=torch.long)
+    kw: dict[str, Any] = {"encoder_hidden_states": torch.randn(batch, 77, cfg.cross_attention_dim, device=device,
+                                                               dtype=dtype)}
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled, device=device, dtype=dtype),
+                                   "time_ids": torch.randn(batch, 6, device=device, dtype=dtype)}
+    return (x, t), kw
+
+
+def unet_saved_bytes(unet: torch.nn.Module, batch: int, size: int, dtype: torch.dtype,
+                     grad_checkpointing: bool = False) -> int:
+    """Saved-activation bytes of one training forward of ``unet`` (batch x C x size x size)."""
+    device = next(unet.parameters()).device
+    args, kw = unet_inputs(unet, batch, size, device, dtype)
+    if grad_checkpointing:
+        unet.enable_gradient_checkpointing()
+    else:
+        with contextlib.suppress(Exception):
+            unet.disable_gradient_checkpointing()
+    unet.train()
+    with torch.enable_grad():
+        return saved_tensor_bytes(lambda: unet(*args, **kw, return_dict=False)[0], list(unet.parameters()))
+
+
+def preset_activation_bytes(preset: str, dtype: torch.dtype, grad_checkpointing: bool,
+                            batch: int = 2) -> tuple[float, float]:
+    """(bytes per sample, constant bytes) of one UNet forward at the preset's latent size, on meta.
+
+    Two batch sizes separate the per-sample part from the batch-independent part (the timestep
+    embedding, the 77-token text projections of cross-attention are per sample too, but a few
+    tensors are not).
+    """
+    unet = build_preset_unet(preset, "meta").to(dtype)
+    size = latent_shape(preset)[1]
+    b1 = unet_saved_bytes(unet, batch, size, dtype, grad_checkpointing)
+    b2 = unet_saved_bytes(unet, 2 * batch, size, dtype, grad_checkpointing)
+    per_sample = (b2 - b1) / batch
+    return per_sample, max(0.0, b1 - per_sample * batch)
