@@ -27,6 +27,7 @@ import contextlib
 import logging
 import os
 import random
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -248,10 +249,15 @@ class Trainer:
         path = ckpt_lib.step_dir(self.run_dir, self.step)
         try:
             return self._save_checkpoint(path)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:
+            # NOTE: torch.save (DeepSpeed's engine shards) reports a failed write (ENOSPC, EDQUOT, EIO)
+            # as a RuntimeError from its zip writer ("unexpected pos ..."), not as an OSError.
+            reason = getattr(e, "strerror", None) or str(e).strip()
+            with contextlib.suppress(OSError):
+                reason += f" ({shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free on the checkpoint disk)"
             previous = ckpt_lib.find_resume_checkpoint(self.run_dir)
             raise CheckpointSaveError(
-                f"saving checkpoint {path} failed on rank {self.rank}: {e.strerror or e}; the previous complete "
+                f"saving checkpoint {path} failed on rank {self.rank}: {reason}; the previous complete "
                 f"checkpoint ({previous or 'none'}) is intact and remains the resume point") from e
 
     def _save_checkpoint(self, path: Path) -> Path:

@@ -5,18 +5,41 @@ tensor; we count each underlying storage once (views share one StorageImpl, keye
 and skip parameter storages (weights saved for the input gradient are not activations).
 
 The measurement runs on any device, including ``meta``: meta tensors carry shapes and dtypes but
-no data, so a real-size UNet at its real latent size costs no memory and about a second. On meta,
-SDPA picks the same O(N) kernels family as CPU/GPU (no [N, N] attention matrix is saved).
+no data, so a real-size UNet at its real latent size costs no memory and seconds. NOTE: on meta,
+SDPA would pick the math kernel, which saves the [N, N] attention matrix; the CPU/GPU runs use
+flash-type kernels that save q, k, v, out and the log-sum-exp only. ``flash_sdpa_on_meta`` routes
+meta SDPA through the CPU flash op (it has meta and autograd kernels) so meta matches the real runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from sidscale.perf.setup import build_preset_unet, latent_shape
+
+
+@contextlib.contextmanager
+def flash_sdpa_on_meta() -> Iterator[None]:
+    """Within the block, SDPA on meta tensors (no mask, no dropout) saves what flash attention saves."""
+    original = F.scaled_dot_product_attention
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        if query.device.type != "meta" or attn_mask is not None or dropout_p or kw:
+            return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                            scale=scale, **kw)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, is_causal,
+                                                                           scale=scale)[0]
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
 
 
 def saved_tensor_bytes(fn, params: list[torch.nn.Parameter] | None = None) -> int:
@@ -62,7 +85,7 @@ def unet_saved_bytes(unet: torch.nn.Module, batch: int, size: int, dtype: torch.
         with contextlib.suppress(Exception):
             unet.disable_gradient_checkpointing()
     unet.train()
-    with torch.enable_grad():
+    with torch.enable_grad(), flash_sdpa_on_meta():
         return saved_tensor_bytes(lambda: unet(*args, **kw, return_dict=False)[0], list(unet.parameters()))
 
 

@@ -1,0 +1,116 @@
+"""Performance accounting: FLOP counter vs closed forms, memory-plan terms vs a real engine, bench JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+
+from sidscale.perf.flops import count_flops, gpu_peak_tflops, mfu
+from tests.dist_launch import REPO
+
+
+def test_flops_closed_forms():
+    lin = torch.nn.Linear(64, 32, bias=False)
+    x = torch.randn(8, 64)
+    flops, _ = count_flops(lambda: lin(x))
+    assert flops == 2 * 8 * 64 * 32  # 2*M*N*K
+    conv = torch.nn.Conv2d(4, 8, 3, padding=1, bias=False)
+    y = torch.randn(2, 4, 16, 16)
+    flops, _ = count_flops(lambda: conv(y))
+    assert flops == 2 * (2 * 16 * 16) * 8 * (4 * 9)
+    # CPU attention is counted like the CUDA kernels (torch registers only those): QK^T and PV.
+    q = torch.randn(2, 4, 16, 8)
+    flops, _ = count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
+    assert flops == 2 * (2 * 2 * 4 * 16 * 16 * 8)
+
+
+def test_peak_table_and_mfu():
+    assert gpu_peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
+    assert gpu_peak_tflops("NVIDIA H200", "bf16") == 989.0
+    assert gpu_peak_tflops("NVIDIA A100-SXM4-80GB", "bf16") == 312.0
+    assert gpu_peak_tflops("some cpu", "bf16") is None
+    assert mfu(989e12, 2.0, 989.0) == pytest.approx(0.5)
+
+
+@pytest.fixture(scope="module")
+def engine_measurements():
+    """Tensor bytes of a real 1-rank ZeRO-2 bf16 generator engine on the tiny preset."""
+    from sidscale.distributed.runtime import init_distributed
+    from sidscale.perf.activations import unet_inputs
+    from sidscale.perf.setup import BenchCase, build_preset_teacher, case_config
+    from sidscale.train import Trainer
+
+    info = init_distributed()
+    case = BenchCase("tiny", zero=2, precision="bf16", micro_batch=2)
+    trainer = Trainer(case_config(case, 1), tempfile.mkdtemp(), info,
+                      teacher=build_preset_teacher("tiny", info.device, "bf16"))
+    trainer.train_step()  # optimizer states exist after the first step
+    engine, opt = trainer.gen_engine, trainer.gen_engine.optimizer
+
+    def nbytes(ts) -> int:  # tensors, or (nested) lists of them: averaged_gradients holds lists per group
+        return sum(nbytes(t) if isinstance(t, list | tuple) else t.numel() * t.element_size()
+                   for t in ts if t is not None)
+
+    measured = {
+        "params": nbytes(engine.module.parameters()),
+        "fp32_master": nbytes(opt.single_partition_of_fp32_groups),
+        "adam_states": nbytes(v for s in opt.optimizer.state.values() for v in s.values()
+                              if torch.is_tensor(v) and v.dim() > 0),
+    }
+    args, kw = unet_inputs(engine.module, 2, 8, "cpu", torch.bfloat16)
+    engine.backward(engine(*args, **kw, return_dict=False)[0].float().square().mean())
+    grads = opt.averaged_gradients
+    measured["grads"] = nbytes(grads.values() if isinstance(grads, dict) else grads)
+    engine.step()
+    return measured
+
+
+def test_memory_plan_terms_match_real_engine(engine_measurements):
+    from sidscale.perf.memory_plan import PlanInput, plan
+
+    terms = plan(PlanInput("tiny", gpus=1, zero=2, micro_batch=2, precision="bf16"), micro_batch=2).terms
+    for name, got in engine_measurements.items():
+        assert terms[f"generator_{name}"] == pytest.approx(got, rel=0.01), name
+
+
+def test_activation_model_vs_real_forward():
+    """Meta-device per-sample bytes (what the plan uses) vs a real CPU forward at another batch size."""
+    from sidscale.perf.activations import unet_saved_bytes
+    from sidscale.perf.memory_plan import activation_bytes_per_sample
+    from sidscale.perf.setup import build_preset_unet
+
+    unet = build_preset_unet("tiny", "cpu")
+    for ckpt in (False, True):
+        per_sample = activation_bytes_per_sample("tiny", "fp32", True, ckpt)
+        real = unet_saved_bytes(unet, 3, 8, torch.float32, grad_checkpointing=ckpt)
+        assert real == pytest.approx(3 * per_sample, rel=0.15), ckpt
+    frozen = activation_bytes_per_sample("tiny", "fp32", False, False)
+    assert 0 < frozen < activation_bytes_per_sample("tiny", "fp32", True, False)
+
+
+def test_bench_one_iteration_json():
+    # NOTE: init_distributed of the in-process fixture put RANK/MASTER_PORT into os.environ; a child
+    # that inherits them would try to join that (single-rank) group's port.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run(
+        [sys.executable, "tools/bench.py", "--preset", "tiny", "--device", "cpu", "--zero", "2", "--precision",
+         "fp32", "--micro-batch", "1", "--steps", "1", "--warmup", "0", "--peak-tflops", "1.0"],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+        env={**env, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][0])
+    assert rec["config"] == "tiny/zero2/fp32/mb1x1" and rec["steps"] == 1
+    assert rec["s_per_iter"] > 0 and rec["samples_per_s"] > 0 and rec["host_peak_gib"] > 0
+    assert rec["flops_per_iter"] > 0 and 0 < rec["mfu"] < 1
+    # the method page: about 18 UNet forward equivalents per sample (fake ~7, generator ~11); CFG on
+    # all three nets, backward = 2x forward; the input-gradient-only backwards of the frozen nets
+    # cost ~1x, so 15..22 brackets the accounting.
+    assert 15 < rec["unet_fwd_equivalents_per_sample"] < 22
+    assert set(rec["phase_s"]) >= {"fake", "gen_and_ema"}
