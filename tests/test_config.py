@@ -52,11 +52,11 @@ def test_toy_preset_values() -> None:
     assert cfg.teacher.kind == "toy" and cfg.teacher.path == ""
     assert cfg.teacher.resolution == 16 and cfg.teacher.dtype == "fp32"
     assert (cfg.method.cfg_train_fake, cfg.method.cfg_eval_fake, cfg.method.cfg_eval_real) == (1.5, 1.5, 1.5)
-    assert cfg.generator == NetConfig(lr=3e-5, betas=(0.0, 0.999), eps=1e-8, weight_decay=0.0)
+    assert cfg.generator == NetConfig(lr=1e-4, betas=(0.0, 0.999), eps=1e-8, weight_decay=0.0)
     assert cfg.fake == NetConfig(lr=1e-4, betas=(0.0, 0.999), eps=1e-8, weight_decay=0.0)
     for net in (cfg.generator, cfg.fake):
         assert isinstance(net.betas, tuple)
-    assert (cfg.train.global_batch, cfg.train.micro_batch, cfg.train.max_steps) == (16, 8, 150)
+    assert (cfg.train.global_batch, cfg.train.micro_batch, cfg.train.max_steps) == (32, 8, 200)
     assert cfg.train.precision == "bf16" and cfg.train.ema_halflife_kimg == 0.5
     assert (cfg.train.log_every, cfg.train.preview_every, cfg.train.ckpt_every) == (10, 50, 50)
     assert cfg.train.keep_last == 2
