@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flush a directory entry: os.replace is only durable once the directory itself is synced."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -28,21 +29,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True, sync_dir: bool = True) -> None:
+    """Temp file in the same directory, then os.replace: readers see the old or the new file.
+
+    ``durable=False`` skips the fsyncs (files that are cheap to regenerate and checked for
+    completeness on read, e.g. evaluation PNGs); ``sync_dir=False`` leaves the directory fsync to
+    the caller (one fsync after writing many files)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs should be readable by the team
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    if durable and sync_dir:
+        fsync_dir(path.parent)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

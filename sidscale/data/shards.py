@@ -26,13 +26,14 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from tqdm import tqdm
+
+from sidscale.io_utils import atomic_write_bytes, fsync_dir
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "sidscale-prompt-shards/1"
@@ -64,30 +65,6 @@ def content_hash_update(h: Any, prompt: str) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Atomic file writes
-
-
-def fsync_dir(path: Path) -> None:
-    # NOTE: os.replace is only durable once the directory entry itself is flushed.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via temp file + fsync + os.replace (readers never see a partial file)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
@@ -257,7 +234,7 @@ def write_prompt_shards(prompts: Iterable[PromptItem], out_dir: str | os.PathLik
     def flush() -> None:
         name = SHARD_TEMPLATE.format(len(shards))
         data = tar_bytes(pending)
-        write_atomic(out / name, data)
+        atomic_write_bytes(out / name, data, sync_dir=False)
         shards.append({"path": name, "count": len(pending), "bytes": len(data),
                        "sha256": hashlib.sha256(data).hexdigest()})
         stale.discard(out / name)
@@ -288,7 +265,7 @@ def write_prompt_shards(prompts: Iterable[PromptItem], out_dir: str | os.PathLik
                      "max_chars": max_chars, "strip": True},
         "sources": sources or [],
     }
-    write_atomic(out / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
+    atomic_write_bytes(out / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
     for old in stale:  # shards of an earlier, larger run that the new manifest does not list
         old.unlink()
     fsync_dir(out)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from sidscale.io_utils import atomic_write_bytes
 
 FID_SIZE = 256  # the protocol's centre-crop + Lanczos size, applied to generated AND reference images
 PNG_TRAILER = b"IEND\xaeB`\x82"  # the IEND chunk (type + CRC) that ends every complete PNG
@@ -46,16 +47,8 @@ def save_png_atomic(path: Path, pixels: np.ndarray) -> None:
         raise ValueError(f"expected [H, W, 3] uint8 pixels, got {pixels.dtype} {pixels.shape}")
     buf = io.BytesIO()
     Image.fromarray(pixels, mode="RGB").save(buf, format="PNG")
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    # Not fsynced: a PNG cut short by a crash fails is_complete_png and is regenerated.
+    atomic_write_bytes(Path(path), buf.getvalue(), durable=False)
 
 
 def missing_images(out_dir: Path, indices: range | list[int]) -> list[int]:

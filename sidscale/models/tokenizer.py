@@ -17,8 +17,9 @@ import gzip
 import importlib.util
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from sidscale.io_utils import atomic_write_text
 
 CLIP_VOCAB_SIZE = 49408
 NUM_MERGES = CLIP_VOCAB_SIZE - 2 * 256 - 2  # 48,894
@@ -76,22 +77,13 @@ def clip_vocab_and_merges(bpe_path: Path | None = None) -> tuple[dict[str, int],
     return vocab, merges
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # NOTE: several processes may build the same tokenizer dir at once (e.g. ranks of one job);
-    # write-then-rename means a reader never sees a half-written file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_clip_tokenizer_files(out_dir: str | os.PathLike, model_max_length: int = 77) -> Path:
     """Write vocab.json, merges.txt and the tokenizer config into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab, merges = clip_vocab_and_merges()
-    _write_atomic(out / "vocab.json", json.dumps(vocab, ensure_ascii=False))
-    _write_atomic(out / "merges.txt", "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    atomic_write_text(out / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    atomic_write_text(out / "merges.txt", "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
     config = {
         "tokenizer_class": "CLIPTokenizer",
         "model_max_length": model_max_length,
@@ -101,9 +93,9 @@ def write_clip_tokenizer_files(out_dir: str | os.PathLike, model_max_length: int
         "pad_token": EOS_TOKEN,
         "do_lower_case": True,
     }
-    _write_atomic(out / "tokenizer_config.json", json.dumps(config, indent=2))
+    atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2))
     specials = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-    _write_atomic(out / "special_tokens_map.json", json.dumps(specials, indent=2))
+    atomic_write_text(out / "special_tokens_map.json", json.dumps(specials, indent=2))
     return out
 
 
