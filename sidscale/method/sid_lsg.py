@@ -64,7 +64,8 @@ def one_step_generate(gen: EpsFn, schedule: VPSchedule, z: torch.Tensor, cond: C
 
 def apply_prompt_dropout(cond: Cond, uncond: Cond, drop: torch.Tensor, settings: MethodSettings) -> Cond:
     """Replace the prompts selected by ``drop`` by "" when any fake-net guidance is active."""
-    if not settings.uses_prompt_dropout or not bool(drop.any()):
+    # NOTE: no `drop.any()` shortcut: it would force a host sync every micro-batch on GPU.
+    if not settings.uses_prompt_dropout:
         return cond
     return where_cond(drop, uncond, cond)
 
