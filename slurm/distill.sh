@@ -23,7 +23,8 @@
 #   PYTHON          interpreter (default: SIDSCALE_HOME/.venv/bin/python if present, else python3)
 #   SIDSCALE_CPU=1  CPU ranks (DS_ACCELERATOR=cpu, gloo): the local test cluster, e.g.
 #                   SIDSCALE_CPU=1 sbatch --ntasks-per-node=2 --gpus-per-node=0 --cpus-per-task=1 ...
-#   MASTER_PORT     rendezvous port (default 20000 + job id % 20000)
+#   SIDSCALE_MASTER_PORT  rendezvous port (default 20000 + job id % 20000; a MASTER_PORT exported
+#                   from the submitting shell is ignored: sbatch copies the whole environment)
 #   NCCL_* / TORCH_NCCL_* / OMP_NUM_THREADS   see "Environment of the ranks" below; all overridable
 #   SIDSCALE_RANK_EXIT_WAIT  seconds the other ranks get after the first one exits (default 120)
 #
@@ -83,7 +84,7 @@ RUN_DIR=$(cd "$RUN_DIR" && pwd)
 # ---- Rendezvous: rank 0 listens on the first node of the allocation.
 mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 export MASTER_ADDR=${NODES[0]}
-export MASTER_PORT=${MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}
+export MASTER_PORT=${SIDSCALE_MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}
 # train.py takes RANK / LOCAL_RANK / WORLD_SIZE from SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS
 # only when RANK is unset; stale values exported from the submitting shell would win.
 unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE

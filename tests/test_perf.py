@@ -46,6 +46,9 @@ def engine_measurements():
     from sidscale.perf.setup import BenchCase, build_preset_teacher, case_config
     from sidscale.train import Trainer
 
+    # NOTE: init_distributed puts RANK/WORLD_SIZE/MASTER_PORT into os.environ for a launcher-less
+    # process; restore the environment afterwards so later tests' subprocesses do not inherit them.
+    saved_env = dict(os.environ)
     info = init_distributed()
     case = BenchCase("tiny", zero=2, precision="bf16", micro_batch=2)
     trainer = Trainer(case_config(case, 1), tempfile.mkdtemp(), info,
@@ -68,6 +71,9 @@ def engine_measurements():
     grads = opt.averaged_gradients
     measured["grads"] = nbytes(grads.values() if isinstance(grads, dict) else grads)
     engine.step()
+    torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved_env)
     return measured
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -55,9 +56,12 @@ def init_distributed(local_rank_arg: int | None = None) -> DistInfo:
     if on_cpu:
         # NOTE: DeepSpeed JIT-builds a shared-memory allreduce op (~35 s) on CPU at start-up;
         # training does not use it, so skip the build.
-        import deepspeed.comm.torch as ds_torch_comm
+        # (`import deepspeed.comm.torch as m` would bind the real torch: deepspeed.comm re-exports
+        # a `torch` name that shadows its submodule, hence sys.modules.)
+        import importlib
 
-        ds_torch_comm.build_shm_op = lambda: None
+        importlib.import_module("deepspeed.comm.torch")
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl", verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
