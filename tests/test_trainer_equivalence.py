@@ -21,7 +21,7 @@ STEPS = 3
 COMMON = [
     "train.precision=fp32", f"train.max_steps={STEPS}", "train.global_batch=8", "train.micro_batch=2",
     "train.ckpt_every=1000", "train.preview_every=1000", "train.log_every=1", "train.export_at_end=false",
-    "teacher.dtype=fp32", "teacher.resolution=8", "data.shards=indexed:toy", "train.seed=5",
+    "teacher.dtype=fp32", "teacher.resolution=8", "data.shards=indexed:toy", "train.seed=5", "eval.num_samples=0",
     "generator.lr=1e-2", "fake.lr=1e-2", "generator.eps=1.0", "fake.eps=1.0", "train.ema_halflife_kimg=0.01",
 ]
 # NOTE: Adam eps = 1 (not 1e-8) in this comparison only. With a tiny eps, Adam maps every
