@@ -44,9 +44,11 @@ class RunLogger:
             return
         for k, v in values.items():
             self.tb.add_scalar(k, v, step)
+        if "progress/kimg" not in values:  # e.g. end-of-run evaluation scalars: keep the bar as it is
+            return
         show = {k.split("/")[-1]: f"{values[k]:.4g}" for k in ("loss/fake", "loss/gen", "perf/images_per_s")
                 if k in values}
-        show["kimg"] = f"{values.get('progress/kimg', 0):.2f}"
+        show["kimg"] = f"{values['progress/kimg']:.2f}"
         self.bar.set_postfix(show, refresh=False)
 
     def preview(self, step: int, images: torch.Tensor, nrow: int) -> Path | None:

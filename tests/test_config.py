@@ -63,7 +63,7 @@ def test_toy_preset_values() -> None:
     assert cfg.data.shards == "toy" and cfg.data.num_workers == 1
     assert cfg.deepspeed.config == "ds_configs/zero2.json"
     assert cfg.preview.prompts == ["a red circle", "a blue square", "a green triangle", "a yellow ring"]
-    assert cfg.eval.num_samples == 2000
+    assert cfg.eval.num_samples == 1000
 
 
 def test_toy_preset_is_complete() -> None:

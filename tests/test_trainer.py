@@ -64,8 +64,21 @@ def test_export_loads_in_plain_diffusers_and_samples(tmp_path, teacher_dir):
 
     run_trainer(tmp_path / "run", BASE + [f"teacher.path={teacher_dir}", "train.max_steps=2",
                                           "train.ckpt_every=100", "train.export_at_end=true",
-                                          "deepspeed.config=ds_configs/zero3.json"])
+                                          "deepspeed.config=ds_configs/zero3.json", "eval.num_samples=64",
+                                          "eval.teacher_steps=2", f"teacher.cache_dir={tmp_path / 'cache'}"])
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "run" / "export" / "unet")
+    # the end-of-run toy evaluation equals an independent evaluation of the exported generator
+    from sidscale.config import TeacherConfig
+    from sidscale.eval.toy_eval import toy_quality
+    from sidscale.models.teacher import load_teacher
+    from sidscale.models.toy_teacher import load_toy_mixture
+
+    teacher = load_teacher(TeacherConfig(kind="toy", path=str(teacher_dir), dtype="fp32", resolution=8))
+    expected = toy_quality(teacher, load_toy_mixture(teacher_dir), unet, 64, 2, 1.5, 625)
+    got = json.loads((tmp_path / "run" / "toy_eval.json").read_text())
+    for key in ("frechet_one_step", "frechet_teacher_ddim", "frechet_exact_vs_exact"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-4), key
+    assert len(list((tmp_path / "cache" / "toy-eval-cache").glob("*.json"))) == 1  # the teacher's number, cached
     ema = full_ema_from_checkpoint(find_resume_checkpoint(tmp_path / "run"))
     sd = unet.state_dict()
     assert all(torch.equal(sd[k], ema[k]) for k in ema)

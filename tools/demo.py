@@ -53,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     result = json.loads((run_dir / "toy_eval.json").read_text())
     print(f"\ndemo finished in {time.time() - start:.0f} s; run directory {run_dir}")
     print(f"  one-step student (EMA), toy Frechet distance: {result['frechet_one_step']:.4f}")
-    print(f"  teacher, {result['teacher_steps']}-step DDIM cfg {result['teacher_cfg']}:      "
-          f"{result['frechet_teacher_ddim']:.4f}")
+    if "frechet_teacher_ddim" in result:
+        print(f"  teacher, {result['teacher_steps']}-step DDIM cfg {result['teacher_cfg']}:      "
+              f"{result['frechet_teacher_ddim']:.4f}")
     print(f"  exact vs exact (noise floor):                {result['frechet_exact_vs_exact']:.4f}")
     print(f"  export: {run_dir / 'export'}  previews: {run_dir / 'samples'}  TensorBoard: {run_dir / 'tb'}")
     return 0
