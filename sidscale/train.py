@@ -148,6 +148,7 @@ class Trainer:
         self.prompts = self._build_prompt_source()
         self.step, self.images_seen = 0, 0
         self.logger: RunLogger | None = None
+        self._ema_unet: torch.nn.Module | None = None  # rank 0's fp32 copy for previews and evaluation
 
     # ----------------------------------------------------------------------------- data
     def _toy_prompts(self) -> list[str]:
@@ -324,11 +325,12 @@ class Trainer:
         full = self.ema.gather_full()
         if not self.dist.is_main:
             return None
-        from diffusers import UNet2DConditionModel
+        if self._ema_unet is None:  # built once: at SD sizes a fresh UNet per preview is GBs of churn
+            from diffusers import UNet2DConditionModel
 
-        unet = UNet2DConditionModel.from_config(self.teacher.unet.config).to(self.device)
-        unet.load_state_dict(full)
-        return unet.eval()
+            self._ema_unet = UNet2DConditionModel.from_config(self.teacher.unet.config).to(self.device).eval()
+        self._ema_unet.load_state_dict(full)
+        return self._ema_unet
 
     @torch.no_grad()
     def preview(self) -> None:
