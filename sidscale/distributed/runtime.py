@@ -22,7 +22,8 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a local rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -49,7 +50,7 @@ def init_distributed(local_rank_arg: int | None = None) -> DistInfo:
     _env_from_slurm()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     if local_rank_arg is not None and "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(local_rank_arg)
     on_cpu = get_accelerator().device_name() == "cpu"
