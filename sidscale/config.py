@@ -35,6 +35,7 @@ PRESET_DIR = Path(__file__).resolve().parent / "configs"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 DTYPES = ("fp32", "bf16", "fp16")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 TEACHER_KINDS = ("toy", "sd", "sdxl")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 ATTENTION_MODES = ("sdpa", "eager")
@@ -112,6 +113,10 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_last: int = 3
     export_at_end: bool = True
+    # torch.compile of the three UNets (generator, fake, teacher). Off by default: measure it
+    # first (tools/bench.py --compile); the first iterations pay the compilation. ZeRO-1/2 only.
+    compile: bool = False
+    compile_backend: str = "inductor"  # a torch.compile backend: inductor | aot_eager | eager
 
 
 @dataclass
@@ -334,6 +339,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     # NOTE: numpy seeds must fit in uint32; torch would take more, but one range for both.
     _check(0 <= tr.seed < 2**32, "train.seed", tr.seed, "an int in [0, 2**32)")
     _check_enum("train.precision", tr.precision, DTYPES)
+    _check_enum("train.compile_backend", tr.compile_backend, COMPILE_BACKENDS)
     _check(tr.global_batch % tr.micro_batch == 0, "train.global_batch", tr.global_batch,
            f"a multiple of train.micro_batch={tr.micro_batch}")
 

@@ -70,6 +70,7 @@ from sidscale.export import export_generator
 from sidscale.io_utils import atomic_torch_save, atomic_write_json
 from sidscale.method.guards import register_grad_sanitizers
 from sidscale.method.sid_lsg import MethodSettings, fake_step, generator_step, one_step_generate
+from sidscale.models.compile import compile_unets
 from sidscale.models.teacher import Teacher, decode_latents, load_teacher, resolve_teacher_dir
 from sidscale.models.unet_eps import UNetEps
 from sidscale.noise import PHASE_FAKE, PHASE_GEN, draw_step_noise, rank_sample_indices
@@ -135,6 +136,14 @@ class Trainer:
             # method's NaN->0 / inf->1e5 mapping applies to fp32 and bf16 only.
             register_grad_sanitizers(self.gen_engine.module)
             register_grad_sanitizers(self.fake_engine.module)
+        if cfg.train.compile:
+            if self.zero_stage == 3:
+                raise ConfigError("train.compile = true with ZeRO-3: its parameter-gathering hooks break "
+                                  "the compiled graphs; use ds_configs/zero1.json or zero2.json, or compile=false")
+            compile_unets([self.gen_engine.module, self.fake_engine.module, self.teacher.unet],
+                          cfg.train.compile_backend)
+            log.info("torch.compile (backend %s): generator, fake and teacher UNets; the first iterations "
+                     "compile", cfg.train.compile_backend)
         self.ema = ShardedEMA(self.gen_engine.module, self.rank, self.world)
 
         # eps-functions: the engine forward where the net trains, .module where it is only

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from safetensors.torch import load_file
 
 from sidscale.checkpoint import find_resume_checkpoint, full_ema_from_checkpoint, read_meta
 from tests.dist_launch import REPO, run_trainer
@@ -180,3 +181,27 @@ def test_unwritable_run_dir_and_refusing_to_overwrite(tmp_path, teacher_dir):
 def test_world_size_must_divide_the_batch(tmp_path, teacher_dir):
     proc = run_single(tmp_path, [f"teacher.path={teacher_dir}", "train.global_batch=6", "train.micro_batch=4"])
     assert proc.returncode == 2 and "train.global_batch" in proc.stderr
+
+
+def test_compiled_unets_train_like_eager(tmp_path, teacher_dir):
+    """train.compile=true (aot_eager: the AOTAutograd graphs without inductor's minutes of C++ builds on
+    this CPU) gives the eager run's weights; it changes how the UNets run, not what the method computes."""
+    common = BASE + [f"teacher.path={teacher_dir}", "train.max_steps=2", "train.ckpt_every=2",
+                     "train.preview_every=100", "generator.eps=1.0", "fake.eps=1.0"]
+    run_trainer(tmp_path / "eager", common, nproc=1)
+    proc = run_trainer(tmp_path / "compiled", common + ["train.compile=true", "train.compile_backend=aot_eager"],
+                       nproc=1)
+    assert "torch.compile (backend aot_eager)" in proc.stdout + proc.stderr
+    _, eager = final_weights(tmp_path / "eager")
+    _, compiled = final_weights(tmp_path / "compiled")
+    start = load_file(teacher_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    for tag in ("generator", "fake"):
+        diff = max((eager[tag][k] - compiled[tag][k]).abs().max().item() for k in eager[tag])
+        moved = max((eager[tag][k] - start[k]).abs().max().item() for k in eager[tag])
+        assert diff < 1e-5 and moved > 100 * diff, (tag, moved, diff)
+
+
+def test_compile_with_zero3_is_a_clear_error(tmp_path, teacher_dir):
+    proc = run_single(tmp_path, [f"teacher.path={teacher_dir}", "train.compile=true",
+                                 "deepspeed.config=ds_configs/zero3.json"])
+    assert proc.returncode == 2 and "train.compile = true with ZeRO-3" in proc.stderr

@@ -32,7 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=["tiny", "sd15", "sd21", "sd21_768", "sdxl"])
+    p.add_argument("--preset", default="tiny", choices=["tiny", "mid", "sd15", "sd21", "sd21_768", "sdxl"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--zero", type=int, nargs="+", default=[2], choices=[1, 2, 3])
     p.add_argument("--precision", nargs="+", default=["bf16"], choices=["fp32", "bf16", "fp16"])
@@ -41,6 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grad-checkpointing", action="store_true", help="teacher, generator and fake UNets")
     p.add_argument("--teacher-dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="default: the training precision")
+    p.add_argument("--reduce-bucket-size", type=float, nargs="+", default=[None],
+                   help="ZeRO reduce/allgather bucket sizes in elements (default: the ds_configs value)")
+    p.add_argument("--compile", nargs="+", default=["none"], choices=["none", "inductor", "aot_eager", "eager"],
+                   help="train.compile backends to compare ('none': eager PyTorch)")
     p.add_argument("--steps", type=int, default=5, help="timed iterations per configuration")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--baseline", choices=["none", "reference"], default="none")
@@ -72,8 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     if dist_info.device.type != args.device:
         raise SystemExit(f"bench: --device {args.device} but the accelerator is {dist_info.device.type} "
                          "(set DS_ACCELERATOR=cpu for CPU runs)")
-    cases = [BenchCase(args.preset, z, prec, mb, args.accumulation, args.grad_checkpointing, args.teacher_dtype)
-             for z, prec, mb in itertools.product(args.zero, args.precision, args.micro_batch)]
+    cases = [BenchCase(args.preset, z, prec, mb, args.accumulation, args.grad_checkpointing, args.teacher_dtype,
+                       None if rbs is None else int(rbs), None if comp == "none" else comp)
+             for z, prec, mb, rbs, comp in itertools.product(args.zero, args.precision, args.micro_batch,
+                                                            args.reduce_bucket_size, args.compile)]
     sequential = args.sequential or args.device == "cuda"
     tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
     unet_fwd = None if args.no_flops else bench.unet_forward_flops_per_sample(args.preset, dist_info.device)

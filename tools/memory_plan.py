@@ -5,6 +5,14 @@
 
 Prints a table (GiB per GPU) and, with --json, one JSON line. The model is documented in
 sidscale/perf/memory_plan.py (activations measured on the meta device at the preset's latent size).
+
+--measure also runs three iterations of the real trainer at that configuration (random weights)
+and prints the measured peak next to the prediction: torch.cuda.max_memory_allocated on a GPU,
+the profiler's allocation trace on the CPU (sidscale/perf/measured_memory.py). One process per
+rank; --gpus is then the world size:
+
+    DS_ACCELERATOR=cpu python tools/memory_plan.py --measure --preset mid --micro-batch 2
+    torchrun --nproc_per_node 2 tools/memory_plan.py --measure --preset tiny --device cpu
 """
 
 from __future__ import annotations
@@ -19,31 +27,90 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="sdxl", choices=["tiny", "sd15", "sd21", "sd21_768", "sdxl"])
-    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--preset", default="sdxl", choices=["tiny", "mid", "sd15", "sd21", "sd21_768", "sdxl"])
+    p.add_argument("--gpus", type=int, default=None, help="default 8, or the world size with --measure")
     p.add_argument("--zero", type=int, default=2, choices=[1, 2, 3])
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--teacher-dtype", default=None, choices=["fp32", "bf16", "fp16"])
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--gpu-mem-gib", type=float, default=80.0)
+    p.add_argument("--reduce-bucket-size", type=float, default=None,
+                   help="ZeRO reduce bucket size in elements (default: the ds_configs/zero{Z}.json value)")
     p.add_argument("--json", action="store_true", help="one JSON line instead of the table")
+    p.add_argument("--measure", action="store_true", help="also measure the real trainer's peak (see above)")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="--measure: default cuda when available")
+    p.add_argument("--steps", type=int, default=2, help="--measure: measured iterations after one warm-up")
     args = p.parse_args(argv)
 
     from sidscale.perf.memory_plan import GIB, PlanInput, plan
 
-    result = plan(PlanInput(args.preset, args.gpus, args.zero, args.micro_batch, args.precision,
-                            args.teacher_dtype, args.grad_checkpointing, args.gpu_mem_gib))
+    measured, info = None, None
+    if args.measure:
+        info = _init(args)
+        if args.gpus not in (None, info.world_size):
+            p.error(f"--gpus {args.gpus} with --measure: the plan must describe the measured world "
+                    f"({info.world_size} ranks)")
+        args.gpus = info.world_size
+    rbs = None if args.reduce_bucket_size is None else int(args.reduce_bucket_size)
+    # NOTE: the prediction is made before the measurement: a ZeRO-3 engine patches F.linear for the
+    # rest of the process, which would change the meta-device activation count the plan relies on.
+    result = plan(PlanInput(args.preset, args.gpus or 8, args.zero, args.micro_batch, args.precision,
+                            args.teacher_dtype, args.grad_checkpointing, args.gpu_mem_gib, reduce_bucket_size=rbs))
+    rank = 0
+    if info is not None:
+        measured, rank = _measure(args, info), info.rank
+    if rank != 0:
+        return 0
+    record = result.to_dict()
+    if measured is not None:
+        record["measured"] = {"peak_gib": measured["peak_bytes"] / GIB, "static_gib": measured["static_bytes"] / GIB,
+                              "device": measured["device"]}
+        record["predicted_over_measured"] = result.total / measured["peak_bytes"]
     if args.json:
-        print(json.dumps(result.to_dict(), sort_keys=True))
+        print(json.dumps(record, sort_keys=True))
         return 0
     print(f"{args.preset}: {args.gpus} GPUs, ZeRO-{args.zero}, micro-batch {args.micro_batch}, {args.precision}, "
           f"checkpointing {'on' if args.grad_checkpointing else 'off'}")
     for name, value in result.terms.items():
-        print(f"  {name:28s} {value / GIB:9.2f} GiB")
-    print(f"  {'total':28s} {result.total / GIB:9.2f} GiB of {args.gpu_mem_gib:g}")
+        print(f"  {name:32s} {value / GIB:9.3f} GiB")
+    print(f"  {'total':32s} {result.total / GIB:9.3f} GiB of {args.gpu_mem_gib:g}")
     print(f"  largest micro-batch that fits: {result.max_micro_batch}")
+    if measured is not None:
+        print(f"  measured peak ({measured['device']}, largest rank) {measured['peak_bytes'] / GIB:9.3f} GiB; "
+              f"predicted / measured = {record['predicted_over_measured']:.3f}")
     return 0
+
+
+def _init(args):
+    import os
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from sidscale.distributed.runtime import init_distributed
+
+    return init_distributed()
+
+
+def _measure(args, info) -> dict:
+    """The largest per-rank peak of the real trainer at the plan's configuration."""
+    import torch
+
+    from sidscale.perf.measured_memory import measure_trainer_peak
+    from sidscale.perf.setup import BenchCase
+
+    case = BenchCase(args.preset, args.zero, args.precision, args.micro_batch, 1, args.grad_checkpointing,
+                     args.teacher_dtype, None if args.reduce_bucket_size is None else int(args.reduce_bucket_size))
+    out = measure_trainer_peak(case, info, args.steps)
+    if info.world_size > 1:  # the plan is per GPU: report the rank that needed most
+        peaks = torch.tensor([out["peak_bytes"], out["static_bytes"]], dtype=torch.float64)
+        torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX)
+        out = {"peak_bytes": float(peaks[0]), "static_bytes": float(peaks[1])}
+    torch.distributed.destroy_process_group()
+    return {**out, "device": info.device.type}
 
 
 if __name__ == "__main__":

@@ -92,7 +92,8 @@ def trainer_runner(case: BenchCase, dist_info, seed: int = 0) -> Runner:
 
     info = {"zero": case.zero, "precision": case.precision, "micro_batch": case.micro_batch,
             "accumulation": case.accumulation, "grad_checkpointing": case.grad_checkpointing,
-            "teacher_dtype": case.resolved_teacher_dtype(), "world_size": world}
+            "teacher_dtype": case.resolved_teacher_dtype(), "world_size": world,
+            "reduce_bucket_size": case.reduce_bucket_size, "compile": case.compile_backend}
     return Runner(case.label, dist_info.device, case.micro_batch * case.accumulation, step, info, close)
 
 

@@ -1,25 +1,45 @@
 """Predicted per-GPU memory of one SiD-LSG training rank, term by term, and the largest micro-batch.
 
-Model (P = UNet parameters, N = GPUs, b = bytes of the training precision, Z = ZeRO stage):
+Model (P = UNet parameters, N = GPUs, b = bytes of the training precision, Z = ZeRO stage).
+
+Static, alive for the whole run:
 
 - generator and fake net, each a DeepSpeed engine with torch Adam:
   * module params: b*P (Z1/2, replicated) or b*P/N (Z3);
   * fp32 master partition: 4*P/N (kept by ZeRO for bf16/fp16 and also for fp32);
-  * gradients: the reduced gradient partition in the training dtype, b*P/N (Z2/3; measured as
-    ``averaged_gradients`` of a real engine), or the full b*P (Z1), plus the contiguous reduction
-    buckets of Z1/2 while the backward runs: (1 + overlap_comm) * reduce_bucket_size * b. The fp32
-    gradient copy made inside ``step()`` (4*P/N) is not added: activations are freed by then;
   * Adam exp_avg + exp_avg_sq: 8*P/N.
 - generator EMA: fp32, sharded 1/N (ShardedEMA).
 - teacher UNet and text encoder(s): replicated, in teacher.dtype.
-- activations, the generator step being the peak (the method page: three UNets' activations are
-  alive in its backward): B samples through G (trainable), 2B through the fake net and 2B through
-  the teacher (CFG batches, frozen weights: they save only what the input gradient needs).
-  Per-sample bytes are measured with saved_tensors_hooks on a meta-device forward at the preset's
-  own latent size (sidscale.perf.activations), so no scaling by resolution is needed. With
-  checkpointing the saved bytes are the checkpointed blocks' inputs, plus the recomputation of one
-  block at a time, modelled as the no-checkpointing bytes / number of checkpointed blocks x 2
-  (blocks are unequal; 2x the mean covers the largest measured).
+
+Transient: the peak is the largest of four phases of one iteration, each on top of the static part.
+Measured with an allocation trace on CPU (tools/memory_plan.py --measure), the gradients and the
+reduction buckets of one engine only exist from its first parameter gradient until its ``step()``
+(DeepSpeed allocates the buckets lazily and releases them after the backward), so they are never
+alive in both engines at once, nor together with the teacher's and fake net's activations:
+
+- ``fake_backward``: the fake net's activations (trainable, batch 2B with CFG k1) + its gradients
+  + its buckets;
+- ``gen_forward``: the end of the generator step's forward, the usual peak: B samples through G
+  (trainable), 2B through the frozen fake net and 2B through the frozen teacher (CFG batches; frozen
+  weights save only what the input gradient needs). The method page: three UNets' activations
+  are alive at once;
+- ``gen_backward``: the backward leaves the teacher and the fake net first, so when G's first
+  parameter gradient arrives only G's activations remain, plus its gradients and buckets;
+- ``optimizer_step``: the gradient partition and the fp32 copy of it that ``step()`` makes (4*P/N).
+
+Gradients: the reduced partition in the training dtype, b*P/N (Z2/3; measured as
+``averaged_gradients`` of a real engine), or the full b*P (Z1). Buckets (Z1/2 with contiguous
+gradients): (1 + overlap_comm) * reduce_bucket_size * b, allocated at full size whatever the model.
+ZeRO-3 differs: it allocates its flat gradient partition (b*P/N) and one bucket per engine at
+start-up and keeps them, so they are static terms there. Not modelled: ZeRO-3's gathered
+parameters with N > 1 (at most stage3_prefetch_bucket_size elements prefetched, plus the module
+running), which the single-rank measurement cannot see.
+
+Activations: per-sample bytes are measured with saved_tensors_hooks on a meta-device forward at
+the preset's own latent size (sidscale.perf.activations), so no scaling by resolution is needed.
+With checkpointing the saved bytes are the checkpointed blocks' inputs, plus the recomputation of
+one block at a time, modelled as the no-checkpointing bytes / number of checkpointed blocks x 2
+(blocks are unequal; 2x the mean covers the largest measured).
 """
 
 from __future__ import annotations
@@ -50,12 +70,15 @@ class PlanInput:
     grad_checkpointing: bool = False
     gpu_mem_gib: float = 80.0
     cfg_scales: tuple[float, float, float] = (1.5, 1.5, 1.5)  # k1 (fake step), k2 (fake in G step), k4 (teacher)
+    reduce_bucket_size: int | None = None  # elements; default: the ds_configs/zero{Z}.json value
 
 
 @dataclass
 class MemoryPlan:
     inputs: PlanInput
-    terms: dict[str, float] = field(default_factory=dict)  # bytes per GPU
+    terms: dict[str, float] = field(default_factory=dict)  # bytes per GPU: static + the peak phase's
+    peak_phase: str = ""
+    phases: dict[str, dict[str, float]] = field(default_factory=dict)  # every phase's transient terms
     max_micro_batch: int = 0
 
     @property
@@ -65,7 +88,8 @@ class MemoryPlan:
     def to_dict(self) -> dict:
         d = {"inputs": {**self.inputs.__dict__, "cfg_scales": list(self.inputs.cfg_scales)},
              "terms_gib": {k: v / GIB for k, v in self.terms.items()}, "total_gib": self.total / GIB,
-             "max_micro_batch": self.max_micro_batch}
+             "max_micro_batch": self.max_micro_batch, "peak_phase": self.peak_phase,
+             "phase_transient_gib": {k: sum(v.values()) / GIB for k, v in self.phases.items()}}
         return d
 
 
@@ -113,7 +137,8 @@ def checkpoint_blocks(preset: str) -> int:
     return sum(isinstance(m, ResnetBlock2D | Transformer2DModel) for m in unet.modules())
 
 
-def _activations(inp: PlanInput, micro_batch: int) -> dict[str, float]:
+def _phases(inp: PlanInput, micro_batch: int, grads: float, buckets: float, p: int) -> dict[str, dict[str, float]]:
+    """The transient bytes of each phase of one iteration (module docstring), term by term."""
     teacher_dtype = inp.teacher_dtype or inp.precision
     k1, k2, k4 = inp.cfg_scales
     ck = inp.grad_checkpointing
@@ -124,12 +149,18 @@ def _activations(inp: PlanInput, micro_batch: int) -> dict[str, float]:
             a += 2 * activation_bytes_per_sample(inp.preset, dtype, trainable, False) / checkpoint_blocks(inp.preset)
         return a
 
-    cfg_batch = (lambda k: 2 * micro_batch if k != 1.0 else micro_batch)
-    gen_step = (micro_batch * per_sample(inp.precision, True)
-                + cfg_batch(k2) * per_sample(inp.precision, False)
-                + cfg_batch(k4) * per_sample(teacher_dtype, False))
-    fake_step = cfg_batch(k1) * per_sample(inp.precision, True)
-    return {"activations": max(gen_step, fake_step)}
+    def cfg_batch(k: float) -> int:
+        return 2 * micro_batch if k != 1.0 else micro_batch
+
+    gen_acts = micro_batch * per_sample(inp.precision, True)
+    return {
+        "fake_backward": {"activations": cfg_batch(k1) * per_sample(inp.precision, True),
+                          "grads": grads, "grad_buckets": buckets},
+        "gen_forward": {"activations": gen_acts + cfg_batch(k2) * per_sample(inp.precision, False)
+                        + cfg_batch(k4) * per_sample(teacher_dtype, False)},
+        "gen_backward": {"activations": gen_acts, "grads": grads, "grad_buckets": buckets},
+        "optimizer_step": {"grads": grads, "fp32_grad_copy": 4 * p / inp.gpus},
+    }
 
 
 def plan(inp: PlanInput, micro_batch: int | None = None) -> MemoryPlan:
@@ -140,22 +171,28 @@ def plan(inp: PlanInput, micro_batch: int | None = None) -> MemoryPlan:
     unet_p, text_p = param_counts(inp.preset)
     zs = ds_zero_settings(z)
     terms: dict[str, float] = {}
-    per_engine = {
-        "params": b * unet_p / (n if z == 3 else 1),
-        "fp32_master": 4 * unet_p / n,
-        "grads": b * unet_p / (1 if z == 1 else n),
-        "adam_states": 8 * unet_p / n,
-    }
-    if z in (1, 2) and zs.get("contiguous_gradients", True):
-        per_engine["grad_buckets"] = (1 + bool(zs.get("overlap_comm"))) * float(zs["reduce_bucket_size"]) * b
     for name in ("generator", "fake"):
-        for k, v in per_engine.items():
-            terms[f"{name}_{k}"] = v
+        terms[f"{name}_params"] = b * unet_p / (n if z == 3 else 1)
+        terms[f"{name}_fp32_master"] = 4 * unet_p / n
+        terms[f"{name}_adam_states"] = 8 * unet_p / n
     terms["ema_fp32"] = 4 * unet_p / n
     terms["teacher_unet"] = tb * unet_p
     terms["text_encoders"] = tb * text_p
-    terms.update(_activations(inp, mb))
-    out = MemoryPlan(inp, terms)
+    grads = b * unet_p / (1 if z == 1 else n)
+    bucket_bytes = float(inp.reduce_bucket_size or zs["reduce_bucket_size"]) * b
+    buckets = 0.0
+    if z in (1, 2) and zs.get("contiguous_gradients", True):
+        buckets = (1 + bool(zs.get("overlap_comm"))) * bucket_bytes
+    if z == 3:  # ZeRO-3 allocates its gradient partition and one reduction bucket once, at start-up
+        for name in ("generator", "fake"):
+            terms[f"{name}_grads"] = grads
+            if zs.get("contiguous_gradients", True):
+                terms[f"{name}_grad_bucket"] = bucket_bytes
+        grads = 0.0
+    phases = _phases(inp, mb, grads, buckets, unet_p)
+    peak = max(phases, key=lambda k: sum(phases[k].values()))
+    terms.update({f"{k} ({peak})": v for k, v in phases[peak].items() if v})
+    out = MemoryPlan(inp, terms, peak_phase=peak, phases=phases)
     out.max_micro_batch = max_micro_batch(inp) if micro_batch is None else 0
     return out
 

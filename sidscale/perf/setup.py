@@ -1,14 +1,20 @@
 """Random-weight teachers at a preset's real architecture, and the trainer config of one benchmark case.
 
 The benchmark measures the real ``Trainer`` on the real network shapes; only the weights are random
-(speed and memory do not depend on them). ``tiny`` is the CPU-sized stand-in: the tiny UNet of
-tests/tiny_teachers.py (4-channel 8x8 latents, 0.8M parameters) with a tiny CLIP text tower.
+(speed and memory do not depend on them). Two presets exist only here, sized for the CPU:
+
+- ``tiny``: the tiny UNet of tests/tiny_teachers.py (4-channel 8x8 latents, 0.8M parameters) with a
+  tiny CLIP text tower;
+- ``mid``: SD1.5's topology (same block types, attention layout and 77-token cross-attention) at a
+  fifth of its width and 256 px (32x32 latents): 34M parameters, big enough that parameters,
+  optimizer states and activations all show in a memory measurement.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -19,8 +25,26 @@ from sidscale.models.conditioning import ClipConditioner, SdxlConditioner
 from sidscale.models.teacher import DTYPES, Teacher, set_attention
 from sidscale.schedule import VPSchedule
 
-BENCH_PRESETS = ("tiny", "sd15", "sd21", "sd21_768", "sdxl")
+BENCH_PRESETS = ("tiny", "mid", "sd15", "sd21", "sd21_768", "sdxl")
 TINY_LATENT = (4, 8, 8)
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _mid_preset():
+    from sidscale.models.presets import CLIP_L_TEXT, get_preset
+
+    sd15 = get_preset("sd15")
+    unet = {**sd15.unet, "block_out_channels": [64, 128, 256, 256], "cross_attention_dim": 256, "sample_size": 32}
+    text = {**CLIP_L_TEXT, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "projection_dim": 256}
+    return replace(sd15, name="mid", unet=unet, text_encoders=(text,), resolution=256, published={})
+
+
+def arch_preset(preset: str):
+    """The ``ArchPreset`` of a published preset, or of ``mid``."""
+    from sidscale.models.presets import get_preset
+
+    return _mid_preset() if preset == "mid" else get_preset(preset)
 
 
 @dataclass(frozen=True)
@@ -34,11 +58,30 @@ class BenchCase:
     accumulation: int = 1
     grad_checkpointing: bool = False
     teacher_dtype: str | None = None  # default: the training precision (fp32 when training in fp32)
+    reduce_bucket_size: int | None = None  # elements; default: the ds_configs/zero{zero}.json value
+    compile_backend: str | None = None  # train.compile with this backend; None: eager
 
     @property
     def label(self) -> str:
         ckpt = "+ckpt" if self.grad_checkpointing else ""
-        return f"{self.preset}/zero{self.zero}/{self.precision}/mb{self.micro_batch}x{self.accumulation}{ckpt}"
+        rbs = f"+rbs{self.reduce_bucket_size:.0e}".replace("+0", "") if self.reduce_bucket_size else ""
+        comp = f"+compile({self.compile_backend})" if self.compile_backend else ""
+        return (f"{self.preset}/zero{self.zero}/{self.precision}/mb{self.micro_batch}x{self.accumulation}"
+                f"{ckpt}{rbs}{comp}")
+
+    def ds_config_path(self) -> str:
+        """ds_configs/zero{zero}.json, or a copy of it with this case's bucket sizes."""
+        path = f"ds_configs/zero{self.zero}.json"
+        if self.reduce_bucket_size is None:
+            return path
+        ds = json.loads((REPO / path).read_text())
+        zero = ds["zero_optimization"]
+        for key in ("reduce_bucket_size", "allgather_bucket_size"):
+            if key in zero:
+                zero[key] = int(self.reduce_bucket_size)
+        out = Path(tempfile.mkdtemp(prefix="sidscale-bench-ds-")) / f"zero{self.zero}.json"
+        out.write_text(json.dumps(ds, indent=2))
+        return str(out)
 
     def resolved_teacher_dtype(self) -> str:
         return self.teacher_dtype or self.precision
@@ -54,9 +97,7 @@ def _tokenizer():
 def latent_shape(preset: str) -> tuple[int, int, int]:
     if preset == "tiny":
         return TINY_LATENT
-    from sidscale.models.presets import get_preset
-
-    p = get_preset(preset)
+    p = arch_preset(preset)
     return (int(p.unet["in_channels"]), p.latent_size, p.latent_size)
 
 
@@ -67,20 +108,36 @@ def build_preset_unet(preset: str, device: torch.device | str = "cpu", seed: int
 
         with torch.device(device):
             return build_tiny_unet(seed, in_channels=4, sample_size=8, cross_attention_dim=32)
+    if preset == "mid":
+        from diffusers import UNet2DConditionModel
+
+        with torch.random.fork_rng(devices=[]), torch.device(device):
+            torch.manual_seed(seed)
+            return UNet2DConditionModel(**arch_preset("mid").unet)
     from sidscale.models.presets import build_unet
 
     return build_unet(preset, device=device, seed=seed)
 
 
-def build_preset_text_encoders(preset: str, device: torch.device | str = "cpu") -> list[torch.nn.Module]:
+def build_preset_text_encoders(preset: str, device: torch.device | str = "cpu", seed: int = 0) -> list[torch.nn.Module]:
+    """The preset's text encoder(s) with random weights; the same seed gives the same weights on every rank."""
     if preset == "tiny":
         from sidscale.models.tiny import build_tiny_text_encoder
 
         with torch.device(device):
-            return [build_tiny_text_encoder(1, hidden_size=32)]
-    from sidscale.models.presets import build_text_encoders
+            return [build_tiny_text_encoder(1 + seed, hidden_size=32)]
+    device = torch.device(device)
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)  # NOTE: seeds the CUDA generator too: the weights are drawn on the device
+        if preset == "mid":
+            from transformers import CLIPTextConfig, CLIPTextModel
 
-    return build_text_encoders(preset, device=device)
+            with device:
+                return [CLIPTextModel(CLIPTextConfig(**arch_preset("mid").text_encoders[0]))]
+        from sidscale.models.presets import build_text_encoders
+
+        return build_text_encoders(preset, device=device)
 
 
 def build_preset_teacher(preset: str, device: torch.device, dtype: str = "fp32", seed: int = 0) -> Teacher:
@@ -90,14 +147,12 @@ def build_preset_teacher(preset: str, device: torch.device, dtype: str = "fp32",
     torch_dtype = DTYPES[dtype]
     unet = build_preset_unet(preset, device, seed).to(torch_dtype).requires_grad_(False).eval()
     set_attention(unet, "sdpa")
-    encoders = [e.to(device=device, dtype=torch_dtype) for e in build_preset_text_encoders(preset, device)]
+    encoders = [e.to(device=device, dtype=torch_dtype) for e in build_preset_text_encoders(preset, device, seed)]
     tok = _tokenizer()
     kind = "sdxl" if preset == "sdxl" else "sd"
     if kind == "sdxl":
-        from sidscale.models.presets import get_preset
-
         conditioner: ClipConditioner = SdxlConditioner(tok, tok, encoders[0], encoders[1],
-                                                       get_preset(preset).resolution, dtype=torch_dtype)
+                                                       arch_preset(preset).resolution, dtype=torch_dtype)
     else:
         conditioner = ClipConditioner(tok, encoders[0], dtype=torch_dtype)
     pred = "v_prediction" if preset == "sd21_768" else "epsilon"
@@ -116,6 +171,8 @@ def case_config(case: BenchCase, world_size: int, seed: int = 0) -> Config:
         f"generator.grad_checkpointing={ckpt}", f"fake.grad_checkpointing={ckpt}",
         f"train.precision={case.precision}", f"train.micro_batch={case.micro_batch}",
         f"train.global_batch={case.micro_batch * case.accumulation * world_size}", f"train.seed={seed}",
-        "data.shards=indexed:toy", f"deepspeed.config=ds_configs/zero{case.zero}.json", "eval.num_samples=0",
+        "data.shards=indexed:toy", f"deepspeed.config={case.ds_config_path()}", "eval.num_samples=0",
     ]
+    if case.compile_backend:
+        overrides += ["train.compile=true", f"train.compile_backend={case.compile_backend}"]
     return load_config("toy", overrides)
