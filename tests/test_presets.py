@@ -49,14 +49,27 @@ def test_sd_presets_load_with_method_defaults(name, kind, res, pred):
     validate(cfg, world_size=8)
     t = cfg.teacher
     assert (t.kind, t.resolution, t.prediction_type, t.dtype) == (kind, res, pred, "bf16")
-    assert t.grad_checkpointing
+    # checkpointing only where memory needs it (SDXL): the SD1/2 defaults fit without it
+    assert t.grad_checkpointing == (name == "sdxl")
     for net in (cfg.generator, cfg.fake):
-        assert net.lr == 1e-6 and net.betas == (0.0, 0.999) and net.grad_checkpointing
+        assert net.lr == 1e-6 and net.betas == (0.0, 0.999) and net.grad_checkpointing == (name == "sdxl")
     m = cfg.method
     assert m.cfg_train_fake == m.cfg_eval_fake == m.cfg_eval_real == 1.5
-    assert cfg.train.global_batch == 512 and cfg.train.micro_batch in (1, 2) and cfg.train.precision == "bf16"
+    assert cfg.train.global_batch == 512 and cfg.train.micro_batch in (2, 4) and cfg.train.precision == "bf16"
     assert cfg.deepspeed.config == "ds_configs/zero2.json"
     assert t.path.startswith("/path/to/") and cfg.data.shards.startswith("/path/to/")
     # the placeholder teacher path is refused with a message that says what to do
     with pytest.raises(TeacherDirError, match="placeholder"):
         load_teacher(t)
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd21", "sd21_768", "sdxl"])
+def test_sd_preset_defaults_fit_a_40gb_gpu_by_the_memory_plan(name):
+    """The presets' micro-batch and checkpointing choices, against the memory plan (8 GPUs, ZeRO-2)."""
+    from sidscale.perf.memory_plan import GIB, PlanInput, plan
+
+    cfg = load_config(name)
+    assert cfg.generator.grad_checkpointing == cfg.fake.grad_checkpointing == cfg.teacher.grad_checkpointing
+    inp = PlanInput(name, gpus=8, zero=2, micro_batch=cfg.train.micro_batch, precision=cfg.train.precision,
+                    teacher_dtype=cfg.teacher.dtype, grad_checkpointing=cfg.teacher.grad_checkpointing)
+    assert plan(inp, micro_batch=cfg.train.micro_batch).total < 40 * GIB

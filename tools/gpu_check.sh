@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One short GPU check (< 10 min on one H100): bench.py for sd15 and sdxl in our default setting
-# (ZeRO-2, bf16, activation checkpointing) and in the reference setting (fp32 ReferenceLoop,
+# (the presets': ZeRO-2, bf16; sd15 micro-batch 4 without checkpointing, sdxl micro-batch 2 with
+# activation checkpointing) and in the reference setting (fp32 ReferenceLoop,
 # TF32 off, micro-batch 1), plus memory_plan's prediction next to the measured peak.
 # Writes bench/results/gpu_check_<host>_<date>.json: {"host", "date", "runs": [...]} where each run
 # is {"name", "bench": [bench JSON lines], "plan": memory_plan JSON, "plan_vs_measured": ratio}.
@@ -27,19 +28,19 @@ OUT=bench/results/gpu_check_$(hostname -s)_$(date +%Y%m%d-%H%M%S).json
 TMP=$(mktemp -d)
 mkdir -p bench/results
 
-run_case() {  # name preset micro_batch: memory plan, then ours vs the reference in one bench process
-  local name=$1 preset=$2 mb=$3
+run_case() {  # name preset micro_batch [--grad-checkpointing]: memory plan, then ours vs the reference
+  local name=$1 preset=$2 mb=$3 ckpt=${4:-}
   local plan_mb
   $PY tools/memory_plan.py --json --preset "$preset" --gpus 1 --zero 2 --micro-batch "$mb" --precision bf16 \
-      --grad-checkpointing --gpu-mem-gib "$GPU_MEM_GIB" > "$TMP/$name.plan.json" 2> "$TMP/$name.plan.err"
+      $ckpt --gpu-mem-gib "$GPU_MEM_GIB" > "$TMP/$name.plan.json" 2> "$TMP/$name.plan.err"
   # a micro-batch the plan predicts not to fit is lowered to the largest that does (0: run it anyway, record OOM)
   plan_mb=$($PY -c 'import json,sys; print(json.load(open(sys.argv[1]))["max_micro_batch"])' "$TMP/$name.plan.json" \
             2>/dev/null || echo "$mb")
   if [ "$plan_mb" -gt 0 ] 2>/dev/null && [ "$plan_mb" -lt "$mb" ]; then mb=$plan_mb; fi
   $PY tools/memory_plan.py --json --preset "$preset" --gpus 1 --zero 2 --micro-batch "$mb" --precision bf16 \
-      --grad-checkpointing --gpu-mem-gib "$GPU_MEM_GIB" > "$TMP/$name.plan.json" 2>> "$TMP/$name.plan.err"
+      $ckpt --gpu-mem-gib "$GPU_MEM_GIB" > "$TMP/$name.plan.json" 2>> "$TMP/$name.plan.err"
   timeout 240 $PY tools/bench.py --preset "$preset" --device "$DEVICE" --zero 2 --precision bf16 \
-      --micro-batch "$mb" --grad-checkpointing --steps "$STEPS" --warmup 1 --baseline reference \
+      --micro-batch "$mb" $ckpt --steps "$STEPS" --warmup 1 --baseline reference \
       --baseline-micro-batch 1 > "$TMP/$name.bench.jsonl" 2> "$TMP/$name.bench.err"
   echo "gpu_check: $name (micro-batch $mb) exit $?" >&2
 }
@@ -47,7 +48,7 @@ run_case() {  # name preset micro_batch: memory plan, then ours vs the reference
 for preset in $PRESETS; do
   case $preset in
     sd15) run_case sd15 sd15 4 ;;
-    sdxl) run_case sdxl sdxl 1 ;;
+    sdxl) run_case sdxl sdxl 2 --grad-checkpointing ;;
     *) run_case "$preset" "$preset" 2 ;;
   esac
 done
