@@ -186,7 +186,7 @@ def test_world_size_must_divide_the_batch(tmp_path, teacher_dir):
 def test_compiled_unets_train_like_eager(tmp_path, teacher_dir):
     """train.compile=true (aot_eager: the AOTAutograd graphs without inductor's minutes of C++ builds on
     this CPU) gives the eager run's weights; it changes how the UNets run, not what the method computes."""
-    common = BASE + [f"teacher.path={teacher_dir}", "train.max_steps=2", "train.ckpt_every=2",
+    common = BASE + [f"teacher.path={teacher_dir}", "train.max_steps=1", "train.ckpt_every=1",
                      "train.preview_every=100", "generator.eps=1.0", "fake.eps=1.0"]
     run_trainer(tmp_path / "eager", common, nproc=1)
     proc = run_trainer(tmp_path / "compiled", common + ["train.compile=true", "train.compile_backend=aot_eager"],
