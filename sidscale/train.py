@@ -380,27 +380,34 @@ class Trainer:
         cache = Path(self.cfg.teacher.cache_dir).expanduser() / "toy-eval-cache" / (hashlib.sha256(json.dumps(
             [str(Path(self.teacher.path).resolve()), ev.num_samples, ev.teacher_steps, self.settings.cfg_eval_real],
         ).encode()).hexdigest()[:16] + ".json")
+        teacher_keys = ("frechet_teacher_ddim", "prompt_accuracy_teacher_ddim", "colour_accuracy_teacher_ddim")
         cached = json.loads(cache.read_text()) if cache.is_file() else None
+        if cached is not None and not all(k in cached for k in teacher_keys):
+            cached = None  # written by an older version: recompute
         try:
             result = toy_quality(self.teacher, load_toy_mixture(self.teacher.path), unet, ev.num_samples,
                                  0 if cached else ev.teacher_steps, self.settings.cfg_eval_real, self.settings.t_init)
         finally:
             torch.set_num_threads(threads)
         if cached:
-            result["frechet_teacher_ddim"] = cached["frechet_teacher_ddim"]
+            result.update({k: cached[k] for k in teacher_keys})
         elif "frechet_teacher_ddim" in result:
             with contextlib.suppress(OSError):  # a read-only cache dir only costs the recomputation
-                atomic_write_json(cache, {"frechet_teacher_ddim": result["frechet_teacher_ddim"]})
+                atomic_write_json(cache, {k: result[k] for k in teacher_keys})
         result.update(step=self.step, num_samples=ev.num_samples, teacher_steps=ev.teacher_steps,
                       teacher_cfg=self.settings.cfg_eval_real)
         atomic_write_json(self.run_dir / "toy_eval.json", result)
-        self.logger.scalars(self.step, {f"eval/{k}": v for k, v in result.items() if k.startswith("frechet")})
+        self.logger.scalars(self.step, {f"eval/{k}": v for k, v in result.items()
+                                        if k.startswith(("frechet", "prompt_accuracy", "colour_accuracy"))})
         teacher_part = (f" | teacher DDIM {ev.teacher_steps} steps cfg {self.settings.cfg_eval_real} "
-                        f"{result['frechet_teacher_ddim']:.4f}" if "frechet_teacher_ddim" in result else "")
+                        f"{result['frechet_teacher_ddim']:.4f} (prompt / colour accuracy "
+                        f"{result['prompt_accuracy_teacher_ddim']:.0%} / {result['colour_accuracy_teacher_ddim']:.0%})"
+                        if "frechet_teacher_ddim" in result else "")
         self.logger.write(
             f"toy Frechet distance to exact samples ({ev.num_samples} samples): one-step student (EMA) "
-            f"{result['frechet_one_step']:.4f}{teacher_part} | exact-vs-exact floor "
-            f"{result['frechet_exact_vs_exact']:.4f}")
+            f"{result['frechet_one_step']:.4f} (prompt / colour accuracy {result['prompt_accuracy_one_step']:.0%} / "
+            f"{result['colour_accuracy_one_step']:.0%})"
+            f"{teacher_part} | exact-vs-exact floor {result['frechet_exact_vs_exact']:.4f}")
         return result
 
     # ----------------------------------------------------------------------------- loop

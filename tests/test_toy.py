@@ -70,6 +70,22 @@ def test_samples_come_from_the_prompt_components():
     assert set(nearest[300:].tolist()) == set(range(mix.num_components))  # "" covers everything
 
 
+def test_prompt_accuracy_of_exact_and_relabelled_samples():
+    """Exact samples follow their prompt; relabelled ones score 0, or 1 on colour when only the shape differs."""
+    mix = ToyMixture(**SMALL)  # prompts: a red circle, a red square, a blue circle, a blue square
+    prompts = [mix.prompts[i % 4] for i in range(200)]
+    x = mix.sample(prompts, torch.Generator().manual_seed(2))
+    assert mix.prompt_accuracy(x, prompts) == {"prompt": 1.0, "colour": 1.0}
+    other_shape = [p.replace("circle", "SQ").replace("square", "circle").replace("SQ", "square") for p in prompts]
+    assert mix.prompt_accuracy(x, other_shape) == {"prompt": 0.0, "colour": 1.0}
+    other_colour = [p.replace("red", "X").replace("blue", "red").replace("X", "blue") for p in prompts]
+    assert mix.prompt_accuracy(x, other_colour) == {"prompt": 0.0, "colour": 0.0}
+    # the classifier is the nearest component mean, checked by brute force on a few images
+    for i in range(5):
+        d = [((x[i].double() - mix.means[p, k]) ** 2).sum() for p in range(4) for k in range(3)]
+        assert mix.classify_prompts(x[i:i + 1]).item() == int(torch.stack(d).argmin()) // 3
+
+
 def test_one_component_closed_form():
     mix = ToyMixture(
         colours={"red": [0.9, -0.8, -0.8]}, shapes=["circle"], components_per_prompt=1, std=0.2, size=8
@@ -165,7 +181,8 @@ def test_teacher_dir_layout_loads_and_is_deterministic(tmp_path):
     assert load_toy_mixture(first).to_dict() == spec.mixture
     report = json.loads((first / "fit_report.json").read_text())
     assert (
-        report["fit_steps"] == 4 and {"teacher_frechet", "random_init_frechet", "final_loss"} <= report.keys()
+        report["fit_steps"] == 4 and {"teacher_frechet", "random_init_frechet", "final_loss",
+                                      "teacher_prompt_accuracy", "teacher_colour_accuracy"} <= report.keys()
     )
     assert not [p for p in (tmp_path / "a").iterdir() if ".tmp-" in p.name]  # no leftovers
 

@@ -77,7 +77,8 @@ def test_export_loads_in_plain_diffusers_and_samples(tmp_path, teacher_dir):
     teacher = load_teacher(TeacherConfig(kind="toy", path=str(teacher_dir), dtype="fp32", resolution=8))
     expected = toy_quality(teacher, load_toy_mixture(teacher_dir), unet, 64, 2, 1.5, 625)
     got = json.loads((tmp_path / "run" / "toy_eval.json").read_text())
-    for key in ("frechet_one_step", "frechet_teacher_ddim", "frechet_exact_vs_exact"):
+    for key in ("frechet_one_step", "frechet_teacher_ddim", "frechet_exact_vs_exact", "prompt_accuracy_one_step",
+                "prompt_accuracy_teacher_ddim", "prompt_accuracy_exact", "colour_accuracy_one_step"):
         assert got[key] == pytest.approx(expected[key], rel=1e-4), key
     assert len(list((tmp_path / "cache" / "toy-eval-cache").glob("*.json"))) == 1  # the teacher's number, cached
     ema = full_ema_from_checkpoint(find_resume_checkpoint(tmp_path / "run"))

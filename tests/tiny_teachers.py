@@ -21,7 +21,7 @@ def write_tiny_toy_teacher(path: Path, seed: int = 0, sample_size: int = 8) -> P
     build_tiny_text_encoder(seed + 1).save_pretrained(path / "text_encoder")
     build_clip_tokenizer(path / "tokenizer")
     DDPMScheduler(**SD_SCHEDULER_CONFIG).save_pretrained(path / "scheduler")
-    (path / "toy_mixture.json").write_text(json.dumps(ToyMixture().to_dict()))
+    (path / "toy_mixture.json").write_text(json.dumps(ToyMixture(size=sample_size).to_dict()))
     return path
 
 

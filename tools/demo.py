@@ -48,11 +48,16 @@ def main(argv: list[str] | None = None) -> int:
         return code
     result = json.loads((run_dir / "toy_eval.json").read_text())
     print(f"\ndemo finished in {time.time() - start:.0f} s; run directory {run_dir}")
-    print(f"  one-step student (EMA), toy Frechet distance: {result['frechet_one_step']:.4f}")
-    if "frechet_teacher_ddim" in result:
-        print(f"  teacher, {result['teacher_steps']}-step DDIM cfg {result['teacher_cfg']}:      "
-              f"{result['frechet_teacher_ddim']:.4f}")
-    print(f"  exact vs exact (noise floor):                {result['frechet_exact_vs_exact']:.4f}")
+    rows = [("one-step student (EMA)", "one_step"), (f"teacher, {result['teacher_steps']}-step DDIM cfg "
+                                                      f"{result['teacher_cfg']}", "teacher_ddim"),
+            ("exact samples (noise floor)", "exact")]
+    print(f"  {'':38s} {'toy Frechet':>12s} {'prompt acc.':>12s} {'colour acc.':>12s}")
+    for label, key in rows:
+        fd = result.get("frechet_exact_vs_exact" if key == "exact" else f"frechet_{key}")
+        if fd is not None:
+            print(f"  {label:38s} {fd:12.4f} {result[f'prompt_accuracy_{key}']:12.1%} "
+                  f"{result[f'colour_accuracy_{key}']:12.1%}")
+    print("  (accuracy: share of images nearest to a component of their own prompt / colour; chance 4.2% / 16.7%)")
     print(f"  export: {run_dir / 'export'}  previews: {run_dir / 'samples'}  TensorBoard: {run_dir / 'tb'}")
     return 0
 

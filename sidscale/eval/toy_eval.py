@@ -14,17 +14,25 @@ from sidscale.models.unet_eps import UNetEps
 from sidscale.sample import seeded_latent_noise
 
 
+def _accuracy(mixture: ToyMixture, x: torch.Tensor, prompts: list[str], name: str) -> dict[str, float]:
+    return {f"{k}_accuracy_{name}": v for k, v in mixture.prompt_accuracy(x, prompts).items()}
+
+
 @torch.no_grad()
 def toy_quality(
     teacher: Teacher, mixture: ToyMixture, generator_unet: torch.nn.Module | None, num_samples: int,
     teacher_steps: int, teacher_cfg: float, t_init: int, seed: int = 0, batch: int = 250,
 ) -> dict[str, float]:
     """{"frechet_one_step", "frechet_teacher_ddim", "frechet_exact_vs_exact"}, prompts uniform over the toy
-    prompts. The exact-vs-exact number (two independent exact sample sets) is the noise floor."""
+    prompts. The exact-vs-exact number (two independent exact sample sets) is the noise floor.
+
+    The Frechet distance only sees the marginal over prompts; ``prompt_accuracy_*`` (the fraction of
+    samples nearest to a component of their own prompt) and ``colour_accuracy_*`` (... of their own
+    colour; ``ToyMixture.prompt_accuracy``) say whether each image follows its prompt."""
     prompts = [mixture.prompts[i % len(mixture.prompts)] for i in range(num_samples)]
     reference = mixture.sample(prompts, torch.Generator().manual_seed(seed + 1))
     floor = mixture.sample(prompts, torch.Generator().manual_seed(seed + 2))
-    out = {"frechet_exact_vs_exact": toy_frechet(floor, reference)}
+    out = {"frechet_exact_vs_exact": toy_frechet(floor, reference), **_accuracy(mixture, reference, prompts, "exact")}
     device = next(teacher.unet.parameters()).device
     schedule, cond_fn = teacher.schedule, teacher.conditioner
     if generator_unet is not None:
@@ -35,6 +43,7 @@ def toy_quality(
             z = seeded_latent_noise(seeds, teacher.latent_shape).to(device)
             xs.append(one_step_generate(gen, schedule, z, cond_fn.encode(prompts[s:s + len(seeds)]), t_init).cpu())
         out["frechet_one_step"] = toy_frechet(torch.cat(xs), reference)
+        out.update(_accuracy(mixture, torch.cat(xs), prompts, "one_step"))
     if teacher_steps > 0:
         net = UNetEps(teacher.unet, schedule)
         g = torch.Generator().manual_seed(seed + 3)
@@ -44,4 +53,5 @@ def toy_quality(
             xs.append(ddim_sample(net, schedule, (len(p), *teacher.latent_shape), cond_fn.encode(p),
                                   cond_fn.empty(len(p)), teacher_cfg, teacher_steps, g).cpu())
         out["frechet_teacher_ddim"] = toy_frechet(torch.cat(xs), reference)
+        out.update(_accuracy(mixture, torch.cat(xs), prompts, "teacher_ddim"))
     return out
