@@ -164,6 +164,10 @@ def _phases(inp: PlanInput, micro_batch: int, grads: float, buckets: float, p: i
 
 
 def plan(inp: PlanInput, micro_batch: int | None = None) -> MemoryPlan:
+    """Predicted peak bytes per GPU: static terms plus the largest phase (module docstring).
+
+    ``micro_batch`` overrides ``inp.micro_batch`` and skips the largest-micro-batch search.
+    """
     mb = inp.micro_batch if micro_batch is None else micro_batch
     n, z = inp.gpus, inp.zero
     b = DTYPES[inp.precision].itemsize
