@@ -115,6 +115,9 @@ class Trainer:
         self.settings = MethodSettings.from_config(cfg.method)
         self.ds_config = build_ds_config(cfg, self.world)
         self.zero_stage = zero_stage(self.ds_config)
+        if cfg.train.compile and self.zero_stage == 3:
+            raise ConfigError("train.compile = true with ZeRO-3: its parameter-gathering hooks break "
+                              "the compiled graphs; use ds_configs/zero1.json or zero2.json, or compile=false")
 
         if teacher is None:
             # The toy teacher is fitted once (rank 0), then every rank loads the same files.
@@ -137,9 +140,6 @@ class Trainer:
             register_grad_sanitizers(self.gen_engine.module)
             register_grad_sanitizers(self.fake_engine.module)
         if cfg.train.compile:
-            if self.zero_stage == 3:
-                raise ConfigError("train.compile = true with ZeRO-3: its parameter-gathering hooks break "
-                                  "the compiled graphs; use ds_configs/zero1.json or zero2.json, or compile=false")
             compile_unets([self.gen_engine.module, self.fake_engine.module, self.teacher.unet],
                           cfg.train.compile_backend)
             log.info("torch.compile (backend %s): generator, fake and teacher UNets; the first iterations "

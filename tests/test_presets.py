@@ -71,5 +71,6 @@ def test_sd_preset_defaults_fit_a_40gb_gpu_by_the_memory_plan(name):
     cfg = load_config(name)
     assert cfg.generator.grad_checkpointing == cfg.fake.grad_checkpointing == cfg.teacher.grad_checkpointing
     inp = PlanInput(name, gpus=8, zero=2, micro_batch=cfg.train.micro_batch, precision=cfg.train.precision,
-                    teacher_dtype=cfg.teacher.dtype, grad_checkpointing=cfg.teacher.grad_checkpointing)
+                    teacher_dtype=cfg.teacher.dtype, grad_checkpointing=cfg.teacher.grad_checkpointing,
+                    accumulation=cfg.train.global_batch // (cfg.train.micro_batch * 8))
     assert plan(inp, micro_batch=cfg.train.micro_batch).total < 40 * GIB

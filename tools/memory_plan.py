@@ -1,6 +1,6 @@
 """Predicted per-GPU memory of SiD-LSG training, term by term, and the largest micro-batch that fits.
 
-    python tools/memory_plan.py --preset sdxl --gpus 8 --zero 2 --micro-batch 4 --precision bf16 \
+    python tools/memory_plan.py --preset sdxl --gpus 8 --zero 2 --micro-batch 2 --accumulation 32 --precision bf16 \
         --grad-checkpointing --gpu-mem-gib 80
 
 Prints a table (GiB per GPU) and, with --json, one JSON line. The model is documented in
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -41,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--measure", action="store_true", help="also measure the real trainer's peak (see above)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="--measure: default cuda when available")
     p.add_argument("--steps", type=int, default=2, help="--measure: measured iterations after one warm-up")
+    p.add_argument("--accumulation", type=int, default=1, help="micro-batches per rank per optimizer step")
     args = p.parse_args(argv)
+    if args.measure and (args.device or "").lower() == "cpu":
+        # NOTE: before any sidscale.perf import: importing DeepSpeed fixes its accelerator for good.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     from sidscale.perf.memory_plan import GIB, PlanInput, plan
 
@@ -52,11 +57,13 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--gpus {args.gpus} with --measure: the plan must describe the measured world "
                     f"({info.world_size} ranks)")
         args.gpus = info.world_size
+    args.gpus = args.gpus or 8
     rbs = None if args.reduce_bucket_size is None else int(args.reduce_bucket_size)
     # NOTE: the prediction is made before the measurement: a ZeRO-3 engine patches F.linear for the
     # rest of the process, which would change the meta-device activation count the plan relies on.
-    result = plan(PlanInput(args.preset, args.gpus or 8, args.zero, args.micro_batch, args.precision,
-                            args.teacher_dtype, args.grad_checkpointing, args.gpu_mem_gib, reduce_bucket_size=rbs))
+    result = plan(PlanInput(args.preset, args.gpus, args.zero, args.micro_batch, args.precision,
+                            args.teacher_dtype, args.grad_checkpointing, args.gpu_mem_gib, reduce_bucket_size=rbs,
+                            accumulation=args.accumulation))
     rank = 0
     if info is not None:
         measured, rank = _measure(args, info), info.rank
@@ -83,33 +90,32 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _init(args):
-    import os
-
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from sidscale.distributed.runtime import init_distributed
 
-    return init_distributed()
+    info = init_distributed()
+    if args.device and info.device.type != args.device:
+        raise SystemExit(f"memory_plan: --device {args.device} but the accelerator is {info.device.type} "
+                         "(set DS_ACCELERATOR=cpu for CPU runs)")
+    return info
 
 
 def _measure(args, info) -> dict:
     """The largest per-rank peak of the real trainer at the plan's configuration."""
     import torch
 
+    from sidscale.distributed.runtime import shutdown_distributed
     from sidscale.perf.measured_memory import measure_trainer_peak
     from sidscale.perf.setup import BenchCase
 
-    case = BenchCase(args.preset, args.zero, args.precision, args.micro_batch, 1, args.grad_checkpointing,
+    case = BenchCase(args.preset, args.zero, args.precision, args.micro_batch, args.accumulation,
+                     args.grad_checkpointing,
                      args.teacher_dtype, None if args.reduce_bucket_size is None else int(args.reduce_bucket_size))
     out = measure_trainer_peak(case, info, args.steps)
     if info.world_size > 1:  # the plan is per GPU: report the rank that needed most
-        peaks = torch.tensor([out["peak_bytes"], out["static_bytes"]], dtype=torch.float64)
+        peaks = torch.tensor([out["peak_bytes"], out["static_bytes"]], dtype=torch.float64, device=info.device)
         torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX)
         out = {"peak_bytes": float(peaks[0]), "static_bytes": float(peaks[1])}
-    torch.distributed.destroy_process_group()
+    shutdown_distributed()
     return {**out, "device": info.device.type}
 
 

@@ -1,7 +1,8 @@
 """The built-in toy teacher: a tiny SD-architecture UNet fitted to a known Gaussian mixture.
 
 It is the project's default, CPU-runnable ground truth: a real ``UNet2DConditionModel`` eps-model,
-conditioned through a (tiny, random, frozen) ``CLIPTextModel`` and the real CLIP tokenizer, on a
+conditioned through a tiny ``CLIPTextModel`` (fitted with the UNet, frozen afterwards, like a
+real teacher's encoder) and the real CLIP tokenizer, on a
 distribution whose exact samples and exact score we have (``sidscale.models.toy``). So a
 distilled one-step generator can be scored against exact samples in seconds.
 
@@ -143,7 +144,8 @@ def _fit(spec: ToyTeacherSpec, out_dir: Path) -> dict[str, Any]:
     tokenizer = build_clip_tokenizer(out_dir / "tokenizer", model_max_length=77)
     conditioner = ClipConditioner(tokenizer, text_encoder)
 
-    # There are only P + 1 distinct prompts: tokenise them once; a frozen encoder encodes them once.
+    # There are only P + 1 distinct prompts: tokenise them once (and, with spec.train_text_encoder
+    # off, encode them once).
     prompts = mixture.prompts
     prompt_ids = conditioner.tokenize([*prompts, ""])
     params = list(unet.parameters())

@@ -15,14 +15,16 @@ Transient: the peak is the largest of four phases of one iteration, each on top 
 Measured with an allocation trace on CPU (tools/memory_plan.py --measure), the gradients and the
 reduction buckets of one engine only exist from its first parameter gradient until its ``step()``
 (DeepSpeed allocates the buckets lazily and releases them after the backward), so they are never
-alive in both engines at once, nor together with the teacher's and fake net's activations:
+alive in both engines at once, nor (without accumulation) together with the teacher's and fake
+net's activations:
 
 - ``fake_backward``: the fake net's activations (trainable, batch 2B with CFG k1) + its gradients
   + its buckets;
 - ``gen_forward``: the end of the generator step's forward, the usual peak: B samples through G
   (trainable), 2B through the frozen fake net and 2B through the frozen teacher (CFG batches; frozen
   weights save only what the input gradient needs). The method page: three UNets' activations
-  are alive at once;
+  are alive at once. With gradient accumulation, G's accumulated gradients are alive here too
+  from the second micro-batch on;
 - ``gen_backward``: the backward leaves the teacher and the fake net first, so when G's first
   parameter gradient arrives only G's activations remain, plus its gradients and buckets;
 - ``optimizer_step``: the gradient partition and the fp32 copy of it that ``step()`` makes (4*P/N).
@@ -71,6 +73,7 @@ class PlanInput:
     gpu_mem_gib: float = 80.0
     cfg_scales: tuple[float, float, float] = (1.5, 1.5, 1.5)  # k1 (fake step), k2 (fake in G step), k4 (teacher)
     reduce_bucket_size: int | None = None  # elements; default: the ds_configs/zero{Z}.json value
+    accumulation: int = 1  # micro-batches per optimizer step: >1 keeps gradients alive between them
 
 
 @dataclass
@@ -157,7 +160,9 @@ def _phases(inp: PlanInput, micro_batch: int, grads: float, buckets: float, p: i
         "fake_backward": {"activations": cfg_batch(k1) * per_sample(inp.precision, True),
                           "grads": grads, "grad_buckets": buckets},
         "gen_forward": {"activations": gen_acts + cfg_batch(k2) * per_sample(inp.precision, False)
-                        + cfg_batch(k4) * per_sample(teacher_dtype, False)},
+                        + cfg_batch(k4) * per_sample(teacher_dtype, False),
+                        # from the second micro-batch on, G's accumulated gradient partition is alive
+                        "grads": grads if inp.accumulation > 1 else 0.0},
         "gen_backward": {"activations": gen_acts, "grads": grads, "grad_buckets": buckets},
         "optimizer_step": {"grads": grads, "fp32_grad_copy": 4 * p / inp.gpus},
     }

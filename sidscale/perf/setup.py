@@ -6,7 +6,7 @@ The benchmark measures the real ``Trainer`` on the real network shapes; only the
 - ``tiny``: the tiny UNet of tests/tiny_teachers.py (4-channel 8x8 latents, 0.8M parameters) with a
   tiny CLIP text tower;
 - ``mid``: SD1.5's topology (same block types, attention layout and 77-token cross-attention) at a
-  fifth of its width and 256 px (32x32 latents): 34M parameters, big enough that parameters,
+  fifth of its width and 256 px (32x32 latents): 35M parameters, big enough that parameters,
   optimizer states and activations all show in a memory measurement.
 """
 
@@ -111,7 +111,8 @@ def build_preset_unet(preset: str, device: torch.device | str = "cpu", seed: int
     if preset == "mid":
         from diffusers import UNet2DConditionModel
 
-        with torch.random.fork_rng(devices=[]), torch.device(device):
+        device = torch.device(device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
             torch.manual_seed(seed)
             return UNet2DConditionModel(**arch_preset("mid").unet)
     from sidscale.models.presets import build_unet
