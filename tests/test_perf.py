@@ -15,6 +15,16 @@ from sidscale.perf.flops import count_flops, gpu_peak_tflops, mfu
 from tests.dist_launch import REPO
 
 
+def child_env() -> dict[str, str]:
+    """This process's environment without a rendezvous.
+
+    NOTE: init_distributed of the in-process fixture put RANK/MASTER_PORT into os.environ; a child
+    that inherits them would try to join that (single-rank) group's port.
+    """
+    return {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+
+
 def test_flops_closed_forms():
     lin = torch.nn.Linear(64, 32, bias=False)
     x = torch.randn(8, 64)
@@ -103,10 +113,7 @@ def test_activation_model_vs_real_forward():
 
 
 def test_bench_one_iteration_json():
-    # NOTE: init_distributed of the in-process fixture put RANK/MASTER_PORT into os.environ; a child
-    # that inherits them would try to join that (single-rank) group's port.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = child_env()
     proc = subprocess.run(
         [sys.executable, "tools/bench.py", "--preset", "tiny", "--device", "cpu", "--zero", "2", "--precision",
          "fp32", "--micro-batch", "1", "--steps", "1", "--warmup", "0", "--peak-tflops", "1.0"],
@@ -155,8 +162,7 @@ def test_memory_plan_total_within_15_percent_of_measured_peak(nproc, args, phase
     """The plan's total per rank against the allocator's measured peak over real trainer iterations."""
     from sidscale.distributed.runtime import free_port
 
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = child_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            "tools/memory_plan.py", "--measure", "--device", "cpu", "--precision", "bf16", "--steps", "1", "--json",
            *args]

@@ -15,14 +15,13 @@ states appear at the first ``step()``).
 from __future__ import annotations
 
 import contextlib
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch.autograd import DeviceType
 
-from sidscale.perf.setup import BenchCase, build_preset_teacher, case_config
+from sidscale.perf.setup import BenchCase
 
 MARKER_BYTES = 7919  # a prime number of bytes: no tensor of the run has this size
 
@@ -78,32 +77,28 @@ def measure_trainer_peak(case: BenchCase, dist_info, steps: int = 2) -> dict[str
     Returns ``{"peak_bytes", "static_bytes"}``: the peak, and what stays allocated between
     iterations (parameters, master weights, optimizer states, EMA, teacher).
     """
-    from sidscale.train import Trainer
+    from sidscale.perf.bench import trainer_runner
 
     device = dist_info.device
-    cfg = case_config(case, dist_info.world_size)
-    run_dir = tempfile.mkdtemp(prefix="sidscale-memcheck-run-")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
-        teacher = build_preset_teacher(case.preset, device, case.resolved_teacher_dtype())
-        trainer = Trainer(cfg, run_dir, dist_info, teacher=teacher)
-        trainer.train_step()
+        runner = trainer_runner(case, dist_info)
+        runner.step()
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         for _ in range(steps):
-            trainer.train_step()
+            runner.step()
         torch.cuda.synchronize(device)
         out = {"peak_bytes": float(torch.cuda.max_memory_allocated(device) - base),
                "static_bytes": float(torch.cuda.memory_allocated(device) - base)}
     else:
         with cpu_allocation_trace() as trace:
-            teacher = build_preset_teacher(case.preset, device, case.resolved_teacher_dtype())
-            trainer = Trainer(cfg, run_dir, dist_info, teacher=teacher)
-            trainer.train_step()
+            runner = trainer_runner(case, dist_info)
+            runner.step()
             trace.mark()
             for _ in range(steps):
-                trainer.train_step()
+                runner.step()
         out = {"peak_bytes": float(trace.peak_bytes(after_marker=True)), "static_bytes": float(trace.final_bytes)}
-    trainer.prompts.close()
+    runner.close()
     return out
