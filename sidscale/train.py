@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from sidscale import checkpoint as ckpt_lib
+from sidscale import fault_injection
 from sidscale.config import (
     Config,
     ConfigError,
@@ -219,6 +220,7 @@ class Trainer:
             for k, v in st.items():
                 stats[k] = stats[k] + v.float() / (self.gas if k.startswith("loss") else 1)
         fake_applied = self.fake_engine.was_step_applied()
+        fault_injection.maybe_fail("mid_step", self.step + 1, self.rank)
         t1 = time.perf_counter()
 
         gen_applied = False
@@ -281,6 +283,7 @@ class Trainer:
             "ema": self.ema.state_dict(), "rng": self._rng_state(), "data": self.prompts.state_dict(),
             "step": self.step, "images_seen": self.images_seen,
         })
+        fault_injection.maybe_fail("in_save", self.step, self.rank)
         dist.barrier()
         if self.dist.is_main:
             atomic_write_json(path / ckpt_lib.META, {
@@ -452,6 +455,7 @@ class Trainer:
                     window[k] = v.detach().float() + window[k] if k in window else v.detach().float()
                 window_steps += 1
                 self.logger.step(self.step, self.images_seen)
+                fault_injection.maybe_fail("after_step", self.step, self.rank)
                 if self.step % tc.log_every == 0 or self.step == tc.max_steps:
                     self._log({k: v / window_steps for k, v in window.items()},
                               time.perf_counter() - window_start, window_steps)

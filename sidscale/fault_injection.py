@@ -1,0 +1,86 @@
+"""Deterministic fault injection for the test suite (read from ``SIDSCALE_FAULT``; unset in production).
+
+Tests of fault tolerance must not race the trainer (kill "at a random moment", poll for a file to
+appear): they tell the trainer where to fail instead. ``SIDSCALE_FAULT`` holds one fault:
+
+    point=<name>,step=<N>[,rank=<R>],action=<raise|signal|hang>
+
+- ``point``: where in the loop (``mid_step``: between the fake and the generator phase of the
+  iteration that ends at step N; ``after_step``: after step N finished, before its checkpoint;
+  ``in_save``: inside the save of step N, after the engine shards, before ``meta.json``).
+- ``rank``: only this rank (default: every rank).
+- ``action``: ``raise`` a RuntimeError; ``signal`` this process with SIGUSR1 (what SLURM sends);
+  ``hang``: write ``<SIDSCALE_FAULT_DIR>/reached_rank<R>`` and sleep until killed, so a test can
+  SIGKILL the job at exactly that point.
+
+The hook costs one dict lookup per call when unset.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ENV = "SIDSCALE_FAULT"
+DIR_ENV = "SIDSCALE_FAULT_DIR"
+POINTS = ("mid_step", "after_step", "in_save")
+ACTIONS = ("raise", "signal", "hang")
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Fault:
+    point: str
+    step: int
+    action: str
+    rank: int | None = None
+
+    def spec(self) -> str:
+        rank = "" if self.rank is None else f",rank={self.rank}"
+        return f"point={self.point},step={self.step}{rank},action={self.action}"
+
+
+def parse(spec: str) -> Fault:
+    try:
+        fields = dict(item.split("=", 1) for item in spec.split(","))
+        fault = Fault(point=fields["point"], step=int(fields["step"]), action=fields["action"],
+                      rank=int(fields["rank"]) if "rank" in fields else None)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{ENV}={spec!r}: expected point=<name>,step=<N>[,rank=<R>],action=<name>") from e
+    if fault.point not in POINTS or fault.action not in ACTIONS:
+        raise ValueError(f"{ENV}={spec!r}: point must be one of {POINTS}, action one of {ACTIONS}")
+    return fault
+
+
+_cached: tuple[str | None, Fault | None] = (None, None)
+
+
+def active() -> Fault | None:
+    global _cached
+    spec = os.environ.get(ENV)
+    if spec != _cached[0]:
+        _cached = (spec, parse(spec) if spec else None)
+    return _cached[1]
+
+
+def maybe_fail(point: str, step: int, rank: int) -> None:
+    """Trigger the configured fault if this is its point, step and rank."""
+    fault = active()
+    if fault is None or fault.point != point or fault.step != step or fault.rank not in (None, rank):
+        return
+    if fault.action == "raise":
+        raise InjectedFault(f"injected fault ({fault.spec()}) on rank {rank}")
+    if fault.action == "signal":
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return
+    marker_dir = Path(os.environ.get(DIR_ENV, "."))
+    marker_dir.mkdir(parents=True, exist_ok=True)
+    (marker_dir / f"reached_rank{rank}").write_text(fault.spec())
+    while True:  # until the test kills the job
+        time.sleep(60)
