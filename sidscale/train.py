@@ -55,7 +55,7 @@ from sidscale.config import (
     validate,
 )
 from sidscale.data.prompts import INDEXED_PREFIX, IndexedPromptSource, StreamPromptSource
-from sidscale.distributed.ds_config import build_ds_config, zero_stage
+from sidscale.distributed.ds_config import build_ds_config, check_precision_supported, zero_stage
 from sidscale.distributed.engines import build_engine, check_identical_across_ranks
 from sidscale.distributed.preemption import EXIT_REQUEUE, StopSignal
 from sidscale.distributed.runtime import (
@@ -509,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         validate(cfg, dist_info.world_size)
         build_ds_config(cfg, dist_info.world_size)  # a bad ds_config fails here, before any model loads
+        check_precision_supported(cfg.train.precision)
         run_dir = Path(args.run_dir).expanduser()
         decision: tuple[bool, str | None] = (False, None)
         if dist_info.is_main:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from sidscale.checkpoint import find_resume_checkpoint, full_ema_from_checkpoint, read_meta
 from tests.dist_launch import REPO, run_trainer
+from tests.inprocess import one_rank_trainer, run_main
 from tests.tiny_teachers import write_tiny_toy_teacher
 
 BASE = [
@@ -105,8 +106,9 @@ def test_export_loads_in_plain_diffusers_and_samples(tmp_path, teacher_dir):
 
 
 def test_bf16_runs_and_stays_finite(tmp_path, teacher_dir):
-    run_trainer(tmp_path / "run", BASE + [f"teacher.path={teacher_dir}", "train.max_steps=3",
-                                          "train.precision=bf16", "train.ckpt_every=100"])
+    proc = run_main(tmp_path / "run", BASE + [f"teacher.path={teacher_dir}", "train.max_steps=3",
+                                              "train.precision=bf16", "train.ckpt_every=100"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
     _, w = final_weights(tmp_path / "run")
     from diffusers import UNet2DConditionModel
 
@@ -116,16 +118,31 @@ def test_bf16_runs_and_stays_finite(tmp_path, teacher_dir):
         assert max((w[tag][k] - t[k]).abs().max().item() for k in t) > 1e-3, f"{tag} did not train"
 
 
-def test_fp16_overflow_skips_both_engines(tmp_path, teacher_dir):
-    """A loss scale of 2^60 overflows fp16 in the fake engine's first step: the generator must skip
-    that iteration too (its weights stay the teacher's), and training proceeds once the scale drops."""
+def fp16_supported_here() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().is_fp16_supported()
+
+
+def test_fp16_overflow_skips_both_engines_or_is_refused_on_this_cpu(tmp_path, teacher_dir):
+    """Where DeepSpeed can train fp16 on this host: a loss scale of 2^60 overflows fp16 in the fake
+    engine's first step, and the generator must skip that iteration too (its weights stay the
+    teacher's). Where it cannot (oneDNN fp16 exists on some CPUs of this machine kind, not others):
+    the user gets a clear error before any model is built. The skip decision itself is tested on every
+    host by test_overflow_in_the_fake_step_skips_the_generator_and_the_ema."""
     cfg = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
     cfg["fp16"] = {"initial_scale_power": 60, "hysteresis": 1}
     ds = tmp_path / "fp16.json"
     ds.write_text(json.dumps(cfg))
     common = BASE + [f"teacher.path={teacher_dir}", "train.precision=fp16", f"deepspeed.config={ds}",
-                     "train.ckpt_every=1"]
-    run_trainer(tmp_path / "run", common + ["train.max_steps=1"])
+                     "train.ckpt_every=1", "train.max_steps=1"]
+    proc = run_main(tmp_path / "run", common)
+    if not fp16_supported_here():
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "train.precision = 'fp16' is not supported" in proc.stderr and "use train.precision=bf16" in proc.stderr
+        assert not (tmp_path / "run" / "checkpoints").exists()
+        return
+    assert proc.returncode == 0, proc.stderr[-3000:]
     from diffusers import UNet2DConditionModel
 
     t = UNet2DConditionModel.from_pretrained(teacher_dir / "unet").state_dict()
@@ -135,13 +152,50 @@ def test_fp16_overflow_skips_both_engines(tmp_path, teacher_dir):
         assert all(torch.equal(w[tag][k], t[k].half().float()) for k in t), f"{tag} stepped despite the overflow"
 
 
+def _snapshot(trainer) -> tuple[dict, list]:
+    gen = {k: v.detach().clone() for k, v in trainer.gen_engine.module.state_dict().items()}
+    return gen, [s.clone() for s in trainer.ema.shards]
+
+
+@pytest.mark.parametrize("overflow_in", ["fake", "generator"])
+def test_overflow_in_the_fake_step_skips_the_generator_and_the_ema(tmp_path, teacher_dir, monkeypatch, overflow_in):
+    """The skip rule of train_step on any host (fp32 engines; the loss scaler's verdict is forced): an
+    overflow in the fake engine skips the whole generator phase and the EMA; one in the generator
+    engine skips the EMA. A normal step afterwards moves both."""
+    import sidscale.train as train_mod
+
+    overrides = BASE + [f"teacher.path={teacher_dir}", "train.max_steps=2", "data.shards=indexed:toy"]
+    with one_rank_trainer(tmp_path / "run", overrides) as trainer:
+        engine = trainer.fake_engine if overflow_in == "fake" else trainer.gen_engine
+        gen_calls = []
+        real_generator_step = train_mod.generator_step
+
+        def counting_generator_step(*a, **kw):
+            gen_calls.append(1)
+            return real_generator_step(*a, **kw)
+
+        monkeypatch.setattr(train_mod, "generator_step", counting_generator_step)
+        with monkeypatch.context() as m:  # the loss scaler found inf/NaN: DeepSpeed skips step() and says so
+            m.setattr(engine, "step", lambda *a, **kw: None)
+            m.setattr(engine, "was_step_applied", lambda: False)
+            gen_before, ema_before = _snapshot(trainer)
+            stats = trainer.train_step()
+            gen_after, ema_after = _snapshot(trainer)
+        assert all(torch.equal(gen_before[k], gen_after[k]) for k in gen_before), "generator stepped"
+        assert all(torch.equal(a, b) for a, b in zip(ema_before, ema_after, strict=True)), "EMA updated"
+        assert float(stats["skipped_gen"]) == 1.0
+        assert float(stats["skipped_fake"]) == (1.0 if overflow_in == "fake" else 0.0)
+        assert len(gen_calls) == (0 if overflow_in == "fake" else trainer.gas)
+        stats = trainer.train_step()  # no overflow: both move
+        gen_next, ema_next = _snapshot(trainer)
+        assert float(stats["skipped_gen"]) == 0.0
+        assert any(not torch.equal(gen_after[k], gen_next[k]) for k in gen_after)
+        assert any(not torch.equal(a, b) for a, b in zip(ema_after, ema_next, strict=True))
+
+
 def run_single(tmp_path, overrides, run_dir=None):
-    cmd = [sys.executable, str(REPO / "sidscale" / "train.py"), "--config", "toy",
-           "--run-dir", str(run_dir or tmp_path / "run")]
-    for o in overrides:
-        cmd += ["--set", o]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
-                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"})
+    """The trainer's main() as one in-process rank (these tests check how it rejects its input)."""
+    return run_main(run_dir or tmp_path / "run", overrides)
 
 
 @pytest.mark.parametrize("setup, message", [
@@ -189,10 +243,11 @@ def test_compiled_unets_train_like_eager(tmp_path, teacher_dir):
     this CPU) gives the eager run's weights; it changes how the UNets run, not what the method computes."""
     common = BASE + [f"teacher.path={teacher_dir}", "train.max_steps=1", "train.ckpt_every=1",
                      "train.preview_every=100", "generator.eps=1.0", "fake.eps=1.0"]
-    run_trainer(tmp_path / "eager", common, nproc=1)
-    proc = run_trainer(tmp_path / "compiled", common + ["train.compile=true", "train.compile_backend=aot_eager"],
-                       nproc=1)
+    assert run_main(tmp_path / "eager", common).returncode == 0
+    proc = run_main(tmp_path / "compiled", common + ["train.compile=true", "train.compile_backend=aot_eager"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "torch.compile (backend aot_eager)" in proc.stdout + proc.stderr
+    torch._dynamo.reset()  # in-process: drop the compiled graphs of this test's modules
     _, eager = final_weights(tmp_path / "eager")
     _, compiled = final_weights(tmp_path / "compiled")
     start = load_file(teacher_dir / "unet" / "diffusion_pytorch_model.safetensors")

@@ -90,3 +90,19 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
 
 def zero_stage(ds_config: dict) -> int:
     return int(ds_config["zero_optimization"]["stage"])
+
+
+def check_precision_supported(precision: str) -> None:
+    """Refuse a precision the DeepSpeed accelerator of this machine cannot train in, before any model
+    is built. NOTE: on CPU, fp16 needs oneDNN fp16 kernels, which only some CPUs have (AVX512-FP16 /
+    AMX-FP16): hosts of one machine kind differ, so this is asked of the running host, never assumed."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    supported = {"fp32": True, "bf16": acc.is_bf16_supported(), "fp16": acc.is_fp16_supported()}[precision]
+    if not supported:
+        raise ConfigError(
+            f"train.precision = {precision!r} is not supported by DeepSpeed's {acc.device_name()!r} accelerator on "
+            f"this machine{' (this CPU has no oneDNN fp16 kernels)' if acc.device_name() == 'cpu' else ''}; "
+            "use train.precision=bf16 or fp32"
+        )
