@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export DS_ACCELERATOR := cpu
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test demo lint clean-demo
+.PHONY: setup test test-fast demo lint clean-demo
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ setup: $(STAMP)
 
 test: setup
 	$(PY) -m pytest -q
+
+# What a developer runs between edits (under 2 minutes): everything but the slow and root tests.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not root"
 
 lint: setup
 	$(VENV)/bin/ruff check sidscale tools tests

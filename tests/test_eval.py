@@ -170,9 +170,19 @@ def test_fid_of_a_folder_against_itself_is_zero_and_ref_stats_are_cached(work, i
     # takes over a minute on a shared CPU)
     assert abs(fid_from_features(feats, mu, sigma)) < 1e-6 * np.trace(sigma)
 
+    # Another batch size reorders float32 sums inside the network's convolution (K = 3*13*13 = 507
+    # terms) and linear layer (K = 128): the standard bound for a reordered float32 sum of K terms is
+    # K * 2^-24 * sum |terms|, with sum |terms| of the order of the features' scale. So features of the
+    # same images may differ by up to ~(507 + 128) * 2^-24 * max|f| (3.8e-5 relative), never by the
+    # O(max|f|) of a wrong image or order; a relative tolerance on the MEAN would not follow from this
+    # (entries of mu near 0 have no relative precision). Measured: 8.9e-8 with max|f| = 0.34.
+    other_batch = files_features(sorted(folder.glob("*.png")), fn, batch=4)
+    np.testing.assert_allclose(other_batch, feats, rtol=0, atol=(507 + 128) * 2.0**-24 * np.abs(feats).max())
+
     out = work / "ref_stats.npz"
-    mu_c, sigma_c, meta = cached_folder_stats(folder, out, inception_standin, fn, batch=4)
-    np.testing.assert_allclose(mu_c, mu, rtol=1e-6)
+    mu_c, sigma_c, meta = cached_folder_stats(folder, out, inception_standin, fn, batch=5)
+    np.testing.assert_array_equal(mu_c, mu)  # same batches, same arithmetic: bit-identical
+    np.testing.assert_array_equal(sigma_c, sigma)
     assert meta["num_images"] == 12 and load_stats(out)[2] == meta
 
     def must_not_run(x):

@@ -1,9 +1,14 @@
 """Fault injection on the 2-rank CPU trainer: whatever happens, a restart loses nothing beyond the
 last complete checkpoint and ends bit-identical (fp32) to one uninterrupted run.
 
-(a) SIGKILL of the whole launch at a random step; (b) SIGKILL in the middle of a checkpoint save;
+(a) SIGKILL of the whole launch after a step; (b) SIGKILL in the middle of a checkpoint save;
 (c) a corrupt ``latest`` marker; (d) the disk filling up during a save; (e) SIGUSR1 (SLURM's
 "time is nearly up") to one rank.
+
+Every fault happens at a point the test chooses (``sidscale.fault_injection``: the trainer stops
+there and waits to be killed, or signals itself), never at a time that races the trainer, so each
+test checks one exact expected outcome. All are compared with the one shared uninterrupted run
+(``conftest.fp32_reference_run``).
 """
 
 from __future__ import annotations
@@ -21,9 +26,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+from sidscale import fault_injection
 from sidscale.checkpoint import (
     LATEST,
     checkpoints_root,
@@ -35,51 +40,22 @@ from sidscale.checkpoint import (
 )
 from sidscale.distributed.preemption import EXIT_REQUEUE
 from tests.dist_launch import REPO, free_port, run_trainer
-from tests.tiny_teachers import write_tiny_toy_teacher
+from tests.reference_run import assert_identical
 
-MAX_STEPS = 6
-BASE = [
-    "train.precision=fp32", "train.global_batch=8", "train.micro_batch=2", "teacher.dtype=fp32",
-    "teacher.resolution=8", "data.shards=toy", "data.num_workers=1", "eval.num_samples=0",
-    "train.export_at_end=false", "train.seed=3", "generator.lr=1e-2", "fake.lr=1e-2",
-    "train.ema_halflife_kimg=0.01", "train.log_every=1", f"train.max_steps={MAX_STEPS}", "train.ckpt_every=2",
-    "train.keep_last=5",
-]
 ENV = dict(HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
            PYTHONPATH=str(REPO))
 
 
-@pytest.fixture(scope="module")
-def overrides(tmp_path_factory):
-    teacher = write_tiny_toy_teacher(tmp_path_factory.mktemp("teacher") / "toy", sample_size=8)
-    return BASE + [f"teacher.path={teacher}"]
+@pytest.fixture
+def overrides(tiny_toy_teacher):
+    from tests.reference_run import overrides
+
+    return overrides(tiny_toy_teacher)
 
 
-@pytest.fixture(scope="module")
-def reference(overrides, tmp_path_factory):
-    """One uninterrupted run (checkpoints at steps 2, 4, 6) that every fault is compared with."""
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    run_trainer(run_dir, overrides)
-    return run_dir
-
-
-def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    ckpt = find_resume_checkpoint(run_dir)
-    assert ckpt is not None and read_meta(ckpt)["step"] == MAX_STEPS, f"{run_dir}: not finished ({ckpt})"
-    out = {f"{tag}.{k}": v for tag in ("generator", "fake")
-           for k, v in get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag).items()}
-    out.update({f"ema.{k}": v for k, v in full_ema_from_checkpoint(ckpt).items()})
-    for r in range(2):  # the data cursor
-        out[f"data.rank{r}"] = torch.load(ckpt / f"rank_{r:05d}.pt", weights_only=False)["data"]
-    return out
-
-
-def assert_identical(run_dir: Path, reference: Path) -> None:
-    got, want = final_state(run_dir), final_state(reference)
-    assert got.keys() == want.keys()
-    for k, v in want.items():
-        same = torch.equal(got[k], v) if isinstance(v, torch.Tensor) else got[k] == v
-        assert same, f"{k} differs from the uninterrupted run"
+@pytest.fixture
+def reference(fp32_reference_run):
+    return fp32_reference_run
 
 
 def latest_step(run_dir: Path) -> int | None:
@@ -122,9 +98,14 @@ class Launch:
     """A trainer started in the background, in a session of its own (apart from pytest's, so a kill
     never reaches the test runner); output goes to files, not pipes, which a chatty run could fill."""
 
-    def __init__(self, run_dir: Path, overrides: list[str], log_dir: Path, direct_ranks: bool = False):
+    def __init__(self, run_dir: Path, overrides: list[str], log_dir: Path, direct_ranks: bool = False,
+                 fault: fault_injection.Fault | None = None):
         self.log_dir = log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
+        self.marker_dir = log_dir / "fault_reached"
+        env = dict(ENV)
+        if fault is not None:
+            env.update({fault_injection.ENV: fault.spec(), fault_injection.DIR_ENV: str(self.marker_dir)})
         train = [str(REPO / "sidscale" / "train.py"), "--config", "toy", "--run-dir", str(run_dir)]
         train += [a for o in overrides for a in ("--set", o)]
         if direct_ranks:
@@ -132,12 +113,12 @@ class Launch:
             # rank's own exit code is visible (torchrun would turn 75 into 1).
             port = str(free_port())
             self.procs = [self._popen([sys.executable, *train], f"rank{r}",
-                                      dict(ENV, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                      dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
                                            MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
                           for r in range(2)]
         else:
             self.procs = [self._popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                                       f"--master_port={free_port()}", *train], "torchrun", ENV)]
+                                       f"--master_port={free_port()}", *train], "torchrun", env)]
 
     def _popen(self, cmd: list[str], name: str, env: dict) -> subprocess.Popen:
         out = open(self.log_dir / f"{name}.out", "w")  # closed in wait()
@@ -147,10 +128,9 @@ class Launch:
     def output(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("*.out")))
 
-    def progress(self) -> int:
-        """The last step tqdm reported on rank 0 (``| 3/6 [``), 0 before the first."""
-        steps = re.findall(rf"\| *(\d+)/{MAX_STEPS} \[", self.output())
-        return int(steps[-1]) if steps else 0
+    def ranks_at_fault(self) -> int:
+        """How many ranks have reached an injected ``hang`` (and wait there to be killed)."""
+        return len(list(self.marker_dir.glob("reached_rank*")))
 
     def running(self) -> bool:
         return all(p.poll() is None for p in self.procs)
@@ -186,37 +166,41 @@ class Launch:
         return codes
 
 
-def test_sigkill_at_a_random_step_then_restart_is_exact(overrides, reference, tmp_path):
+def test_sigkill_after_a_step_then_restart_is_exact(overrides, reference, tmp_path):
+    """Both ranks finish step 3 (the checkpoint of step 2 is complete), then the whole launch is
+    SIGKILLed: the restart resumes at step 2, loses nothing more, and ends identical."""
     run_dir = tmp_path / "run"
-    # after the first checkpoint (step 2), and early enough that the run cannot finish before the kill
-    target = random.Random().randint(2, MAX_STEPS - 2)
-    launch = Launch(run_dir, overrides, tmp_path / "logs")
+    launch = Launch(run_dir, overrides, tmp_path / "logs",
+                    fault=fault_injection.Fault(point="after_step", step=3, action="hang"))
     try:
-        launch.wait_until(lambda: launch.progress() >= target and latest_step(run_dir) is not None,
-                          what=f"step {target}")
+        launch.wait_until(lambda: launch.ranks_at_fault() == 2, what="both ranks after step 3")
     finally:
         launch.kill()
-    survived = latest_step(run_dir)
-    print(f"SIGKILL at step ~{launch.progress()} (target {target}); newest complete checkpoint: {survived}")
-    assert survived is not None and survived >= 2
+    assert latest_step(run_dir) == 2
     proc = run_trainer(run_dir, overrides)
-    assert resumed_step(proc) == survived  # nothing lost beyond the last checkpoint
+    assert resumed_step(proc) == 2  # nothing lost beyond the last checkpoint
     assert_identical(run_dir, reference)
 
 
 def test_sigkill_during_a_checkpoint_save_resumes_from_the_previous_one(overrides, reference, tmp_path):
+    """Killed inside the save of step 4: every rank has written its engine shards and rank file,
+    rank 0 has not yet written meta.json. The partial directory is never marked ``latest``; and even
+    where ``latest`` names it (a marker from another writer, a torn copy), the trainer falls back to
+    the newest complete checkpoint with a warning."""
     run_dir = tmp_path / "run"
     partial = step_dir(run_dir, 4)
-    launch = Launch(run_dir, overrides, tmp_path / "logs")
+    launch = Launch(run_dir, overrides, tmp_path / "logs",
+                    fault=fault_injection.Fault(point="in_save", step=4, action="hang"))
     try:
-        # The save of step 4 has started (its directory exists) but is not complete (no meta.json).
-        launch.wait_until(lambda: partial.is_dir() and not (partial / "meta.json").exists(), poll=0.002,
-                          what="the save of step 4")
+        launch.wait_until(lambda: launch.ranks_at_fault() == 2, what="both ranks inside the save of step 4")
     finally:
         launch.kill()
-    assert partial.is_dir() and not is_complete(partial), "the kill came after the save completed; rerun"
-    assert (checkpoints_root(run_dir) / LATEST).read_text().strip() == "step_00000002"
+    assert partial.is_dir() and any((partial / "generator").iterdir()) and not is_complete(partial)
+    marker = checkpoints_root(run_dir) / LATEST
+    assert marker.read_text().strip() == "step_00000002"
+    marker.write_text("step_00000004\n")
     proc = run_trainer(run_dir, overrides)
+    assert "falling back to the newest complete checkpoint" in proc.stderr
     assert resumed_step(proc) == 2
     assert_identical(run_dir, reference)
 
@@ -246,16 +230,6 @@ def test_corrupt_latest_falls_back_with_a_warning(reference, tmp_path, caplog, h
         ckpt = find_resume_checkpoint(run_dir)
     assert ckpt == step_dir(run_dir, expected_step)
     assert "falling back to the newest complete checkpoint" in caplog.text
-
-
-def test_trainer_resumes_past_a_latest_that_names_an_incomplete_checkpoint(overrides, reference, tmp_path):
-    run_dir = tmp_path / "run"
-    shutil.copytree(reference, run_dir)  # real copies: the trainer rewrites step 6
-    corrupt_latest(run_dir, "missing_rank_shard")
-    proc = run_trainer(run_dir, overrides)
-    assert "falling back to the newest complete checkpoint" in proc.stderr
-    assert resumed_step(proc) == 4
-    assert_identical(run_dir, reference)
 
 
 @pytest.fixture
@@ -299,24 +273,23 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(overrides, refere
 
 
 def test_sigusr1_to_one_rank_checkpoints_exits_75_and_restart_is_exact(overrides, reference, tmp_path):
+    """Only rank 1 gets SIGUSR1, right after step 3 (SLURM may signal ranks at different times):
+    both ranks must stop after that same step, save it and exit 75; the restart continues exactly."""
     run_dir = tmp_path / "run"
-    launch = Launch(run_dir, overrides, tmp_path / "logs", direct_ranks=True)
+    launch = Launch(run_dir, overrides, tmp_path / "logs", direct_ranks=True,
+                    fault=fault_injection.Fault(point="after_step", step=3, rank=1, action="signal"))
     try:
-        launch.wait_until(lambda: latest_step(run_dir) is not None, what="the first checkpoint")
-        # Only rank 1 is told (SLURM may signal ranks at different times): both must stop together.
-        launch.procs[1].send_signal(signal.SIGUSR1)
         codes = launch.wait(timeout=300)
     except BaseException:
         launch.kill()
         raise
     out = launch.output()
     assert codes == [EXIT_REQUEUE, EXIT_REQUEUE], f"exit codes {codes}:\n{out[-4000:]}"
+    assert "received signal SIGUSR1" in out
     m = re.search(r"stopped by signal at step (\d+); checkpoint saved", out)
-    assert m, out[-4000:]
-    stopped = int(m.group(1))
-    assert 2 <= stopped < MAX_STEPS
+    assert m and int(m.group(1)) == 3, out[-4000:]
     ckpt = find_resume_checkpoint(run_dir)
-    assert ckpt == step_dir(run_dir, stopped) and is_complete(ckpt) and read_meta(ckpt)["step"] == stopped
+    assert ckpt == step_dir(run_dir, 3) and is_complete(ckpt) and read_meta(ckpt)["step"] == 3
     proc = run_trainer(run_dir, overrides)
-    assert resumed_step(proc) == stopped
+    assert resumed_step(proc) == 3
     assert_identical(run_dir, reference)

@@ -4,11 +4,8 @@ own pipeline, v-prediction, clear errors for broken teacher dirs, memory levers,
 from __future__ import annotations
 
 import copy
-import os
 import pickle
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,7 +14,7 @@ from sidscale.config import ConfigError, TeacherConfig
 from sidscale.models.conditioning import SdxlConditioner, unet_kwargs
 from sidscale.models.teacher import TeacherDirError, attention_processors, load_teacher, set_attention
 from sidscale.models.unet_eps import UNetEps
-from tests.dist_launch import REPO, free_port, run_trainer
+from tests.dist_launch import run_trainer
 from tests.tiny_teachers import (
     SDXL_POOLED_DIM,
     SDXL_TEXT_HIDDEN,
@@ -233,28 +230,21 @@ def test_grad_checkpointing_same_outputs_and_gradients(dirs, monkeypatch, name):
             torch.testing.assert_close(got[2][k], ref[2][k], rtol=1e-4, atol=1e-6)
 
 
-ENGINE_SCRIPT = """
-import torch, deepspeed
-from sidscale.config import NetConfig
-from sidscale.distributed.engines import build_engine
-from tests.tiny_teachers import build_tiny_unet
-deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-unet = build_tiny_unet(0, in_channels=4, sample_size=8).requires_grad_(False)
-ds = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2},
-      "steps_per_print": 10**9}
-on, off = (build_engine(unet, NetConfig(grad_checkpointing=g), ds) for g in (True, False))
-assert on.module.is_gradient_checkpointing and not off.module.is_gradient_checkpointing
-print("ENGINES_OK")
-"""
-
-
 def test_build_engine_enables_checkpointing_per_net():
-    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()),
-               DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT], capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=300)
-    assert "ENGINES_OK" in proc.stdout, proc.stderr[-3000:]
+    from sidscale.config import NetConfig
+    from sidscale.distributed.engines import build_engine
+    from sidscale.distributed.runtime import init_distributed
+    from tests.inprocess import single_rank_environment
+
+    with single_rank_environment():
+        init_distributed()
+        from sidscale.models.tiny import build_tiny_unet
+
+        unet = build_tiny_unet(0, in_channels=4, sample_size=8).requires_grad_(False)
+        ds = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2},
+              "steps_per_print": 10**9}
+        on, off = (build_engine(unet, NetConfig(grad_checkpointing=g), ds) for g in (True, False))
+        assert on.module.is_gradient_checkpointing and not off.module.is_gradient_checkpointing
 
 
 def test_sdpa_is_the_default_and_eager_matches(dirs):
@@ -302,18 +292,27 @@ def _loss_scalars(run_dir) -> dict[str, list[float]]:
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"] if "loss" in tag}
 
 
-@pytest.mark.parametrize("name,extra", [
+@pytest.mark.parametrize("name,extra,ranks", [
     # SD1.5 shape with all three activation-checkpointing switches on (the SD presets' setting)
     ("sd15", ["teacher.grad_checkpointing=true", "generator.grad_checkpointing=true",
-              "fake.grad_checkpointing=true", "data.shards=indexed:toy", "train.export_at_end=false"]),
-    ("sd21v", ["data.shards=indexed:toy", "train.export_at_end=false"]),
-    # SDXL through the streaming loader: tokenize runs in the workers and yields [B, 2, 77]
-    ("sdxl", ["data.shards=toy", "train.export_at_end=true"]),
+              "fake.grad_checkpointing=true", "data.shards=indexed:toy", "train.export_at_end=false"], 1),
+    ("sd21v", ["data.shards=indexed:toy", "train.export_at_end=false"], 1),
+    # SDXL through the streaming loader on 2 ranks: tokenize runs in the workers and yields [B, 2, 77]
+    ("sdxl", ["data.shards=toy", "train.export_at_end=true"], 2),
 ])
-def test_trains_two_steps_on_two_ranks(dirs, tmp_path, name, extra):
+def test_trains_two_steps(dirs, tmp_path, name, extra, ranks):
+    """Each SD-shaped teacher trains through main(); one rank in-process where two ranks add nothing
+    that the SDXL case and the trainer tests do not already cover."""
+    from tests.inprocess import run_main
+
     kind = "sdxl" if name == "sdxl" else "sd"
     run = tmp_path / "run"
-    run_trainer(run, TRAIN + extra + [f"teacher.kind={kind}", f"teacher.path={dirs[name]}"], timeout=300)
+    overrides = TRAIN + extra + [f"teacher.kind={kind}", f"teacher.path={dirs[name]}"]
+    if ranks == 2:
+        run_trainer(run, overrides, timeout=300)
+    else:
+        proc = run_main(run, overrides + ["train.global_batch=2"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run / "checkpoints").is_dir() and (run / "samples" / "step_00000002.png").is_file()
     losses = _loss_scalars(run)
     assert len(losses) >= 2 and all(len(v) == 2 for v in losses.values()), losses

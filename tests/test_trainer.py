@@ -11,10 +11,11 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from safetensors.torch import load_file
 
-from sidscale.checkpoint import find_resume_checkpoint, full_ema_from_checkpoint, read_meta
+from sidscale.checkpoint import find_resume_checkpoint, full_ema_from_checkpoint
 from tests.dist_launch import REPO, run_trainer
 from tests.inprocess import one_rank_trainer, run_main
-from tests.tiny_teachers import write_tiny_toy_teacher
+from tests.reference_run import assert_identical
+from tests.reference_run import overrides as reference_overrides
 
 BASE = [
     "train.precision=fp32", "train.global_batch=8", "train.micro_batch=2", "train.preview_every=2",
@@ -24,9 +25,9 @@ BASE = [
 ]
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    return write_tiny_toy_teacher(tmp_path_factory.mktemp("teacher") / "toy", sample_size=8)
+@pytest.fixture
+def teacher_dir(tiny_toy_teacher):
+    return tiny_toy_teacher
 
 
 def final_weights(run_dir):
@@ -34,28 +35,18 @@ def final_weights(run_dir):
     return ckpt, {tag: get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag) for tag in ("generator", "fake")}
 
 
-def test_resume_is_exact(tmp_path, teacher_dir):
-    common = BASE + [f"teacher.path={teacher_dir}", "train.ckpt_every=2"]
-    run_trainer(tmp_path / "straight", common + ["train.max_steps=4"])
-    run_trainer(tmp_path / "split", common + ["train.max_steps=2"])
-    proc = run_trainer(tmp_path / "split", common + ["train.max_steps=4"])
+def test_resume_is_exact(tmp_path, tiny_toy_teacher, fp32_reference_run):
+    """Stopped at step 2 (its final checkpoint), then continued to step 6: identical to the shared
+    uninterrupted run in both engines' weights and optimizer-driven updates, the EMA and the data cursor."""
+    common = reference_overrides(tiny_toy_teacher)
+    split = tmp_path / "split"
+    run_trainer(split, common + ["train.max_steps=2"])
+    proc = run_trainer(split, common)
     assert "resumed from" in proc.stdout and "step_00000002" in proc.stdout
-    ck_a, a = final_weights(tmp_path / "straight")
-    ck_b, b = final_weights(tmp_path / "split")
-    assert read_meta(ck_a)["step"] == read_meta(ck_b)["step"] == 4
-    for tag in a:
-        for k in a[tag]:
-            assert torch.equal(a[tag][k], b[tag][k]), f"{tag}.{k} differs after resume"
-    ema_a, ema_b = full_ema_from_checkpoint(ck_a), full_ema_from_checkpoint(ck_b)
-    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
-    # the data cursor: rank files of both runs hold the same stream position at step 4
-    for r in range(2):
-        sa = torch.load(ck_a / f"rank_{r:05d}.pt", weights_only=False)["data"]
-        sb = torch.load(ck_b / f"rank_{r:05d}.pt", weights_only=False)["data"]
-        assert sa == sb
+    assert_identical(split, fp32_reference_run)
     # cadence artefacts: previews and TensorBoard events
-    assert (tmp_path / "straight" / "samples" / "step_00000004.png").is_file()
-    assert list((tmp_path / "straight" / "tb").glob("events.out.tfevents.*"))
+    assert (fp32_reference_run / "samples" / "step_00000004.png").is_file()
+    assert list((fp32_reference_run / "tb").glob("events.out.tfevents.*"))
 
 
 def test_export_loads_in_plain_diffusers_and_samples(tmp_path, teacher_dir):
