@@ -253,11 +253,15 @@ class Check:
         tmp.replace(self.out)
 
     def step(self, name: str, fn: Callable[[], dict[str, Any]], needs: tuple[str, ...] = ()) -> None:
-        if self.only is not None and name not in self.only and name.split("_")[0] not in self.only:
+        # NOTE: the environment always runs (the other steps read the device count and memory from it).
+        selected = (self.only is None or name == "environment" or name in self.only
+                    or name.split("_")[0] in self.only)
+        if not selected:
             return
         entry: dict[str, Any] = {"name": name}
         t0 = time.monotonic()
-        missing = [n for n in needs if self.results.get(n) != "pass"]
+        # A dependency left out with --only is taken as done (e.g. a resume in a kept --workdir).
+        missing = [n for n in needs if n in self.results and self.results[n] != "pass"]
         try:
             if missing:
                 raise Skip(f"needs {', '.join(missing)}, which did not pass")
@@ -352,14 +356,22 @@ print(json.dumps(out))
         self.teacher_info = read_info(self.teacher_dir)
         return {"teacher": self.teacher_info}
 
+    def teacher(self) -> dict[str, Any]:
+        """The teacher's random_teacher.json (written by this run, or by an earlier one in --workdir)."""
+        if not self.teacher_info:
+            from sidscale.models.random_teacher import read_info
+
+            self.teacher_info = read_info(self.teacher_dir)
+        return self.teacher_info
+
     def checkpoint_bytes(self) -> int:
         """One checkpoint of the bf16 run: per engine the bf16 module (2P), the fp32 master and Adam's
         two moments (12P); plus the fp32 EMA (4P). Checked against the real one in the resume step."""
-        p = int(self.teacher_info["parameters"]["unet"])
+        p = int(self.teacher()["parameters"]["unet"])
         return 2 * (2 + 12) * p + 4 * p
 
     def disk_space(self) -> dict[str, Any]:
-        p = int(self.teacher_info["parameters"]["unet"])
+        p = int(self.teacher()["parameters"]["unet"])
         # one checkpoint at a time (the driver deletes step 2 once step 4's save starts), the fp32
         # export, the prompt shards / logs / preview (1 GiB)
         need = int(1.1 * self.checkpoint_bytes()) + 4 * p + GIB
@@ -377,7 +389,7 @@ print(json.dumps(out))
         from sidscale.config import list_presets
         from sidscale.distributed.runtime import free_port
 
-        info, m = self.teacher_info, self.mode
+        info, m = self.teacher(), self.mode
         config = info["preset"] if info["preset"] in list_presets() else ("sdxl" if info["kind"] == "sdxl" else "sd15")
         overrides = [
             f"teacher.path={self.teacher_dir}", f"teacher.kind={info['kind']}",
@@ -465,9 +477,9 @@ print(json.dumps(out))
                              log_tail=tail(text), **numbers)
         if not ckpt_lib.is_complete(final) or ckpt_lib.find_resume_checkpoint(self.run_dir) != final:
             raise StepFailed(f"no complete final checkpoint {final}", log_tail=tail(text), **numbers)
-        numbers["checkpoint_gib"] = round(dir_bytes(final) / GIB, 2)
-        numbers["checkpoint_gib_estimate"] = round(self.checkpoint_bytes() / GIB, 2)
-        numbers["step2_checkpoint_gib"] = round(old_bytes / GIB, 2)
+        numbers["checkpoint_gib"] = round(dir_bytes(final) / GIB, 3)
+        numbers["checkpoint_over_estimate"] = round(dir_bytes(final) / self.checkpoint_bytes(), 3)
+        numbers["step2_checkpoint_gib"] = round(old_bytes / GIB, 3)
         meta = read_export_meta(self.run_dir / "export")
         numbers["export"] = {"step": meta.get("step"), "gib": round(dir_bytes(self.run_dir / "export") / GIB, 2)}
         if meta.get("step") != MAX_STEPS:
@@ -590,7 +602,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="presets for the benchmark and the memory plan (default: sd15; tiny with --cpu-smoke)")
     p.add_argument("--plan-tolerance", type=float, default=0.25,
                    help="memory plan step passes when predicted / measured is within [1/(1+t), 1+t]")
-    p.add_argument("--only", default=None, help="comma-separated step names (or prefixes: bench, memory) to run")
+    p.add_argument("--only", default=None,
+                   help="comma-separated step names or prefixes (write, disk, train, resume, sample, bench, memory) "
+                        "to run; the environment step always runs. With --workdir and --keep-workdir the sequence "
+                        "can be split over several calls")
     args = p.parse_args(argv)
     mode = SMOKE_MODE if args.cpu_smoke else GPU_MODE
     bench_presets = args.bench_presets if args.bench_presets is not None else (["tiny"] if args.cpu_smoke else ["sd15"])
