@@ -187,6 +187,23 @@ def tail(text: str, n: int = 4000) -> str:
     return text[-n:]
 
 
+def logged_scalars(tb_dir: Path) -> dict[str, Any]:
+    """The trainer's own TensorBoard scalars at the last logged step (loss, images/s, peak memory, NaN drops)."""
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+        acc.Reload()
+        out: dict[str, Any] = {}
+        for tag in acc.Tags().get("scalars", []):
+            events = acc.Scalars(tag)
+            if events:
+                out[tag] = {"step": events[-1].step, "value": events[-1].value}
+        return out
+    except Exception as e:  # numbers for the record only: never fails the step
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
@@ -319,7 +336,7 @@ print(json.dumps(out))
         if code != 0 or not lines:
             raise StepFailed(f"the environment probe failed (exit {code})", log_tail=tail(text))
         info = lines[-1]
-        with contextlib.suppress(OSError, FileNotFoundError):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
             query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
             smi = subprocess.run(query, capture_output=True, text=True, timeout=30)
             info["nvidia_smi"] = smi.stdout.strip().splitlines()
@@ -487,6 +504,10 @@ print(json.dumps(out))
         preview = self.run_dir / "samples" / f"step_{MAX_STEPS:08d}.png"
         if not preview.is_file():
             raise StepFailed(f"no preview image {preview}", **numbers)
+        numbers["logged"] = logged = logged_scalars(self.run_dir / "tb")
+        dropped = {k: v["value"] for k, v in logged.items() if k.startswith("nan/") and v["value"] > 0}
+        if dropped:  # recorded, not failed: the guards dropped non-finite samples at the last logged step
+            numbers["warnings"] = [f"non-finite samples dropped: {dropped}"]
         return numbers
 
     # ---------------------------------------------------------------- 6. sampling
@@ -502,8 +523,11 @@ print(json.dumps(out))
 
         image = Image.open(out).convert("RGB")
         stat = ImageStat.Stat(image)
-        return {"image_size": list(image.size), "pixel_mean": [round(v, 2) for v in stat.mean],
-                "pixel_std": [round(v, 2) for v in stat.stddev], "seconds_incl_start": round(seconds, 1)}
+        numbers = {"image_size": list(image.size), "pixel_mean": [round(v, 2) for v in stat.mean],
+                   "pixel_std": [round(v, 2) for v in stat.stddev], "seconds_incl_start": round(seconds, 1)}
+        if max(stat.stddev) == 0:  # NaN latents become one flat colour through the uint8 conversion
+            raise StepFailed("the sample is a single flat colour (non-finite latents?)", **numbers)
+        return numbers
 
     # ---------------------------------------------------------------- 7-8. benchmark and memory plan
     def gpu_mem_gib(self) -> float:
