@@ -554,7 +554,8 @@ print(json.dumps(out))
         mb, plan = self.plan_micro_batch(preset, extra)
         if mb == 0:
             raise Skip(f"the memory plan predicts that no micro-batch of {preset} fits {self.gpu_mem_gib():.0f} GiB "
-                       f"with ZeRO-2 on one device ({plan and plan.get('total_gib')} GiB at micro-batch 1)")
+                       f"with ZeRO-2 on one device (plan: {plan and plan.get('total_gib')} GiB at micro-batch "
+                       f"{self.mode.bench_micro_batch})")
         cmd = self.python("tools/bench.py", "--preset", preset, "--device", self.mode.device, "--zero", "2",
                           "--precision", "bf16", "--micro-batch", str(mb), *extra, "--steps", "3", "--warmup", "1",
                           "--baseline", "reference", "--baseline-micro-batch", "1")
@@ -566,8 +567,11 @@ print(json.dumps(out))
         if code != 0 or not lines:
             raise StepFailed(f"tools/bench.py exited {code}", log_tail=tail(text), **numbers)
         bad = [r.get("config") for r in lines if "samples_per_s" not in r or r.get("error")]
-        if bad:
-            raise StepFailed(f"configurations without a measurement: {bad}", **numbers)
+        ours = [c for c in bad if c != "reference" and "/reference/" not in str(c)]
+        if ours:
+            raise StepFailed(f"configurations without a measurement: {ours}", **numbers)
+        if bad:  # e.g. SDXL's fp32 reference recipe does not fit one GPU: recorded, not failed
+            numbers["warnings"] = [f"the reference setting was not measured: {bad}"]
         return numbers
 
     def memory_plan(self, preset: str) -> dict[str, Any]:
