@@ -1,0 +1,88 @@
+"""The GPU check's pieces that a CPU can check: the random-weight preset teacher it trains on loads
+through the trainer's real loading path with the preset's architecture, and the check itself, run
+in GPU mode on a machine without a GPU, fails clearly, skips what depends on the GPU and still
+writes its JSON. (The whole sequence on the CPU: ``bash tools/gpu_check.sh --cpu-smoke``, ~3 min.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors import safe_open
+
+from sidscale.config import TeacherConfig
+from sidscale.models.random_teacher import read_info, write_random_teacher
+from sidscale.models.teacher import load_teacher
+from sidscale.models.tokenizer import CLIP_VOCAB_SIZE
+from sidscale.perf.setup import build_preset_unet, latent_shape
+from sidscale.schedule import VPSchedule
+from tests.dist_launch import REPO
+
+
+def test_random_teacher_loads_through_load_teacher_with_the_preset_architecture(tmp_path):
+    info = write_random_teacher(tmp_path / "teacher", "tiny", dtype="bf16", seed=3)
+    assert read_info(tmp_path / "teacher") == info
+    assert (info["kind"], info["resolution"]) == ("sd", 64)
+
+    # on disk: bf16 safetensors (half the bytes of fp32), as asked
+    with safe_open(str(tmp_path / "teacher" / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    assert dtypes == {"BF16"}
+
+    teacher = load_teacher(TeacherConfig(kind=info["kind"], path=str(tmp_path / "teacher"), dtype="fp32",
+                                         resolution=info["resolution"]))
+    # the preset's UNet, built independently: same config, same parameter shapes, the seed's weights
+    # (rounded to bf16 by the save)
+    want = build_preset_unet("tiny", "cpu", seed=3)
+    got_cfg, want_cfg = dict(teacher.unet.config), dict(want.config)
+    assert {k: got_cfg[k] for k in want_cfg if not k.startswith("_")} == \
+           {k: v for k, v in want_cfg.items() if not k.startswith("_")}
+    want_sd = want.state_dict()
+    got_sd = teacher.unet.state_dict()
+    assert got_sd.keys() == want_sd.keys()
+    for k, v in want_sd.items():
+        assert torch.equal(got_sd[k], v.to(torch.bfloat16).float()), k
+    assert sum(p.numel() for p in teacher.unet.parameters()) == info["parameters"]["unet"]
+
+    # the text side feeds the UNet's cross-attention; the latents come out of a factor-8 VAE
+    assert teacher.latent_shape == latent_shape("tiny") == (4, 8, 8)
+    assert len(teacher.conditioner.tokenizer) == CLIP_VOCAB_SIZE
+    cond = teacher.conditioner.encode(["a red circle", ""])
+    assert cond["encoder_hidden_states"].shape == (2, 77, teacher.unet.config.cross_attention_dim)
+    x = torch.randn(2, *teacher.latent_shape)
+    out = teacher.unet(x, torch.tensor([10, 900]), encoder_hidden_states=cond["encoder_hidden_states"]).sample
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert teacher.vae is not None and teacher.scaling_factor == 0.18215
+    assert torch.equal(teacher.schedule.alphas_cumprod, VPSchedule.from_settings().alphas_cumprod)
+
+
+def test_gpu_mode_without_a_gpu_fails_clearly_skips_the_rest_and_still_writes_the_json(tmp_path):
+    out = tmp_path / "result.json"
+    # DS_ACCELERATOR=cpu in the caller's shell must not turn the GPU check into a CPU run
+    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.Popen([sys.executable, "tools/gpu_check.py", "--out", str(out), "--workdir", str(tmp_path / "w")],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # SIGTERM: the check kills its own children and writes its JSON
+        stdout, stderr = proc.communicate(timeout=120)
+        raise AssertionError(f"the check ran on past 300 s:\n{stdout[-3000:]}") from None
+    assert proc.returncode == 1, stdout + stderr
+    record = json.loads(out.read_text())
+    assert record["mode"] == "gpu" and record["ok"] is False
+    steps = {s["name"]: s for s in record["steps"]}
+    assert list(steps) == ["environment", "write_teacher", "disk_space", "train_checkpoint_kill",
+                           "resume_train_export", "sample", "bench_sd15", "memory_plan_sd15"]
+    env_step = steps["environment"]
+    assert env_step["status"] == "fail" and "no CUDA device" in env_step["reason"], env_step
+    assert record["environment"]["DS_ACCELERATOR"] is None  # removed for every child in GPU mode
+    assert record["environment"]["cuda_available"] is False
+    for name, s in steps.items():
+        if name != "environment":
+            assert s["status"] == "skipped" and "did not pass" in s["reason"], s
+    assert "environment" in stdout and "FAIL" in stdout
