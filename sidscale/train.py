@@ -253,8 +253,10 @@ class Trainer:
     # ----------------------------------------------------------------------------- checkpoints
     def _rng_state(self) -> dict:
         state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
+        if self.device.type == "cuda":
+            # NOTE: this rank's own GPU only: get_rng_state_all() would open a CUDA context (hundreds
+            # of MB) on every GPU of the node from every rank.
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
         return state
 
     def save_checkpoint(self) -> Path:
@@ -316,8 +318,8 @@ class Trainer:
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.step, self.images_seen = int(state["step"]), int(state["images_seen"])
 
     # ----------------------------------------------------------------------------- outputs
