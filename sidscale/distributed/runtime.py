@@ -168,12 +168,12 @@ def exit_now(code: int) -> NoReturn:
 
 def fail_fast(exc: BaseException, rank: int, code: int = EXIT_FAILURE) -> NoReturn:
     """Print this rank's traceback (each line prefixed with the rank) and ``exit_now(code)``."""
-    lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
-    text = "".join(lines)
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     prefixed = "".join(f"[rank {rank}] {line}\n" for line in text.splitlines())
+    summary = (str(exc).splitlines() or [""])[0][:200]
     try:
         sys.stderr.write(prefixed)
-        sys.stderr.write(f"sidscale: rank {rank} failed ({type(exc).__name__}: {exc}); exiting with code {code} "
+        sys.stderr.write(f"sidscale: rank {rank} failed ({type(exc).__name__}: {summary}); exiting with code {code} "
                          "without waiting for the other ranks. If this is a communication error, another rank "
                          "probably failed first: look for its traceback.\n")
     finally:
