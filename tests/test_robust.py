@@ -16,6 +16,8 @@ import configparser
 import datetime
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -357,3 +359,21 @@ def test_checkpoint_decisions_are_rank0s(path, tmp_path, monkeypatch) -> None:
         stub = _stub_trainer(tmp_path, step=1, max_steps=4, saves=saves)
         assert train.Trainer.run(stub, SimpleNamespace(stop_requested=lambda: True)) is False
     assert saves == [stub.step] and own_view == []
+
+
+def test_comm_check_on_two_gloo_ranks() -> None:
+    """tools/comm_check.py (the GPU check's NCCL probe) runs every comm helper on 2 real ranks and
+    compares each result with what every rank can compute alone."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={runtime.free_port()}",
+           str(REPO / "tools" / "comm_check.py"), "--timeout-s", "60"]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+    out = json.loads(line)
+    assert out["ok"] and out["backend"] == "gloo" and out["world_size"] == 2 and out["comm_device"] == "cpu"
+    assert out["checks"] == [
+        "all_ranks_agree(True)", "all_ranks_agree(rank != 0)", "any_rank(rank == last)", "any_rank(False)",
+        "stop_requested (no signal)", "stop_requested (signal on rank 0 only)", "all_reduce(cpu tensor)",
+        "all_reduce(device tensor, max)", "broadcast_object", "decide_on_rank0", "all_gather_object",
+        "all_gather(cpu tensor)", "ShardedEMA.gather_full", "check_identical_across_ranks", "barrier"]
