@@ -7,6 +7,7 @@
   async error handling is on.
 - Checkpoint decisions are rank 0's, broadcast; a re-save first invalidates the old meta.json.
 - DeepSpeed outside the tested range fails at start-up with a clear message.
+- slurm/distill.sh requeues only a requested stop (75), never a crash.
 """
 
 from __future__ import annotations
@@ -377,3 +378,29 @@ def test_comm_check_on_two_gloo_ranks() -> None:
         "stop_requested (no signal)", "stop_requested (signal on rank 0 only)", "all_reduce(cpu tensor)",
         "all_reduce(device tensor, max)", "broadcast_object", "decide_on_rank0", "all_gather_object",
         "all_gather(cpu tensor)", "ShardedEMA.gather_full", "check_identical_across_ranks", "barrier"]
+
+
+@pytest.mark.parametrize("rank_exit", [1, 75])
+def test_distill_sh_requeues_only_a_requested_stop(rank_exit, tmp_path) -> None:
+    """slurm/distill.sh with stand-ins for srun / scontrol: a crash (exit 1, what a failing rank
+    returns) ends the job with that code and no requeue; 75 (stopped on request) requeues. srun
+    gets --wait, which kills the ranks left over once one has exited."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f'#!/bin/bash\necho "$@" > {tmp_path}/srun.args\nexit {rank_exit}\n')
+    (bin_dir / "scontrol").write_text(
+        f'#!/bin/bash\nif [[ $1 == show ]]; then echo localhost; else echo "$@" >> {tmp_path}/scontrol.log; fi\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="123", SLURM_JOB_NAME="t",
+               SLURM_JOB_NODELIST="localhost", SLURM_NTASKS="2", SIDSCALE_HOME=str(REPO),
+               RUN_DIR=str(tmp_path / "run"), PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(REPO / "slurm" / "distill.sh"), "toy"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    requeued = (tmp_path / "scontrol.log").read_text() if (tmp_path / "scontrol.log").exists() else ""
+    assert "--wait=" in (tmp_path / "srun.args").read_text()
+    if rank_exit == 75:
+        assert proc.returncode == 0 and requeued == "requeue 123\n", proc.stdout + proc.stderr
+    else:
+        assert proc.returncode == 1 and requeued == "", proc.stdout + proc.stderr
+        assert "the ranks failed (exit 1)" in proc.stderr
