@@ -49,6 +49,12 @@ def is_complete(ckpt: Path) -> bool:
     return all((Path(ckpt) / tag).is_dir() and any((Path(ckpt) / tag).iterdir()) for tag in ENGINE_TAGS)
 
 
+def invalidate(ckpt: Path) -> None:
+    """Make ``ckpt`` incomplete before anything in it is overwritten (rank 0, before a re-save):
+    meta.json is what vouches for the files, and it is written last by the save."""
+    (Path(ckpt) / META).unlink(missing_ok=True)
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     root = checkpoints_root(run_dir)
     if not root.is_dir():

@@ -154,6 +154,15 @@ class EvalConfig:
 
 
 @dataclass
+class DistConfig:
+    # Seconds any collective may wait for the slowest rank before the job fails (NCCL: the watchdog
+    # ends the process; gloo: the call raises). It bounds a hang on a stuck rank, and must exceed
+    # the longest rank-0-only work the other ranks wait for (checkpoint pruning, export, previews,
+    # the toy evaluation, fitting the toy teacher): raise it for slow filesystems.
+    timeout_s: int = 600
+
+
+@dataclass
 class Config:
     resume: bool = True  # resume from RUN/checkpoints/latest; false refuses a non-empty run dir
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -166,6 +175,7 @@ class Config:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,6 +361,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check_non_negative(cfg.eval, "eval", ["teacher_steps"])
     _check(cfg.eval.num_samples == 0 or cfg.eval.num_samples >= 2, "eval.num_samples", cfg.eval.num_samples,
            "0 (no toy evaluation) or at least 2")
+
+    # NOTE: a few seconds would already trip on an ordinary checkpoint save or a rank's slower start-up.
+    _check(cfg.dist.timeout_s >= 10, "dist.timeout_s", cfg.dist.timeout_s,
+           "seconds >= 10 (default 600, NCCL's own; raise it for slow checkpoint filesystems)")
 
     if world_size is not None:
         accumulation_steps(cfg, world_size)

@@ -40,7 +40,6 @@ if __package__ in (None, ""):  # `deepspeed sidscale/train.py` runs this file as
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from sidscale import checkpoint as ckpt_lib
 from sidscale import fault_injection
@@ -55,13 +54,16 @@ from sidscale.config import (
     validate,
 )
 from sidscale.data.prompts import INDEXED_PREFIX, IndexedPromptSource, StreamPromptSource
+from sidscale.distributed import comm
 from sidscale.distributed.ds_config import build_ds_config, check_precision_supported, zero_stage
 from sidscale.distributed.engines import build_engine, check_identical_across_ranks
 from sidscale.distributed.preemption import EXIT_REQUEUE, StopSignal
 from sidscale.distributed.runtime import (
+    EXIT_FAILURE,
+    DeepSpeedVersionError,
     DistInfo,
-    all_ranks_agree,
-    broadcast_object,
+    exit_now,
+    fail_fast,
     init_distributed,
     shutdown_distributed,
 )
@@ -105,6 +107,15 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
     return has_checkpoint
 
 
+def checkpoint_complete(run_dir: Path, step: int) -> bool:
+    """Whether step ``step`` has a complete checkpoint, as rank 0 sees it, on every rank.
+
+    Decided once and broadcast (a collective): on NFS / Lustre with client caching a rank may
+    still see an older state of the directory, and ranks that disagree would split around the
+    collectives of save_checkpoint and hang."""
+    return comm.decide_on_rank0(ckpt_lib.is_complete, ckpt_lib.step_dir(run_dir, step))
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, dist_info: DistInfo, teacher: Teacher | None = None):
         """``teacher``: an already built teacher (benchmarks build real-size random-weight ones from
@@ -124,7 +135,7 @@ class Trainer:
             # The toy teacher is fitted once (rank 0), then every rank loads the same files.
             if self.dist.is_main:
                 resolve_teacher_dir(cfg.teacher)
-            dist.barrier()
+            comm.barrier()
             teacher = load_teacher(cfg.teacher, self.device)
         self.teacher: Teacher = teacher
         self.schedule = self.teacher.schedule
@@ -184,7 +195,7 @@ class Trainer:
                 from sidscale.data.shards import write_prompt_shards
 
                 write_prompt_shards(self._toy_prompts(), Path(shards).parent, shard_size=4, overwrite=True)
-            dist.barrier()
+            comm.barrier()
         if shards.startswith("/path/to/"):
             raise ConfigError(f"data.shards = {shards!r} is the preset's placeholder: give your prompt tars "
                               "(tools/make_prompt_shards.py) or a manifest.json")
@@ -278,6 +289,13 @@ class Trainer:
 
     def _save_checkpoint(self, path: Path) -> Path:
         client = {"step": self.step, "images_seen": self.images_seen}
+        # A re-save into an existing step directory (a resumed run saving the step it resumed
+        # from, a stop right after a periodic save) overwrites files that an old meta.json vouches
+        # for: remove it first, on rank 0 before any rank writes, so a re-save that dies half-way
+        # leaves an incomplete directory, never a complete-looking mix of old and new shards.
+        if self.dist.is_main:
+            ckpt_lib.invalidate(path)
+        comm.barrier()
         # Every rank saves its engine shards, then its own client state, atomically.
         self.gen_engine.save_checkpoint(str(path), tag="generator", client_state=client, save_latest=False)
         self.fake_engine.save_checkpoint(str(path), tag="fake", client_state=client, save_latest=False)
@@ -286,7 +304,7 @@ class Trainer:
             "step": self.step, "images_seen": self.images_seen,
         })
         fault_injection.maybe_fail("in_save", self.step, self.rank)
-        dist.barrier()
+        comm.barrier()
         if self.dist.is_main:
             atomic_write_json(path / ckpt_lib.META, {
                 "step": self.step, "images_seen": self.images_seen, "world_size": self.world,
@@ -296,7 +314,7 @@ class Trainer:
             })
             ckpt_lib.mark_latest(self.run_dir, path)
             ckpt_lib.prune_checkpoints(self.run_dir, self.cfg.train.keep_last)
-        dist.barrier()
+        comm.barrier()
         return path
 
     def _ema_shapes(self) -> list[tuple[int, ...]]:
@@ -418,8 +436,7 @@ class Trainer:
     # ----------------------------------------------------------------------------- loop
     def _log(self, stats: dict[str, torch.Tensor], seconds: float, steps: int) -> None:
         keys = sorted(stats)
-        vec = torch.stack([stats[k].float().to(self.device) for k in keys])
-        dist.all_reduce(vec)
+        vec = comm.all_reduce(torch.stack([stats[k].float().to(self.device) for k in keys]))
         vals = dict(zip(keys, (vec / self.world).tolist(), strict=True))
         src_stats = self.prompts.stats()
         if self.logger is None or not self.dist.is_main:
@@ -468,12 +485,11 @@ class Trainer:
                 if self.step % tc.ckpt_every == 0 and self.step < tc.max_steps:
                     self.save_checkpoint()
                 if stop is not None and self.step < tc.max_steps and stop.stop_requested():
-                    if not ckpt_lib.is_complete(ckpt_lib.step_dir(self.run_dir, self.step)):
+                    if not checkpoint_complete(self.run_dir, self.step):
                         self.save_checkpoint()
                     self.logger.write(f"sidscale: stopped by signal at step {self.step}; checkpoint saved")
                     return False
-            final = ckpt_lib.step_dir(self.run_dir, self.step)
-            if not ckpt_lib.is_complete(final):
+            if not checkpoint_complete(self.run_dir, self.step):
                 self.save_checkpoint()
             if tc.export_at_end:
                 out = self.export()
@@ -506,8 +522,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sidscale: config error: {e}", file=sys.stderr)
         return 2
     stop = StopSignal()  # installed before the slow start-up so an early signal is not lost
-    dist_info = init_distributed(args.local_rank)
-    code = 0
+    try:
+        dist_info = init_distributed(args.local_rank, timeout_s=cfg.dist.timeout_s)
+    except DeepSpeedVersionError as e:
+        print(f"sidscale: error: {e}", file=sys.stderr)
+        return 2
+    rank = dist_info.rank
     try:
         validate(cfg, dist_info.world_size)
         build_ds_config(cfg, dist_info.world_size)  # a bad ds_config fails here, before any model loads
@@ -520,29 +540,36 @@ def main(argv: list[str] | None = None) -> int:
                 dump_config(cfg, run_dir / "config.yaml")
             except ConfigError as e:
                 decision = (False, str(e))
-        has_checkpoint, error = broadcast_object(decision)
+        has_checkpoint, error = comm.broadcast_object(decision)
         if error:
             raise ConfigError(error)
         trainer = Trainer(cfg, run_dir, dist_info)
         if has_checkpoint:
-            path = broadcast_object(ckpt_lib.find_resume_checkpoint(run_dir) if dist_info.is_main else None)
+            path = comm.decide_on_rank0(ckpt_lib.find_resume_checkpoint, run_dir)
             trainer.resume(path)
             if dist_info.is_main:
                 print(f"sidscale: resumed from {path} (step {trainer.step})", flush=True)
-        if not all_ranks_agree(True):
+        if not comm.all_ranks_agree(True):
             raise RuntimeError("a rank failed during start-up")
-        if not trainer.run(stop):
-            code = EXIT_REQUEUE
+        code = 0 if trainer.run(stop) else EXIT_REQUEUE
     except ConfigError as e:
+        # The same on every rank (same config, decisions broadcast from rank 0): one message.
         if dist_info.is_main:
             print(f"sidscale: error: {e}", file=sys.stderr)
-        code = 2
+        exit_now(2)
     except CheckpointSaveError as e:
         print(f"sidscale: error: {e}", file=sys.stderr, flush=True)
-        os._exit(1)  # other ranks may be blocked in a collective of the failed save: do not wait for them
-    finally:
-        with contextlib.suppress(Exception):
-            shutdown_distributed()
+        exit_now(EXIT_FAILURE)  # other ranks may be blocked in a collective of the failed save
+    except BaseException as e:  # anything else, on any rank, KeyboardInterrupt included
+        # NOTE: never the barrier of shutdown_distributed here: the other ranks are blocked in a
+        # collective this rank will not join, so it would hang the whole job (until the NCCL
+        # watchdog, 10+ minutes of every GPU). Print, then leave at once; the peers' collectives
+        # fail when this process's connections close, or at dist.timeout_s, and launchers
+        # (torchrun, srun --wait in slurm/distill.sh) end the rest. Exit 1, never 75: SLURM must
+        # not requeue a crash.
+        fail_fast(e, rank, 130 if isinstance(e, KeyboardInterrupt) else EXIT_FAILURE)
+    # Clean end or requeue stop: every rank gets here after the same step.
+    shutdown_distributed()
     return code
 
 

@@ -90,10 +90,12 @@ export MASTER_PORT=${SIDSCALE_MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}
 unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE
 
 # ---- Environment of the ranks (each one overridable from the submitting shell).
-# A rank that hits an NCCL error or a collective timeout aborts (and its process exits) instead
-# of leaving the others blocked until the time limit. Old and new (torch >= 2.2) names.
-export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
-export NCCL_ASYNC_ERROR_HANDLING=${NCCL_ASYNC_ERROR_HANDLING:-1}
+# A rank that hits an NCCL error or a collective timeout (config key dist.timeout_s, default 600 s)
+# exits instead of leaving the others blocked until the time limit. 3 = SkipCleanUp: end the
+# process without ncclCommAbort, which can itself hang (torch's default; sidscale/distributed/
+# runtime.py sets the same). Old and new (torch >= 2.2) names.
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}
+export NCCL_ASYNC_ERROR_HANDLING=${NCCL_ASYNC_ERROR_HANDLING:-3}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 # Interconnect selection is site specific: set e.g. NCCL_SOCKET_IFNAME=ib0 or NCCL_IB_HCA=mlx5
 # in the submitting shell when NCCL picks the wrong interface.
@@ -144,10 +146,14 @@ if [[ $GOT_TERM == 1 ]]; then exit 143; fi
 # One task per rank started by srun, not one torchrun per node: the ranks' own exit code (75:
 # stopped on request) reaches this script unchanged (torchrun turns any non-zero exit of a
 # worker into 1), srun delivers the forwarded signal straight to every rank, and there is no
-# second rendezvous to configure. --wait: once one rank exits (a crash), the others get
-# SIDSCALE_RANK_EXIT_WAIT seconds to notice, then are killed, so a dead rank cannot hold the
-# allocation until the time limit; --kill-on-bad-exit is not used because it would kill ranks
-# still tearing down after a clean exit 75 and replace 75 by their signal status.
+# second rendezvous to configure. A rank that raises prints its traceback and exits 1 at once,
+# without waiting for the others (sidscale/train.py main); the others' collectives then fail
+# (NCCL: its watchdog, at the latest after dist.timeout_s) and they exit 1 too. --wait bounds
+# that: once one rank exits, the others get SIDSCALE_RANK_EXIT_WAIT seconds, then are killed, so
+# a dead rank cannot hold the allocation until the time limit. --kill-on-bad-exit is not used
+# because srun counts 75 as a bad exit: it would kill ranks still tearing down after a clean
+# exit 75 and replace 75 by their signal status (no requeue). Any exit other than 0 and 75
+# ends the job below without a requeue.
 srun --wait="${SIDSCALE_RANK_EXIT_WAIT:-120}" --kill-on-bad-exit=0 \
      --output="$RUN_DIR/logs/rank%t.log" --open-mode=append \
      "$PYTHON" "$REPO/sidscale/train.py" --config "$CONFIG" --run-dir "$RUN_DIR" "$@" &

@@ -91,7 +91,10 @@ def run_main(run_dir: Path, overrides: list[str], config: str = "toy",
     root.setLevel(logging.INFO)  # what main()'s basicConfig sets in a fresh process
     try:
         with single_rank_environment(extra_env), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main(argv)
+            try:
+                code = main(argv)
+            except SystemExit as e:  # a one-rank failure ends main() this way (runtime.exit_now)
+                code = e.code if isinstance(e.code, int) else 1
     finally:
         root.removeHandler(handler)
         root.setLevel(saved_level)

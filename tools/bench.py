@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     import torch
-    import torch.distributed as dist
 
+    from sidscale.distributed import comm
     from sidscale.distributed.runtime import init_distributed, shutdown_distributed
     from sidscale.perf import bench
     from sidscale.perf.setup import BenchCase
@@ -119,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Peak memory of every rank, gathered to rank 0 (ranks differ under ZeRO partitioning).
     mine = [{k: v for k, v in rec.items() if k.endswith("_gib")} for rec in records]
-    gathered: list = [None] * dist_info.world_size
-    dist.all_gather_object(gathered, mine)
+    gathered = comm.all_gather_object(mine)
     ref = records[-1] if args.baseline == "reference" else None
     lines = []
     for i, rec in enumerate(records):

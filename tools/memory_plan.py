@@ -103,6 +103,7 @@ def _measure(args, info) -> dict:
     """The largest per-rank peak of the real trainer at the plan's configuration."""
     import torch
 
+    from sidscale.distributed import comm
     from sidscale.distributed.runtime import shutdown_distributed
     from sidscale.perf.measured_memory import measure_trainer_peak
     from sidscale.perf.setup import BenchCase
@@ -113,7 +114,7 @@ def _measure(args, info) -> dict:
     out = measure_trainer_peak(case, info, args.steps)
     if info.world_size > 1:  # the plan is per GPU: report the rank that needed most
         peaks = torch.tensor([out["peak_bytes"], out["static_bytes"]], dtype=torch.float64, device=info.device)
-        torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX)
+        peaks = comm.all_reduce(peaks, "max")
         out = {"peak_bytes": float(peaks[0]), "static_bytes": float(peaks[1])}
     shutdown_distributed()
     return {**out, "device": info.device.type}

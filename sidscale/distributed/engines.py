@@ -10,9 +10,9 @@ import copy
 import hashlib
 
 import torch
-import torch.distributed as dist
 
 from sidscale.config import NetConfig
+from sidscale.distributed import comm
 
 
 def build_engine(teacher_unet: torch.nn.Module, net_cfg: NetConfig, ds_config: dict):
@@ -43,8 +43,7 @@ def module_fingerprint(module: torch.nn.Module) -> str:
 def check_identical_across_ranks(modules: dict[str, torch.nn.Module]) -> None:
     """Fail clearly if any rank loaded different weights (a different file, a different seed)."""
     mine = {name: module_fingerprint(m) for name, m in modules.items()}
-    gathered: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
-    dist.all_gather_object(gathered, mine)
+    gathered = comm.all_gather_object(mine)
     for name in mine:
         ranks = {r: g[name] for r, g in enumerate(gathered)}
         if len(set(ranks.values())) != 1:

@@ -11,8 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 
-import torch
-import torch.distributed as dist
+from sidscale.distributed import comm
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +35,9 @@ class StopSignal:
 
     def stop_requested(self) -> bool:
         """True on every rank when any rank got a signal (a collective: all ranks must call)."""
-        flag = torch.tensor([1 if self.received else 0], dtype=torch.int64)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        # NOTE: comm puts the flag on the comm device (a CPU tensor would fail under NCCL); the
+        # .item() is one small host sync per step, the price of every rank stopping at the same step.
+        return comm.any_rank(bool(self.received))
 
     def restore(self) -> None:
         for s, handler in self._previous.items():

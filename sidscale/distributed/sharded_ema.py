@@ -11,7 +11,8 @@ The full EMA weights exist only on demand (``gather_full``): export and previews
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+
+from sidscale.distributed import comm
 
 
 def _is_zero3_param(p: torch.nn.Parameter) -> bool:
@@ -71,17 +72,16 @@ class ShardedEMA:
         if self.zero3:
             out = {}
             for name, p, shard in zip(self.names, self.params, self.shards, strict=True):
-                parts = [torch.empty_like(shard) for _ in range(self.world_size)]
-                dist.all_gather(parts, shard)
+                parts = comm.all_gather(shard)
                 out[name] = torch.cat(parts)[: p.ds_numel].view(p.ds_shape).clone()
             return out
-        local = torch.cat(self.shards) if self.shards else torch.zeros(0)
+        # NOTE: a rank without elements (tiny model, many ranks) still needs a tensor on the params' device.
+        local = torch.cat(self.shards) if self.shards else torch.zeros(0, device=self.params[0].device)
         total = sum(p.numel() for p in self.params)
         per_rank = -(-total // self.world_size)
         padded = torch.zeros(per_rank, dtype=torch.float32, device=local.device)
         padded[: local.numel()] = local
-        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(parts, padded)
+        parts = comm.all_gather(padded)
         flat = torch.cat(parts)[:total]
         out, offset = {}, 0
         for name, p in zip(self.names, self.params, strict=True):

@@ -1,0 +1,138 @@
+"""The one place where sidscale calls torch.distributed collectives (DeepSpeed's own are its business).
+
+The rule this module enforces: a tensor handed to a collective lives on the process group's
+communication device: ``cuda:<local rank>`` under NCCL, the CPU under gloo. NCCL rejects CPU
+tensors at the first call ("No backend type associated with device type cpu"), so a CPU flag
+all-reduced from the training loop would stop a GPU job before its first step, while every CPU
+test (gloo) passes. Every helper below moves its tensors to ``comm_device()`` and hands results
+back where the caller wants them; tests/test_robust.py fails if any other module of sidscale
+or tools calls a torch.distributed collective directly, so the rule cannot erode.
+
+Why this and not a per-device backend (``init_process_group("cpu:gloo,cuda:nccl")``), which would
+make CPU-tensor collectives legal too: that adds a second, gloo, transport between all ranks
+(a TCP full mesh beside NCCL's, at every job size), under a configuration DeepSpeed's comm layer
+is not tested with, and it would still route the per-step stop flag through a different transport
+than the step's gradients. One NCCL process group, the setup DeepSpeed documents and tests, plus
+this module, is the smaller surface. The cost is one tiny host->device copy and a device->host
+read for each flag (the stop poll once per step), which is negligible next to an SD iteration.
+
+Object collectives (``broadcast_object``, ``all_gather_object``) pickle into byte tensors on
+``torch.cuda.current_device()`` under NCCL, so they are only correct after
+``torch.cuda.set_device(local_rank)``: sidscale.distributed.runtime.init_distributed does that
+before the process group exists. All helpers are no-ops (or local identities) without a process
+group, so single-process tools and unit tests run unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def device_for_backend(backend: str, cuda_index: int) -> torch.device:
+    """The device a backend's collectives take tensors on: cuda for NCCL, the CPU for gloo / mpi.
+
+    ``backend`` is what ``dist.get_backend()`` reports ("nccl", "gloo", or a per-device string such
+    as "cpu:gloo,cuda:nccl", for which the CPU works and avoids device syncs)."""
+    b = backend.lower()
+    if "nccl" in b and "cpu:" not in b:
+        return torch.device("cuda", cuda_index)
+    return torch.device("cpu")
+
+
+def comm_device() -> torch.device:
+    """Where tensors for this process group's collectives must live (the CPU without a group)."""
+    if not is_distributed():
+        return torch.device("cpu")
+    backend = str(dist.get_backend())
+    if "nccl" in backend.lower():
+        return device_for_backend(backend, torch.cuda.current_device())
+    return device_for_backend(backend, 0)
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """The reduction of ``tensor`` over all ranks (``op``: sum | min | max), on the comm device.
+
+    The input is not modified when it has to be moved; it is reduced in place when it already
+    lives on the comm device."""
+    if not is_distributed():
+        return tensor
+    t = tensor.to(comm_device())
+    dist.all_reduce(t, op=_OPS[op])
+    return t
+
+
+def all_ranks_agree(flag: bool) -> bool:
+    """True only if ``flag`` is True on every rank (a collective: all ranks must call)."""
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    return bool(all_reduce(t, "min").item())
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is True on at least one (a collective: all ranks must call)."""
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    return bool(all_reduce(t, "max").item())
+
+
+def all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` (same shape and dtype on every rank), each on ``tensor``'s device."""
+    if not is_distributed():
+        return [tensor.clone()]
+    t = tensor.to(comm_device())
+    parts = [torch.empty_like(t) for _ in range(world_size())]
+    dist.all_gather(parts, t)
+    # NOTE: .to is a no-op when the caller's tensor already lives on the comm device (GPU runs);
+    # it brings the parts back to the host for CPU tensors (e.g. ZeRO-Offload partitions).
+    return [p.to(tensor.device) for p in parts]
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """Rank ``src``'s picklable ``obj`` on every rank (a collective: all ranks must call)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=comm_device())
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order (a collective: all ranks must call)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)  # uses torch.cuda.current_device() under NCCL (set_device first)
+    return out
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def decide_on_rank0(decide: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Evaluate ``decide`` on rank 0 only and return its result on every rank.
+
+    For decisions taken from the filesystem (is a checkpoint complete, which one to resume):
+    on a shared filesystem with client caching (NFS, Lustre) ranks can see different states of the
+    same directory, and ranks that branch differently around a collective hang or corrupt a save.
+    A collective: all ranks must call."""
+    return broadcast_object(decide(*args, **kwargs) if rank() == 0 else None)
