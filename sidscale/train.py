@@ -75,6 +75,7 @@ from sidscale.models.compile import compile_unets
 from sidscale.models.teacher import Teacher, decode_latents, load_teacher, resolve_teacher_dir
 from sidscale.models.unet_eps import UNetEps
 from sidscale.noise import PHASE_FAKE, PHASE_GEN, draw_step_noise, rank_sample_indices
+from sidscale.precision import apply_precision
 from sidscale.run_logger import RunLogger, peak_memory_bytes
 from sidscale.sample import seeded_latent_noise
 
@@ -110,6 +111,8 @@ class Trainer:
         """``teacher``: an already built teacher (benchmarks build real-size random-weight ones from
         ``sidscale.models.presets``); by default it is loaded from ``cfg.teacher``."""
         self.cfg, self.run_dir, self.dist = cfg, Path(run_dir), dist_info
+        # TF32 off for fp32 (the reference recipe), allowed for bf16/fp16: sidscale/precision.py says why.
+        apply_precision(cfg.train.precision)
         self.world, self.rank, self.device = dist_info.world_size, dist_info.rank, dist_info.device
         self.micro = cfg.train.micro_batch
         self.gas = accumulation_steps(cfg, self.world)
