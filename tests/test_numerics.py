@@ -164,17 +164,10 @@ def test_fp16_defaults_and_overrides():
 
 @pytest.fixture(scope="module")
 def one_rank():
-    """A 1-rank process group in this process (environment restored afterwards)."""
-    import os
+    from tests.inprocess_dist import one_rank_group
 
-    from sidscale.distributed.runtime import init_distributed
-
-    saved_env = dict(os.environ)
-    info = init_distributed()
-    yield info
-    torch.distributed.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved_env)
+    with one_rank_group() as info:
+        yield info
 
 
 def _fp16_engine(tmp_path, stage: int, monkeypatch, **net):

@@ -7,7 +7,6 @@ project's shared 2-core CPU; cached afterwards in ~/.cache/torch_extensions, the
 
 from __future__ import annotations
 
-import os
 import tempfile
 
 import pytest
@@ -16,14 +15,10 @@ import torch
 
 @pytest.fixture(scope="module")
 def one_rank():
-    from sidscale.distributed.runtime import init_distributed
+    from tests.inprocess_dist import one_rank_group
 
-    saved_env = dict(os.environ)
-    info = init_distributed()
-    yield info
-    torch.distributed.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved_env)
+    with one_rank_group() as info:
+        yield info
 
 
 def _masters(engine) -> torch.Tensor:
