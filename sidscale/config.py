@@ -22,10 +22,11 @@ import difflib
 import functools
 import math
 import os
+import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -94,8 +95,13 @@ class NetConfig:
 
     lr: float = 1e-6
     betas: tuple[float, float] = (0.0, 0.999)
-    eps: float = 1e-8
+    # Adam eps; null = the method's default: 1e-8, or 1e-6 when train.precision = fp16 (method page).
+    eps: float | None = None
     weight_decay: float = 0.0
+    # Clip every gradient entry to [-v, v] right before Adam (after loss-scale unscaling, accumulation
+    # and the data-parallel reduction); null = 1.0 when train.precision = fp16 (method page), off
+    # otherwise; 0 = off.
+    grad_clip_value: float | None = None
     grad_checkpointing: bool = False
 
 
@@ -214,6 +220,12 @@ def _hints(cls: type) -> dict[str, Any]:
 
 def _coerce(value: Any, tp: Any, path: str, source: str | None) -> Any:
     """Check ``value`` against the field type ``tp`` and convert where lossless; else ConfigError."""
+    if isinstance(tp, types.UnionType) or get_origin(tp) is Union:
+        # Only ``X | None`` is used: null means "the default that depends on other keys".
+        others = [a for a in get_args(tp) if a is not type(None)]
+        if len(others) != 1:
+            raise TypeError(f"config.py: unsupported union type {tp!r} at {path}")  # a schema bug
+        return None if value is None else _coerce(value, others[0], path, source)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise _type_error(path, value, f"a mapping of {tp.__name__} keys", source)
@@ -302,7 +314,10 @@ def _check_non_negative(section: Any, prefix: str, names: Sequence[str]) -> None
 
 def _validate_net(net: NetConfig, prefix: str) -> None:
     _check_non_negative(net, prefix, ["lr", "weight_decay"])
-    _check_positive(net, prefix, ["eps"])
+    _check(net.eps is None or net.eps > 0, f"{prefix}.eps", net.eps,
+           "a positive value, or null (1e-8; 1e-6 when train.precision = fp16)")
+    _check(net.grad_clip_value is None or net.grad_clip_value >= 0, f"{prefix}.grad_clip_value",
+           net.grad_clip_value, "a value >= 0 (0 = off), or null (1.0 when train.precision = fp16, else off)")
     for i, beta in enumerate(net.betas):
         _check(0.0 <= beta < 1.0, f"{prefix}.betas[{i}]", beta, "a value in [0, 1)")
 

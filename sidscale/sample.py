@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from sidscale.export import read_export_meta
+from sidscale.export import EXPORT_META, export_schedule, read_export_meta
 from sidscale.method.sid_lsg import one_step_generate
 from sidscale.models.teacher import DTYPES, check_teacher_dir, decode_latents
 from sidscale.models.unet_eps import UNetEps
@@ -50,9 +50,8 @@ class OneStepPipeline:
         if (teacher / "vae").is_dir():
             vae = AutoencoderKL.from_pretrained(teacher / "vae", torch_dtype=torch_dtype,
                                                 local_files_only=True).to(device).eval()
-        s = meta["schedule"]
-        schedule = VPSchedule.from_settings(s["num_train_timesteps"], s["beta_start"], s["beta_end"],
-                                            s["beta_schedule"], meta["prediction_type"])
+        # the schedule the run trained with (the teacher's), not the config's schedule.* keys
+        schedule = export_schedule(meta, export_dir / EXPORT_META)
         return cls(unet, conditioner, vae, schedule, meta, device, torch_dtype)
 
     @torch.no_grad()

@@ -101,3 +101,27 @@ class VPSchedule:
             raise ValueError(f"need 0 <= t_min < t_max <= {self.num_train_timesteps}, got {t_min}, {t_max}")
         t = torch.randint(t_min, t_max, (batch,), generator=generator)
         return t.to(device)
+
+
+def schedule_meta(schedule: VPSchedule, source: str) -> dict:
+    """The schedule a run trained with, for an export's ``sidscale.json``: the full ``abar`` array
+    (float32 values, exact through JSON), so the sampler needs neither the teacher's scheduler
+    file nor any beta formula. ``source`` says where training got it (informational)."""
+    return {"num_train_timesteps": schedule.num_train_timesteps,
+            "alphas_cumprod": [float(a) for a in schedule.alphas_cumprod.float().tolist()],
+            "source": source}
+
+
+def schedule_from_meta(meta: dict, prediction_type: str, where: str) -> VPSchedule:
+    """Inverse of :func:`schedule_meta` (checked); ``where`` names the file for error messages."""
+    try:
+        abar = torch.tensor(meta["alphas_cumprod"], dtype=torch.float32)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{where}: schedule.alphas_cumprod must be a list of numbers ({e})") from None
+    n = meta.get("num_train_timesteps", abar.numel())
+    ok = (abar.dim() == 1 and abar.numel() == n and bool(torch.isfinite(abar).all())
+          and bool(((abar > 0) & (abar <= 1)).all()) and bool((abar[1:] <= abar[:-1]).all()))
+    if not ok:
+        raise ValueError(f"{where}: schedule.alphas_cumprod must be {n} non-increasing values in (0, 1] "
+                         f"(num_train_timesteps = {n}); got {abar.numel()} values")
+    return VPSchedule(abar, prediction_type)

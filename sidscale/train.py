@@ -77,8 +77,10 @@ from sidscale.models.compile import compile_unets
 from sidscale.models.teacher import Teacher, decode_latents, load_teacher, resolve_teacher_dir
 from sidscale.models.unet_eps import UNetEps
 from sidscale.noise import PHASE_FAKE, PHASE_GEN, draw_step_noise, rank_sample_indices
+from sidscale.precision import apply_precision
 from sidscale.run_logger import RunLogger, peak_memory_bytes
 from sidscale.sample import seeded_latent_noise
+from sidscale.schedule import make_alphas_cumprod, schedule_meta
 
 log = logging.getLogger("sidscale.train")
 
@@ -121,6 +123,8 @@ class Trainer:
         """``teacher``: an already built teacher (benchmarks build real-size random-weight ones from
         ``sidscale.models.presets``); by default it is loaded from ``cfg.teacher``."""
         self.cfg, self.run_dir, self.dist = cfg, Path(run_dir), dist_info
+        # TF32 off for fp32 (the reference recipe), allowed for bf16/fp16: sidscale/precision.py says why.
+        apply_precision(cfg.train.precision)
         self.world, self.rank, self.device = dist_info.world_size, dist_info.rank, dist_info.device
         self.micro = cfg.train.micro_batch
         self.gas = accumulation_steps(cfg, self.world)
@@ -139,6 +143,11 @@ class Trainer:
             teacher = load_teacher(cfg.teacher, self.device)
         self.teacher: Teacher = teacher
         self.schedule = self.teacher.schedule
+        sc = cfg.schedule
+        if not torch.equal(make_alphas_cumprod(sc.num_train_timesteps, sc.beta_start, sc.beta_end, sc.beta_schedule),
+                           self.schedule.alphas_cumprod.cpu()):
+            log.warning("schedule.* (%s) differs from the teacher's scheduler_config.json: training, the export and "
+                        "sampling use the teacher's schedule; the schedule.* keys are not read", sc)
         check_identical_across_ranks({"teacher UNet": self.teacher.unet,
                                       "text encoder(s)": self.teacher.conditioner})
 
@@ -342,11 +351,12 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- outputs
     def sampling_meta(self) -> dict:
-        sc = self.cfg.schedule
+        # The schedule training used (the teacher's scheduler_config.json), as its full alphas_cumprod:
+        # cfg.schedule is not read by training, so exporting it could give the sampler other betas.
+        source = str(Path(self.teacher.path) / "scheduler" / "scheduler_config.json")
         return {
             "t_init": self.settings.t_init, "prediction_type": self.schedule.prediction_type,
-            "schedule": {"num_train_timesteps": sc.num_train_timesteps, "beta_start": sc.beta_start,
-                         "beta_end": sc.beta_end, "beta_schedule": sc.beta_schedule},
+            "schedule": schedule_meta(self.schedule, source),
             "latent_shape": list(self.teacher.latent_shape), "scaling_factor": self.teacher.scaling_factor,
             "teacher_path": str(self.teacher.path.resolve()), "teacher_kind": self.cfg.teacher.kind,
             "resolution": self.cfg.teacher.resolution, "step": self.step, "images_seen": self.images_seen,

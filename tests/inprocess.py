@@ -116,3 +116,12 @@ def one_rank_trainer(run_dir: Path, overrides: list[str], config: str = "toy"):
             yield trainer
         finally:
             trainer.prompts.close()
+
+
+@contextlib.contextmanager
+def one_rank_group():
+    """A one-rank process group (and this rank's ``DistInfo``) for tests that build engines in-process."""
+    from sidscale.distributed.runtime import init_distributed
+
+    with single_rank_environment():
+        yield init_distributed()

@@ -52,8 +52,8 @@ def test_toy_preset_values() -> None:
     assert cfg.teacher.kind == "toy" and cfg.teacher.path == ""
     assert cfg.teacher.resolution == 16 and cfg.teacher.dtype == "fp32"
     assert (cfg.method.cfg_train_fake, cfg.method.cfg_eval_fake, cfg.method.cfg_eval_real) == (1.5, 1.5, 1.5)
-    assert cfg.generator == NetConfig(lr=1e-4, betas=(0.0, 0.999), eps=1e-8, weight_decay=0.0)
-    assert cfg.fake == NetConfig(lr=1e-4, betas=(0.0, 0.999), eps=1e-8, weight_decay=0.0)
+    assert cfg.generator == NetConfig(lr=1e-4, betas=(0.0, 0.999), eps=None, weight_decay=0.0)
+    assert cfg.fake == NetConfig(lr=1e-4, betas=(0.0, 0.999), eps=None, weight_decay=0.0)
     for net in (cfg.generator, cfg.fake):
         assert isinstance(net.betas, tuple)
     assert (cfg.train.global_batch, cfg.train.micro_batch, cfg.train.max_steps) == (32, 8, 200)
@@ -93,7 +93,8 @@ def test_defaults_are_the_method_page_recipe() -> None:
     }
     for net in (cfg.generator, cfg.fake):
         assert dataclasses.asdict(net) == {
-            "lr": 1e-6, "betas": (0.0, 0.999), "eps": 1e-8, "weight_decay": 0.0, "grad_checkpointing": False
+            "lr": 1e-6, "betas": (0.0, 0.999), "eps": None, "weight_decay": 0.0, "grad_clip_value": None,
+            "grad_checkpointing": False,
         }
     assert cfg.generator is not cfg.fake
     t = cfg.train
@@ -215,7 +216,10 @@ def test_wrong_types(override: str, expected: str) -> None:
         ("fake.lr=-1", "fake.lr = -1.0: expected a value >= 0"),
         ("fake.betas=[0.9, 1.0]", "fake.betas[1] = 1.0: expected a value in [0, 1)"),
         ("generator.betas=[-0.1, 0.9]", "generator.betas[0] = -0.1: expected a value in [0, 1)"),
-        ("generator.eps=0", "generator.eps = 0.0: expected a positive value"),
+        ("generator.eps=0", "generator.eps = 0.0: expected a positive value, or null (1e-8; 1e-6 when "
+                            "train.precision = fp16)"),
+        ("fake.grad_clip_value=-1", "fake.grad_clip_value = -1.0: expected a value >= 0 (0 = off), or null "
+                                    "(1.0 when train.precision = fp16, else off)"),
         ("teacher.kind=flux", "teacher.kind = 'flux': expected one of toy, sd, sdxl"),
         ("teacher.dtype=fp8", "teacher.dtype = 'fp8': expected one of fp32, bf16, fp16"),
         ("teacher.prediction_type=x0",

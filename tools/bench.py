@@ -81,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
              for z, prec, mb, rbs, comp in itertools.product(args.zero, args.precision, args.micro_batch,
                                                             args.reduce_bucket_size, args.compile)]
     sequential = args.sequential or args.device == "cuda"
-    tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
     unet_fwd = None if args.no_flops else bench.unet_forward_flops_per_sample(args.preset, dist_info.device)
 
     def make(i: int):
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     def finish(i: int, runner) -> None:
         try:
             flops = None if args.no_flops else bench.iteration_flops(runner)
-            records[i] = bench.summarize(runner, flops, unet_fwd, args.peak_tflops, tf32 and i < len(cases))
+            records[i] = bench.summarize(runner, flops, unet_fwd, args.peak_tflops, bool(runner.info["tf32"]))
         finally:
             bench.release(runner)
 

@@ -85,6 +85,10 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
     out.update(owned)
     out.update(_precision_block(cfg.train.precision, user))
     out.setdefault("steps_per_print", 10**9)
+    # NOTE: DeepSpeed's default is gradient-norm clipping at 1.0 (GRADIENT_CLIPPING_DEFAULT); the
+    # method has no norm clipping (its fp16 rule is value clipping, generator.grad_clip_value), so a
+    # ds_config that does not ask for it explicitly must not get it.
+    out.setdefault("gradient_clipping", 0.0)
     return out
 
 

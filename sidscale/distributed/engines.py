@@ -1,7 +1,7 @@
 """The two DeepSpeed engines (generator, fake score) and the frozen replicated teacher.
 
-One ``deepspeed.initialize`` per trainable net, each with its own torch Adam (DeepSpeed-Chat
-pattern). Both nets start as exact copies of the teacher UNet.
+One ``deepspeed.initialize`` per trainable net, each with its own Adam (DeepSpeed-Chat
+pattern; DeepSpeedCPUAdam under ZeRO-Offload). Both nets start as exact copies of the teacher UNet.
 """
 
 from __future__ import annotations
@@ -13,20 +13,87 @@ import torch
 
 from sidscale.config import NetConfig
 from sidscale.distributed import comm
+from sidscale.precision import adam_eps, grad_clip_value
+
+
+def ds_precision(ds_config: dict) -> str:
+    """``train.precision`` as written into the effective ds_config by ``build_ds_config``."""
+    for key in ("fp16", "bf16"):
+        if (ds_config.get(key) or {}).get("enabled"):
+            return key
+    return "fp32"
+
+
+def offloads_optimizer(ds_config: dict) -> bool:
+    """True when ZeRO-Offload keeps the optimizer on the host (offload_optimizer device cpu or nvme)."""
+    offload = (ds_config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    return str(offload.get("device", "none")).lower() in ("cpu", "nvme")
+
+
+def build_optimizer(params, net_cfg: NetConfig, ds_config: dict) -> torch.optim.Optimizer:
+    """Adam for one net. With ZeRO-Offload: DeepSpeed's vectorised CPU Adam, else torch Adam.
+
+    NOTE: ZeRO-Offload refuses a plain torch Adam unless the ds_config says
+    ``"zero_force_ds_cpu_optimizer": false``, and ``ds_configs/zero3_offload.json`` says so: with
+    SiD-LSG's global batch of 512, an offloaded run (SDXL on one or few GPUs) accumulates tens to
+    hundreds of micro-batches, each several UNet forwards and backwards, per optimizer step, so the
+    host-side Adam step (seconds with torch's multi-threaded foreach Adam) is a small share of the
+    iteration; and torch Adam needs no C++ JIT build (~1-2.5 min at first use, a compiler on every
+    node). A ds_config without that key gets DeepSpeedCPUAdam (AVX, OpenMP: several times faster on
+    the host), for small global batches where the optimizer step does matter.
+    ``adamw_mode=False``: the same (L2, not decoupled) weight decay as torch.optim.Adam.
+    """
+    betas = (float(net_cfg.betas[0]), float(net_cfg.betas[1]))
+    eps = adam_eps(net_cfg, ds_precision(ds_config))
+    if offloads_optimizer(ds_config) and ds_config.get("zero_force_ds_cpu_optimizer", True):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=net_cfg.lr, betas=betas, eps=eps, weight_decay=net_cfg.weight_decay,
+                                adamw_mode=False)
+    return torch.optim.Adam(params, lr=net_cfg.lr, betas=betas, eps=eps, weight_decay=net_cfg.weight_decay)
+
+
+def clip_grad_values_before_step(optimizer: torch.optim.Optimizer, clip_value: float) -> object:
+    """Clamp every gradient entry to [-clip_value, clip_value] right before each ``optimizer.step()``
+    (the method's fp16 rule). Returns the hook handle.
+
+    NOTE: where this must run. A parameter hook (like the NaN sanitisers) would see each
+    micro-batch's gradient before accumulation and before the data-parallel reduction, and under fp16
+    still multiplied by the loss scale, so clamping there is not clamping the gradient Adam uses.
+    DeepSpeed's ZeRO-1/2 (``stage_1_and_2.py: step``) and ZeRO-3 (``stage3.py: step``), with or without
+    offload, first check the accumulated, reduced fp32 partition gradient for overflow (and skip the
+    step, so an inf is never clamped into a finite update), then divide it by the loss scale
+    (``unscale_and_clip_grads``) and only then call the wrapped ``optimizer.step()`` on the fp32
+    master partition, whose ``.grad`` is that unscaled gradient. A step pre-hook of the optimizer
+    DeepSpeed wraps therefore clips exactly the unscaled, accumulated, reduced gradient, which is what
+    the reference's ``clip_grad_value_`` before ``optimizer.step()`` clips. Element-wise clipping
+    needs no communication, so each rank clipping its own partition is exact. torch runs step
+    pre-hooks for every ``torch.optim.Optimizer`` subclass, DeepSpeedCPUAdam included.
+    """
+
+    def hook(opt: torch.optim.Optimizer, _args, _kwargs) -> None:
+        with torch.no_grad():
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.clamp_(-clip_value, clip_value)
+
+    return optimizer.register_step_pre_hook(hook)
 
 
 def build_engine(teacher_unet: torch.nn.Module, net_cfg: NetConfig, ds_config: dict):
     """A trainable fp32 copy of the teacher wrapped in a DeepSpeed engine (DeepSpeed casts it to
-    bf16/fp16 per ds_config and keeps fp32 master weights in the optimizer)."""
+    bf16/fp16 per ds_config and keeps fp32 master weights in the optimizer). The optimizer follows
+    the precision's rules: Adam eps and gradient value clipping (``sidscale.precision``)."""
     import deepspeed
 
     model = copy.deepcopy(teacher_unet).float().requires_grad_(True).train()
     if net_cfg.grad_checkpointing:
         model.enable_gradient_checkpointing()
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=net_cfg.lr, betas=(float(net_cfg.betas[0]), float(net_cfg.betas[1])),
-        eps=net_cfg.eps, weight_decay=net_cfg.weight_decay,
-    )
+    optimizer = build_optimizer(model.parameters(), net_cfg, ds_config)
+    clip = grad_clip_value(net_cfg, ds_precision(ds_config))
+    if clip is not None:
+        clip_grad_values_before_step(optimizer, clip)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=copy.deepcopy(ds_config))
     return engine
 

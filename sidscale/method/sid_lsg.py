@@ -80,8 +80,13 @@ def fake_step(
         x_g = at_least_fp32(one_step_generate(gen, schedule, noise.z, cond, settings.t_init))
     x_t = schedule.add_noise(x_g, noise.eps, noise.t)
     eps_hat = guided_eps(fake, x_t, noise.t, cond, uncond, settings.cfg_train_fake)
-    per_sample = fake_score_loss(eps_hat, noise.eps)
     keep = finite_samples(x_g, eps_hat)
+    # Mask BEFORE squaring: a non-finite sample must not reach the loss function at all. Squaring
+    # first and masking after sends 0 * NaN = NaN back through the square's backward (d/dx x^2 =
+    # 2x), which poisons every weight gradient of the micro-batch, not just the bad sample's.
+    # The replaced sample's loss is then finite and masked_sum drops it (the reference drops it too).
+    safe_eps_hat = torch.where(keep.view(-1, *([1] * (eps_hat.dim() - 1))), eps_hat, torch.zeros_like(eps_hat))
+    per_sample = fake_score_loss(safe_eps_hat, noise.eps)
     loss = masked_sum(per_sample, keep) * (settings.fake_loss_scale / loss_normaliser)
     stats = {"loss_fake": loss.detach(), "dropped_fake": (~keep).sum().detach()}
     return loss, stats

@@ -21,6 +21,7 @@ import torch
 
 from sidscale.perf.flops import count_flops, gpu_peak_tflops, matmul_precision, mfu
 from sidscale.perf.setup import BenchCase, build_preset_teacher, case_config
+from sidscale.precision import adam_eps, precision_context, uses_tf32
 
 
 def sync(device: torch.device) -> None:
@@ -82,7 +83,10 @@ def trainer_runner(case: BenchCase, dist_info, seed: int = 0) -> Runner:
         engine.was_step_applied = _synced(engine.was_step_applied, dist_info.device)
 
     def step() -> dict[str, float]:
-        stats = trainer.train_step()
+        # The Trainer applied its precision's flags at construction; re-enter them per step because
+        # runners of different precisions (and the reference) may alternate in one process.
+        with precision_context(case.precision):
+            stats = trainer.train_step()
         return {"fake": float(stats["time_fake"]), "gen_and_ema": float(stats["time_gen"])}
 
     def close() -> None:
@@ -92,7 +96,7 @@ def trainer_runner(case: BenchCase, dist_info, seed: int = 0) -> Runner:
 
     info = {"zero": case.zero, "precision": case.precision, "micro_batch": case.micro_batch,
             "accumulation": case.accumulation, "grad_checkpointing": case.grad_checkpointing,
-            "teacher_dtype": case.resolved_teacher_dtype(), "world_size": world,
+            "teacher_dtype": case.resolved_teacher_dtype(), "world_size": world, "tf32": uses_tf32(case.precision),
             "reduce_bucket_size": case.reduce_bucket_size, "compile": case.compile_backend}
     return Runner(case.label, dist_info.device, case.micro_batch * case.accumulation, step, info, close)
 
@@ -115,7 +119,7 @@ def reference_runner(preset: str, device: torch.device, batch: int, seed: int = 
             return StepNoise(*(getattr(noise, f).to(device) for f in ("z", "eps", "t", "drop"))), cond, uncond
 
     def opt(net) -> OptimSettings:
-        return OptimSettings(net.lr, tuple(net.betas), net.eps, net.weight_decay)
+        return OptimSettings(net.lr, tuple(net.betas), adam_eps(net, "fp32"), net.weight_decay)
 
     prompts = IndexedPromptSource(ToyMixture().prompts, seed)
     loop = DeviceReferenceLoop(teacher.unet, teacher.conditioner, teacher.schedule,
@@ -124,13 +128,9 @@ def reference_runner(preset: str, device: torch.device, batch: int, seed: int = 
     del teacher  # the loop holds its own fp32 copies
 
     def step() -> dict[str, float]:
-        # The reference recipe runs true fp32: no TF32 in matmuls or convolutions (cuDNN allows it by default).
-        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        try:
+        # The reference recipe runs true fp32: no TF32 in matmuls or convolutions (sidscale/precision.py).
+        with precision_context("fp32"):
             loop.step()
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
         return {}
 
     def close() -> None:
