@@ -66,7 +66,7 @@ def test_offload_optimizer_choice(monkeypatch):
 
     class RecordingCPUAdam(torch.optim.Adam):  # stands in for the class: no C++ build in the test
         def __init__(self, params, **kw):
-            made.append(kw)
+            made.append(dict(kw))
             kw.pop("adamw_mode")
             super().__init__(params, **kw)
 
