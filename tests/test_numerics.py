@@ -1,0 +1,197 @@
+"""bf16 numerics on DeepSpeed: the generator EMA is taken from the fp32 master weights (ZeRO-1/2/3),
+gradients accumulate in fp32 across micro-batches, and the full EMA is gathered to rank 0's host only."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sidscale.config import load_config
+from sidscale.ema import ema_beta
+from tests.dist_launch import REPO
+from tests.tiny_teachers import write_tiny_toy_teacher
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def dist_info():
+    """A 1-rank process group in this process (gloo), torn down and the environment restored afterwards.
+
+    NOTE: init_distributed puts RANK/WORLD_SIZE/MASTER_PORT into os.environ; later tests' subprocesses
+    must not inherit them.
+    """
+    from sidscale.distributed.runtime import init_distributed
+
+    saved_env = dict(os.environ)
+    info = init_distributed()
+    yield info
+    torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved_env)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    return write_tiny_toy_teacher(tmp_path_factory.mktemp("teacher") / "toy", sample_size=8)
+
+
+def bf16_config(teacher_dir: Path, stage: int, extra: tuple[str, ...] = ()):
+    # lr 1e-5: one Adam step moves a weight by ~1e-5, far below bf16's resolution of the toy net's
+    # weights (~1e-3..1e-4), so the bf16 working copy moves in rare jumps while the masters move every
+    # step; ema_rampup_ratio 0 gives beta = 0.5 each step (averages, not copies).
+    return load_config("toy", [
+        "train.precision=bf16", "teacher.dtype=fp32", "teacher.resolution=8", f"teacher.path={teacher_dir}",
+        "data.shards=indexed:toy", "train.global_batch=4", "train.micro_batch=2", "train.seed=1",
+        "generator.lr=1e-5", "fake.lr=1e-5", "train.ema_halflife_kimg=0.004", "train.ema_rampup_ratio=0",
+        "eval.num_samples=0", f"deepspeed.config=ds_configs/zero{stage}.json", *extra])
+
+
+def full_working_weights(trainer) -> dict[str, torch.Tensor]:
+    """The generator's bf16 working weights as fp32 (1 rank: ZeRO-3's partition is the whole tensor)."""
+    out = {}
+    for name, p in trainer.gen_engine.module.named_parameters():
+        w = p.ds_tensor[: p.ds_numel].view(p.ds_shape) if hasattr(p, "ds_tensor") else p.detach()
+        out[name] = w.float().clone()
+    return out
+
+
+def full_masters(trainer) -> dict[str, torch.Tensor]:
+    """The fp32 masters through DeepSpeed's public API (not through sidscale's segment mapping)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return {name: safe_get_full_fp32_param(p).detach().float().clone().view(tuple(getattr(p, "ds_shape", p.shape)))
+            for name, p in trainer.gen_engine.module.named_parameters()}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_ema_follows_fp32_masters(dist_info, teacher_dir, tmp_path, stage):
+    from sidscale.checkpoint import full_ema_from_checkpoint
+    from sidscale.train import Trainer
+
+    cfg = bf16_config(teacher_dir, stage)
+    trainer = Trainer(cfg, tmp_path / "run", dist_info)
+    expected_optimizer = {1: "BF16_Optimizer", 2: "DeepSpeedZeroOptimizer", 3: "DeepSpeedZeroOptimizer_Stage3"}
+    assert type(trainer.gen_engine.optimizer).__name__ == expected_optimizer[stage]
+    # both references start where the trainer's EMA starts: the masters are the bf16 weights at init
+    ema_master, ema_bf16 = full_masters(trainer), full_working_weights(trainer)
+    start = {k: v.clone() for k, v in ema_master.items()}
+    assert max_diff(ema_master, ema_bf16) == 0
+    for _ in range(STEPS):
+        tc = cfg.train
+        beta = ema_beta(tc.global_batch, trainer.images_seen, tc.ema_halflife_kimg, tc.ema_rampup_ratio)
+        stats = trainer.train_step()
+        assert stats["skipped_gen"].item() == 0
+        for ref, cur in ((ema_master, full_masters(trainer)), (ema_bf16, full_working_weights(trainer))):
+            for k in ref:
+                ref[k].lerp_(cur[k], 1.0 - beta)
+    assert beta == pytest.approx(0.5)
+    ema = trainer.ema.gather_to_main()
+    assert max_diff(ema, ema_master) < 1e-9
+    # distinguishable: the bf16 working weights' EMA is off by a large part of what the masters moved
+    moved = max_diff(ema_master, start)
+    assert moved > 5e-6
+    assert max_diff(ema, ema_bf16) > 0.2 * moved
+    # the checkpoint's shards reassemble offline (no process group) to the same EMA, and load back
+    path = trainer.save_checkpoint()
+    offline = full_ema_from_checkpoint(path)
+    assert all(torch.equal(offline[k], ema[k]) for k in ema)
+    state = trainer.ema.state_dict()
+    for s in trainer.ema.shards:
+        s.zero_()
+    trainer.ema.load_state_dict(state)
+    assert all(torch.equal(trainer.ema.gather_to_main()[k], ema[k]) for k in ema)
+    trainer.ema.load_full(offline)  # the path for checkpoints of the older layout
+    assert all(torch.equal(trainer.ema.gather_to_main()[k], ema[k]) for k in ema)
+
+
+class _Probe(torch.nn.Module):
+    """loss = sum(w * x): the gradient of w is x, so each micro-batch contributes a chosen gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.w * x).sum()
+
+
+def accumulated_gradient(ds_config: dict, contributions: list[float]) -> tuple[float, str]:
+    """The gradient the optimizer receives after one step over ``len(contributions)`` micro-batches
+    (read by a pre-step hook on the torch optimizer inside the ZeRO wrapper), and DeepSpeed's wrapper."""
+    import deepspeed
+
+    model = _Probe()
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+                                      config=ds_config)
+    seen = []
+    engine.basic_optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: seen.extend(p.grad[0].item() for g in opt.param_groups for p in g["params"]))
+    for c in contributions:
+        engine.backward(engine(torch.full((16,), c, dtype=torch.bfloat16)))
+        engine.step()
+    assert len(seen) == 1, "exactly one optimizer step at the accumulation boundary"
+    return seen[0], type(engine.optimizer).__name__
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_gradients_accumulate_in_fp32(dist_info, stage):
+    """Micro-batch gradients 1, 2^-10, 2^-10, 2^-10 (each exact in bf16), averaged over 4 by DeepSpeed:
+    summed in bf16 the small ones vanish (0.25 has an ulp of 2^-9), summed in fp32 they stay."""
+    from sidscale.distributed.ds_config import build_ds_config
+
+    cfg = load_config("toy", ["train.precision=bf16", "train.global_batch=4", "train.micro_batch=1",
+                              f"deepspeed.config=ds_configs/zero{stage}.json"])
+    ds = build_ds_config(cfg, world_size=1)
+    assert ds["gradient_accumulation_steps"] == 4 and ds["data_types"] == {"grad_accum_dtype": "fp32"}
+    contributions = [1.0] + [2.0**-10] * 3
+    exact = sum(contributions) / 4
+    got, wrapper = accumulated_gradient(ds, contributions)
+    assert got == exact, (stage, wrapper, got)
+    # DeepSpeed's default (the model dtype) loses them: what sidscale's setting fixes
+    default = {k: v for k, v in ds.items() if k not in ("data_types", "communication_data_type")}
+    got_default, _ = accumulated_gradient(default, contributions)
+    assert got_default == 0.25, (stage, got_default)
+
+
+def test_two_rank_partitions_gather_to_rank0_only(tmp_path):
+    """ZeRO-1/2/3 with bf16 on 2 ranks (tests/ema_partition_worker.py): the EMA shards follow the
+    optimizer's partition (parameters split across the rank boundary), rank 0's gather equals
+    DeepSpeed's full masters, the shards' concatenation and the offline reassembly; rank 1
+    receives nothing during the gather, and every tensor it sends is one chunk."""
+    from sidscale.distributed.runtime import free_port
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={free_port()}", str(REPO / "tests" / "ema_partition_worker.py"),
+                           str(tmp_path)], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    chunk_per_rank = 10 // 2
+    for stage, wrapper in ((1, "BF16_Optimizer"), (2, "DeepSpeedZeroOptimizer"), (3, "DeepSpeedZeroOptimizer_Stage3")):
+        a, b = r0[f"zero{stage}"], r1[f"zero{stage}"]
+        assert a["optimizer"] == wrapper
+        assert a["full_equals_masters"] and a["full_equals_offline"] and a["masters_moved"], (stage, a)
+        assert a.get("full_equals_concat", True), stage
+        assert a["split_params"] >= 1, "no parameter straddles the rank boundary: the case is too easy"
+        assert b["full_is_none"]
+        # each rank holds about half the model; rank 1's only collectives during the gather are gathers
+        # of one chunk each, with nothing to receive into
+        assert sum(b["shard_sizes"]) < b["full_numel"]
+        assert b["calls"] and all(c["op"] == "gather" and c["list_items"] == 0 for c in b["calls"]), b["calls"]
+        assert all(max(c["numel"]) <= chunk_per_rank for c in b["calls"])
+        assert sum(max(c["numel"]) for c in b["calls"]) == sum(b["shard_sizes"])
