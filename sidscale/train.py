@@ -337,13 +337,14 @@ class Trainer:
 
     @contextlib.contextmanager
     def ema_unet(self):
-        """The EMA generator as a plain fp32 UNet on rank 0, for the duration of the block; None on
-        the other ranks (a collective: all ranks enter it).
+        """The EMA generator as a plain UNet on rank 0 in the teacher's dtype (fp32 for the toy
+        teacher, so its evaluation is the fp32 EMA's), for the duration of the block; None on the
+        other ranks (a collective: all ranks enter it). The export stays fp32 (``export``).
 
-        NOTE: the full EMA is gathered into rank 0's host memory and the network exists on the
-        device only inside the block, then is freed: a resident fp32 copy would cost 4 bytes per
-        parameter on rank 0 for the whole run (~10 GB at SDXL size) for a preview every few hundred
-        steps. The memory plan counts it as the ``preview`` phase.
+        NOTE: the full fp32 EMA is gathered into rank 0's host memory and the network exists on
+        the device only inside the block, then is freed: a resident fp32 copy would cost 4 bytes
+        per parameter on rank 0 for the whole run (~10 GB at SDXL size) for a preview every few
+        hundred steps. The memory plan counts it as the ``preview`` phase.
         """
         full = self.ema.gather_to_main()
         if not self.dist.is_main:
@@ -358,7 +359,7 @@ class Trainer:
             unet = UNet2DConditionModel.from_config(self.teacher.unet.config)
             unet.load_state_dict(full)
         del full
-        unet = unet.to(self.device).eval().requires_grad_(False)
+        unet = unet.to(self.device, self.teacher.unet.dtype).eval().requires_grad_(False)
         try:
             yield unet
         finally:

@@ -3,10 +3,12 @@ gradients accumulate in fp32 across micro-batches, and the full EMA is gathered 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -114,6 +116,13 @@ def test_bf16_ema_follows_fp32_masters(dist_info, teacher_dir, tmp_path, stage):
     assert all(torch.equal(trainer.ema.gather_to_main()[k], ema[k]) for k in ema)
     trainer.ema.load_full(offline)  # the path for checkpoints of the older layout
     assert all(torch.equal(trainer.ema.gather_to_main()[k], ema[k]) for k in ema)
+    # the preview network holds the EMA (in the teacher's dtype) only inside the block, then is freed
+    with trainer.ema_unet() as unet:
+        assert all(torch.equal(w, ema[k].to(w.dtype)) for k, w in unet.state_dict().items())
+        ref = weakref.ref(unet)
+        del unet
+    gc.collect()
+    assert ref() is None, "the preview network outlived the preview"
 
 
 class _Probe(torch.nn.Module):
