@@ -19,7 +19,7 @@ from sidscale.ema import ema_beta
 from tests.dist_launch import REPO
 from tests.tiny_teachers import write_tiny_toy_teacher
 
-STEPS = 3
+STEPS = 2
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +123,13 @@ def test_bf16_ema_follows_fp32_masters(dist_info, teacher_dir, tmp_path, stage):
         del unet
     gc.collect()
     assert ref() is None, "the preview network outlived the preview"
+    # resume is exact: a fresh trainer loaded from the checkpoint continues like the original
+    resumed = Trainer(cfg, tmp_path / "resumed", dist_info)
+    resumed.resume(path)
+    for t in (trainer, resumed):
+        t.train_step()
+    assert max_diff(full_masters(resumed), full_masters(trainer)) == 0
+    assert max_diff(resumed.ema.gather_to_main(), trainer.ema.gather_to_main()) == 0
 
 
 class _Probe(torch.nn.Module):

@@ -70,7 +70,11 @@ def _bf16_accumulation_block(stage: int, user: dict, path: Path) -> dict:
         raise ConfigError(f"deepspeed.config {path}: data_types.grad_accum_dtype = {accum!r}; expected one of "
                           f"{_DTYPE_NAMES}")
     out: dict = {"data_types": data_types}
-    if stage == 1 and accum == "fp32" and "communication_data_type" not in user:
+    zero = user.get("zero_optimization", {})
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+    # NOTE: with optimizer offload DeepSpeed keeps its ZeRO-1 optimizer (no BF16_Optimizer), whose
+    # reduction is not the fp32 sum's last step: leave its communication dtype alone there.
+    if stage == 1 and accum == "fp32" and not offload and "communication_data_type" not in user:
         out["communication_data_type"] = "fp32"
     return out
 
