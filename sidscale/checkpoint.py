@@ -102,11 +102,21 @@ def read_meta(ckpt: Path) -> dict:
 
 
 def full_ema_from_checkpoint(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Reassemble the generator EMA from the per-rank shards, without a process group."""
+    """Reassemble the generator EMA from the per-rank shards, without a process group.
+
+    Each rank file holds its shard of the EMA in the layout of the ZeRO optimizer's fp32 master
+    partition, with the segments that map it onto the parameters (``sharded_ema``); ``meta.json``
+    names the parameters and their shapes. Older checkpoints (per-parameter slices of the
+    working weights) are read too.
+    """
+    from sidscale.distributed.sharded_ema import STATE_FORMAT, assemble_full
+
     meta = read_meta(ckpt)
     shards = [torch.load(rank_file(ckpt, r), map_location="cpu", weights_only=False)["ema"]
               for r in range(int(meta["world_size"]))]
     names, shapes = meta["ema_names"], [tuple(s) for s in meta["ema_shapes"]]
+    if shards[0].get("format") == STATE_FORMAT:
+        return assemble_full(names, shapes, shards, f"checkpoint {ckpt}")
     out: dict[str, torch.Tensor] = {}
     if shards[0]["zero3"]:
         for i, (name, shape) in enumerate(zip(names, shapes, strict=True)):

@@ -67,7 +67,7 @@ from sidscale.distributed.runtime import (
     init_distributed,
     shutdown_distributed,
 )
-from sidscale.distributed.sharded_ema import ShardedEMA
+from sidscale.distributed.sharded_ema import EMALayoutError, ShardedEMA
 from sidscale.ema import ema_beta
 from sidscale.export import export_generator
 from sidscale.io_utils import atomic_torch_save, atomic_write_json
@@ -165,7 +165,8 @@ class Trainer:
                           cfg.train.compile_backend)
             log.info("torch.compile (backend %s): generator, fake and teacher UNets; the first iterations "
                      "compile", cfg.train.compile_backend)
-        self.ema = ShardedEMA(self.gen_engine.module, self.rank, self.world)
+        # the EMA of the generator's fp32 master weights, partitioned like its ZeRO optimizer
+        self.ema = ShardedEMA(self.gen_engine.module, self.gen_engine.optimizer)
 
         # eps-functions: the engine forward where the net trains, .module where it is only
         # evaluated (environment_notes.md: the engine's hooks must not run in the generator step).
@@ -178,7 +179,6 @@ class Trainer:
         self.prompts = self._build_prompt_source()
         self.step, self.images_seen = 0, 0
         self.logger: RunLogger | None = None
-        self._ema_unet: torch.nn.Module | None = None  # rank 0's fp32 copy for previews and evaluation
 
     # ----------------------------------------------------------------------------- data
     def _toy_prompts(self) -> list[str]:
@@ -339,7 +339,10 @@ class Trainer:
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed could not load {path / tag}")
         state = torch.load(ckpt_lib.rank_file(path, self.rank), map_location="cpu", weights_only=False)
-        self.ema.load_state_dict(state["ema"])
+        try:
+            self.ema.load_state_dict(state["ema"])
+        except EMALayoutError:  # a checkpoint of an older sidscale: reassemble its EMA, take this rank's part
+            self.ema.load_full(ckpt_lib.full_ema_from_checkpoint(path))
         self.prompts.load_state_dict(state["data"])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
@@ -362,23 +365,43 @@ class Trainer:
             "resolution": self.cfg.teacher.resolution, "step": self.step, "images_seen": self.images_seen,
         }
 
-    def ema_unet(self) -> torch.nn.Module | None:
-        """The EMA generator as a plain fp32 UNet on rank 0 (collective: all ranks call)."""
-        full = self.ema.gather_full()
-        if not self.dist.is_main:
-            return None
-        if self._ema_unet is None:  # built once: at SD sizes a fresh UNet per preview is GBs of churn
-            from diffusers import UNet2DConditionModel
+    @contextlib.contextmanager
+    def ema_unet(self):
+        """The EMA generator as a plain UNet on rank 0 in the teacher's dtype (fp32 for the toy
+        teacher, so its evaluation is the fp32 EMA's), for the duration of the block; None on the
+        other ranks (a collective: all ranks enter it). The export stays fp32 (``export``).
 
-            self._ema_unet = UNet2DConditionModel.from_config(self.teacher.unet.config).to(self.device).eval()
-        self._ema_unet.load_state_dict(full)
-        return self._ema_unet
+        NOTE: the full fp32 EMA is gathered into rank 0's host memory and the network exists on
+        the device only inside the block, then is freed: a resident fp32 copy would cost 4 bytes
+        per parameter on rank 0 for the whole run (~10 GB at SDXL size) for a preview every few
+        hundred steps. The memory plan counts it as the ``preview`` phase.
+        """
+        full = self.ema.gather_to_main()
+        if not self.dist.is_main:
+            yield None
+            return
+        from diffusers import UNet2DConditionModel
+
+        with torch.device("meta"):  # no throw-away random init: the weights come from the EMA
+            unet = UNet2DConditionModel.from_config(self.teacher.unet.config)
+        unet.load_state_dict(full, assign=True)
+        if any(t.is_meta for t in unet.buffers()):  # a non-persistent buffer has no value in the state dict
+            unet = UNet2DConditionModel.from_config(self.teacher.unet.config)
+            unet.load_state_dict(full)
+        del full
+        unet = unet.to(self.device, self.teacher.unet.dtype).eval().requires_grad_(False)
+        try:
+            yield unet
+        finally:
+            del unet
 
     @torch.no_grad()
     def preview(self) -> None:
-        unet = self.ema_unet()
-        if unet is None:
-            return
+        with self.ema_unet() as unet:
+            if unet is not None:
+                self._preview_with(unet)
+
+    def _preview_with(self, unet: torch.nn.Module) -> None:
         p = self.cfg.preview
         prompts = [q for q in p.prompts for _ in range(p.seeds_per_prompt)]
         seeds = list(range(len(prompts)))
@@ -389,19 +412,20 @@ class Trainer:
         self.logger.preview(self.step, images, nrow=p.seeds_per_prompt * min(4, len(p.prompts)))
 
     def export(self) -> Path | None:
-        full = self.ema.gather_full()
+        full = self.ema.gather_to_main()
         if not self.dist.is_main:
             return None
         return export_generator(full, dict(self.teacher.unet.config), self.run_dir / "export", self.sampling_meta())
 
     def toy_evaluation(self) -> dict | None:
         """One-step student vs the teacher's DDIM sampler, both against exact mixture samples."""
+        with self.ema_unet() as unet:
+            return None if unet is None else self._toy_evaluation_with(unet)
+
+    def _toy_evaluation_with(self, unet: torch.nn.Module) -> dict:
         from sidscale.eval.toy_eval import toy_quality
         from sidscale.models.toy_teacher import load_toy_mixture
 
-        unet = self.ema_unet()
-        if unet is None:
-            return None
         ev = self.cfg.eval
         # NOTE: the other ranks only wait here, so rank 0 may use every core of the node (CPU runs
         # are usually launched with OMP_NUM_THREADS=1 per rank).

@@ -1,252 +1,222 @@
-"""Numerics of the precision modes and the NaN guard of the fake step (issue 12, faults 6, 7, 11)."""
+"""bf16 numerics on DeepSpeed: the generator EMA is taken from the fp32 master weights (ZeRO-1/2/3),
+gradients accumulate in fp32 across micro-batches, and the full EMA is gathered to rank 0's host only."""
 
 from __future__ import annotations
 
-import copy
+import gc
+import json
+import os
+import subprocess
+import sys
+import weakref
+from pathlib import Path
 
 import pytest
 import torch
 
-from sidscale.method import MethodSettings, StepNoise, fake_step
-from sidscale.schedule import VPSchedule
+from sidscale.config import load_config
+from sidscale.ema import ema_beta
+from tests.dist_launch import REPO
+from tests.tiny_teachers import write_tiny_toy_teacher
 
-B, C, H, W = 4, 2, 2, 2
-D = C * H * W
-
-
-class TinyEps(torch.nn.Module):
-    """A small nonlinear eps-net (x, t, cond) -> eps: hidden = tanh(A x + U c), out = V hidden."""
-
-    def __init__(self, seed: int):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.A = torch.nn.Parameter(0.3 * torch.randn(16, D, generator=g, dtype=torch.float64))
-        self.U = torch.nn.Parameter(0.3 * torch.randn(16, D, generator=g, dtype=torch.float64))
-        self.out = torch.nn.Linear(16, D, dtype=torch.float64)
-
-    def forward(self, x, t, cond):
-        c = cond["encoder_hidden_states"].mean(1)
-        hidden = torch.tanh(x.flatten(1) @ self.A.T + c @ self.U.T)
-        return self.out(hidden).view(x.shape)
-
-
-def _inputs(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    noise = StepNoise(z=torch.randn(B, C, H, W, generator=g, dtype=torch.float64),
-                      eps=torch.randn(B, C, H, W, generator=g, dtype=torch.float64),
-                      t=torch.tensor([20, 300, 625, 979]), drop=torch.zeros(B, dtype=torch.bool))
-    cond = {"encoder_hidden_states": torch.randn(B, 3, D, generator=g, dtype=torch.float64)}
-    uncond = {"encoder_hidden_states": torch.randn(1, 3, D, generator=g, dtype=torch.float64).expand(B, -1, -1)}
-    return noise, cond, uncond
-
-
-def _grads(net: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in net.named_parameters()}
-
-
-@pytest.mark.parametrize("cfg_scale", [1.0, 1.5])
-def test_fake_step_nan_sample_leaves_other_gradients_exact(cfg_scale):
-    """A NaN written into sample k of the fake net's output (a forward hook on its last layer,
-    inside the network) must drop sample k only: the gradients equal a run on the batch without
-    k, with the same normaliser (the per-rank batch B)."""
-    s = VPSchedule.from_settings()
-    schedule = VPSchedule(s.alphas_cumprod.double(), "epsilon")
-    settings = MethodSettings(cfg_train_fake=cfg_scale, prompt_dropout=0.0)
-    gen, fake = TinyEps(1).requires_grad_(False), TinyEps(2)
-    fake_ref = copy.deepcopy(fake)
-    noise, cond, uncond = _inputs(3)
-    bad = 1
-
-    def hook(_module, _inputs, out):
-        # ADD a NaN (an in-place write would itself zero the gradient of that row and hide a leak)
-        mask = torch.zeros_like(out)
-        mask[bad] = float("nan")
-        return out + mask
-
-    handle = fake.out.register_forward_hook(hook)
-    loss, stats = fake_step(gen, fake, schedule, noise, cond, uncond, settings, loss_normaliser=B)
-    handle.remove()
-    loss.backward()
-    assert stats["dropped_fake"].item() == 1 and torch.isfinite(loss)
-
-    keep = [i for i in range(B) if i != bad]
-    sub = StepNoise(*(getattr(noise, f)[keep] for f in ("z", "eps", "t", "drop")))
-    ref_loss, _ = fake_step(gen, fake_ref, schedule, sub, {k: v[keep] for k, v in cond.items()},
-                            {k: v[keep] for k, v in uncond.items()}, settings, loss_normaliser=B)
-    ref_loss.backward()
-    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-12)
-    got, want = _grads(fake), _grads(fake_ref)
-    for name in want:
-        assert torch.isfinite(got[name]).all(), f"{name}: the NaN sample leaked into the gradient"
-        torch.testing.assert_close(got[name], want[name], rtol=1e-12, atol=1e-14, msg=name)
-
-
-# --------------------------------------------------------------------------------------------
-# Fault 6: TF32 per precision, applied by the Trainer
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def restore_math_flags():
-    from sidscale.precision import current_settings, restore_settings
-
-    saved = current_settings()
-    yield
-    restore_settings(saved)
-
-
-class _StopAfterPrecisionSetup(Exception):
-    pass
-
-
-class _TeacherStub:
-    """Stands in for a teacher; the Trainer reads ``.schedule`` right after its start-up settings,
-    so the test stops there without building engines."""
-
-    @property
-    def schedule(self):
-        raise _StopAfterPrecisionSetup
-
-
-def _trainer_start(precision: str, tmp_path) -> None:
-    from sidscale.config import load_config
-    from sidscale.distributed.runtime import DistInfo
-    from sidscale.train import Trainer
-
-    cfg = load_config("toy", [f"train.precision={precision}"])
-    with pytest.raises(_StopAfterPrecisionSetup):
-        Trainer(cfg, tmp_path, DistInfo(0, 1, 0, torch.device("cpu")), teacher=_TeacherStub())
-
-
-def test_trainer_fp32_turns_tf32_off(restore_math_flags, tmp_path):
-    torch.set_float32_matmul_precision("high")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    _trainer_start("fp32", tmp_path)
-    assert torch.backends.cuda.matmul.allow_tf32 is False
-    assert torch.backends.cudnn.allow_tf32 is False  # torch's default is True: UNet convolutions in TF32
-    assert torch.get_float32_matmul_precision() == "highest"
-
-
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_trainer_low_precision_allows_tf32(restore_math_flags, tmp_path, precision):
-    """bf16/fp16 allow TF32 (10 mantissa bits, more than bf16's 7) on CUDA only: the CPU's fp32
-    matmul precision (oneDNN, set by set_float32_matmul_precision) is left as it was."""
-    torch.set_float32_matmul_precision("highest")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    _trainer_start(precision, tmp_path)
-    assert torch.backends.cuda.matmul.allow_tf32 is True
-    assert torch.backends.cudnn.allow_tf32 is True
-    assert torch.backends.mkldnn.matmul.fp32_precision in ("ieee", "none")
-
-
-# --------------------------------------------------------------------------------------------
-# Fault 7: the method's fp16 rules (Adam eps 1e-6, gradient values clipped to [-1, 1])
-# --------------------------------------------------------------------------------------------
-
-
-def test_fp16_defaults_and_overrides():
-    from sidscale.config import NetConfig, load_config
-    from sidscale.precision import adam_eps, grad_clip_value
-
-    assert (adam_eps(NetConfig(), "fp16"), grad_clip_value(NetConfig(), "fp16")) == (1e-6, 1.0)
-    for precision in ("fp32", "bf16"):
-        assert (adam_eps(NetConfig(), precision), grad_clip_value(NetConfig(), precision)) == (1e-8, None)
-    assert adam_eps(NetConfig(eps=1e-8), "fp16") == 1e-8  # overridable
-    assert grad_clip_value(NetConfig(grad_clip_value=0.0), "fp16") is None  # 0 = off
-    assert grad_clip_value(NetConfig(grad_clip_value=0.5), "bf16") == 0.5
-    # every preset leaves both to the precision rule, and --set reaches them
-    for preset in ("toy", "sd15", "sdxl"):
-        cfg = load_config(preset, ["teacher.path=/x"] if preset != "toy" else [])
-        assert (cfg.generator.eps, cfg.fake.grad_clip_value) == (None, None), preset
-    cfg = load_config("toy", ["generator.eps=1e-7", "fake.grad_clip_value=2", "generator.grad_clip_value=null"])
-    assert (cfg.generator.eps, cfg.fake.grad_clip_value, cfg.generator.grad_clip_value) == (1e-7, 2.0, None)
+STEPS = 2
 
 
 @pytest.fixture(scope="module")
-def one_rank():
-    from tests.inprocess import one_rank_group
+def dist_info():
+    """A 1-rank process group in this process (gloo), torn down and the environment restored afterwards.
 
-    with one_rank_group() as info:
-        yield info
+    NOTE: init_distributed puts RANK/WORLD_SIZE/MASTER_PORT into os.environ; later tests' subprocesses
+    must not inherit them.
+    """
+    from sidscale.distributed.runtime import init_distributed
 
-
-def _fp16_engine(tmp_path, stage: int, monkeypatch, **net):
-    """A DeepSpeed fp16 engine (static loss scale 1024, 2 micro-batches per step) on a tiny Linear,
-    built by the trainer's build_engine."""
-    import json
-
-    from deepspeed.accelerator import get_accelerator
-
-    from sidscale.config import NetConfig, load_config
-    from sidscale.distributed.ds_config import build_ds_config
-    from sidscale.distributed.engines import build_engine
-
-    # NOTE: DeepSpeed refuses fp16 where oneDNN has no fp16 kernels (this CPU); torch's own CPU fp16
-    # kernels run a tiny Linear fine, so only the capability check is patched.
-    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: True)
-    ds_path = tmp_path / f"zero{stage}.json"
-    ds_path.write_text(json.dumps({"zero_optimization": {"stage": stage}, "fp16": {"loss_scale": 1024}}))
-    cfg = load_config("toy", ["train.precision=fp16", "train.micro_batch=2", "train.global_batch=4",
-                              f"deepspeed.config={ds_path}"])
-    torch.manual_seed(0)
-    module = torch.nn.Linear(6, 4, bias=False)
-    with torch.no_grad():
-        module.weight.copy_(torch.randn(4, 6) * 0.5)
-    engine = build_engine(module, NetConfig(lr=1e-2, betas=(0.0, 0.999), **net), build_ds_config(cfg, 1))
-    return engine, module.weight.detach().half().double()  # DeepSpeed's masters start from the fp16 weights
+    saved_env = dict(os.environ)
+    info = init_distributed()
+    yield info
+    torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved_env)
 
 
-def _masters(engine) -> torch.Tensor:
-    opt = engine.optimizer
-    flat = (opt.single_partition_of_fp32_groups[0] if hasattr(opt, "single_partition_of_fp32_groups")
-            else opt.fp32_partitioned_groups_flat[0])
-    return flat.detach().double()[:24].view(4, 6)
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    return write_tiny_toy_teacher(tmp_path_factory.mktemp("teacher") / "toy", sample_size=8)
+
+
+def bf16_config(teacher_dir: Path, stage: int, extra: tuple[str, ...] = ()):
+    # lr 1e-5: one Adam step moves a weight by ~1e-5, far below bf16's resolution of the toy net's
+    # weights (~1e-3..1e-4), so the bf16 working copy moves in rare jumps while the masters move every
+    # step; ema_rampup_ratio 0 gives beta = 0.5 each step (averages, not copies).
+    return load_config("toy", [
+        "train.precision=bf16", "teacher.dtype=fp32", "teacher.resolution=8", f"teacher.path={teacher_dir}",
+        "data.shards=indexed:toy", "train.global_batch=4", "train.micro_batch=2", "train.seed=1",
+        "generator.lr=1e-5", "fake.lr=1e-5", "train.ema_halflife_kimg=0.004", "train.ema_rampup_ratio=0",
+        "eval.num_samples=0", f"deepspeed.config=ds_configs/zero{stage}.json", *extra])
+
+
+def full_working_weights(trainer) -> dict[str, torch.Tensor]:
+    """The generator's bf16 working weights as fp32 (1 rank: ZeRO-3's partition is the whole tensor)."""
+    out = {}
+    for name, p in trainer.gen_engine.module.named_parameters():
+        w = p.ds_tensor[: p.ds_numel].view(p.ds_shape) if hasattr(p, "ds_tensor") else p.detach()
+        out[name] = w.float().clone()
+    return out
+
+
+def full_masters(trainer) -> dict[str, torch.Tensor]:
+    """The fp32 masters through DeepSpeed's public API (not through sidscale's segment mapping)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return {name: safe_get_full_fp32_param(p).detach().float().clone().view(tuple(getattr(p, "ds_shape", p.shape)))
+            for name, p in trainer.gen_engine.module.named_parameters()}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_fp16_clips_unscaled_accumulated_gradient_before_adam(one_rank, tmp_path, monkeypatch, stage):
-    """Plain-PyTorch expectation: accumulate the micro-batch gradients (mean over the 2 rounds),
-    unscale, clamp to [-1, 1], one torch Adam step. Clipping the scaled gradient at 1, or each
-    micro-batch's gradient, gives visibly different weights (checked below, so the test has power)."""
-    engine, w0 = _fp16_engine(tmp_path, stage, monkeypatch, eps=1.0)
-    assert engine.optimizer.optimizer.param_groups[0]["eps"] == 1.0
-    g = torch.Generator().manual_seed(1)
-    xs = [torch.randn(2, 6, generator=g) * 3 for _ in range(2)]
-    targets = [torch.randn(2, 4, generator=g) * 3 for _ in range(2)]
-    for x, y in zip(xs, targets, strict=True):
-        out = engine(x.half())
-        engine.backward((out.float() - y).square().sum())
+def test_bf16_ema_follows_fp32_masters(dist_info, teacher_dir, tmp_path, stage):
+    from sidscale.checkpoint import full_ema_from_checkpoint
+    from sidscale.train import Trainer
+
+    cfg = bf16_config(teacher_dir, stage)
+    trainer = Trainer(cfg, tmp_path / "run", dist_info)
+    expected_optimizer = {1: "BF16_Optimizer", 2: "DeepSpeedZeroOptimizer", 3: "DeepSpeedZeroOptimizer_Stage3"}
+    assert type(trainer.gen_engine.optimizer).__name__ == expected_optimizer[stage]
+    # both references start where the trainer's EMA starts: the masters are the bf16 weights at init
+    ema_master, ema_bf16 = full_masters(trainer), full_working_weights(trainer)
+    start = {k: v.clone() for k, v in ema_master.items()}
+    assert max_diff(ema_master, ema_bf16) == 0
+    for _ in range(STEPS):
+        tc = cfg.train
+        beta = ema_beta(tc.global_batch, trainer.images_seen, tc.ema_halflife_kimg, tc.ema_rampup_ratio)
+        stats = trainer.train_step()
+        assert stats["skipped_gen"].item() == 0
+        for ref, cur in ((ema_master, full_masters(trainer)), (ema_bf16, full_working_weights(trainer))):
+            for k in ref:
+                ref[k].lerp_(cur[k], 1.0 - beta)
+    assert beta == pytest.approx(0.5)
+    ema = trainer.ema.gather_to_main()
+    assert max_diff(ema, ema_master) < 1e-9
+    # distinguishable: the bf16 working weights' EMA is off by a large part of what the masters moved
+    moved = max_diff(ema_master, start)
+    assert moved > 5e-6
+    assert max_diff(ema, ema_bf16) > 0.2 * moved
+    # the checkpoint's shards reassemble offline (no process group) to the same EMA, and load back
+    path = trainer.save_checkpoint()
+    offline = full_ema_from_checkpoint(path)
+    assert all(torch.equal(offline[k], ema[k]) for k in ema)
+    state = trainer.ema.state_dict()
+    for s in trainer.ema.shards:
+        s.zero_()
+    trainer.ema.load_state_dict(state)
+    assert all(torch.equal(trainer.ema.gather_to_main()[k], ema[k]) for k in ema)
+    trainer.ema.load_full(offline)  # the path for checkpoints of the older layout
+    assert all(torch.equal(trainer.ema.gather_to_main()[k], ema[k]) for k in ema)
+    # the preview network holds the EMA (in the teacher's dtype) only inside the block, then is freed
+    with trainer.ema_unet() as unet:
+        assert all(torch.equal(w, ema[k].to(w.dtype)) for k, w in unet.state_dict().items())
+        ref = weakref.ref(unet)
+        del unet
+    gc.collect()
+    assert ref() is None, "the preview network outlived the preview"
+    # resume is exact: a fresh trainer loaded from the checkpoint continues like the original; the
+    # rank file is rewritten in the older EMA layout (per-parameter slices), which resume converts
+    rank_file = path / "rank_00000.pt"
+    client = torch.load(rank_file, weights_only=False)
+    client["ema"] = {"zero3": stage == 3, "world_size": 1, "rank": 0,
+                     "shards": [offline[n].reshape(-1).clone() for n in trainer.ema.names]}
+    torch.save(client, rank_file)
+    resumed = Trainer(cfg, tmp_path / "resumed", dist_info)
+    resumed.resume(path)
+    assert max_diff(resumed.ema.gather_to_main(), ema) == 0
+    for t in (trainer, resumed):
+        t.train_step()
+    assert max_diff(full_masters(resumed), full_masters(trainer)) == 0
+    assert max_diff(resumed.ema.gather_to_main(), trainer.ema.gather_to_main()) == 0
+
+
+class _Probe(torch.nn.Module):
+    """loss = sum(w * x): the gradient of w is x, so each micro-batch contributes a chosen gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.w * x).sum()
+
+
+def accumulated_gradient(ds_config: dict, contributions: list[float]) -> tuple[float, str]:
+    """The gradient the optimizer receives after one step over ``len(contributions)`` micro-batches
+    (read by a pre-step hook on the torch optimizer inside the ZeRO wrapper), and DeepSpeed's wrapper."""
+    import deepspeed
+
+    model = _Probe()
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+                                      config=ds_config)
+    seen = []
+    engine.basic_optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: seen.extend(p.grad[0].item() for g in opt.param_groups for p in g["params"]))
+    for c in contributions:
+        engine.backward(engine(torch.full((16,), c, dtype=torch.bfloat16)))
         engine.step()
-    assert engine.was_step_applied()
-
-    def grad(x, y, w):
-        w = w.clone().requires_grad_(True)
-        (((x.half().double() @ w.T) - y.double()).square().sum()).backward()
-        return w.grad
-
-    per_round = [grad(x, y, w0) for x, y in zip(xs, targets, strict=True)]
-    accumulated = (per_round[0] + per_round[1]) / 2  # DeepSpeed divides each round's loss by the rounds
-
-    def adam_step(grad_value):
-        w = torch.nn.Parameter(w0.clone())
-        opt = torch.optim.Adam([w], lr=1e-2, betas=(0.0, 0.999), eps=1.0)
-        w.grad = grad_value
-        opt.step()
-        return w.detach()
-
-    expected = adam_step(accumulated.clamp(-1, 1))
-    assert (accumulated.abs() > 1).any() and (accumulated.abs() < 1).any()  # both branches of the clip
-    got = _masters(engine)
-    # fp16 gradients carry ~5e-4 relative error, i.e. up to ~0.03 on the unclipped entries (|g| < 1
-    # after rounds of |g| ~ 40 cancel): at lr 1e-2 that is < 5e-4 in the weights.
-    torch.testing.assert_close(got, expected, rtol=0, atol=5e-4)
-    wrong = {"no clip": adam_step(accumulated), "per-round clip": adam_step(
-        (per_round[0].clamp(-1, 1) + per_round[1].clamp(-1, 1)) / 2),
-        "clip of the scaled gradient": adam_step((accumulated * 1024).clamp(-1, 1) / 1024)}
-    for name, w in wrong.items():
-        assert (w - expected).abs().max() > 2e-3, name
+    assert len(seen) == 1, "exactly one optimizer step at the accumulation boundary"
+    return seen[0], type(engine.optimizer).__name__
 
 
-def test_fp16_engine_uses_recipe_eps_by_default(one_rank, tmp_path, monkeypatch):
-    engine, _ = _fp16_engine(tmp_path, 2, monkeypatch)
-    assert engine.optimizer.optimizer.param_groups[0]["eps"] == 1e-6
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_gradients_accumulate_in_fp32(dist_info, stage):
+    """Micro-batch gradients 1, 2^-10, 2^-10, 2^-10 (each exact in bf16), averaged over 4 by DeepSpeed:
+    summed in bf16 the small ones vanish (0.25 has an ulp of 2^-9), summed in fp32 they stay."""
+    from sidscale.distributed.ds_config import build_ds_config
+
+    cfg = load_config("toy", ["train.precision=bf16", "train.global_batch=4", "train.micro_batch=1",
+                              f"deepspeed.config=ds_configs/zero{stage}.json"])
+    ds = build_ds_config(cfg, world_size=1)
+    assert ds["gradient_accumulation_steps"] == 4
+    contributions = [1.0] + [2.0**-10] * 3
+    exact = sum(contributions) / 4
+    got, wrapper = accumulated_gradient(ds, contributions)
+    assert got == exact, (stage, wrapper, got)
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert ds.get("communication_data_type") == ("fp32" if stage == 1 else None)
+    # DeepSpeed's default (the model dtype) loses them: what sidscale's setting fixes
+    default = {k: v for k, v in ds.items() if k not in ("data_types", "communication_data_type")}
+    got_default, _ = accumulated_gradient(default, contributions)
+    assert got_default == 0.25, (stage, got_default)
+
+
+def test_two_rank_partitions_gather_to_rank0_only(tmp_path):
+    """ZeRO-1/2/3 with bf16 on 2 ranks (tests/ema_partition_worker.py): the EMA shards follow the
+    optimizer's partition (parameters split across the rank boundary), rank 0's gather equals
+    DeepSpeed's full masters, the shards' concatenation and the offline reassembly; rank 1
+    receives nothing during the gather, and every tensor it sends is one chunk."""
+    from sidscale.distributed.runtime import free_port
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={free_port()}", str(REPO / "tests" / "ema_partition_worker.py"),
+                           str(tmp_path)], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    chunk_per_rank = 10 // 2
+    for stage, wrapper in ((1, "BF16_Optimizer"), (2, "DeepSpeedZeroOptimizer"), (3, "DeepSpeedZeroOptimizer_Stage3")):
+        a, b = r0[f"zero{stage}"], r1[f"zero{stage}"]
+        assert a["optimizer"] == wrapper
+        assert a["full_equals_masters"] and a["full_equals_offline"] and a["masters_moved"], (stage, a)
+        assert a.get("full_equals_concat", True), stage
+        assert a["split_params"] >= 1, "no parameter straddles the rank boundary: the case is too easy"
+        assert b["full_is_none"]
+        # each rank holds about half the model; rank 1's only collectives during the gather are gathers
+        # of one chunk each, with nothing to receive into
+        assert sum(b["shard_sizes"]) < b["full_numel"]
+        assert b["calls"] and all(c["op"] == "gather" and c["list_items"] == 0 for c in b["calls"]), b["calls"]
+        assert all(max(c["numel"]) <= chunk_per_rank for c in b["calls"])
+        assert sum(max(c["numel"]) for c in b["calls"]) == sum(b["shard_sizes"])

@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="--measure: default cuda when available")
     p.add_argument("--steps", type=int, default=2, help="--measure: measured iterations after one warm-up")
     p.add_argument("--accumulation", type=int, default=1, help="micro-batches per rank per optimizer step")
+    p.add_argument("--grad-accum-dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="DeepSpeed's data_types.grad_accum_dtype (default: what sidscale sets, fp32 for bf16)")
     args = p.parse_args(argv)
     if args.measure and (args.device or "").lower() == "cpu":
         # NOTE: before any sidscale.perf import: importing DeepSpeed fixes its accelerator for good.
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     # rest of the process, which would change the meta-device activation count the plan relies on.
     result = plan(PlanInput(args.preset, args.gpus, args.zero, args.micro_batch, args.precision,
                             args.teacher_dtype, args.grad_checkpointing, args.gpu_mem_gib, reduce_bucket_size=rbs,
-                            accumulation=args.accumulation))
+                            accumulation=args.accumulation, grad_accum_dtype=args.grad_accum_dtype))
     rank = 0
     if info is not None:
         measured, rank = _measure(args, info), info.rank

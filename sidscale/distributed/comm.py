@@ -136,3 +136,15 @@ def decide_on_rank0(decide: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     same directory, and ranks that branch differently around a collective hang or corrupt a save.
     A collective: all ranks must call."""
     return broadcast_object(decide(*args, **kwargs) if rank() == 0 else None)
+
+
+def gather_to_rank0(tensor: torch.Tensor) -> list[torch.Tensor] | None:
+    """Every rank's ``tensor`` (same shape and dtype on every rank) on rank 0, in rank order, each on
+    the comm device; ``None`` on the other ranks, which receive nothing (nothing full-size is ever
+    gathered on every rank). A collective: all ranks must call."""
+    if not is_distributed():
+        return [tensor]
+    t = tensor.to(comm_device())
+    parts = [torch.empty_like(t) for _ in range(world_size())] if rank() == 0 else None
+    dist.gather(t, parts, dst=0)
+    return parts

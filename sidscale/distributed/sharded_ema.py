@@ -1,90 +1,235 @@
-"""Generator EMA sharded across data-parallel ranks, like the ZeRO optimizer state.
+"""Generator EMA of the fp32 master weights, sharded exactly like DeepSpeed's ZeRO optimizer.
 
-Each rank keeps fp32 EMA values for 1/world_size of the generator's elements:
-- ZeRO-1/2: parameters are replicated, so the flattened parameter vector is cut into equal
-  contiguous slices and rank r averages slice r.
-- ZeRO-3: parameters are already partitioned (``param.ds_tensor`` is this rank's shard), so
-  the EMA follows that partition exactly.
-The full EMA weights exist only on demand (``gather_full``): export and previews.
+The EMA averages the fp32 master partition that the ZeRO optimizer holds on each rank, not
+the bf16/fp16 working weights: at the recipe's lr (1e-6) one Adam step is far below bf16's
+resolution of a weight, so the bf16 copy moves in jumps of one ulp while the masters move
+smoothly, and an EMA of the bf16 copy would be an average of rounded weights. In fp32 mode the
+masters equal the working weights bit for bit, so the EMA is the same as an EMA of the weights.
+
+Layout: one fp32 tensor per optimizer partition group, the same shape (padding included) and on
+the same device as the optimizer's own flat master partition, so the update is one ``lerp_`` per
+group, costs no communication, and the EMA is 1/N of the model per rank like the masters:
+
+- ZeRO-1/2 (``DeepSpeedZeroOptimizer``): ``single_partition_of_fp32_groups[g]``;
+- ZeRO-1 with bf16 and fp32 gradient accumulation (``BF16_Optimizer``): ``fp32_groups_flat_partition[g]``;
+- ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``): ``fp32_partitioned_groups_flat[g]`` (one per sub-group;
+  on the CPU with ZeRO-Offload, so the EMA is there too).
+
+Which parameter elements sit where is read from DeepSpeed's own mapping: each ZeRO-1/2 and
+BF16_Optimizer parameter's ``_hp_mapping`` (fragment start in the parameter and in the
+partition), and ZeRO-3's ``grad_position`` (sub-group, offset, partition numel) with the rank's
+index in the parameter's partition group. It is stored as *segments* ``(param, param_start,
+numel, group, offset)``: elements ``param_start:param_start+numel`` of the flattened parameter
+are ``shards[group][offset:offset+numel]``. Each rank's checkpoint file holds its segments, so
+the full EMA can be reassembled offline from the files alone (``sidscale.checkpoint``).
+
+The full EMA exists only on rank 0's host, on demand (``gather_to_main``: previews and export),
+gathered chunk by chunk; no rank ever holds a full-size copy on the device.
 """
 
 from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
 
 import torch
 
 from sidscale.distributed import comm
 
+# (param index, start in the flattened param, numel, group, offset in the group's flat partition)
+Segment = tuple[int, int, int, int, int]
 
-def _is_zero3_param(p: torch.nn.Parameter) -> bool:
-    return hasattr(p, "ds_tensor")
+STATE_FORMAT = "optimizer-partition-v1"
+# Elements of one gather chunk, all ranks together, on rank 0's communication device (fp32: 256 MiB).
+GATHER_CHUNK_ELEMENTS = 64 * 2**20
+
+
+class EMALayoutError(RuntimeError):
+    pass
+
+
+def master_partitions(optimizer) -> list[torch.Tensor]:
+    """This rank's flat fp32 master partitions, one per group, as the ZeRO optimizer holds them now.
+
+    Read anew at every use: DeepSpeed may replace these tensors (e.g. after offloading states).
+    """
+    for attr in ("fp32_partitioned_groups_flat",  # ZeRO-3
+                 "fp32_groups_flat_partition",  # BF16_Optimizer (ZeRO-1 + bf16 + fp32 accumulation)
+                 "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        flats = getattr(optimizer, attr, None)
+        if flats is not None:
+            if any(f.numel() == 0 for f in flats):
+                raise EMALayoutError(
+                    f"{type(optimizer).__name__}.{attr} has an empty partition: the fp32 masters are swapped out "
+                    "(offload_optimizer.device = nvme), which the generator EMA does not support; use "
+                    "offload_optimizer.device = cpu or none")
+            return list(flats)
+    raise EMALayoutError(
+        f"the generator's optimizer is a {type(optimizer).__name__}, which holds no fp32 master partition that "
+        "sidscale knows (expected a DeepSpeed ZeRO-1/2/3 optimizer or BF16_Optimizer): use zero_optimization.stage "
+        "1, 2 or 3")
+
+
+def _zero3_segments(module: torch.nn.Module, optimizer, index: dict[int, int]) -> list[Segment]:
+    segments: list[Segment] = []
+    for p in (p for group in optimizer.fp16_groups for p in group):
+        group, offset, part_numel = optimizer.grad_position[optimizer.get_param_id(p)]
+        start = optimizer._get_param_partition_rank(p) * part_numel
+        numel = max(0, min(part_numel, p.ds_numel - start))  # the last rank's partition is padded
+        if numel:
+            segments.append((index[id(p)], start, numel, int(group), int(offset)))
+    return segments
+
+
+def _zero12_segments(module: torch.nn.Module, flats: Sequence[torch.Tensor], index: dict[int, int]) -> list[Segment]:
+    segments: list[Segment] = []
+    for p in module.parameters():
+        m = getattr(p, "_hp_mapping", None)
+        if m is None:  # no element of this parameter in this rank's partition
+            continue
+        group, offset = int(m.param_group_index), int(m.hp_fragment_address.start)
+        # The fragment must be a view of the flat partition we average, where the address says.
+        flat = flats[group]
+        if (m.hp_fragment.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr()
+                or m.hp_fragment.storage_offset() != flat.storage_offset() + offset):
+            raise EMALayoutError(f"DeepSpeed's _hp_mapping of a generator parameter does not point into its fp32 "
+                                 f"partition {group} at offset {offset}: unsupported DeepSpeed layout")
+        segments.append((index[id(p)], int(m.lp_fragment_address.start), int(m.lp_fragment_address.numel),
+                         group, offset))
+    return segments
+
+
+def check_coverage(numels: Sequence[int], segments_per_rank: Sequence[Sequence[Segment]],
+                   sizes_per_rank: Sequence[Sequence[int]], names: Sequence[str], what: str) -> None:
+    """Every element of every parameter is in exactly one segment of one rank, inside its shard."""
+    covered = [0] * len(numels)
+    for rank, (segments, sizes) in enumerate(zip(segments_per_rank, sizes_per_rank, strict=True)):
+        for param, start, numel, group, offset in segments:
+            if start < 0 or start + numel > numels[param] or group >= len(sizes) or offset + numel > sizes[group]:
+                raise EMALayoutError(f"{what}: rank {rank}'s EMA segment {(names[param], start, numel, group, offset)} "
+                                     f"lies outside the parameter ({numels[param]} elements) or its shard")
+            covered[param] += numel
+    wrong = [(names[i], c, n) for i, (c, n) in enumerate(zip(covered, numels, strict=True)) if c != n]
+    if wrong:
+        name, c, n = wrong[0]
+        raise EMALayoutError(f"{what}: the EMA shards cover {c} of {n} elements of {name} "
+                             f"({len(wrong)} parameters wrong): the shards do not match the generator")
 
 
 class ShardedEMA:
-    def __init__(self, module: torch.nn.Module, rank: int, world_size: int):
+    """fp32 EMA of this rank's partition of the generator's fp32 master weights (module docstring)."""
+
+    def __init__(self, module: torch.nn.Module, optimizer):
         self.names = [n for n, _ in module.named_parameters()]
         self.params = [p for _, p in module.named_parameters()]
-        self.rank, self.world_size = rank, world_size
-        self.zero3 = any(_is_zero3_param(p) for p in self.params)
-        self.segments: list[tuple[int, int, int]] = []  # (param index, start, end) of this rank's slice
-        if self.zero3:
-            self.shards = [p.ds_tensor.detach().float().clone() for p in self.params]
-        else:
-            total = sum(p.numel() for p in self.params)
-            per_rank = -(-total // world_size)
-            lo, hi = rank * per_rank, min((rank + 1) * per_rank, total)
-            offset = 0
-            self.shards = []
-            for i, p in enumerate(self.params):
-                start, end = max(lo, offset), min(hi, offset + p.numel())
-                if start < end:
-                    self.segments.append((i, start - offset, end - offset))
-                    self.shards.append(p.detach().reshape(-1)[start - offset:end - offset].float().clone())
-                offset += p.numel()
-
-    def _local_views(self) -> list[torch.Tensor]:
-        if self.zero3:
-            return [p.ds_tensor for p in self.params]
-        return [self.params[i].detach().reshape(-1)[s:e] for i, s, e in self.segments]
+        self.numels = [int(getattr(p, "ds_numel", p.numel())) for p in self.params]
+        self.optimizer = optimizer
+        self.rank, self.world_size = comm.rank(), comm.world_size()
+        self.zero3 = hasattr(optimizer, "fp32_partitioned_groups_flat")
+        flats = master_partitions(optimizer)
+        index = {id(p): i for i, p in enumerate(self.params)}
+        self.segments = (_zero3_segments(module, optimizer, index) if self.zero3
+                         else _zero12_segments(module, flats, index))
+        self.shards = [f.detach().to(torch.float32, copy=True) for f in flats]
+        # Every rank's layout, for the coverage check (each rank raises the same error, none hangs)
+        # and for rank 0's reassembly in gather_to_main. A few numbers per parameter and rank.
+        table = (self.segments, [s.numel() for s in self.shards])
+        tables = comm.all_gather_object(table)
+        self.segments_per_rank = [t[0] for t in tables]
+        self.sizes_per_rank = [t[1] for t in tables]
+        check_coverage(self.numels, self.segments_per_rank, self.sizes_per_rank, self.names, "generator EMA")
+        if any(sizes != self.sizes_per_rank[0] for sizes in self.sizes_per_rank):
+            # ZeRO pads every rank's partition of a group to one size; gather_to_main relies on it.
+            raise EMALayoutError(f"the fp32 master partitions differ in size between ranks ({self.sizes_per_rank})")
 
     @torch.no_grad()
     def update(self, beta: float) -> None:
-        for ema, cur in zip(self.shards, self._local_views(), strict=True):
-            ema.lerp_(cur.detach().to(ema.dtype), 1.0 - beta)
+        """``ema = beta * ema + (1 - beta) * master`` on this rank's partition (after the optimizer step)."""
+        for ema, master in zip(self.shards, master_partitions(self.optimizer), strict=True):
+            ema.lerp_(master.detach().to(ema.dtype), 1.0 - beta)
 
     def state_dict(self) -> dict:
-        return {"zero3": self.zero3, "world_size": self.world_size, "rank": self.rank,
-                "shards": [s.clone() for s in self.shards]}
+        return {"format": STATE_FORMAT, "zero3": self.zero3, "world_size": self.world_size, "rank": self.rank,
+                "segments": [list(s) for s in self.segments],
+                "shards": [s.detach().to("cpu", copy=True) for s in self.shards]}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a shard saved by this layout (same world size, stage and DeepSpeed partition)."""
+        if state.get("format") != STATE_FORMAT:
+            raise EMALayoutError("the EMA shard was saved in an older layout (per-parameter slices of the working "
+                                 "weights); load it with load_full(full_ema_from_checkpoint(ckpt))")
         if state["world_size"] != self.world_size or state["zero3"] != self.zero3:
             raise ValueError(
                 f"EMA shard was saved with world_size={state['world_size']}, zero3={state['zero3']}; "
                 f"this run has world_size={self.world_size}, zero3={self.zero3}"
             )
-        if len(state["shards"]) != len(self.shards):
-            raise ValueError("EMA shard does not match the generator's parameters")
+        if ([tuple(s) for s in state["segments"]] != self.segments
+                or [s.shape for s in state["shards"]] != [s.shape for s in self.shards]):
+            raise ValueError("EMA shard does not match this run's fp32 master partition (another ZeRO stage, "
+                             "optimizer or generator?)")
         for dst, src in zip(self.shards, state["shards"], strict=True):
             dst.copy_(src)
 
     @torch.no_grad()
-    def gather_full(self) -> dict[str, torch.Tensor]:
-        """Every rank gets the full fp32 EMA state dict (a collective: all ranks must call)."""
-        if self.zero3:
-            out = {}
-            for name, p, shard in zip(self.names, self.params, self.shards, strict=True):
-                parts = comm.all_gather(shard)
-                out[name] = torch.cat(parts)[: p.ds_numel].view(p.ds_shape).clone()
-            return out
-        # NOTE: a rank without elements (tiny model, many ranks) still needs a tensor on the params' device.
-        local = torch.cat(self.shards) if self.shards else torch.zeros(0, device=self.params[0].device)
-        total = sum(p.numel() for p in self.params)
-        per_rank = -(-total // self.world_size)
-        padded = torch.zeros(per_rank, dtype=torch.float32, device=local.device)
-        padded[: local.numel()] = local
-        parts = comm.all_gather(padded)
-        flat = torch.cat(parts)[:total]
-        out, offset = {}, 0
-        for name, p in zip(self.names, self.params, strict=True):
-            out[name] = flat[offset:offset + p.numel()].view(p.shape).clone()
-            offset += p.numel()
-        return out
+    def load_full(self, full: dict[str, torch.Tensor]) -> None:
+        """Fill this rank's partition from a full EMA state dict (e.g. an older checkpoint's)."""
+        missing = [n for n in self.names if n not in full]
+        if missing:
+            raise ValueError(f"full EMA state lacks {len(missing)} generator parameters, e.g. {missing[0]}")
+        for param, start, numel, group, offset in self.segments:
+            src = full[self.names[param]].reshape(-1)[start:start + numel]
+            self.shards[group][offset:offset + numel].copy_(src)
+
+    @torch.no_grad()
+    def gather_to_main(self, chunk_elements: int = GATHER_CHUNK_ELEMENTS) -> dict[str, torch.Tensor] | None:
+        """The full fp32 EMA state dict in rank 0's host memory; None on the other ranks.
+
+        A collective: every rank must call it. Each group's shards are gathered to rank 0 in
+        chunks of ``chunk_elements // world_size`` elements per rank, on the communication device
+        (CUDA under NCCL), and rank 0 copies each received chunk into host tensors at once. The
+        other ranks only send their own partition, chunk by chunk, and receive nothing.
+        """
+        main = self.rank == 0
+        out = ({n: torch.empty(num, dtype=torch.float32) for n, num in zip(self.names, self.numels, strict=True)}
+               if main else None)
+        per_rank = max(1, chunk_elements // self.world_size)
+        for group, shard in enumerate(self.shards):
+            index = [_GroupIndex(segs, group) for segs in self.segments_per_rank] if main else None
+            for lo in range(0, shard.numel(), per_rank):
+                n = min(per_rank, shard.numel() - lo)
+                parts = comm.gather_to_rank0(shard[lo:lo + n].float())
+                if main:
+                    for r, part in enumerate(parts):
+                        index[r].scatter(out, self.names, part.cpu(), lo)
+        if not main:
+            return None
+        return {n: t.view(getattr(p, "ds_shape", p.shape)) for (n, t), p in zip(out.items(), self.params, strict=True)}
+
+
+class _GroupIndex:
+    """One rank's segments of one group, sorted by offset, to route a received chunk into parameters."""
+
+    def __init__(self, segments: Sequence[Segment], group: int):
+        self.segs = sorted((s for s in segments if s[3] == group), key=lambda s: s[4])
+        self.ends = [s[4] + s[2] for s in self.segs]
+
+    def scatter(self, out: dict[str, torch.Tensor], names: Sequence[str], chunk: torch.Tensor, lo: int) -> None:
+        hi = lo + chunk.numel()
+        for param, start, numel, _, offset in self.segs[bisect.bisect_right(self.ends, lo):]:
+            if offset >= hi:
+                break
+            a, b = max(lo, offset), min(hi, offset + numel)  # the overlap, in partition coordinates
+            out[names[param]][start + a - offset:start + b - offset].copy_(chunk[a - lo:b - lo])
+
+
+def assemble_full(names: Sequence[str], shapes: Sequence[Sequence[int]], states: Sequence[dict],
+                  what: str) -> dict[str, torch.Tensor]:
+    """The full EMA from every rank's ``state_dict()`` (offline: no process group)."""
+    numels = [int(torch.Size(s).numel()) for s in shapes]
+    segments = [[tuple(s) for s in st["segments"]] for st in states]
+    check_coverage(numels, segments, [[t.numel() for t in st["shards"]] for st in states], names, what)
+    flat = [torch.empty(n, dtype=torch.float32) for n in numels]
+    for st, segs in zip(states, segments, strict=True):
+        for param, start, numel, group, offset in segs:
+            flat[param][start:start + numel].copy_(st["shards"][group][offset:offset + numel])
+    return {n: f.view(tuple(s)) for n, f, s in zip(names, flat, shapes, strict=True)}

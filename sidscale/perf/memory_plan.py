@@ -8,8 +8,13 @@ Static, alive for the whole run:
   * module params: b*P (Z1/2, replicated) or b*P/N (Z3);
   * fp32 master partition: 4*P/N (kept by ZeRO for bf16/fp16 and also for fp32);
   * Adam exp_avg + exp_avg_sq: 8*P/N.
-- generator EMA: fp32, sharded 1/N (ShardedEMA).
+- generator EMA: fp32, sharded 1/N like the fp32 masters it averages (ShardedEMA).
 - teacher UNet and text encoder(s): replicated, in teacher.dtype.
+- ZeRO-1 with bf16 and fp32 gradient accumulation (sidscale's default, DeepSpeed's BF16_Optimizer):
+  a full fp32 gradient accumulation buffer per engine, 4*P, allocated at start-up.
+
+Nothing of the previews or exports stays resident: the full EMA is gathered into rank 0's host
+memory in chunks and the preview network exists only while previewing (``preview`` phase below).
 
 Transient: the peak is the largest of four phases of one iteration, each on top of the static part.
 Measured with an allocation trace on CPU (tools/memory_plan.py --measure), the gradients and the
@@ -27,11 +32,17 @@ net's activations:
   from the second micro-batch on;
 - ``gen_backward``: the backward leaves the teacher and the fake net first, so when G's first
   parameter gradient arrives only G's activations remain, plus its gradients and buckets;
-- ``optimizer_step``: the gradient partition and the fp32 copy of it that ``step()`` makes (4*P/N).
+- ``optimizer_step``: the gradient partition and the fp32 copy of it that ``step()`` makes (4*P/N;
+  none when the gradients accumulate in fp32 already). ZeRO-1 with BF16_Optimizer: its bf16
+  gradients and the flat fp32 copy its boundary all-reduce makes (4 * min(P, 5e8));
+- ``preview`` (rank 0, at previews, the export and the toy evaluation): the preview network in the
+  teacher's dtype (tb*P) and the gather's receive buffers on the device (at most 4 * 64Mi
+  elements), nothing else of the iteration alive.
 
-Gradients: the reduced partition in the training dtype, b*P/N (Z2/3; measured as
-``averaged_gradients`` of a real engine), or the full b*P (Z1). Buckets (Z1/2 with contiguous
-gradients): (1 + overlap_comm) * reduce_bucket_size * b, allocated at full size whatever the model.
+Gradients: the reduced partition in the accumulation dtype g (fp32 for bf16 training, else the
+training dtype), g*P/N (Z2/3; measured as ``averaged_gradients`` of a real engine), or the full
+b*P (Z1: the module's own gradients). Buckets (Z1/2 with contiguous gradients, not BF16_Optimizer):
+(1 + overlap_comm) * reduce_bucket_size * b, allocated at full size whatever the model.
 ZeRO-3 differs: it allocates its flat gradient partition (b*P/N) and one bucket per engine at
 start-up and keeps them, so they are static terms there. Not modelled: ZeRO-3's gathered
 parameters with N > 1 (at most stage3_prefetch_bucket_size elements prefetched, plus the module
@@ -53,6 +64,7 @@ from pathlib import Path
 
 import torch
 
+from sidscale.distributed.sharded_ema import GATHER_CHUNK_ELEMENTS
 from sidscale.models.teacher import DTYPES
 from sidscale.perf.activations import flash_sdpa_on_meta, saved_tensor_bytes, unet_inputs
 from sidscale.perf.setup import build_preset_text_encoders, build_preset_unet, latent_shape
@@ -74,6 +86,14 @@ class PlanInput:
     cfg_scales: tuple[float, float, float] = (1.5, 1.5, 1.5)  # k1 (fake step), k2 (fake in G step), k4 (teacher)
     reduce_bucket_size: int | None = None  # elements; default: the ds_configs/zero{Z}.json value
     accumulation: int = 1  # micro-batches per optimizer step: >1 keeps gradients alive between them
+    grad_accum_dtype: str | None = None  # default: what build_ds_config sets (fp32 for bf16, else the precision)
+
+    def accumulation_dtype(self) -> str:
+        return self.grad_accum_dtype or ("fp32" if self.precision == "bf16" else self.precision)
+
+    def bf16_optimizer(self) -> bool:
+        """ZeRO-1 + bf16 + fp32 accumulation: DeepSpeed replaces the ZeRO optimizer by BF16_Optimizer."""
+        return self.zero == 1 and self.precision == "bf16" and self.accumulation_dtype() == "fp32"
 
 
 @dataclass
@@ -156,6 +176,11 @@ def _phases(inp: PlanInput, micro_batch: int, grads: float, buckets: float, p: i
         return 2 * micro_batch if k != 1.0 else micro_batch
 
     gen_acts = micro_batch * per_sample(inp.precision, True)
+    fp32_grads = inp.accumulation_dtype() == "fp32"
+    if inp.bf16_optimizer():  # fp32 gradients already; the boundary all-reduce flattens them into one copy
+        step = {"grads": grads, "allreduce_flat_copy": 4.0 * min(p, 500_000_000)}
+    else:
+        step = {"grads": grads, "fp32_grad_copy": 0.0 if fp32_grads and inp.precision != "fp32" else 4 * p / inp.gpus}
     return {
         "fake_backward": {"activations": cfg_batch(k1) * per_sample(inp.precision, True),
                           "grads": grads, "grad_buckets": buckets},
@@ -164,7 +189,9 @@ def _phases(inp: PlanInput, micro_batch: int, grads: float, buckets: float, p: i
                         # from the second micro-batch on, G's accumulated gradient partition is alive
                         "grads": grads if inp.accumulation > 1 else 0.0},
         "gen_backward": {"activations": gen_acts, "grads": grads, "grad_buckets": buckets},
-        "optimizer_step": {"grads": grads, "fp32_grad_copy": 4 * p / inp.gpus},
+        "optimizer_step": step,
+        "preview": {"preview_unet": DTYPES[teacher_dtype].itemsize * p,
+                    "ema_gather_buffers": 4.0 * min(p, GATHER_CHUNK_ELEMENTS)},
     }
 
 
@@ -187,10 +214,14 @@ def plan(inp: PlanInput, micro_batch: int | None = None) -> MemoryPlan:
     terms["ema_fp32"] = 4 * unet_p / n
     terms["teacher_unet"] = tb * unet_p
     terms["text_encoders"] = tb * text_p
-    grads = b * unet_p / (1 if z == 1 else n)
+    g = DTYPES[inp.accumulation_dtype()].itemsize
+    grads = b * unet_p if z == 1 else g * unet_p / n
     bucket_bytes = float(inp.reduce_bucket_size or zs["reduce_bucket_size"]) * b
     buckets = 0.0
-    if z in (1, 2) and zs.get("contiguous_gradients", True):
+    if inp.bf16_optimizer():
+        for name in ("generator", "fake"):
+            terms[f"{name}_fp32_grad_accum"] = 4.0 * unet_p
+    elif z in (1, 2) and zs.get("contiguous_gradients", True):
         buckets = (1 + bool(zs.get("overlap_comm"))) * bucket_bytes
     if z == 3:  # ZeRO-3 allocates its gradient partition and one reduction bucket once, at start-up
         for name in ("generator", "fake"):
