@@ -17,31 +17,22 @@ import torch
 from sidscale.config import load_config
 from sidscale.ema import ema_beta
 from tests.dist_launch import REPO
-from tests.tiny_teachers import write_tiny_toy_teacher
 
 STEPS = 2
 
 
 @pytest.fixture(scope="module")
 def dist_info():
-    """A 1-rank process group in this process (gloo), torn down and the environment restored afterwards.
+    """A 1-rank process group in this process (gloo), torn down and the environment restored afterwards."""
+    from tests.inprocess import one_rank_group
 
-    NOTE: init_distributed puts RANK/WORLD_SIZE/MASTER_PORT into os.environ; later tests' subprocesses
-    must not inherit them.
-    """
-    from sidscale.distributed.runtime import init_distributed
-
-    saved_env = dict(os.environ)
-    info = init_distributed()
-    yield info
-    torch.distributed.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved_env)
+    with one_rank_group() as info:
+        yield info
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    return write_tiny_toy_teacher(tmp_path_factory.mktemp("teacher") / "toy", sample_size=8)
+@pytest.fixture
+def teacher_dir(tiny_toy_teacher):
+    return tiny_toy_teacher
 
 
 def bf16_config(teacher_dir: Path, stage: int, extra: tuple[str, ...] = ()):

@@ -55,35 +55,32 @@ def engine_measurements():
     from sidscale.perf.activations import unet_inputs
     from sidscale.perf.setup import BenchCase, build_preset_teacher, case_config
     from sidscale.train import Trainer
+    from tests.inprocess import single_rank_environment
 
-    # NOTE: init_distributed puts RANK/WORLD_SIZE/MASTER_PORT into os.environ for a launcher-less
-    # process; restore the environment afterwards so later tests' subprocesses do not inherit them.
-    saved_env = dict(os.environ)
-    info = init_distributed()
-    case = BenchCase("tiny", zero=2, precision="bf16", micro_batch=2)
-    trainer = Trainer(case_config(case, 1), tempfile.mkdtemp(), info,
-                      teacher=build_preset_teacher("tiny", info.device, "bf16"))
-    trainer.train_step()  # optimizer states exist after the first step
-    engine, opt = trainer.gen_engine, trainer.gen_engine.optimizer
+    # the group is destroyed and DeepSpeed's group caches and os.environ restored at the end of the block
+    with single_rank_environment():
+        info = init_distributed()
+        case = BenchCase("tiny", zero=2, precision="bf16", micro_batch=2)
+        trainer = Trainer(case_config(case, 1), tempfile.mkdtemp(), info,
+                          teacher=build_preset_teacher("tiny", info.device, "bf16"))
+        trainer.train_step()  # optimizer states exist after the first step
+        engine, opt = trainer.gen_engine, trainer.gen_engine.optimizer
 
-    def nbytes(ts) -> int:  # tensors, or (nested) lists of them: averaged_gradients holds lists per group
-        return sum(nbytes(t) if isinstance(t, list | tuple) else t.numel() * t.element_size()
-                   for t in ts if t is not None)
+        def nbytes(ts) -> int:  # tensors, or (nested) lists of them: averaged_gradients holds lists per group
+            return sum(nbytes(t) if isinstance(t, list | tuple) else t.numel() * t.element_size()
+                       for t in ts if t is not None)
 
-    measured = {
-        "params": nbytes(engine.module.parameters()),
-        "fp32_master": nbytes(opt.single_partition_of_fp32_groups),
-        "adam_states": nbytes(v for s in opt.optimizer.state.values() for v in s.values()
-                              if torch.is_tensor(v) and v.dim() > 0),
-    }
-    args, kw = unet_inputs(engine.module, 2, 8, "cpu", torch.bfloat16)
-    engine.backward(engine(*args, **kw, return_dict=False)[0].float().square().mean())
-    grads = opt.averaged_gradients
-    measured["grads"] = nbytes(grads.values() if isinstance(grads, dict) else grads)
-    engine.step()
-    torch.distributed.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved_env)
+        measured = {
+            "params": nbytes(engine.module.parameters()),
+            "fp32_master": nbytes(opt.single_partition_of_fp32_groups),
+            "adam_states": nbytes(v for s in opt.optimizer.state.values() for v in s.values()
+                                  if torch.is_tensor(v) and v.dim() > 0),
+        }
+        args, kw = unet_inputs(engine.module, 2, 8, "cpu", torch.bfloat16)
+        engine.backward(engine(*args, **kw, return_dict=False)[0].float().square().mean())
+        grads = opt.averaged_gradients
+        measured["grads"] = nbytes(grads.values() if isinstance(grads, dict) else grads)
+        engine.step()
     return measured
 
 
