@@ -31,7 +31,6 @@ from sidscale import train
 from sidscale.config import ConfigError, load_config, validate
 from sidscale.distributed import comm, runtime
 from sidscale.distributed.preemption import StopSignal
-from sidscale.distributed.sharded_ema import ShardedEMA
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -137,18 +136,18 @@ def fake_nccl(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, torch.device]]
 
     monkeypatch.setattr(dist, "all_reduce", tensor_op("all_reduce"))
     monkeypatch.setattr(dist, "all_gather", tensor_op("all_gather"))
+    monkeypatch.setattr(dist, "gather", tensor_op("gather"))
     monkeypatch.setattr(dist, "broadcast_object_list", broadcast_object_list)
     return seen
 
 
 def test_collectives_get_tensors_on_the_comm_device(fake_nccl, monkeypatch: pytest.MonkeyPatch) -> None:
     stop = StopSignal(signals=())
-    ema = ShardedEMA(torch.nn.Linear(3, 2), rank=0, world_size=2)
     calls = {
         "all_ranks_agree": lambda: comm.all_ranks_agree(True),
         "StopSignal.stop_requested": stop.stop_requested,  # polled every training step
         "all_reduce(cpu tensor)": lambda: comm.all_reduce(torch.ones(3)),
-        "ShardedEMA.gather_full": ema.gather_full,  # previews, export
+        "gather_to_rank0": lambda: comm.gather_to_rank0(torch.ones(3)),  # the EMA's gather (previews, export)
         "broadcast_object": lambda: comm.broadcast_object({"a": 1}),
         "decide_on_rank0": lambda: comm.decide_on_rank0(lambda: True),  # checkpoint decisions
     }
@@ -377,7 +376,7 @@ def test_comm_check_on_two_gloo_ranks() -> None:
         "all_ranks_agree(True)", "all_ranks_agree(rank != 0)", "any_rank(rank == last)", "any_rank(False)",
         "stop_requested (no signal)", "stop_requested (signal on rank 0 only)", "all_reduce(cpu tensor)",
         "all_reduce(device tensor, max)", "broadcast_object", "decide_on_rank0", "all_gather_object",
-        "all_gather(cpu tensor)", "ShardedEMA.gather_full", "check_identical_across_ranks", "barrier"]
+        "all_gather(cpu tensor)", "gather_to_rank0(cpu tensor)", "check_identical_across_ranks", "barrier"]
 
 
 @pytest.mark.parametrize("rank_exit", [1, 75])

@@ -29,7 +29,6 @@ def run_checks(device) -> list[str]:
     from sidscale.distributed import comm
     from sidscale.distributed.engines import check_identical_across_ranks
     from sidscale.distributed.preemption import StopSignal
-    from sidscale.distributed.sharded_ema import ShardedEMA
 
     r, w = comm.rank(), comm.world_size()
     done: list[str] = []
@@ -59,11 +58,13 @@ def run_checks(device) -> list[str]:
         check(f"all_gather({torch.device(where).type} tensor)",
               [p.device.type for p in parts] == [torch.device(where).type] * w
               and [p[0].item() for p in parts] == [float(i) for i in range(w)], parts)
+    # the EMA's gather to rank 0 (ShardedEMA.gather_to_main sends its fp32 master-partition chunks so)
+    for where in dict.fromkeys([torch.device("cpu"), torch.device(device)]):
+        got = comm.gather_to_rank0(torch.full((4,), float(r), device=where))
+        check(f"gather_to_rank0({torch.device(where).type} tensor)",
+              got is None if r != 0 else [p.tolist() for p in got] == [[float(i)] * 4 for i in range(w)], got)
     torch.manual_seed(0)  # the same module on every rank
     module = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Linear(3, 2)).to(device)
-    full = ShardedEMA(module, r, w).gather_full()
-    check("ShardedEMA.gather_full", all(torch.equal(full[k].to(device), v.detach().float())
-                                        for k, v in module.named_parameters()))
     check_identical_across_ranks({"check module": module})
     done.append("check_identical_across_ranks")
     comm.barrier()

@@ -84,8 +84,9 @@ class Mode:
 
 
 GPU_MODE = Mode("gpu", "cuda", "sd15", None, micro_batch=2, accumulation=2, bench_micro_batch=4, num_workers=2,
-                timeouts={"environment": 180, "write_teacher": 400, "train_checkpoint_kill": 600,
-                          "resume_train_export": 600, "sample": 300, "bench": 480, "memory_plan": 360})
+                timeouts={"environment": 180, "comm_check": 120, "gpu_tests": 180, "write_teacher": 400,
+                          "train_checkpoint_kill": 600, "resume_train_export": 600, "sample": 300, "bench": 480,
+                          "memory_plan": 360})
 SMOKE_MODE = Mode("cpu-smoke", "cpu", "tiny", None, micro_batch=2, accumulation=2, bench_micro_batch=2,
                   num_workers=1, timeouts={"default": 300})
 
@@ -594,9 +595,35 @@ print(json.dumps(out))
             raise StepFailed(f"the plan predicts {ratio:.3f} x the measured peak, outside 1 +- {self.tol:g}", **numbers)
         return numbers
 
+    # ---------------------------------------------------------------- collectives and GPU tests
+    def comm_check(self) -> dict[str, Any]:
+        """Every sidscale collective once on the real backend (NCCL on GPUs): seconds, before the big run."""
+        from sidscale.distributed.runtime import free_port
+
+        cmd = self.python("-m", "torch.distributed.run", f"--nproc_per_node={self.nproc}",
+                          f"--master_port={free_port()}", "tools/comm_check.py")
+        code, text, _ = run(cmd, self.env(), self.logs / "comm_check.log", self.mode.timeout("comm_check"))
+        lines = [r for r in json_lines(text) if "checks" in r]
+        if code != 0 or not lines or not lines[-1].get("ok"):
+            raise StepFailed(f"tools/comm_check.py exited {code}", log_tail=tail(text))
+        return lines[-1]
+
+    def gpu_tests(self) -> dict[str, Any]:
+        """The test suite's ``gpu`` tests (skipped on CPU machines): NCCL collectives, CUDA memory."""
+        if self.mode.device != "cuda":
+            raise Skip("the gpu tests need CUDA")
+        cmd = self.python("-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests")
+        code, text, _ = run(cmd, self.env(), self.logs / "gpu_tests.log", self.mode.timeout("gpu_tests"))
+        summary = [line for line in text.splitlines() if " passed" in line or " failed" in line or " error" in line]
+        if code != 0 or " skipped" in (summary[-1] if summary else ""):
+            raise StepFailed(f"pytest -m gpu exited {code}", log_tail=tail(text))
+        return {"summary": summary[-1] if summary else ""}
+
     # ---------------------------------------------------------------- all
     def run_all(self) -> bool:
         self.step("environment", self.environment)
+        self.step("comm_check", self.comm_check, needs=("environment",))
+        self.step("gpu_tests", self.gpu_tests, needs=("comm_check",))
         self.step("write_teacher", self.write_teacher, needs=("environment",))
         self.step("disk_space", self.disk_space, needs=("write_teacher",))
         self.step("train_checkpoint_kill", self.train_checkpoint_kill, needs=("disk_space",))
