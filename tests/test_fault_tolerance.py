@@ -166,6 +166,7 @@ class Launch:
         return codes
 
 
+@pytest.mark.slow
 def test_sigkill_after_a_step_then_restart_is_exact(overrides, reference, tmp_path):
     """Both ranks finish step 3 (the checkpoint of step 2 is complete), then the whole launch is
     SIGKILLed: the restart resumes at step 2, loses nothing more, and ends identical."""
@@ -182,6 +183,7 @@ def test_sigkill_after_a_step_then_restart_is_exact(overrides, reference, tmp_pa
     assert_identical(run_dir, reference)
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_checkpoint_save_resumes_from_the_previous_one(overrides, reference, tmp_path):
     """Killed inside the save of step 4: every rank has written its engine shards and rank file,
     rank 0 has not yet written meta.json. The partial directory is never marked ``latest``; and even
@@ -219,6 +221,7 @@ def corrupt_latest(run_dir: Path, how: str) -> None:
         (step_dir(run_dir, 6) / "rank_00001.pt").unlink()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how, expected_step", [
     ("truncated", 6), ("empty", 6), ("garbage", 6), ("missing_rank_shard", 4),
 ])
@@ -247,6 +250,8 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
+@pytest.mark.slow
+@pytest.mark.root
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(overrides, reference, small_disk, tmp_path):
     run_dir = small_disk / "run"
     proc = run_trainer(run_dir, overrides, check=False)
@@ -272,6 +277,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(overrides, refere
     assert_identical(big, reference)
 
 
+@pytest.mark.slow
 def test_sigusr1_to_one_rank_checkpoints_exits_75_and_restart_is_exact(overrides, reference, tmp_path):
     """Only rank 1 gets SIGUSR1, right after step 3 (SLURM may signal ranks at different times):
     both ranks must stop after that same step, save it and exit 75; the restart continues exactly."""

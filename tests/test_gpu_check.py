@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -60,6 +61,7 @@ def test_random_teacher_loads_through_load_teacher_with_the_preset_architecture(
     assert torch.equal(teacher.schedule.alphas_cumprod, VPSchedule.from_settings().alphas_cumprod)
 
 
+@pytest.mark.slow
 def test_gpu_mode_without_a_gpu_fails_clearly_skips_the_rest_and_still_writes_the_json(tmp_path):
     out = tmp_path / "result.json"
     # DS_ACCELERATOR=cpu in the caller's shell must not turn the GPU check into a CPU run

@@ -181,6 +181,7 @@ def test_bf16_gradients_accumulate_in_fp32(dist_info, stage):
     assert got_default == 0.25, (stage, got_default)
 
 
+@pytest.mark.slow
 def test_two_rank_partitions_gather_to_rank0_only(tmp_path):
     """ZeRO-1/2/3 with bf16 on 2 ranks (tests/ema_partition_worker.py): the EMA shards follow the
     optimizer's partition (parameters split across the rank boundary), rank 0's gather equals

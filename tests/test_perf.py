@@ -154,6 +154,7 @@ MEASURED_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc, args, phase", MEASURED_CASES, ids=["tiny-zero2", "tiny-zero3", "mid-zero2-2ranks"])
 def test_memory_plan_total_within_15_percent_of_measured_peak(nproc, args, phase):
     """The plan's total per rank against the allocator's measured peak over real trainer iterations."""

@@ -12,17 +12,25 @@ from sidscale.data.prompts import IndexedPromptSource
 from sidscale.eval.toy_eval import toy_quality
 from sidscale.method.sid_lsg import MethodSettings
 from sidscale.models.teacher import load_teacher
-from sidscale.models.toy_teacher import load_toy_mixture
+from sidscale.models.toy import ToyMixture
+from sidscale.models.toy_teacher import ToyTeacherSpec, ensure_toy_teacher, load_toy_mixture
 from sidscale.reference import OptimSettings, ReferenceLoop
 
 STEPS = 20
 SAMPLES = 600
+# NOTE: a smaller fit than the built-in teacher's (8x8 instead of 16x16 pixels, 80 instead of 400 fit
+# steps, no fit report): ~30 s instead of ~2.5 min, fitted once per test session into a temporary
+# directory (never the user's ~/.cache). Measured with it on this project's CPU: the distilled
+# one-step Frechet distance falls to 0.59 x where it starts; with the loss negated it rises to 18 x.
+# The threshold 0.7 leaves room for other hosts' float rounding, and is far from what a broken loss gives.
+TEST_SPEC = ToyTeacherSpec(mixture=ToyMixture(size=8).to_dict(), fit_steps=80, eval_samples=0)
+THRESHOLD = 0.7
 
 
 @pytest.fixture(scope="module")
-def toy():
-    # the built-in teacher: fitted once per machine (~2 CPU minutes) and cached
-    teacher = load_teacher(TeacherConfig(kind="toy", path="", dtype="fp32", resolution=16))
+def toy(tmp_path_factory):
+    teacher_dir = ensure_toy_teacher(tmp_path_factory.mktemp("toy_teacher_cache"), TEST_SPEC)
+    teacher = load_teacher(TeacherConfig(kind="toy", path=str(teacher_dir), dtype="fp32", resolution=8))
     mixture = load_toy_mixture(teacher.path)
     # start: the generator IS the teacher UNet, used as a one-step generator
     before = toy_quality(teacher, mixture, teacher.unet, SAMPLES, 0, 1.5, 625)["frechet_one_step"]
@@ -44,15 +52,17 @@ def distill(teacher, mixture, settings: MethodSettings) -> torch.nn.Module:
     return loop.gen_net
 
 
+@pytest.mark.slow
 def test_reference_loop_improves_one_step_quality(toy):
     teacher, mixture, before = toy
     settings = MethodSettings()
     gen = distill(teacher, mixture, settings)
     after = toy_quality(teacher, mixture, gen, SAMPLES, 0, 1.5, settings.t_init)["frechet_one_step"]
     print(f"toy Frechet one-step: before {before:.3f} after {after:.3f}")
-    assert after < 0.6 * before, (before, after)
+    assert after < THRESHOLD * before, (before, after)
 
 
+@pytest.mark.slow
 def test_reversed_loss_does_not_improve(toy):
     """The same run with the generator loss negated (gen_loss_scale is a plain multiplier, so -1
     ascends the SiD objective) must not reach the threshold: the test can fail."""
@@ -60,4 +70,4 @@ def test_reversed_loss_does_not_improve(toy):
     settings = MethodSettings(gen_loss_scale=-1.0)
     gen = distill(teacher, mixture, settings)
     after = toy_quality(teacher, mixture, gen, SAMPLES, 0, 1.5, settings.t_init)["frechet_one_step"]
-    assert not after < 0.6 * before, (before, after)
+    assert not after < THRESHOLD * before, (before, after)

@@ -16,9 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from sidscale.distributed.preemption import EXIT_REQUEUE
 from tests.dist_launch import REPO, free_port
-from tests.tiny_teachers import write_tiny_toy_teacher
 
 BOUND_S = 60  # from the first rank's exit to the last one's
 OVERRIDES = [
@@ -28,8 +29,9 @@ OVERRIDES = [
 ]
 
 
-def test_an_exception_on_one_rank_ends_every_rank_quickly(tmp_path: Path) -> None:
-    teacher = write_tiny_toy_teacher(tmp_path / "teacher", sample_size=8)
+@pytest.mark.slow
+def test_an_exception_on_one_rank_ends_every_rank_quickly(tmp_path: Path, tiny_toy_teacher: Path) -> None:
+    teacher = tiny_toy_teacher
     cmd = [sys.executable, str(REPO / "sidscale" / "train.py"), "--config", "toy", "--run-dir", str(tmp_path / "run")]
     cmd += [a for o in [*OVERRIDES, f"teacher.path={teacher}"] for a in ("--set", o)]
     port = str(free_port())

@@ -22,7 +22,8 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 
 from sidscale.checkpoint import find_resume_checkpoint, full_ema_from_checkpoint, read_meta
 from tests.dist_launch import REPO, free_port
-from tests.tiny_teachers import write_tiny_toy_teacher
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 TOOLS = REPO / "tools" / "slurm_local"
 MAX_STEPS = 5
@@ -67,8 +68,8 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    return write_tiny_toy_teacher(tmp_path_factory.mktemp("teacher") / "toy", sample_size=8)
+def teacher_dir(tiny_toy_teacher):
+    return tiny_toy_teacher
 
 
 def sbatch(cluster: dict, run_dir: Path, teacher: Path, wait: bool) -> subprocess.Popen:

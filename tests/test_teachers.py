@@ -298,7 +298,7 @@ def _loss_scalars(run_dir) -> dict[str, list[float]]:
               "fake.grad_checkpointing=true", "data.shards=indexed:toy", "train.export_at_end=false"], 1),
     ("sd21v", ["data.shards=indexed:toy", "train.export_at_end=false"], 1),
     # SDXL through the streaming loader on 2 ranks: tokenize runs in the workers and yields [B, 2, 77]
-    ("sdxl", ["data.shards=toy", "train.export_at_end=true"], 2),
+    pytest.param("sdxl", ["data.shards=toy", "train.export_at_end=true"], 2, marks=pytest.mark.slow),
 ])
 def test_trains_two_steps(dirs, tmp_path, name, extra, ranks):
     """Each SD-shaped teacher trains through main(); one rank in-process where two ranks add nothing

@@ -35,6 +35,7 @@ def final_weights(run_dir):
     return ckpt, {tag: get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag) for tag in ("generator", "fake")}
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path, tiny_toy_teacher, fp32_reference_run):
     """Stopped at step 2 (its final checkpoint), then continued to step 6: identical to the shared
     uninterrupted run in both engines' weights and optimizer-driven updates, the EMA and the data cursor."""
@@ -49,6 +50,7 @@ def test_resume_is_exact(tmp_path, tiny_toy_teacher, fp32_reference_run):
     assert list((fp32_reference_run / "tb").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_export_loads_in_plain_diffusers_and_samples(tmp_path, teacher_dir):
     from diffusers import UNet2DConditionModel
 

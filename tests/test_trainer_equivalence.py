@@ -15,7 +15,6 @@ from sidscale.models.teacher import load_teacher
 from sidscale.models.toy_teacher import load_toy_mixture
 from sidscale.reference import OptimSettings, ReferenceLoop
 from tests.dist_launch import run_trainer
-from tests.tiny_teachers import write_tiny_toy_teacher
 
 STEPS = 3
 COMMON = [
@@ -32,8 +31,8 @@ COMMON = [
 
 
 @pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    return write_tiny_toy_teacher(tmp_path_factory.mktemp("teacher") / "toy", sample_size=8)
+def teacher_dir(tiny_toy_teacher):
+    return tiny_toy_teacher
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +56,7 @@ def assert_state_close(actual: dict, expected: dict, what: str) -> None:
     assert worst < 2e-6, f"{what}: max abs difference {worst:.3g}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_deepspeed_matches_reference(tmp_path, teacher_dir, reference_weights, stage):
     run_trainer(tmp_path / "run",
