@@ -78,7 +78,8 @@ def test_gpu_mode_without_a_gpu_fails_clearly_skips_the_rest_and_still_writes_th
     record = json.loads(out.read_text())
     assert record["mode"] == "gpu" and record["ok"] is False
     steps = {s["name"]: s for s in record["steps"]}
-    assert list(steps) == ["environment", "write_teacher", "disk_space", "train_checkpoint_kill",
+    assert list(steps) == ["environment", "comm_check", "gpu_tests", "write_teacher", "disk_space",
+                           "train_checkpoint_kill",
                            "resume_train_export", "sample", "bench_sd15", "memory_plan_sd15"]
     env_step = steps["environment"]
     assert env_step["status"] == "fail" and "no CUDA device" in env_step["reason"], env_step

@@ -110,14 +110,19 @@ def test_activation_model_vs_real_forward():
 
 
 def test_bench_one_iteration_json():
-    env = child_env()
-    proc = subprocess.run(
-        [sys.executable, "tools/bench.py", "--preset", "tiny", "--device", "cpu", "--zero", "2", "--precision",
-         "fp32", "--micro-batch", "1", "--steps", "1", "--warmup", "0", "--peak-tflops", "1.0"],
-        cwd=REPO, capture_output=True, text=True, timeout=240,
-        env={**env, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rec = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][0])
+    """tools/bench.py's main() as one in-process rank."""
+    import contextlib
+    import io
+
+    from tests.inprocess import single_rank_environment
+    from tools.bench import main as bench_main
+
+    out = io.StringIO()
+    with single_rank_environment(), contextlib.redirect_stdout(out):
+        code = bench_main(["--preset", "tiny", "--device", "cpu", "--zero", "2", "--precision", "fp32",
+                           "--micro-batch", "1", "--steps", "1", "--warmup", "0", "--peak-tflops", "1.0"])
+    assert code == 0
+    rec = json.loads([line for line in out.getvalue().splitlines() if line.startswith("{")][0])
     assert rec["config"] == "tiny/zero2/fp32/mb1x1" and rec["steps"] == 1
     assert rec["s_per_iter"] > 0 and rec["samples_per_s"] > 0 and rec["host_peak_gib"] > 0
     assert rec["flops_per_iter"] > 0 and 0 < rec["mfu"] < 1
@@ -157,16 +162,30 @@ MEASURED_CASES = [
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc, args, phase", MEASURED_CASES, ids=["tiny-zero2", "tiny-zero3", "mid-zero2-2ranks"])
 def test_memory_plan_total_within_15_percent_of_measured_peak(nproc, args, phase):
-    """The plan's total per rank against the allocator's measured peak over real trainer iterations."""
+    """The plan's total per rank against the allocator's measured peak over real trainer iterations
+    (one rank in this process, two under torchrun)."""
     from sidscale.distributed.runtime import free_port
 
-    env = child_env()
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-           "tools/memory_plan.py", "--measure", "--device", "cpu", "--precision", "bf16", "--steps", "1", "--json",
-           *args]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400,
-                          env={**env, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rec = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][0])
+    argv = ["--measure", "--device", "cpu", "--precision", "bf16", "--steps", "1", "--json", *args]
+    if nproc == 1:
+        import contextlib
+        import io
+
+        from tests.inprocess import single_rank_environment
+        from tools.memory_plan import main as memory_plan_main
+
+        out = io.StringIO()
+        with single_rank_environment(), contextlib.redirect_stdout(out):
+            assert memory_plan_main(argv) == 0
+        stdout = out.getvalue()
+    else:
+        env = child_env()
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", "tools/memory_plan.py", *argv]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400,
+                              env={**env, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        stdout = proc.stdout
+    rec = json.loads([line for line in stdout.splitlines() if line.startswith("{")][0])
     assert rec["inputs"]["gpus"] == nproc and rec["peak_phase"] == phase
     assert 0.85 <= rec["predicted_over_measured"] <= 1.15, rec
