@@ -155,12 +155,14 @@ def test_cpu_allocation_trace_peak_is_the_live_tensor_bytes():
 MEASURED_CASES = [
     (1, ["--preset", "tiny", "--zero", "2", "--micro-batch", "2"], "fake_backward"),
     (1, ["--preset", "tiny", "--zero", "3", "--micro-batch", "2"], "gen_forward"),
-    (2, ["--preset", "mid", "--zero", "2", "--micro-batch", "2", "--reduce-bucket-size", "5e6"], "gen_forward"),
+    # NOTE: tiny with 2e5-element buckets puts the 2-rank peak in the generator forward, like the
+    # `mid` preset with 5e6 buckets (0.94 there, README table) at a third of the time (14 s vs 38 s).
+    (2, ["--preset", "tiny", "--zero", "2", "--micro-batch", "2", "--reduce-bucket-size", "2e5"], "gen_forward"),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc, args, phase", MEASURED_CASES, ids=["tiny-zero2", "tiny-zero3", "mid-zero2-2ranks"])
+@pytest.mark.parametrize("nproc, args, phase", MEASURED_CASES, ids=["tiny-zero2", "tiny-zero3", "tiny-zero2-2ranks"])
 def test_memory_plan_total_within_15_percent_of_measured_peak(nproc, args, phase):
     """The plan's total per rank against the allocator's measured peak over real trainer iterations
     (one rank in this process, two under torchrun)."""
