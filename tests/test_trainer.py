@@ -157,7 +157,7 @@ def test_overflow_in_the_fake_step_skips_the_generator_and_the_ema(tmp_path, tea
     engine skips the EMA. A normal step afterwards moves both."""
     import sidscale.train as train_mod
 
-    overrides = BASE + [f"teacher.path={teacher_dir}", "train.max_steps=2", "data.shards=indexed:toy"]
+    overrides = BASE + [f"teacher.path={teacher_dir}", "train.max_steps=3", "data.shards=indexed:toy"]
     with one_rank_trainer(tmp_path / "run", overrides) as trainer:
         engine = trainer.fake_engine if overflow_in == "fake" else trainer.gen_engine
         gen_calls = []
@@ -168,6 +168,10 @@ def test_overflow_in_the_fake_step_skips_the_generator_and_the_ema(tmp_path, tea
             return real_generator_step(*a, **kw)
 
         monkeypatch.setattr(train_mod, "generator_step", counting_generator_step)
+        # one normal step first: the EMA then lags the weights, so an EMA update that should have been
+        # skipped would move it even though the skipped step left the weights alone
+        trainer.train_step()
+        gen_calls.clear()
         with monkeypatch.context() as m:  # the loss scaler found inf/NaN: DeepSpeed skips step() and says so
             m.setattr(engine, "step", lambda *a, **kw: None)
             m.setattr(engine, "was_step_applied", lambda: False)
