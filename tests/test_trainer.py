@@ -168,10 +168,13 @@ def test_overflow_in_the_fake_step_skips_the_generator_and_the_ema(tmp_path, tea
             return real_generator_step(*a, **kw)
 
         monkeypatch.setattr(train_mod, "generator_step", counting_generator_step)
-        # one normal step first: the EMA then lags the weights, so an EMA update that should have been
-        # skipped would move it even though the skipped step left the weights alone
+        # one normal step first, then an EMA that differs from the weights (early in a run the EMA's
+        # ramp-up makes it equal them), so an EMA update that should have been skipped shows even
+        # though the skipped step left the weights alone
         trainer.train_step()
         gen_calls.clear()
+        for shard in trainer.ema.shards:
+            shard.add_(1.0)
         with monkeypatch.context() as m:  # the loss scaler found inf/NaN: DeepSpeed skips step() and says so
             m.setattr(engine, "step", lambda *a, **kw: None)
             m.setattr(engine, "was_step_applied", lambda: False)
