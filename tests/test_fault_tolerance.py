@@ -39,6 +39,7 @@ from sidscale.checkpoint import (
     step_dir,
 )
 from sidscale.distributed.preemption import EXIT_REQUEUE
+from sidscale.processes import is_gone, process_tree
 from tests.dist_launch import REPO, free_port, run_trainer
 from tests.reference_run import assert_identical
 
@@ -67,31 +68,6 @@ def resumed_step(proc: subprocess.CompletedProcess) -> int:
     m = re.search(r"resumed from \S+ \(step (\d+)\)", proc.stdout)
     assert m, f"no resume in the output:\n{proc.stdout[-2000:]}"
     return int(m.group(1))
-
-
-def process_tree(root: int) -> list[int]:
-    """``root`` and all its descendants, from /proc (Linux)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo += children.get(pid, [])
-    return tree
-
-
-def _gone(pid: int) -> bool:
-    """Exited (possibly a zombie that nobody has reaped yet)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except (OSError, IndexError):
-        return True
 
 
 class Launch:
@@ -154,7 +130,7 @@ class Launch:
                 os.kill(pid, signal.SIGKILL)
         self.wait()
         deadline = time.monotonic() + 10
-        while (alive := [pid for pid in tree if not _gone(pid)]) and time.monotonic() < deadline:
+        while (alive := [pid for pid in tree if not is_gone(pid)]) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not alive, f"processes {alive} survived SIGKILL"
 

@@ -57,6 +57,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from sidscale.processes import is_gone, process_tree  # noqa: E402
+
 GIB = 2**30
 MAX_STEPS, CKPT_EVERY, KILL_AFTER_STEP = 4, 2, 3
 FAULT = f"point=after_step,step={KILL_AFTER_STEP},action=hang"
@@ -92,30 +94,6 @@ SMOKE_MODE = Mode("cpu-smoke", "cpu", "tiny", None, micro_batch=2, accumulation=
 
 
 # ------------------------------------------------------------------------------------------ processes
-def process_tree(root: int) -> list[int]:
-    """``root`` and all its descendants, from /proc (Linux)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo += children.get(pid, [])
-    return tree
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except (OSError, IndexError):
-        return True
-
-
 class Launch:
     """One command in a session of its own (a kill never reaches this driver), output to a log file."""
 
@@ -160,7 +138,7 @@ class Launch:
             self.proc.wait(timeout=30)
         self._out.close()
         deadline = time.monotonic() + 30
-        while (alive := [pid for pid in tree if not _gone(pid)]) and time.monotonic() < deadline:
+        while (alive := [pid for pid in tree if not is_gone(pid)]) and time.monotonic() < deadline:
             time.sleep(0.1)
         return alive
 
