@@ -68,6 +68,7 @@ def max_diff(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_bf16_ema_follows_fp32_masters(dist_info, teacher_dir, tmp_path, stage):
     from sidscale.checkpoint import full_ema_from_checkpoint

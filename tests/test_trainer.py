@@ -238,6 +238,7 @@ def test_world_size_must_divide_the_batch(tmp_path, teacher_dir):
     assert proc.returncode == 2 and "train.global_batch" in proc.stderr
 
 
+@pytest.mark.slow
 def test_compiled_unets_train_like_eager(tmp_path, teacher_dir):
     """train.compile=true (aot_eager: the AOTAutograd graphs without inductor's minutes of C++ builds on
     this CPU) gives the eager run's weights; it changes how the UNets run, not what the method computes."""
