@@ -13,16 +13,12 @@ test checks one exact expected outcome. All are compared with the one shared uni
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import random
 import re
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -39,12 +35,8 @@ from sidscale.checkpoint import (
     step_dir,
 )
 from sidscale.distributed.preemption import EXIT_REQUEUE
-from sidscale.processes import is_gone, process_tree
-from tests.dist_launch import REPO, free_port, run_trainer
+from tests.dist_launch import Launch, run_trainer
 from tests.reference_run import assert_identical
-
-ENV = dict(HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-           PYTHONPATH=str(REPO))
 
 
 @pytest.fixture
@@ -68,78 +60,6 @@ def resumed_step(proc: subprocess.CompletedProcess) -> int:
     m = re.search(r"resumed from \S+ \(step (\d+)\)", proc.stdout)
     assert m, f"no resume in the output:\n{proc.stdout[-2000:]}"
     return int(m.group(1))
-
-
-class Launch:
-    """A trainer started in the background, in a session of its own (apart from pytest's, so a kill
-    never reaches the test runner); output goes to files, not pipes, which a chatty run could fill."""
-
-    def __init__(self, run_dir: Path, overrides: list[str], log_dir: Path, direct_ranks: bool = False,
-                 fault: fault_injection.Fault | None = None):
-        self.log_dir = log_dir
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.marker_dir = log_dir / "fault_reached"
-        env = dict(ENV)
-        if fault is not None:
-            env.update({fault_injection.ENV: fault.spec(), fault_injection.DIR_ENV: str(self.marker_dir)})
-        train = [str(REPO / "sidscale" / "train.py"), "--config", "toy", "--run-dir", str(run_dir)]
-        train += [a for o in overrides for a in ("--set", o)]
-        if direct_ranks:
-            # One process per rank with RANK/WORLD_SIZE in the environment, as srun starts them: each
-            # rank's own exit code is visible (torchrun would turn 75 into 1).
-            port = str(free_port())
-            self.procs = [self._popen([sys.executable, *train], f"rank{r}",
-                                      dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
-                                           MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
-                          for r in range(2)]
-        else:
-            self.procs = [self._popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                                       f"--master_port={free_port()}", *train], "torchrun", env)]
-
-    def _popen(self, cmd: list[str], name: str, env: dict) -> subprocess.Popen:
-        out = open(self.log_dir / f"{name}.out", "w")  # closed in wait()
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
-                                env=dict(os.environ, **env), start_new_session=True)
-
-    def output(self) -> str:
-        return "\n".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("*.out")))
-
-    def ranks_at_fault(self) -> int:
-        """How many ranks have reached an injected ``hang`` (and wait there to be killed)."""
-        return len(list(self.marker_dir.glob("reached_rank*")))
-
-    def running(self) -> bool:
-        return all(p.poll() is None for p in self.procs)
-
-    def wait_until(self, condition, timeout: float = 300, poll: float = 0.2, what: str = "") -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            assert self.running(), f"trainer exited before {what}:\n{self.output()[-4000:]}"
-            assert time.monotonic() < deadline, f"timeout waiting for {what}:\n{self.output()[-4000:]}"
-            time.sleep(poll)
-
-    def kill(self) -> None:
-        """SIGKILL every process of the launch at once, like a node failure or the OOM killer taking
-        the job. NOTE: torchrun starts each worker in a session of its own, so killing torchrun's
-        process group alone would leave the ranks running: kill each process group of the tree."""
-        tree = [pid for p in self.procs for pid in process_tree(p.pid)]
-        for pid in tree:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(os.getpgid(pid), signal.SIGKILL)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self.wait()
-        deadline = time.monotonic() + 10
-        while (alive := [pid for pid in tree if not is_gone(pid)]) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not alive, f"processes {alive} survived SIGKILL"
-
-    def wait(self, timeout: float = 300) -> list[int]:
-        codes = [p.wait(timeout=timeout) for p in self.procs]
-        for p in self.procs:
-            if p.stdout is not None:
-                p.stdout.close()
-        return codes
 
 
 @pytest.mark.slow

@@ -21,8 +21,9 @@ def child_env() -> dict[str, str]:
     NOTE: init_distributed of the in-process fixture put RANK/MASTER_PORT into os.environ; a child
     that inherits them would try to join that (single-rank) group's port.
     """
-    return {k: v for k, v in os.environ.items()
-            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    from tests.inprocess import RENDEZVOUS_KEYS
+
+    return {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_KEYS}
 
 
 def test_flops_closed_forms():

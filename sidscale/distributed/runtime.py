@@ -15,7 +15,6 @@ import torch
 
 from sidscale.config import DistConfig
 from sidscale.distributed import comm
-from sidscale.distributed.comm import all_ranks_agree, broadcast_object  # noqa: F401  (re-exported)
 
 # The DeepSpeed versions sidscale was tested with. sidscale relies on DeepSpeed internals (the
 # shared-memory op builder patched below, ZeRO-3's ``ds_tensor`` / ``ds_numel`` / ``ds_shape``
