@@ -1,0 +1,93 @@
+"""What a model family provides, and what the rest of sidscale may assume about it.
+
+A *family* is one adapter module (``sidscale/families/<name>.py``) that owns everything specific
+to a kind of teacher: loading it from a local diffusers directory, prompt encoding, the network
+call in its native parameterisation, the noise schedule (with the conversions to x0 and the
+denoising target), the latent layout and VAE scale/shift, and the export / sampling layout. The
+method (``sidscale/method``) sees only prediction functions, tensors and a ``NoiseSchedule``; the
+trainer, checkpointing, EMA, data and the perf tools see a ``Teacher`` and a ``ModelFamily``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+# A conditioning: batch-first tensors by name (UNet: encoder_hidden_states [+ text_embeds,
+# time_ids]; SD3: encoder_hidden_states, pooled_projections). Kept a dict so the method can
+# concatenate [uncond; cond] and pick per sample without knowing the family.
+Cond = dict[str, torch.Tensor]
+# (x_t, noise level [B], cond) -> the family's prediction in fp32, in the schedule's convention
+# (VP: eps; flow: velocity). CFG is linear in it, and ``NoiseSchedule.to_x0`` maps it to x0.
+PredFn = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
+
+
+class NoiseSchedule(Protocol):
+    """The one schedule interface of the method (VPSchedule, FlowSchedule in sidscale/schedule.py)."""
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+    def noise_only(self, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+    def to_x0(self, x_t: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+    def dsm_target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+    def flow_sigma(self, t: torch.Tensor) -> torch.Tensor: ...
+    def generator_levels(self, num_steps: int) -> list: ...
+    def level_tensor(self, level, batch: int, device: torch.device | str) -> torch.Tensor: ...
+    def draw_loss_level(self, generator: torch.Generator) -> torch.Tensor: ...
+    def meta(self, source: str) -> dict: ...
+
+
+class Conditioner(Protocol):
+    """Prompts -> ``Cond``. ``tokenize`` is a picklable callable (it runs in DataLoader workers)
+    returning a LongTensor [B, ...]; ``encode_ids`` turns those ids into a Cond; ``empty(B)`` is the
+    unconditional branch (the empty prompt, encoded like a prompt)."""
+
+    tokenize: Callable[[Sequence[str]], torch.Tensor]
+
+    def encode_ids(self, input_ids: torch.Tensor) -> Cond: ...
+    def encode(self, prompts: Sequence[str]) -> Cond: ...
+    def empty(self, batch: int) -> Cond: ...
+
+
+@dataclass
+class Teacher:
+    """A loaded, frozen teacher. ``net`` is the denoiser network (UNet2DConditionModel,
+    SD3Transformer2DModel, ...); the trainable generator and fake net start as copies of it."""
+
+    path: Path
+    kind: str
+    net: torch.nn.Module
+    conditioner: Any  # a Conditioner (also an nn.Module: its weights are compared across ranks)
+    schedule: Any  # a NoiseSchedule
+    latent_shape: tuple[int, int, int]
+    scaling_factor: float
+    vae: torch.nn.Module | None
+    shift_factor: float = 0.0
+
+    @property
+    def family(self) -> ModelFamily:
+        from sidscale.families import family_for_kind
+
+        return family_for_kind(self.kind)
+
+
+class ModelFamily(Protocol):
+    """One adapter module per family; see the module docstring."""
+
+    name: str
+    kinds: tuple[str, ...]
+    network_folder: str  # the student's folder in a diffusers pipeline: "unet" | "transformer"
+
+    def network_class(self) -> type: ...
+    def load_teacher(self, teacher_cfg: Any, method_cfg: Any, device: torch.device | str) -> Teacher: ...
+    def prediction_fn(self, net: torch.nn.Module, schedule: Any) -> PredFn: ...
+    def schedule_from_meta(self, meta: dict, where: str) -> Any: ...
+    def load_conditioner(self, directory: Path, meta: dict, dtype: torch.dtype,
+                         device: torch.device | str) -> Any: ...
+    def decode(self, vae: torch.nn.Module | None, latents: torch.Tensor, scaling_factor: float,
+               shift_factor: float) -> torch.Tensor: ...
+    def pipeline_class_name(self, kind: str) -> str | None: ...
+    def pipeline_folders(self, kind: str) -> tuple[str, ...]: ...
