@@ -30,14 +30,15 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from sidscale.families import TEACHER_KINDS  # one list of kinds: the family registry
 from sidscale.io_utils import atomic_write_text
+from sidscale.method.losses import GEN_WEIGHTINGS
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 DTYPES = ("fp32", "bf16", "fp16")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
-TEACHER_KINDS = ("toy", "sd", "sdxl")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 ATTENTION_MODES = ("sdpa", "eager")
 BETA_SCHEDULES = ("scaled_linear", "linear")
@@ -55,7 +56,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class TeacherConfig:
-    kind: str = "toy"  # toy | sd | sdxl
+    kind: str = "toy"  # toy | sd | sdxl (UNet, VP) | sd3 (SD3 / SD3.5 MMDiT, rectified flow)
     path: str = ""  # local diffusers directory; "" only for kind toy (built-in teacher)
     cache_dir: str = "~/.cache/sidscale"  # where the toy teacher is fitted and cached
     dtype: str = "bf16"  # frozen teacher + text encoders: fp32 | bf16 | fp16
@@ -64,6 +65,10 @@ class TeacherConfig:
     grad_checkpointing: bool = False
     attention: str = "sdpa"  # sdpa (torch SDPA, diffusers AttnProcessor2_0) | eager (reference, more memory)
     channels_last: bool = False  # teacher UNet weights in NHWC (GPU conv speed; the teacher only)
+    # SD3 family: the T5 encoder (off: zeros in its place, as diffusers does without text_encoder_3,
+    # and 9 GB of T5-XXL never loaded) and its token count (SiD-DiT: 77; diffusers' pipeline: 256)
+    t5: bool = True
+    max_sequence_length: int = 77
 
 
 @dataclass
@@ -87,6 +92,15 @@ class MethodConfig:
     prompt_dropout: float = 0.1
     fake_loss_scale: float = 1.0
     gen_loss_scale: float = 1.0
+    # K-step generator (1 = SiD-LSG's one step). Each iteration trains step k for one k in 1..K.
+    generator_steps: int = 1
+    # generator loss weighting: sid_legacy (divide by SiD-LSG's mean |x_g - y_real|) or
+    # one_minus_sigma (multiply by 1 - sigma: SiD-DiT's default for flow teachers)
+    gen_weighting: str = "sid_legacy"
+    # flow-matching teachers (SD3): the generator's first sigma and the loss sigmas' logit-normal
+    sigma_init: float = 1.0
+    sigma_logit_mean: float = 0.6931471805599453  # ln 2 (median sigma 2/3), SiD-DiT
+    sigma_logit_std: float = 1.6
 
 
 @dataclass
@@ -119,6 +133,9 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_last: int = 3
     export_at_end: bool = True
+    # the export copies the teacher's text encoders / tokenizers / VAE / scheduler (self-contained);
+    # true: symlinks them instead (no disk, but the export then needs the teacher directory)
+    export_link_frozen: bool = False
     # torch.compile of the three UNets (generator, fake, teacher). Off by default: measure it
     # first (tools/bench.py --compile); the first iterations pay the compilation. ZeRO-1/2 only.
     compile: bool = False
@@ -332,7 +349,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check_enum("teacher.dtype", t.dtype, DTYPES)
     _check_enum("teacher.prediction_type", t.prediction_type, PREDICTION_TYPES)
     _check_enum("teacher.attention", t.attention, ATTENTION_MODES)
-    _check_positive(t, "teacher", ["resolution"])
+    _check_positive(t, "teacher", ["resolution", "max_sequence_length"])
     # NOTE: SD VAEs downsample by 8; any other size cannot map to a latent grid.
     _check(t.kind == "toy" or t.resolution % 8 == 0, "teacher.resolution", t.resolution,
            f"a multiple of 8 for kind {t.kind!r}")
@@ -353,6 +370,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(0 < m.t_max <= n_t, "method.t_max", m.t_max, f"an exclusive bound in (0, {n_t}]")
     _check(m.t_min < m.t_max, "method.t_min", m.t_min, f"a value below method.t_max={m.t_max}")
     _check(0.0 <= m.prompt_dropout < 1.0, "method.prompt_dropout", m.prompt_dropout, "a value in [0, 1)")
+    # NOTE: VP steps t_i = int(t_init (1 - i/K)) must stay distinct and >= 1 step apart.
+    _check(1 <= m.generator_steps <= max(1, m.t_init), "method.generator_steps", m.generator_steps,
+           f"an int in [1, method.t_init={m.t_init}]")
+    _check_enum("method.gen_weighting", m.gen_weighting, GEN_WEIGHTINGS)
+    _check(0.0 < m.sigma_init <= 1.0, "method.sigma_init", m.sigma_init, "a sigma in (0, 1]")
+    _check(m.sigma_logit_std > 0, "method.sigma_logit_std", m.sigma_logit_std, "a positive std")
 
     _validate_net(cfg.generator, "generator")
     _validate_net(cfg.fake, "fake")

@@ -1,15 +1,25 @@
-"""Export the EMA generator as a diffusers folder that plain ``UNet2DConditionModel`` loads.
+"""Export the EMA generator as a self-contained diffusers pipeline directory.
 
-    EXPORT/unet/            save_pretrained of the one-step generator (EMA weights, fp32)
-    EXPORT/sidscale.json    how to sample it: t_init, the schedule the run trained with (its full
-                            alphas_cumprod), latent shape, scaling factor, and where the teacher's
-                            text encoder / tokenizer / VAE live
+    EXPORT/unet/ or EXPORT/transformer/   save_pretrained of the generator (EMA weights, fp32):
+                            plain ``UNet2DConditionModel`` / ``SD3Transformer2DModel.from_pretrained``
+    EXPORT/text_encoder*/, tokenizer*/, vae/, scheduler/
+                            the teacher's frozen parts, copied (or symlinked with ``link_frozen``)
+    EXPORT/model_index.json the diffusers pipeline index (StableDiffusion[XL|3]Pipeline)
+    EXPORT/sidscale.json    how to sample it: the family, K (generator_steps) and its start level
+                            (t_init / sigma_init), the schedule the run trained with (VP: its full
+                            alphas_cumprod), latent shape, VAE scaling / shift factor
+
+So the directory can be copied to another machine and sampled there with
+``python -m sidscale.sample --model EXPORT`` (``FewStepPipeline.from_export``). Exports written
+before the frozen parts were copied name the teacher directory (``teacher_path``) instead; the
+sampler still reads those from there.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,23 +33,78 @@ EXPORT_META = "sidscale.json"
 log = logging.getLogger(__name__)
 
 
-def export_generator(
-    ema_state: dict[str, torch.Tensor], unet_config: dict, out_dir: Path, sampling: dict
-) -> Path:
-    """Write the export atomically (build in a temp dir, then rename into place)."""
-    from diffusers import UNet2DConditionModel
+def _component_entry(folder: Path) -> list[str] | None:
+    """``[library, class]`` of one pipeline folder, read from its own config (model_index.json form)."""
+    for name, key, library in (("scheduler_config.json", "_class_name", "diffusers"),
+                               ("tokenizer_config.json", "tokenizer_class", "transformers")):
+        if (folder / name).is_file():
+            return [library, json.loads((folder / name).read_text()).get(key)]
+    if (folder / "config.json").is_file():
+        cfg = json.loads((folder / "config.json").read_text())
+        if "_class_name" in cfg:
+            return ["diffusers", cfg["_class_name"]]
+        if cfg.get("architectures"):
+            return ["transformers", cfg["architectures"][0]]
+    return None
 
+
+def write_model_index(export_dir: Path, pipeline_class: str, teacher_dir: Path) -> None:
+    """The teacher's ``model_index.json`` when it has one (same components), else one built from the
+    folders' own configs, so ``DiffusionPipeline.from_pretrained(EXPORT)`` finds every part."""
+    import diffusers
+
+    src = Path(teacher_dir) / "model_index.json"
+    if src.is_file():
+        index = json.loads(src.read_text())
+    else:
+        index = {"_class_name": pipeline_class, "_diffusers_version": diffusers.__version__}
+    for folder in sorted(p for p in export_dir.iterdir() if p.is_dir()):
+        entry = _component_entry(folder)
+        if entry is not None:
+            index.setdefault(folder.name, entry)
+    atomic_write_json(export_dir / "model_index.json", index)
+
+
+def copy_frozen_parts(teacher_dir: Path, export_dir: Path, folders: tuple[str, ...], link: bool) -> None:
+    """The teacher's text encoders, tokenizers, VAE and scheduler into the export: copied, or with
+    ``link`` symlinked (absolute paths: no disk used, but the export then needs the teacher)."""
+    for name in folders:
+        src = Path(teacher_dir) / name
+        if not src.is_dir():
+            continue  # optional parts (e.g. SD3 without T5)
+        if link:
+            os.symlink(src.resolve(), export_dir / name, target_is_directory=True)
+        else:
+            shutil.copytree(src, export_dir / name, symlinks=False)
+
+
+def export_generator(
+    ema_state: dict[str, torch.Tensor], network_config: dict, out_dir: Path, sampling: dict,
+    link_frozen: bool = False,
+) -> Path:
+    """Write the export atomically (build in a temp dir, then rename into place). The family, the
+    teacher directory and kind come from ``sampling`` (``teacher_kind``, ``teacher_path``)."""
+    from sidscale.families import family_for_kind
+
+    family = family_for_kind(sampling["teacher_kind"])
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    unet = UNet2DConditionModel.from_config(unet_config)
-    missing, unexpected = unet.load_state_dict(ema_state, strict=False)
+    net = family.network_class().from_config(network_config)
+    missing, unexpected = net.load_state_dict(ema_state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"EMA state does not match the UNet config: missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}")
+        raise ValueError(f"EMA state does not match the {type(net).__name__} config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    teacher_dir = Path(sampling["teacher_path"])
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
-        unet.save_pretrained(tmp / "unet")
-        atomic_write_json(tmp / EXPORT_META, sampling)
+        net.save_pretrained(tmp / family.network_folder)
+        kind = sampling["teacher_kind"]
+        copy_frozen_parts(teacher_dir, tmp, family.pipeline_folders(kind), link_frozen)
+        pipeline_class = family.pipeline_class_name(kind)
+        if pipeline_class is not None:
+            write_model_index(tmp, pipeline_class, teacher_dir)
+        atomic_write_json(tmp / EXPORT_META, {**sampling, "self_contained": not link_frozen,
+                                              "network_folder": family.network_folder})
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
@@ -49,14 +114,31 @@ def export_generator(
     return out_dir
 
 
+def teacher_network_config(sampling: dict) -> dict:
+    """The generator's architecture = the teacher network's config.json (its family's folder)."""
+    from sidscale.families import family_for_kind
+
+    family = family_for_kind(sampling["teacher_kind"])
+    return dict(family.network_class().load_config(Path(sampling["teacher_path"]) / family.network_folder))
+
+
 def read_export_meta(export_dir: Path) -> dict:
     path = Path(export_dir) / EXPORT_META
-    if not path.is_file() or not (Path(export_dir) / "unet" / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{export_dir} is not a sidscale export: expected {EXPORT_META} and unet/config.json "
-            "(made by tools/export.py or at the end of training)"
-        )
-    return json.loads(path.read_text())
+    if path.is_file():
+        meta = json.loads(path.read_text())
+        if (Path(export_dir) / meta.get("network_folder", "unet") / "config.json").is_file():
+            return meta
+    raise FileNotFoundError(
+        f"{export_dir} is not a sidscale export: expected {EXPORT_META} and unet/config.json (or "
+        "transformer/config.json) (made by tools/export.py or at the end of training)"
+    )
+
+
+def frozen_parts_dir(export_dir: Path, meta: dict) -> Path:
+    """Where an export's text encoders / tokenizers / VAE are: in the export itself, or (exports
+    written before they were copied) in the teacher directory it names."""
+    export_dir = Path(export_dir)
+    return export_dir if (export_dir / "tokenizer").is_dir() else Path(meta["teacher_path"])
 
 
 def export_schedule(meta: dict, where: str | Path = EXPORT_META) -> VPSchedule:

@@ -9,11 +9,14 @@ plain single-process reference loop can replay a DeepSpeed run sample for sample
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from sidscale.method.sid_lsg import StepNoise
+
+# draws one sample's loss noise level (shape [1]) from its generator: NoiseSchedule.draw_loss_level
+LevelDraw = Callable[[torch.Generator], torch.Tensor]
 
 PHASE_FAKE = 0
 PHASE_GEN = 1
@@ -24,22 +27,42 @@ def sample_seed(seed: int, step: int, phase: int, index: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def uniform_timesteps(t_min: int, t_max: int) -> LevelDraw:
+    """t ~ UniformInt{t_min .. t_max-1} (the VP schedule's draw, for callers without a schedule)."""
+    return lambda g: torch.randint(t_min, t_max, (1,), generator=g)
+
+
 def draw_step_noise(
     seed: int, step: int, phase: int, indices: Sequence[int], shape: Sequence[int],
-    t_min: int, t_max: int, prompt_dropout: float, device: torch.device | str = "cpu",
+    draw_level: LevelDraw, prompt_dropout: float, device: torch.device | str = "cpu",
+    generator_steps: int = 1,
 ) -> StepNoise:
-    """z, eps, t ~ UniformInt[t_min, t_max), dropout mask for the samples ``indices``."""
-    zs, epss, ts, drops = [], [], [], []
+    """z, eps, the loss level, the dropout mask and (K > 1) the K-1 fresh generator noises of the
+    samples ``indices``. The extra noises are drawn last, so K = 1 draws exactly what it always did."""
+    zs, epss, ts, drops, more = [], [], [], [], []
     for i in indices:
         g = torch.Generator().manual_seed(sample_seed(seed, step, phase, int(i)))
         zs.append(torch.randn(tuple(shape), generator=g))
         epss.append(torch.randn(tuple(shape), generator=g))
-        ts.append(torch.randint(t_min, t_max, (1,), generator=g))
+        ts.append(draw_level(g))
         drops.append(torch.rand((1,), generator=g) < prompt_dropout)
+        if generator_steps > 1:
+            more.append(torch.randn((generator_steps - 1, *shape), generator=g))
     return StepNoise(
         z=torch.stack(zs).to(device), eps=torch.stack(epss).to(device),
         t=torch.cat(ts).to(device), drop=torch.cat(drops).to(device),
+        z_more=torch.stack(more).to(device) if more else None,
     )
+
+
+def generator_step_count(seed: int, step: int, generator_steps: int) -> int:
+    """The k in 1..K of iteration ``step``: how many generator steps both phases run (the loss is on
+    step k's output). A hash of (seed, step), so every rank and a resumed run agree without a
+    collective (SiD-DiT broadcasts rank 0's draw; this is the same uniform mixture)."""
+    if generator_steps == 1:
+        return 1
+    digest = hashlib.blake2b(f"{seed}:{step}:generator-steps".encode(), digest_size=8).digest()
+    return 1 + int.from_bytes(digest, "little") % generator_steps
 
 
 def rank_sample_indices(world_size: int, rank: int, micro_batch: int, accum_round: int) -> list[int]:

@@ -1,7 +1,8 @@
-"""The plain single-process SiD-LSG loop: the numerical reference of the DeepSpeed trainer.
+"""The plain single-process SiD loop: the numerical reference of the DeepSpeed trainer.
 
-It stays small and obviously correct: fp32 copies of the teacher UNet as generator and fake
-net, torch Adam, the whole global batch per step, the method's NaN guards, the EMA. The
+It stays small and obviously correct: fp32 copies of the teacher network as generator and fake
+net, torch Adam, the whole global batch per step, the method's NaN guards, the EMA. Any family:
+``prediction_fn`` wraps a network into the method's prediction function (default: a UNet's eps). The
 DeepSpeed trainer (``sidscale.train``) must reproduce its weights in fp32 on the same prompts
 and noises (tests/test_trainer_equivalence.py).
 """
@@ -17,10 +18,8 @@ import torch
 from sidscale.ema import ema_beta, update_ema_
 from sidscale.method.guards import sanitize_grads_
 from sidscale.method.sid_lsg import MethodSettings, fake_step, generator_step
-from sidscale.models.conditioning import ClipConditioner
 from sidscale.models.unet_eps import UNetEps
-from sidscale.noise import PHASE_FAKE, PHASE_GEN, draw_step_noise
-from sidscale.schedule import VPSchedule
+from sidscale.noise import PHASE_FAKE, PHASE_GEN, draw_step_noise, generator_step_count
 
 # (step, phase, global sample indices) -> prompts
 PromptFn = Callable[[int, int, Sequence[int]], list[str]]
@@ -45,16 +44,18 @@ class ReferenceLoop:
     """One iteration = one fake-score step then one generator step, each on ``global_batch``."""
 
     def __init__(
-        self, teacher_unet: torch.nn.Module, conditioner: ClipConditioner, schedule: VPSchedule,
+        self, teacher_unet: torch.nn.Module, conditioner, schedule,
         settings: MethodSettings, gen_opt: OptimSettings, fake_opt: OptimSettings, global_batch: int,
         latent_shape: Sequence[int], seed: int, prompt_fn: PromptFn,
         ema_halflife_kimg: float = 50.0, ema_rampup_ratio: float = 0.05,
+        prediction_fn: Callable | None = None,
     ):
         self.teacher_net = copy.deepcopy(teacher_unet).float().requires_grad_(False)
         self.gen_net = copy.deepcopy(teacher_unet).float().requires_grad_(True)
         self.fake_net = copy.deepcopy(teacher_unet).float().requires_grad_(True)
         self.ema = [p.detach().clone() for p in self.gen_net.parameters()]
-        self.teacher, self.gen, self.fake = (UNetEps(n, schedule) for n in
+        wrap = prediction_fn or UNetEps
+        self.teacher, self.gen, self.fake = (wrap(n, schedule) for n in
                                              (self.teacher_net, self.gen_net, self.fake_net))
         self.gen_optim = make_adam(self.gen_net.parameters(), gen_opt)
         self.fake_optim = make_adam(self.fake_net.parameters(), fake_opt)
@@ -68,14 +69,16 @@ class ReferenceLoop:
         idx = list(range(self.global_batch))
         s = self.settings
         noise = draw_step_noise(self.seed, self.step_index, phase, idx, self.latent_shape,
-                                s.t_min, s.t_max, s.prompt_dropout)
+                                lambda g: self.schedule.draw_loss_level(s, g), s.prompt_dropout,
+                                generator_steps=s.generator_steps)
         cond = self.conditioner.encode(self.prompt_fn(self.step_index, phase, idx))
         return noise, cond, self.conditioner.empty(self.global_batch)
 
     def step(self) -> dict[str, float]:
+        k = generator_step_count(self.seed, self.step_index, self.settings.generator_steps)
         noise, cond, uncond = self._inputs(PHASE_FAKE)
         loss_fake, stats = fake_step(self.gen, self.fake, self.schedule, noise, cond, uncond,
-                                     self.settings, loss_normaliser=self.global_batch)
+                                     self.settings, loss_normaliser=self.global_batch, k=k)
         self.fake_optim.zero_grad(set_to_none=True)
         loss_fake.backward()
         sanitize_grads_(self.fake_net.parameters())
@@ -84,7 +87,7 @@ class ReferenceLoop:
         noise, cond, uncond = self._inputs(PHASE_GEN)
         self.fake_net.requires_grad_(False)
         loss_gen, gen_stats = generator_step(self.gen, self.fake, self.teacher, self.schedule, noise, cond,
-                                             uncond, self.settings, loss_normaliser=self.global_batch)
+                                             uncond, self.settings, loss_normaliser=self.global_batch, k=k)
         self.gen_optim.zero_grad(set_to_none=True)
         loss_gen.backward()
         self.fake_net.requires_grad_(True)

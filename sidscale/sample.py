@@ -1,6 +1,14 @@
-"""One-step sampling from an exported generator.
+"""One- or K-step sampling from an exported generator (any family).
 
     python -m sidscale.sample --model RUN/export --prompt "a red circle" --seed 0 --out img.png
+
+or in Python::
+
+    pipe = FewStepPipeline.from_export("RUN/export", device="cuda", dtype="bf16")
+    images = pipe(["a red circle"], seeds=[0])          # [-1, 1], K steps as trained
+
+Image i is made from seed i alone (its K noises are drawn in turn from one generator seeded with
+it), so the images do not depend on batching or on which rank makes them.
 """
 
 from __future__ import annotations
@@ -11,11 +19,9 @@ from pathlib import Path
 
 import torch
 
-from sidscale.export import EXPORT_META, export_schedule, read_export_meta
-from sidscale.method.sid_lsg import one_step_generate
-from sidscale.models.teacher import DTYPES, check_teacher_dir, decode_latents
-from sidscale.models.unet_eps import UNetEps
-from sidscale.schedule import VPSchedule
+from sidscale.export import EXPORT_META, frozen_parts_dir, read_export_meta
+from sidscale.method.sid_lsg import MethodSettings, multi_step_generate
+from sidscale.models.teacher import DTYPES
 
 
 def seeded_latent_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
@@ -23,46 +29,67 @@ def seeded_latent_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Ten
     return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
-class OneStepPipeline:
-    """prompts + seeds -> images in [-1, 1], one generator call each."""
+def seeded_generator_noises(seeds: Sequence[int], shape: Sequence[int], steps: int) -> list[torch.Tensor]:
+    """The ``steps`` noises of a K-step generator per image, drawn in turn from the image's seed:
+    the first is ``seeded_latent_noise`` (so K = 1 samples exactly what a one-step export did)."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return [torch.stack([torch.randn(tuple(shape), generator=g) for g in gens]) for _ in range(steps)]
 
-    def __init__(self, unet, conditioner, vae, schedule: VPSchedule, meta: dict, device, dtype):
-        self.unet, self.conditioner, self.vae = unet, conditioner, vae
+
+def sampling_settings(meta: dict) -> MethodSettings:
+    """The generator's steps and start level as recorded in an export / checkpoint ``sampling`` entry."""
+    return MethodSettings(t_init=int(meta.get("t_init", 625)), generator_steps=int(meta.get("generator_steps", 1)),
+                          sigma_init=float(meta.get("sigma_init", 1.0)))
+
+
+class FewStepPipeline:
+    """prompts + seeds -> images in [-1, 1], K generator calls each (K = the export's generator_steps)."""
+
+    def __init__(self, net, conditioner, vae, schedule, meta: dict, device, dtype):
+        from sidscale.families import family_for_kind
+
+        self.family = family_for_kind(meta["teacher_kind"])
+        self.net, self.conditioner, self.vae = net, conditioner, vae
         self.schedule, self.meta, self.device, self.dtype = schedule, meta, device, dtype
-        self.gen = UNetEps(unet, schedule)
+        self.settings = sampling_settings(meta)
+        self.gen = self.family.prediction_fn(net, schedule)
 
     @classmethod
-    def from_export(cls, export_dir: str | Path, device: str = "cpu", dtype: str = "fp32") -> OneStepPipeline:
-        from diffusers import AutoencoderKL, UNet2DConditionModel
+    def from_export(cls, export_dir: str | Path, device: str = "cpu", dtype: str = "fp32") -> FewStepPipeline:
+        from diffusers import AutoencoderKL
 
-        from sidscale.models.conditioning import load_conditioner
+        from sidscale.families import family_for_kind
 
         export_dir = Path(export_dir)
         meta = read_export_meta(export_dir)
+        family = family_for_kind(meta["teacher_kind"])
         torch_dtype = DTYPES[dtype]
-        teacher = Path(meta["teacher_path"])
-        check_teacher_dir(teacher, meta["teacher_kind"])
-        unet = UNet2DConditionModel.from_pretrained(export_dir / "unet", torch_dtype=torch_dtype).to(device).eval()
+        net = family.network_class().from_pretrained(export_dir / family.network_folder, torch_dtype=torch_dtype)
+        net = net.to(device).eval()
+        parts = frozen_parts_dir(export_dir, meta)
         # NOTE: the teacher's own text side (SDXL: both encoders + time ids at the training resolution).
-        conditioner = load_conditioner(teacher, meta["teacher_kind"], torch_dtype, device,
-                                       resolution=int(meta["resolution"]))
+        conditioner = family.load_conditioner(parts, meta, torch_dtype, device)
         vae = None
-        if (teacher / "vae").is_dir():
-            vae = AutoencoderKL.from_pretrained(teacher / "vae", torch_dtype=torch_dtype,
+        if (parts / "vae").is_dir():
+            vae = AutoencoderKL.from_pretrained(parts / "vae", torch_dtype=torch_dtype,
                                                 local_files_only=True).to(device).eval()
         # the schedule the run trained with (the teacher's), not the config's schedule.* keys
-        schedule = export_schedule(meta, export_dir / EXPORT_META)
-        return cls(unet, conditioner, vae, schedule, meta, device, torch_dtype)
+        schedule = family.schedule_from_meta(meta, str(export_dir / EXPORT_META))
+        return cls(net, conditioner, vae, schedule, meta, device, torch_dtype)
 
     @torch.no_grad()
     def latents(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
-        z = seeded_latent_noise(seeds, self.meta["latent_shape"]).to(self.device)
+        noises = seeded_generator_noises(seeds, self.meta["latent_shape"], self.settings.generator_steps)
         cond = self.conditioner.encode(prompts)
-        return one_step_generate(self.gen, self.schedule, z, cond, int(self.meta["t_init"]))
+        return multi_step_generate(self.gen, self.schedule, [n.to(self.device) for n in noises], cond, self.settings)
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
-        return decode_latents(self.vae, self.latents(prompts, seeds), float(self.meta["scaling_factor"]))
+        return self.family.decode(self.vae, self.latents(prompts, seeds), float(self.meta["scaling_factor"]),
+                                  float(self.meta.get("shift_factor", 0.0)))
+
+
+OneStepPipeline = FewStepPipeline  # the name before K-step generators
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -74,14 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     from torchvision.utils import save_image
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="export directory (unet/ + sidscale.json)")
+    p.add_argument("--model", required=True, help="export directory (unet/ or transformer/ + sidscale.json)")
     p.add_argument("--prompt", action="append", required=True, help="repeatable")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     p.add_argument("--out", required=True, help="PNG path (a grid when several prompts)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     args = p.parse_args(argv)
-    pipe = OneStepPipeline.from_export(args.model, args.device, args.dtype)
+    pipe = FewStepPipeline.from_export(args.model, args.device, args.dtype)
     images = pipe(args.prompt, [args.seed + i for i in range(len(args.prompt))])
     save_image(to_uint8(images).float() / 255.0, args.out, nrow=min(len(args.prompt), 8))
     print(f"wrote {args.out}")

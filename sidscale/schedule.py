@@ -1,13 +1,23 @@
-"""The discrete VP noise schedule of Stable Diffusion, and the conversions between predictions.
+"""The noise schedules of the teacher families, behind one interface the method uses.
 
-Everything here is a pure tensor function of ``alphas_cumprod`` (``abar``), so the same code
-serves the toy teacher and SD1.5 / SD2.1 / SDXL. ``abar`` is computed in float64 and stored in
-float32, exactly as diffusers' ``DDPMScheduler.alphas_cumprod``.
+- ``VPSchedule``: Stable Diffusion's discrete VP schedule (SD1.5 / SD2.1 / SDXL and the toy
+  teacher). A pure tensor function of ``alphas_cumprod`` (``abar``), computed in float64 and
+  stored in float32 exactly as diffusers' ``DDPMScheduler.alphas_cumprod``. Noise levels are
+  integer timesteps; the prediction is eps (a v-prediction teacher is converted to eps).
+- ``FlowSchedule``: rectified flow (SD3 / SD3.5 / FLUX), ``x_t = (1 - sigma) x0 + sigma eps``
+  with a continuous sigma in [0, 1]; the prediction is the velocity ``eps - x0``.
+
+Both implement ``sidscale.families.base.NoiseSchedule``: ``add_noise``, ``noise_only`` (the
+generator's first input), ``to_x0`` (prediction -> x0), ``dsm_target`` (what the fake net
+regresses), ``flow_sigma`` (the equivalent flow-matching sigma, for loss weighting), the
+generator's K levels and the per-sample draw of the loss level, both from ``MethodSettings``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -92,6 +102,40 @@ class VPSchedule:
             return out
         return self.v_to_eps(x_t, out, t)
 
+    # ------------------------------------------------------------ the method's schedule interface
+    def noise_only(self, eps: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """``add_noise(0, eps, t)`` without the zero signal term: the generator's first input."""
+        _, s = self.coefficients(t, eps)
+        return s * eps
+
+    def to_x0(self, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """The prediction functions of this family return eps (``model_output_to_eps``)."""
+        return self.eps_to_x0(x_t, eps, t)
+
+    def dsm_target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """SiD-LSG's fake net regresses the noise itself (eps-MSE, no timestep weighting)."""
+        return eps
+
+    def flow_sigma(self, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
+        """The flow-matching sigma of the same state: ``a x0 + s eps = (a + s) x_FM`` with
+        ``sigma = s / (a + s)`` (sid_dit_method.md 1.1), broadcastable against ``like``."""
+        a, s = self.coefficients(t, like)
+        return s / (a + s)
+
+    def generator_levels(self, settings: Any, num_steps: int) -> list[int]:
+        """``t_i = int(t_init (1 - i/K))``, i = 0..K-1 (SiD-LSG's multi-step sampler; K = 1: t_init)."""
+        return [int(settings.t_init * (1 - i / num_steps)) for i in range(num_steps)]
+
+    def level_tensor(self, level: int, batch: int, device: torch.device | str) -> torch.Tensor:
+        return torch.full((batch,), int(level), dtype=torch.long, device=device)
+
+    def draw_loss_level(self, settings: Any, generator: torch.Generator) -> torch.Tensor:
+        """t ~ UniformInt{t_min .. t_max-1}: one sample's timestep, shape [1], long."""
+        return torch.randint(settings.t_min, settings.t_max, (1,), generator=generator)
+
+    def meta(self, source: str) -> dict:
+        return {"type": "vp", **schedule_meta(self, source)}
+
     def sample_timesteps(
         self, batch: int, t_min: int, t_max: int, generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
@@ -125,3 +169,61 @@ def schedule_from_meta(meta: dict, prediction_type: str, where: str) -> VPSchedu
         raise ValueError(f"{where}: schedule.alphas_cumprod must be {n} non-increasing values in (0, 1] "
                          f"(num_train_timesteps = {n}); got {abar.numel()} values")
     return VPSchedule(abar, prediction_type)
+
+
+@dataclass
+class FlowSchedule:
+    """Rectified flow: ``x_t = (1 - sigma) x0 + sigma eps``, sigma in [0, 1], velocity ``v = eps - x0``
+    (sid_dit_method.md 1.1). No timestep shift: SiD-DiT computes sigma itself and never shifts
+    (its SD3-shift option defaults to off)."""
+
+    def _sigma(self, t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, device=like.device, dtype=torch.float32)
+        return t.reshape((-1,) + (1,) * (like.dim() - 1)) if t.dim() == 1 else t
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        s = self._sigma(t, x0)
+        return (1 - s) * x0 + s * eps
+
+    def noise_only(self, eps: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        return self._sigma(t, eps) * eps
+
+    def to_x0(self, x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """``x0 = x_t - sigma v``."""
+        return x_t - self._sigma(t, x_t) * v
+
+    def to_eps(self, x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """``eps = x_t + (1 - sigma) v``."""
+        return x_t + (1 - self._sigma(t, x_t)) * v
+
+    def dsm_target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """SiD-DiT's fake net regresses the velocity ``eps - x0`` (sum of squares, no sigma weighting)."""
+        return eps - x0
+
+    def flow_sigma(self, t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+        return self._sigma(t, like)
+
+    def generator_levels(self, settings: Any, num_steps: int) -> list[float]:
+        """``sigma_i = sigma_init (1 - i/K)``: 1, 0.75, 0.5, 0.25 for K = 4 (SiD-DiT's t_init = 999 / 999)."""
+        return [float(settings.sigma_init) * (1 - i / num_steps) for i in range(num_steps)]
+
+    def level_tensor(self, level: float, batch: int, device: torch.device | str) -> torch.Tensor:
+        return torch.full((batch,), float(level), dtype=torch.float32, device=device)
+
+    def draw_loss_level(self, settings: Any, generator: torch.Generator) -> torch.Tensor:
+        """``sigma = sigmoid(n)``, ``n ~ N(mean, std^2)``: SiD-DiT's logit-normal (ln 2, 1.6), shape [1]."""
+        n = torch.randn((1,), generator=generator)
+        return torch.sigmoid(n * float(settings.sigma_logit_std) + float(settings.sigma_logit_mean))
+
+    def meta(self, source: str) -> dict:
+        return {"type": "flow", "source": source}
+
+
+LN2 = math.log(2.0)
+
+
+def schedule_from_export_meta(meta: dict, prediction_type: str, where: str) -> VPSchedule | FlowSchedule:
+    """The schedule recorded in an export's ``sidscale.json`` (``type`` vp, the default, or flow)."""
+    if isinstance(meta, dict) and meta.get("type") == "flow":
+        return FlowSchedule()
+    return schedule_from_meta(meta, prediction_type, where)

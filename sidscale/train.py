@@ -70,17 +70,17 @@ from sidscale.distributed.runtime import (
 from sidscale.distributed.sharded_ema import EMALayoutError, ShardedEMA
 from sidscale.ema import ema_beta
 from sidscale.export import export_generator
+from sidscale.families import family_for_kind
+from sidscale.families.base import Teacher
 from sidscale.io_utils import atomic_torch_save, atomic_write_json
 from sidscale.method.guards import register_grad_sanitizers
-from sidscale.method.sid_lsg import MethodSettings, fake_step, generator_step, one_step_generate
+from sidscale.method.sid_lsg import MethodSettings, fake_step, generator_step, multi_step_generate
 from sidscale.models.compile import compile_unets
-from sidscale.models.teacher import Teacher, decode_latents, load_teacher, resolve_teacher_dir
-from sidscale.models.unet_eps import UNetEps
-from sidscale.noise import PHASE_FAKE, PHASE_GEN, draw_step_noise, rank_sample_indices
+from sidscale.models.teacher import resolve_teacher_dir
+from sidscale.noise import PHASE_FAKE, PHASE_GEN, draw_step_noise, generator_step_count, rank_sample_indices
 from sidscale.precision import apply_precision
 from sidscale.run_logger import RunLogger, peak_memory_bytes
-from sidscale.sample import seeded_latent_noise
-from sidscale.schedule import make_alphas_cumprod, schedule_meta
+from sidscale.sample import seeded_generator_noises
 
 log = logging.getLogger("sidscale.train")
 
@@ -135,46 +135,45 @@ class Trainer:
             raise ConfigError("train.compile = true with ZeRO-3: its parameter-gathering hooks break "
                               "the compiled graphs; use ds_configs/zero1.json or zero2.json, or compile=false")
 
+        # The model family's adapter: loading, prompt encoding, the network call, the schedule,
+        # latents and export (sidscale/families). Nothing below branches on the family.
+        self.family = family_for_kind(cfg.teacher.kind)
         if teacher is None:
             # The toy teacher is fitted once (rank 0), then every rank loads the same files.
             if self.dist.is_main:
                 resolve_teacher_dir(cfg.teacher)
             comm.barrier()
-            teacher = load_teacher(cfg.teacher, self.device)
+            teacher = self.family.load_teacher(cfg, self.device)
         self.teacher: Teacher = teacher
         self.schedule = self.teacher.schedule
-        sc = cfg.schedule
-        if not torch.equal(make_alphas_cumprod(sc.num_train_timesteps, sc.beta_start, sc.beta_end, sc.beta_schedule),
-                           self.schedule.alphas_cumprod.cpu()):
-            log.warning("schedule.* (%s) differs from the teacher's scheduler_config.json: training, the export and "
-                        "sampling use the teacher's schedule; the schedule.* keys are not read", sc)
-        check_identical_across_ranks({"teacher UNet": self.teacher.unet,
+        check_identical_across_ranks({"teacher network": self.teacher.net,
                                       "text encoder(s)": self.teacher.conditioner})
 
-        self.gen_engine = build_engine(self.teacher.unet, cfg.generator, self.ds_config)
-        self.fake_engine = build_engine(self.teacher.unet, cfg.fake, self.ds_config)
+        self.gen_engine = build_engine(self.teacher.net, cfg.generator, self.ds_config)
+        self.fake_engine = build_engine(self.teacher.net, cfg.fake, self.ds_config)
         if cfg.teacher.grad_checkpointing:
-            self.teacher.unet.enable_gradient_checkpointing()
+            self.teacher.net.enable_gradient_checkpointing()
         if cfg.train.precision != "fp16":
             # NOTE: with fp16 the loss scaler must see inf gradients to skip the step, so the
             # method's NaN->0 / inf->1e5 mapping applies to fp32 and bf16 only.
             register_grad_sanitizers(self.gen_engine.module)
             register_grad_sanitizers(self.fake_engine.module)
         if cfg.train.compile:
-            compile_unets([self.gen_engine.module, self.fake_engine.module, self.teacher.unet],
+            compile_unets([self.gen_engine.module, self.fake_engine.module, self.teacher.net],
                           cfg.train.compile_backend)
             log.info("torch.compile (backend %s): generator, fake and teacher UNets; the first iterations "
                      "compile", cfg.train.compile_backend)
         # the EMA of the generator's fp32 master weights, partitioned like its ZeRO optimizer
         self.ema = ShardedEMA(self.gen_engine.module, self.gen_engine.optimizer)
 
-        # eps-functions: the engine forward where the net trains, .module where it is only
+        # prediction functions: the engine forward where the net trains, .module where it is only
         # evaluated (environment_notes.md: the engine's hooks must not run in the generator step).
-        self.gen_train = UNetEps(self.gen_engine, self.schedule)
-        self.gen_eval = UNetEps(self.gen_engine.module, self.schedule)
-        self.fake_train = UNetEps(self.fake_engine, self.schedule)
-        self.fake_eval = UNetEps(self.fake_engine.module, self.schedule)
-        self.teacher_eval = UNetEps(self.teacher.unet, self.schedule)
+        wrap = self.family.prediction_fn
+        self.gen_train = wrap(self.gen_engine, self.schedule)
+        self.gen_eval = wrap(self.gen_engine.module, self.schedule)
+        self.fake_train = wrap(self.fake_engine, self.schedule)
+        self.fake_eval = wrap(self.fake_engine.module, self.schedule)
+        self.teacher_eval = wrap(self.teacher.net, self.schedule)
 
         self.prompts = self._build_prompt_source()
         self.step, self.images_seen = 0, 0
@@ -220,7 +219,8 @@ class Trainer:
         idx = rank_sample_indices(self.world, self.rank, self.micro, accum_round)
         s = self.settings
         noise = draw_step_noise(self.cfg.train.seed, self.step, phase, idx, self.teacher.latent_shape,
-                                s.t_min, s.t_max, s.prompt_dropout, self.device)
+                                lambda g: self.schedule.draw_loss_level(s, g), s.prompt_dropout, self.device,
+                                generator_steps=s.generator_steps)
         prompts, input_ids = self.prompts.batch(self.step, phase, idx)
         cond = (self.teacher.conditioner.encode_ids(input_ids) if input_ids is not None
                 else self.teacher.conditioner.encode(prompts))
@@ -231,10 +231,12 @@ class Trainer:
         """One fake-score step, then one generator step, then the EMA (method page, in order)."""
         stats: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         t0 = time.perf_counter()
+        # K-step generators: both phases run the first k of the K steps (the same k on every rank)
+        steps_k = generator_step_count(self.cfg.train.seed, self.step, self.settings.generator_steps)
         for r in range(self.gas):
             noise, cond, uncond = self._inputs(PHASE_FAKE, r)
             loss, st = fake_step(self.gen_eval, self.fake_train, self.schedule, noise, cond, uncond,
-                                 self.settings, loss_normaliser=self.micro)
+                                 self.settings, loss_normaliser=self.micro, k=steps_k)
             self.fake_engine.backward(loss)
             self.fake_engine.step()
             for k, v in st.items():
@@ -250,7 +252,7 @@ class Trainer:
                 for r in range(self.gas):
                     noise, cond, uncond = self._inputs(PHASE_GEN, r)
                     loss, st = generator_step(self.gen_train, self.fake_eval, self.teacher_eval, self.schedule,
-                                              noise, cond, uncond, self.settings, loss_normaliser=self.micro)
+                                              noise, cond, uncond, self.settings, loss_normaliser=self.micro, k=steps_k)
                     self.gen_engine.backward(loss)
                     self.gen_engine.step()
                     for k, v in st.items():
@@ -354,22 +356,28 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- outputs
     def sampling_meta(self) -> dict:
-        # The schedule training used (the teacher's scheduler_config.json), as its full alphas_cumprod:
-        # cfg.schedule is not read by training, so exporting it could give the sampler other betas.
+        """How to sample the generator (an export's ``sidscale.json``): the family's schedule as
+        training used it (VP: the teacher's full alphas_cumprod; cfg.schedule is not read by training,
+        so exporting it could give the sampler other betas), K and the generator's start level."""
         source = str(Path(self.teacher.path) / "scheduler" / "scheduler_config.json")
+        s = self.settings
         return {
-            "t_init": self.settings.t_init, "prediction_type": self.schedule.prediction_type,
-            "schedule": schedule_meta(self.schedule, source),
+            "family": self.family.name, "generator_steps": s.generator_steps,
+            "t_init": s.t_init, "sigma_init": s.sigma_init,
+            "prediction_type": getattr(self.schedule, "prediction_type", "velocity"),
+            "schedule": self.schedule.meta(source),
             "latent_shape": list(self.teacher.latent_shape), "scaling_factor": self.teacher.scaling_factor,
+            "shift_factor": self.teacher.shift_factor,
             "teacher_path": str(self.teacher.path.resolve()), "teacher_kind": self.cfg.teacher.kind,
             "resolution": self.cfg.teacher.resolution, "step": self.step, "images_seen": self.images_seen,
+            **self.family.sampling_extras(self.cfg),
         }
 
     @contextlib.contextmanager
-    def ema_unet(self):
-        """The EMA generator as a plain UNet on rank 0 in the teacher's dtype (fp32 for the toy
-        teacher, so its evaluation is the fp32 EMA's), for the duration of the block; None on the
-        other ranks (a collective: all ranks enter it). The export stays fp32 (``export``).
+    def ema_network(self):
+        """The EMA generator as a plain network (the teacher's class) on rank 0 in the teacher's dtype
+        (fp32 for the toy teacher, so its evaluation is the fp32 EMA's), for the duration of the block;
+        None on the other ranks (a collective: all ranks enter it). The export stays fp32 (``export``).
 
         NOTE: the full fp32 EMA is gathered into rank 0's host memory and the network exists on
         the device only inside the block, then is freed: a resident fp32 copy would cost 4 bytes
@@ -380,47 +388,53 @@ class Trainer:
         if not self.dist.is_main:
             yield None
             return
-        from diffusers import UNet2DConditionModel
-
+        cls = self.family.network_class()
         with torch.device("meta"):  # no throw-away random init: the weights come from the EMA
-            unet = UNet2DConditionModel.from_config(self.teacher.unet.config)
-        unet.load_state_dict(full, assign=True)
-        if any(t.is_meta for t in unet.buffers()):  # a non-persistent buffer has no value in the state dict
-            unet = UNet2DConditionModel.from_config(self.teacher.unet.config)
-            unet.load_state_dict(full)
+            net = cls.from_config(self.teacher.net.config)
+        net.load_state_dict(full, assign=True)
+        if any(t.is_meta for t in net.buffers()):  # a non-persistent buffer has no value in the state dict
+            net = cls.from_config(self.teacher.net.config)
+            net.load_state_dict(full)
         del full
-        unet = unet.to(self.device, self.teacher.unet.dtype).eval().requires_grad_(False)
+        net = net.to(self.device, self.teacher.net.dtype).eval().requires_grad_(False)
         try:
-            yield unet
+            yield net
         finally:
-            del unet
+            del net
+
+    ema_unet = ema_network  # the name before model families
+
+    def generate_with(self, net: torch.nn.Module, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        """Latents of the K-step generator ``net`` (image i from seed i), as sampling an export does."""
+        noises = seeded_generator_noises(seeds, self.teacher.latent_shape, self.settings.generator_steps)
+        cond = self.teacher.conditioner.encode(prompts)
+        return multi_step_generate(self.family.prediction_fn(net, self.schedule), self.schedule,
+                                   [n.to(self.device) for n in noises], cond, self.settings)
 
     @torch.no_grad()
     def preview(self) -> None:
-        with self.ema_unet() as unet:
-            if unet is not None:
-                self._preview_with(unet)
+        with self.ema_network() as net:
+            if net is not None:
+                self._preview_with(net)
 
-    def _preview_with(self, unet: torch.nn.Module) -> None:
+    def _preview_with(self, net: torch.nn.Module) -> None:
         p = self.cfg.preview
         prompts = [q for q in p.prompts for _ in range(p.seeds_per_prompt)]
-        seeds = list(range(len(prompts)))
-        z = seeded_latent_noise(seeds, self.teacher.latent_shape).to(self.device)
-        cond = self.teacher.conditioner.encode(prompts)
-        x0 = one_step_generate(UNetEps(unet, self.schedule), self.schedule, z, cond, self.settings.t_init)
-        images = decode_latents(self.teacher.vae, x0, self.teacher.scaling_factor)
+        x0 = self.generate_with(net, prompts, list(range(len(prompts))))
+        images = self.family.decode(self.teacher.vae, x0, self.teacher.scaling_factor, self.teacher.shift_factor)
         self.logger.preview(self.step, images, nrow=p.seeds_per_prompt * min(4, len(p.prompts)))
 
     def export(self) -> Path | None:
         full = self.ema.gather_to_main()
         if not self.dist.is_main:
             return None
-        return export_generator(full, dict(self.teacher.unet.config), self.run_dir / "export", self.sampling_meta())
+        return export_generator(full, dict(self.teacher.net.config), self.run_dir / "export", self.sampling_meta(),
+                                link_frozen=self.cfg.train.export_link_frozen)
 
     def toy_evaluation(self) -> dict | None:
         """One-step student vs the teacher's DDIM sampler, both against exact mixture samples."""
-        with self.ema_unet() as unet:
-            return None if unet is None else self._toy_evaluation_with(unet)
+        with self.ema_network() as net:
+            return None if net is None else self._toy_evaluation_with(net)
 
     def _toy_evaluation_with(self, unet: torch.nn.Module) -> dict:
         from sidscale.eval.toy_eval import toy_quality
@@ -443,7 +457,8 @@ class Trainer:
             cached = None  # written by an older version: recompute
         try:
             result = toy_quality(self.teacher, load_toy_mixture(self.teacher.path), unet, ev.num_samples,
-                                 0 if cached else ev.teacher_steps, self.settings.cfg_eval_real, self.settings.t_init)
+                                 0 if cached else ev.teacher_steps, self.settings.cfg_eval_real, self.settings.t_init,
+                                 settings=self.settings)
         finally:
             torch.set_num_threads(threads)
         if cached:
@@ -461,7 +476,8 @@ class Trainer:
                         f"{result['prompt_accuracy_teacher_ddim']:.0%} / {result['colour_accuracy_teacher_ddim']:.0%})"
                         if "frechet_teacher_ddim" in result else "")
         self.logger.write(
-            f"toy Frechet distance to exact samples ({ev.num_samples} samples): one-step student (EMA) "
+            f"toy Frechet distance to exact samples ({ev.num_samples} samples): "
+            f"{self.settings.generator_steps}-step student (EMA) "
             f"{result['frechet_one_step']:.4f} (prompt / colour accuracy {result['prompt_accuracy_one_step']:.0%} / "
             f"{result['colour_accuracy_one_step']:.0%})"
             f"{teacher_part} | exact-vs-exact floor {result['frechet_exact_vs_exact']:.4f}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from pathlib import Path
 
@@ -90,6 +91,9 @@ def test_defaults_are_the_method_page_recipe() -> None:
         "name": "sid_lsg", "cfg_train_fake": 1.5, "cfg_eval_fake": 1.5, "cfg_eval_real": 1.5, "alpha": 1.0,
         "t_init": 625, "t_min": 20, "t_max": 980, "prompt_dropout": 0.1,
         "fake_loss_scale": 1.0, "gen_loss_scale": 1.0,
+        # K = 1 and SiD-LSG's normaliser: the one-step method; the sigma keys are SiD-DiT's (flow teachers)
+        "generator_steps": 1, "gen_weighting": "sid_legacy", "sigma_init": 1.0,
+        "sigma_logit_mean": math.log(2.0), "sigma_logit_std": 1.6,
     }
     for net in (cfg.generator, cfg.fake):
         assert dataclasses.asdict(net) == {
@@ -220,7 +224,7 @@ def test_wrong_types(override: str, expected: str) -> None:
                             "train.precision = fp16)"),
         ("fake.grad_clip_value=-1", "fake.grad_clip_value = -1.0: expected a value >= 0 (0 = off), or null "
                                     "(1.0 when train.precision = fp16, else off)"),
-        ("teacher.kind=flux", "teacher.kind = 'flux': expected one of toy, sd, sdxl"),
+        ("teacher.kind=flux", "teacher.kind = 'flux': expected one of toy, sd, sdxl, sd3"),
         ("teacher.dtype=fp8", "teacher.dtype = 'fp8': expected one of fp32, bf16, fp16"),
         ("teacher.prediction_type=x0",
          "teacher.prediction_type = 'x0': expected one of auto, epsilon, v_prediction"),

@@ -41,6 +41,7 @@ def _trainer_sampling_meta(teacher_dir: Path) -> dict:
     assert cfg.schedule.beta_schedule == "scaled_linear"  # the config disagrees with the teacher
     teacher = load_teacher(cfg.teacher, "cpu")
     run = SimpleNamespace(cfg=cfg, settings=MethodSettings.from_config(cfg.method), teacher=teacher,
+                          family=teacher.family,
                           schedule=teacher.schedule, step=3, images_seen=12)
     return Trainer.sampling_meta(run)
 

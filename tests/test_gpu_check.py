@@ -39,23 +39,23 @@ def test_random_teacher_loads_through_load_teacher_with_the_preset_architecture(
     # the preset's UNet, built independently: same config, same parameter shapes, the seed's weights
     # (rounded to bf16 by the save)
     want = build_preset_unet("tiny", "cpu", seed=3)
-    got_cfg, want_cfg = dict(teacher.unet.config), dict(want.config)
+    got_cfg, want_cfg = dict(teacher.net.config), dict(want.config)
     assert {k: got_cfg[k] for k in want_cfg if not k.startswith("_")} == \
            {k: v for k, v in want_cfg.items() if not k.startswith("_")}
     want_sd = want.state_dict()
-    got_sd = teacher.unet.state_dict()
+    got_sd = teacher.net.state_dict()
     assert got_sd.keys() == want_sd.keys()
     for k, v in want_sd.items():
         assert torch.equal(got_sd[k], v.to(torch.bfloat16).float()), k
-    assert sum(p.numel() for p in teacher.unet.parameters()) == info["parameters"]["unet"]
+    assert sum(p.numel() for p in teacher.net.parameters()) == info["parameters"]["unet"]
 
     # the text side feeds the UNet's cross-attention; the latents come out of a factor-8 VAE
     assert teacher.latent_shape == latent_shape("tiny") == (4, 8, 8)
     assert len(teacher.conditioner.tokenizer) == CLIP_VOCAB_SIZE
     cond = teacher.conditioner.encode(["a red circle", ""])
-    assert cond["encoder_hidden_states"].shape == (2, 77, teacher.unet.config.cross_attention_dim)
+    assert cond["encoder_hidden_states"].shape == (2, 77, teacher.net.config.cross_attention_dim)
     x = torch.randn(2, *teacher.latent_shape)
-    out = teacher.unet(x, torch.tensor([10, 900]), encoder_hidden_states=cond["encoder_hidden_states"]).sample
+    out = teacher.net(x, torch.tensor([10, 900]), encoder_hidden_states=cond["encoder_hidden_states"]).sample
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert teacher.vae is not None and teacher.scaling_factor == 0.18215
     assert torch.equal(teacher.schedule.alphas_cumprod, VPSchedule.from_settings().alphas_cumprod)

@@ -10,7 +10,7 @@ from sidscale.ema import ema_beta, update_ema_
 from sidscale.method import MethodSettings, StepNoise, fake_step, generator_step, guided_eps
 from sidscale.method.guards import sanitize_grad, sanitize_grads_
 from sidscale.method.sid_lsg import apply_prompt_dropout
-from sidscale.noise import draw_step_noise, rank_sample_indices
+from sidscale.noise import draw_step_noise, rank_sample_indices, uniform_timesteps
 from sidscale.schedule import VPSchedule
 
 C, H, W = 2, 2, 2
@@ -196,7 +196,7 @@ def test_batched_cfg_equals_two_calls_and_scale_one_is_one_call():
 
 def test_prompt_dropout_rate_and_application():
     n = 20_000
-    noise = draw_step_noise(7, 0, 0, range(n), (1,), 20, 980, prompt_dropout=0.1)
+    noise = draw_step_noise(7, 0, 0, range(n), (1,), uniform_timesteps(20, 980), prompt_dropout=0.1)
     rate = noise.drop.float().mean().item()
     assert abs(rate - 0.1) < 4 * math.sqrt(0.1 * 0.9 / n)
     cond = {"encoder_hidden_states": torch.ones(6, 2, 3)}
@@ -275,14 +275,14 @@ def test_grad_sanitizer():
 
 
 def test_noise_is_independent_of_the_split():
-    full = draw_step_noise(3, 5, 1, range(8), (2, 3, 3), 20, 980, 0.1)
+    full = draw_step_noise(3, 5, 1, range(8), (2, 3, 3), uniform_timesteps(20, 980), 0.1)
     world, micro = 2, 2
     for rnd in range(2):
         for rank in range(world):
             idx = rank_sample_indices(world, rank, micro, rnd)
-            part = draw_step_noise(3, 5, 1, idx, (2, 3, 3), 20, 980, 0.1)
+            part = draw_step_noise(3, 5, 1, idx, (2, 3, 3), uniform_timesteps(20, 980), 0.1)
             assert torch.equal(part.z, full.z[idx]) and torch.equal(part.t, full.t[idx])
-    other_phase = draw_step_noise(3, 5, 0, range(8), (2, 3, 3), 20, 980, 0.1)
+    other_phase = draw_step_noise(3, 5, 0, range(8), (2, 3, 3), uniform_timesteps(20, 980), 0.1)
     assert not torch.equal(other_phase.z, full.z)
     assert sorted(i for r in range(2) for k in range(2) for i in rank_sample_indices(2, k, 2, r)) == list(range(8))
 

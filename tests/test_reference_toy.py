@@ -35,7 +35,7 @@ def toy(tmp_path_factory):
     teacher = load_teacher(TeacherConfig(kind="toy", path=str(teacher_dir), dtype="fp32", resolution=8))
     mixture = load_toy_mixture(teacher.path)
     # start: the generator IS the teacher UNet, used as a one-step generator
-    before = toy_quality(teacher, mixture, teacher.unet, SAMPLES, 0, 1.5, 625)["frechet_one_step"]
+    before = toy_quality(teacher, mixture, teacher.net, SAMPLES, 0, 1.5, 625)["frechet_one_step"]
     return teacher, mixture, before
 
 
@@ -45,7 +45,7 @@ def distill(teacher, mixture, settings: MethodSettings) -> torch.nn.Module:
     # the fake net learns faster than the generator moves, so it keeps tracking the generator
     gen_opt = OptimSettings(lr=3e-5, betas=(0.0, 0.999), eps=1e-8)
     fake_opt = OptimSettings(lr=1e-4, betas=(0.0, 0.999), eps=1e-8)
-    loop = ReferenceLoop(teacher.unet, teacher.conditioner, teacher.schedule, settings, gen_opt, fake_opt,
+    loop = ReferenceLoop(teacher.net, teacher.conditioner, teacher.schedule, settings, gen_opt, fake_opt,
                          global_batch=16,
                          latent_shape=teacher.latent_shape, seed=0, prompt_fn=source.prompts_for,
                          ema_halflife_kimg=0.2, ema_rampup_ratio=0.05)

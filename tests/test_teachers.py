@@ -47,7 +47,7 @@ def test_sd15_loads_frozen_with_sd_shapes(dirs):
     t = load(dirs["sd15"])
     assert t.latent_shape == (4, 8, 8) and t.scaling_factor == pytest.approx(0.18215)
     assert t.schedule.prediction_type == "epsilon" and t.vae is not None
-    assert not any(p.requires_grad for p in t.unet.parameters())
+    assert not any(p.requires_grad for p in t.net.parameters())
     assert not any(p.requires_grad for p in t.conditioner.text_encoder.parameters())
     cond = t.conditioner.encode(["a red circle", "a blue square"])
     assert set(cond) == {"encoder_hidden_states"} and cond["encoder_hidden_states"].shape == (2, 77, 32)
@@ -60,11 +60,11 @@ def test_sd15_loads_frozen_with_sd_shapes(dirs):
 @pytest.mark.parametrize("dtype,torch_dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_teacher_dtype(dirs, dtype, torch_dtype):
     t = load(dirs["sd15"], dtype=dtype)
-    assert next(t.unet.parameters()).dtype == torch_dtype
+    assert next(t.net.parameters()).dtype == torch_dtype
     assert next(t.conditioner.text_encoder.parameters()).dtype == torch_dtype
     cond = t.conditioner.encode(["a red circle"])
     assert cond["encoder_hidden_states"].dtype == torch_dtype
-    eps = UNetEps(t.unet, t.schedule)(torch.randn(1, *t.latent_shape), torch.tensor([500]), cond)
+    eps = UNetEps(t.net, t.schedule)(torch.randn(1, *t.latent_shape), torch.tensor([500]), cond)
     assert eps.dtype == torch.float32 and torch.isfinite(eps).all()
 
 
@@ -75,8 +75,8 @@ def test_v_prediction_teacher_x0_matches_closed_form(dirs):
     x_t = torch.randn(3, *t.latent_shape)
     ts = torch.tensor([20, 625, 979])
     cond = t.conditioner.encode(["a", "b", "c"])
-    v = t.unet(x_t, ts, **unet_kwargs(cond)).sample
-    eps = UNetEps(t.unet, t.schedule)(x_t, ts, cond)
+    v = t.net(x_t, ts, **unet_kwargs(cond)).sample
+    eps = UNetEps(t.net, t.schedule)(x_t, ts, cond)
     abar = t.schedule.alphas_cumprod[ts].reshape(-1, 1, 1, 1)
     a, s = abar.sqrt(), (1 - abar).sqrt()
     # x0 = sqrt(abar) x_t - sqrt(1-abar) v ; eps = sqrt(1-abar) x_t + sqrt(abar) v
@@ -95,7 +95,7 @@ def sdxl_pipeline(t):
     c = t.conditioner
     return StableDiffusionXLPipeline(
         vae=t.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2, tokenizer=c.tokenizer,
-        tokenizer_2=c.tokenizer_2, unet=t.unet, scheduler=DDPMScheduler.from_pretrained(t.path / "scheduler"),
+        tokenizer_2=c.tokenizer_2, unet=t.net, scheduler=DDPMScheduler.from_pretrained(t.path / "scheduler"),
     )
 
 
@@ -119,7 +119,7 @@ def test_sdxl_conditioning_equals_diffusers_encode_prompt(dirs):
     ids = t.conditioner.tokenize(prompts)
     assert ids.shape == (3, 2, 77) and ids.dtype == torch.long
     assert all(torch.equal(v, t.conditioner.encode_ids(ids)[k]) for k, v in cond.items())
-    out = t.unet(torch.randn(3, *t.latent_shape), torch.tensor([1, 500, 900]), **unet_kwargs(cond)).sample
+    out = t.net(torch.randn(3, *t.latent_shape), torch.tensor([1, 500, 900]), **unet_kwargs(cond)).sample
     assert out.shape == (3, *t.latent_shape)
 
 
@@ -214,7 +214,7 @@ def test_grad_checkpointing_same_outputs_and_gradients(dirs, monkeypatch, name):
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     for trainable in (True, False):
-        plain = copy.deepcopy(t.unet).requires_grad_(trainable).train(trainable)
+        plain = copy.deepcopy(t.net).requires_grad_(trainable).train(trainable)
         ckpt = copy.deepcopy(plain)
         ckpt.enable_gradient_checkpointing()
         assert ckpt.is_gradient_checkpointing and not plain.is_gradient_checkpointing
@@ -249,30 +249,30 @@ def test_build_engine_enables_checkpointing_per_net():
 
 def test_sdpa_is_the_default_and_eager_matches(dirs):
     t = load(dirs["sd15"])
-    assert attention_processors(t.unet) == {"AttnProcessor2_0"}
+    assert attention_processors(t.net) == {"AttnProcessor2_0"}
     cond = t.conditioner.encode(["a", "b"])
     eager = load_teacher(TeacherConfig(kind="sd", path=str(dirs["sd15"]), dtype="fp32", resolution=RES,
                                       attention="eager"))
-    assert attention_processors(eager.unet) == {"AttnProcessor"}
+    assert attention_processors(eager.net) == {"AttnProcessor"}
     x, ts = torch.randn(2, 4, 8, 8), torch.tensor([5, 600])
-    torch.testing.assert_close(eager.unet(x, ts, **unet_kwargs(cond)).sample,
-                               t.unet(x, ts, **unet_kwargs(cond)).sample, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eager.net(x, ts, **unet_kwargs(cond)).sample,
+                               t.net(x, ts, **unet_kwargs(cond)).sample, rtol=1e-5, atol=1e-5)
     # the trainable copies inherit the processors (build_engine deep-copies the teacher UNet)
-    assert attention_processors(copy.deepcopy(eager.unet)) == {"AttnProcessor"}
+    assert attention_processors(copy.deepcopy(eager.net)) == {"AttnProcessor"}
     with pytest.raises(ConfigError, match="teacher.attention"):
-        set_attention(t.unet, "flash")
+        set_attention(t.net, "flash")
 
 
 def test_channels_last_teacher_same_output(dirs):
     t = load(dirs["sd15"])
     cl = load_teacher(TeacherConfig(kind="sd", path=str(dirs["sd15"]), dtype="fp32", resolution=RES,
                                    channels_last=True))
-    w = cl.unet.conv_in.weight
+    w = cl.net.conv_in.weight
     assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
     cond = t.conditioner.encode(["a", "b"])
     x, ts = torch.randn(2, 4, 8, 8), torch.tensor([5, 600])
-    torch.testing.assert_close(cl.unet(x, ts, **unet_kwargs(cond)).sample,
-                               t.unet(x, ts, **unet_kwargs(cond)).sample, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cl.net(x, ts, **unet_kwargs(cond)).sample,
+                               t.net(x, ts, **unet_kwargs(cond)).sample, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------ 2-rank training

@@ -40,14 +40,14 @@ def reference_weights(teacher_dir):
     teacher = load_teacher(TeacherConfig(kind="toy", path=str(teacher_dir), dtype="fp32", resolution=8))
     source = IndexedPromptSource(load_toy_mixture(teacher_dir).prompts, seed=5)
     opt = OptimSettings(lr=1e-2, betas=(0.0, 0.999), eps=1.0)
-    loop = ReferenceLoop(teacher.unet, teacher.conditioner, teacher.schedule, MethodSettings(), opt, opt,
+    loop = ReferenceLoop(teacher.net, teacher.conditioner, teacher.schedule, MethodSettings(), opt, opt,
                          global_batch=8, latent_shape=teacher.latent_shape, seed=5,
                          prompt_fn=lambda s, p, i: source.prompts_for(s, p, i),
                          ema_halflife_kimg=0.01, ema_rampup_ratio=0.05)
     for _ in range(STEPS):
         loop.step()
     return {"generator": loop.gen_net.state_dict(), "fake": loop.fake_net.state_dict(),
-            "ema": loop.ema_state_dict(), "teacher": teacher.unet.state_dict()}
+            "ema": loop.ema_state_dict(), "teacher": teacher.net.state_dict()}
 
 
 def assert_state_close(actual: dict, expected: dict, what: str) -> None:

@@ -124,7 +124,7 @@ def teacher_sampler(sampling: dict, device: str, dtype: str, steps: int, cfg_sca
                         prediction_type=sampling.get("prediction_type", "auto"),
                         resolution=int(sampling["resolution"]))
     teacher = load_teacher(cfg, device)
-    net = UNetEps(teacher.unet, teacher.schedule)
+    net = UNetEps(teacher.net, teacher.schedule)
 
     @torch.no_grad()
     def sample(prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:

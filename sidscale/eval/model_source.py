@@ -1,6 +1,6 @@
 """What ``--model`` points at: an export, or a training checkpoint (exported first), and its run.
 
-    RUN/export/                  export: unet/ + sidscale.json
+    RUN/export/                  export: unet/ (or transformer/) + sidscale.json
     RUN/checkpoints/step_X/      checkpoint: meta.json + rank_*.pt (EMA shards) + engine dirs
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sidscale import checkpoint as ckpt_lib
-from sidscale.export import EXPORT_META, export_generator, read_export_meta
+from sidscale.export import EXPORT_META, export_generator, read_export_meta, teacher_network_config
 
 
 class ModelDirError(ValueError):
@@ -47,8 +47,9 @@ def describe_model(path: Path) -> tuple[str, dict, int | None]:
     """(kind, sampling meta, step) without side effects; a clear error for anything else."""
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise ModelDirError(f"--model {path}: not a directory; expected a sidscale export (unet/ + {EXPORT_META}) "
-                            "or a training checkpoint RUN/checkpoints/step_XXXXXXXX (meta.json + rank_*.pt)")
+        raise ModelDirError(f"--model {path}: not a directory; expected a sidscale export (unet/ or transformer/ + "
+                            f"{EXPORT_META}) or a training checkpoint RUN/checkpoints/step_XXXXXXXX "
+                            "(meta.json + rank_*.pt)")
     try:
         meta = read_export_meta(path)
         return "export", meta, meta.get("step")
@@ -63,14 +64,13 @@ def describe_model(path: Path) -> tuple[str, dict, int | None]:
             raise ModelDirError(f"--model {path}: checkpoint meta.json has no 'sampling' entry (written by an older "
                                 "trainer?); export it with the trainer instead")
         return "checkpoint", meta["sampling"], int(meta["step"])
-    raise ModelDirError(f"--model {path}: neither a sidscale export (expected unet/config.json + {EXPORT_META}) nor "
-                        "a training checkpoint (expected meta.json + rank_*.pt, as in RUN/checkpoints/step_XXXXXXXX)")
+    raise ModelDirError(f"--model {path}: neither a sidscale export (expected unet/ or transformer/config.json + "
+                        f"{EXPORT_META}) nor a training checkpoint (expected meta.json + rank_*.pt, as in "
+                        "RUN/checkpoints/step_XXXXXXXX)")
 
 
 def export_checkpoint(ckpt: Path, out_dir: Path) -> Path:
     """EMA generator of ``ckpt`` -> ``out_dir`` (an export), reused when it already holds that step."""
-    from diffusers import UNet2DConditionModel
-
     meta = ckpt_lib.read_meta(ckpt)
     sampling = dict(meta["sampling"], step=int(meta["step"]), source_checkpoint=str(Path(ckpt).resolve()))
     try:
@@ -78,9 +78,9 @@ def export_checkpoint(ckpt: Path, out_dir: Path) -> Path:
             return out_dir
     except FileNotFoundError:
         pass
-    # the generator has the teacher's UNet architecture (the trainer exports with the teacher's config)
-    unet_config = UNet2DConditionModel.load_config(Path(sampling["teacher_path"]) / "unet")
-    return export_generator(ckpt_lib.full_ema_from_checkpoint(ckpt), dict(unet_config), out_dir, sampling)
+    # the generator has the teacher network's architecture (the trainer exports with the teacher's config)
+    return export_generator(ckpt_lib.full_ema_from_checkpoint(ckpt), teacher_network_config(sampling), out_dir,
+                            sampling)
 
 
 def resolve_model(path: Path, out_dir: Path, rank: int = 0, timeout_s: float = 1800.0) -> ModelSource:

@@ -7,11 +7,11 @@ import torch
 
 from sidscale.ddim import ddim_sample
 from sidscale.eval.frechet import toy_frechet
-from sidscale.method.sid_lsg import one_step_generate
-from sidscale.models.teacher import Teacher
+from sidscale.families.base import Teacher
+from sidscale.method.sid_lsg import MethodSettings, multi_step_generate
 from sidscale.models.toy import ToyMixture
 from sidscale.models.unet_eps import UNetEps
-from sidscale.sample import seeded_latent_noise
+from sidscale.sample import seeded_generator_noises
 
 
 def _accuracy(mixture: ToyMixture, x: torch.Tensor, prompts: list[str], name: str) -> dict[str, float]:
@@ -22,9 +22,12 @@ def _accuracy(mixture: ToyMixture, x: torch.Tensor, prompts: list[str], name: st
 def toy_quality(
     teacher: Teacher, mixture: ToyMixture, generator_unet: torch.nn.Module | None, num_samples: int,
     teacher_steps: int, teacher_cfg: float, t_init: int, seed: int = 0, batch: int = 250,
+    settings: MethodSettings | None = None,
 ) -> dict[str, float]:
     """{"frechet_one_step", "frechet_teacher_ddim", "frechet_exact_vs_exact"}, prompts uniform over the toy
     prompts. The exact-vs-exact number (two independent exact sample sets) is the noise floor.
+    ``settings``: the generator's K steps and start level (default: one step at ``t_init``); the
+    ``*_one_step`` keys then hold the K-step student's numbers.
 
     The Frechet distance only sees the marginal over prompts; ``prompt_accuracy_*`` (the fraction of
     samples nearest to a component of their own prompt) and ``colour_accuracy_*`` (... of their own
@@ -33,19 +36,22 @@ def toy_quality(
     reference = mixture.sample(prompts, torch.Generator().manual_seed(seed + 1))
     floor = mixture.sample(prompts, torch.Generator().manual_seed(seed + 2))
     out = {"frechet_exact_vs_exact": toy_frechet(floor, reference), **_accuracy(mixture, reference, prompts, "exact")}
-    device = next(teacher.unet.parameters()).device
+    device = next(teacher.net.parameters()).device
     schedule, cond_fn = teacher.schedule, teacher.conditioner
     if generator_unet is not None:
-        gen = UNetEps(generator_unet, schedule)
+        settings = settings or MethodSettings(t_init=t_init)
+        gen = teacher.family.prediction_fn(generator_unet, schedule)
         xs = []
         for s in range(0, num_samples, batch):
             seeds = list(range(s, min(s + batch, num_samples)))
-            z = seeded_latent_noise(seeds, teacher.latent_shape).to(device)
-            xs.append(one_step_generate(gen, schedule, z, cond_fn.encode(prompts[s:s + len(seeds)]), t_init).cpu())
+            noises = [n.to(device) for n in seeded_generator_noises(seeds, teacher.latent_shape,
+                                                                    settings.generator_steps)]
+            cond = cond_fn.encode(prompts[s:s + len(seeds)])
+            xs.append(multi_step_generate(gen, schedule, noises, cond, settings).cpu())
         out["frechet_one_step"] = toy_frechet(torch.cat(xs), reference)
         out.update(_accuracy(mixture, torch.cat(xs), prompts, "one_step"))
     if teacher_steps > 0:
-        net = UNetEps(teacher.unet, schedule)
+        net = UNetEps(teacher.net, schedule)
         g = torch.Generator().manual_seed(seed + 3)
         xs = []
         for s in range(0, num_samples, batch):

@@ -1,4 +1,4 @@
-"""SiD-LSG: guidance, losses, guards and the two steps. Networks and tensors only."""
+"""SiD (SiD-LSG / SiD-DiT): guidance, losses, guards and the two steps. Networks and tensors only."""
 
 from sidscale.method.guidance import EpsFn, guided_eps
 from sidscale.method.sid_lsg import (
@@ -6,11 +6,13 @@ from sidscale.method.sid_lsg import (
     StepNoise,
     apply_prompt_dropout,
     fake_step,
+    generate,
     generator_step,
+    multi_step_generate,
     one_step_generate,
 )
 
 __all__ = [
     "EpsFn", "guided_eps", "MethodSettings", "StepNoise", "apply_prompt_dropout",
-    "fake_step", "generator_step", "one_step_generate",
+    "fake_step", "generate", "generator_step", "multi_step_generate", "one_step_generate",
 ]

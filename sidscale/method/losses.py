@@ -1,4 +1,4 @@
-"""The two SiD-LSG losses, as sums over latent elements (the method page's convention).
+"""The two SiD losses, as sums over latent elements (the method page's convention).
 
 Both return per-sample sums so the caller decides the normaliser (the per-rank batch).
 """
@@ -6,6 +6,12 @@ Both return per-sample sums so the caller decides the normaliser (the per-rank b
 from __future__ import annotations
 
 import torch
+
+# How the generator loss of each sample is weighted (sid_dit_method.md 1.5):
+# sid_legacy: divided by SiD-LSG's normaliser w = sg(mean |x_g - y_real|);
+# one_minus_sigma: multiplied by (1 - sigma), SiD-DiT's default for flow teachers (sigma = the
+# flow-matching noise level of the loss timestep; for a VP teacher its flow equivalent).
+GEN_WEIGHTINGS = ("sid_legacy", "one_minus_sigma")
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -26,16 +32,25 @@ def sid_normaliser(x_g: torch.Tensor, y_real: torch.Tensor, min_value: float = 1
 
 
 def sid_generator_loss(
-    x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, alpha: float
+    x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, alpha: float,
+    weighting: str = "sid_legacy", sigma: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SiD loss ``(y_real - y_fake) * ((y_real - x_g) - alpha (y_real - y_fake)) / w`` per sample.
+    """SiD loss ``(y_real - y_fake) * ((y_real - x_g) - alpha (y_real - y_fake))`` per sample,
+    divided by ``w`` (sid_legacy) or multiplied by ``1 - sigma`` (one_minus_sigma, ``sigma`` [B]).
 
-    Returns (per-sample loss sums, w). Only ``w`` is detached: the gradient reaches the
-    generator through ``x_g`` directly and through ``y_real`` / ``y_fake`` (both UNets).
+    Returns (per-sample loss sums, the per-sample normaliser or weight). The weight is constant
+    (no gradient): the gradient reaches the generator through ``x_g`` directly and through
+    ``y_real`` / ``y_fake`` (both networks).
     """
     x_g, y_real, y_fake = at_least_fp32(x_g), at_least_fp32(y_real), at_least_fp32(y_fake)
-    w = sid_normaliser(x_g, y_real)
     diff = y_real - y_fake
     per_element = diff * ((y_real - x_g) - alpha * diff)
-    per_sample = per_element.flatten(1).sum(1) / w
-    return per_sample, w
+    if weighting == "sid_legacy":
+        w = sid_normaliser(x_g, y_real)
+        return per_element.flatten(1).sum(1) / w, w
+    if weighting == "one_minus_sigma":
+        if sigma is None:
+            raise ValueError("weighting one_minus_sigma needs the loss sigma of each sample")
+        w = (1 - sigma.detach()).to(per_element.dtype)
+        return per_element.flatten(1).sum(1) * w, w
+    raise ValueError(f"weighting {weighting!r}; expected one of {GEN_WEIGHTINGS}")

@@ -1,23 +1,34 @@
-"""SiD-LSG: one fake-score step and one generator step, on networks and tensors only.
+"""SiD (SiD-LSG, and its flow-matching / K-step form SiD-DiT): one fake-score step and one
+generator step, on networks and tensors only.
 
-No DeepSpeed, no data, no I/O here: the caller passes eps-functions (see ``guidance.EpsFn``),
-the noise of the step (``StepNoise``) and the conditionings, and gets back a scalar loss to
-backpropagate plus detached statistics for logging. The normaliser of the loss is the per-rank
-batch, given by the caller (``loss_normaliser``), so micro-batch sums add up to the method
-page's "summed over latent elements and micro-batches, divided by the per-rank batch".
+No DeepSpeed, no data, no I/O, no model family here: the caller passes prediction functions
+(``guidance.EpsFn``: eps for a VP teacher, velocity for a flow teacher), the ``NoiseSchedule``
+that converts their predictions to x0 (``sidscale.schedule``), the noise of the step
+(``StepNoise``) and the conditionings, and gets back a scalar loss to backpropagate plus
+detached statistics for logging. The normaliser of the loss is the per-rank batch, given by the
+caller (``loss_normaliser``), so micro-batch sums add up to the method page's "summed over latent
+elements and micro-batches, divided by the per-rank batch".
+
+K-step generators (``generator_steps`` = K, sid_dit_method.md 1.2): step i denoises
+``add_noise(x0_{i-1}, eps_i, level_i)`` (step 0: ``noise_only(z)``) with fresh noise per step;
+each iteration runs the first k steps for one k in 1..K shared by all ranks, the first k-1
+without gradient, and the loss is on step k's output. K = 1 is SiD-LSG's one-step generator.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from sidscale.method.guards import finite_samples, masked_sum
 from sidscale.method.guidance import EpsFn, guided_eps
-from sidscale.method.losses import at_least_fp32, fake_score_loss, sid_generator_loss
+from sidscale.method.losses import GEN_WEIGHTINGS, at_least_fp32, fake_score_loss, sid_generator_loss
 from sidscale.models.conditioning import Cond, where_cond
-from sidscale.schedule import VPSchedule
+
+NoiseSchedule = Any  # sidscale.families.base.NoiseSchedule (VPSchedule, FlowSchedule)
 
 
 @dataclass(frozen=True)
@@ -34,6 +45,17 @@ class MethodSettings:
     prompt_dropout: float = 0.1
     fake_loss_scale: float = 1.0
     gen_loss_scale: float = 1.0
+    # K-step generator and the flow-matching knobs (sid_dit_method.md 1.2-1.5); the VP schedule reads
+    # t_init / t_min / t_max, the flow schedule sigma_init / sigma_logit_*.
+    generator_steps: int = 1
+    gen_weighting: str = "sid_legacy"  # sid_legacy (SiD-LSG's 1/w) | one_minus_sigma (SiD-DiT)
+    sigma_init: float = 1.0
+    sigma_logit_mean: float = 0.6931471805599453  # ln 2
+    sigma_logit_std: float = 1.6
+
+    def __post_init__(self) -> None:
+        if self.gen_weighting not in GEN_WEIGHTINGS:
+            raise ValueError(f"gen_weighting {self.gen_weighting!r}; expected one of {GEN_WEIGHTINGS}")
 
     @classmethod
     def from_config(cls, method_cfg) -> MethodSettings:
@@ -52,14 +74,43 @@ class StepNoise:
     eps: torch.Tensor  # forward-process noise [B, C, H, W]
     t: torch.Tensor  # timesteps [B], long
     drop: torch.Tensor  # prompt dropout mask [B], bool (used by the fake step only)
+    # the fresh noises of generator steps 2..K [B, K-1, C, H, W]; None for a one-step generator
+    z_more: torch.Tensor | None = None
+
+    def generator_noises(self, steps: int) -> list[torch.Tensor]:
+        """The noise injected at each of the first ``steps`` generator steps (step 1: ``z``)."""
+        if steps > 1 and (self.z_more is None or self.z_more.shape[1] < steps - 1):
+            raise ValueError(f"{steps} generator steps need {steps - 1} extra noises, have "
+                             f"{0 if self.z_more is None else self.z_more.shape[1]}")
+        return [self.z] + [self.z_more[:, i] for i in range(steps - 1)]
 
 
-def one_step_generate(gen: EpsFn, schedule: VPSchedule, z: torch.Tensor, cond: Cond, t_init: int) -> torch.Tensor:
-    """``x_g = G(z, c)``: input ``sqrt(1 - abar) z`` (no signal term) at ``t_init``, denoised once."""
-    t = torch.full((z.shape[0],), t_init, dtype=torch.long, device=z.device)
-    _, s = schedule.coefficients(t, z)
-    x_in = s * z
-    return schedule.eps_to_x0(x_in, gen(x_in, t, cond), t)
+def generate(gen: EpsFn, schedule: NoiseSchedule, noises: Sequence[torch.Tensor], cond: Cond,
+             levels: Sequence) -> torch.Tensor:
+    """Run ``len(noises)`` steps of the K-step generator at ``levels`` (``generator_levels``), return
+    the last step's x0. Only the last network call records a graph (when grad is enabled at all):
+    the earlier steps' outputs enter the last one as constants (sid_dit_method.md 1.2)."""
+    grad = torch.is_grad_enabled()
+    n = len(noises)
+    x0 = noises[0]
+    for i, eps_i in enumerate(noises):
+        t = schedule.level_tensor(levels[i], eps_i.shape[0], eps_i.device)
+        with torch.set_grad_enabled(grad and i == n - 1):
+            x_in = schedule.noise_only(eps_i, t) if i == 0 else schedule.add_noise(x0, eps_i, t)
+            x0 = schedule.to_x0(x_in, gen(x_in, t, cond), t)
+    return x0
+
+
+def one_step_generate(gen: EpsFn, schedule: NoiseSchedule, z: torch.Tensor, cond: Cond, level) -> torch.Tensor:
+    """``x_g = G(z, c)``: input ``noise_only(z)`` (no signal term) at ``level`` (VP: t_init), denoised once."""
+    return generate(gen, schedule, [z], cond, [level])
+
+
+def multi_step_generate(gen: EpsFn, schedule: NoiseSchedule, noises: Sequence[torch.Tensor], cond: Cond,
+                        settings: MethodSettings) -> torch.Tensor:
+    """All ``settings.generator_steps`` steps (sampling): ``noises`` holds one noise per step."""
+    levels = schedule.generator_levels(settings, settings.generator_steps)
+    return generate(gen, schedule, list(noises)[:settings.generator_steps], cond, levels)
 
 
 def apply_prompt_dropout(cond: Cond, uncond: Cond, drop: torch.Tensor, settings: MethodSettings) -> Cond:
@@ -70,14 +121,23 @@ def apply_prompt_dropout(cond: Cond, uncond: Cond, drop: torch.Tensor, settings:
     return where_cond(drop, uncond, cond)
 
 
+def _generator_output(gen: EpsFn, schedule: NoiseSchedule, noise: StepNoise, cond: Cond,
+                      settings: MethodSettings, k: int) -> torch.Tensor:
+    if not 1 <= k <= settings.generator_steps:
+        raise ValueError(f"generator step k = {k}: expected 1..{settings.generator_steps}")
+    levels = schedule.generator_levels(settings, settings.generator_steps)
+    return at_least_fp32(generate(gen, schedule, noise.generator_noises(k), cond, levels))
+
+
 def fake_step(
-    gen: EpsFn, fake: EpsFn, schedule: VPSchedule, noise: StepNoise, cond: Cond, uncond: Cond,
-    settings: MethodSettings, loss_normaliser: float,
+    gen: EpsFn, fake: EpsFn, schedule: NoiseSchedule, noise: StepNoise, cond: Cond, uncond: Cond,
+    settings: MethodSettings, loss_normaliser: float, k: int = 1,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss of the fake score net ``psi``: DSM with CFG k1 on samples of the (frozen) generator."""
+    """Loss of the fake score net ``psi``: DSM with CFG k1 on samples of the (frozen) generator
+    (its k-step output). The target is the schedule's: eps (VP) or the velocity eps - x0 (flow)."""
     cond = apply_prompt_dropout(cond, uncond, noise.drop, settings)
     with torch.no_grad():
-        x_g = at_least_fp32(one_step_generate(gen, schedule, noise.z, cond, settings.t_init))
+        x_g = _generator_output(gen, schedule, noise, cond, settings, k)
     x_t = schedule.add_noise(x_g, noise.eps, noise.t)
     eps_hat = guided_eps(fake, x_t, noise.t, cond, uncond, settings.cfg_train_fake)
     keep = finite_samples(x_g, eps_hat)
@@ -86,33 +146,36 @@ def fake_step(
     # 2x), which poisons every weight gradient of the micro-batch, not just the bad sample's.
     # The replaced sample's loss is then finite and masked_sum drops it (the reference drops it too).
     safe_eps_hat = torch.where(keep.view(-1, *([1] * (eps_hat.dim() - 1))), eps_hat, torch.zeros_like(eps_hat))
-    per_sample = fake_score_loss(safe_eps_hat, noise.eps)
+    per_sample = fake_score_loss(safe_eps_hat, schedule.dsm_target(x_g, noise.eps, noise.t))
     loss = masked_sum(per_sample, keep) * (settings.fake_loss_scale / loss_normaliser)
     stats = {"loss_fake": loss.detach(), "dropped_fake": (~keep).sum().detach()}
     return loss, stats
 
 
 def generator_step(
-    gen: EpsFn, fake: EpsFn, teacher: EpsFn, schedule: VPSchedule, noise: StepNoise, cond: Cond,
-    uncond: Cond, settings: MethodSettings, loss_normaliser: float,
+    gen: EpsFn, fake: EpsFn, teacher: EpsFn, schedule: NoiseSchedule, noise: StepNoise, cond: Cond,
+    uncond: Cond, settings: MethodSettings, loss_normaliser: float, k: int = 1,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss of the generator ``theta``.
+    """Loss of the generator ``theta`` on its k-step output (gradient through step k only).
 
     NOTE: ``fake`` and ``teacher`` must have frozen parameters (requires_grad False) but are
-    evaluated WITH autograd: the SiD gradient reaches theta through x_t into both UNets.
+    evaluated WITH autograd: the SiD gradient reaches theta through x_t into both networks.
     Running them under no_grad or detaching y_real / y_fake is a different (DMD-like) method.
     """
-    x_g = at_least_fp32(one_step_generate(gen, schedule, noise.z, cond, settings.t_init))
+    x_g = _generator_output(gen, schedule, noise, cond, settings, k)
     x_t = schedule.add_noise(x_g, noise.eps, noise.t)
-    y_fake = schedule.eps_to_x0(x_t, guided_eps(fake, x_t, noise.t, cond, uncond, settings.cfg_eval_fake), noise.t)
-    y_real = schedule.eps_to_x0(
+    y_fake = schedule.to_x0(x_t, guided_eps(fake, x_t, noise.t, cond, uncond, settings.cfg_eval_fake), noise.t)
+    y_real = schedule.to_x0(
         x_t, guided_eps(teacher, x_t, noise.t, cond, uncond, settings.cfg_eval_real), noise.t
     )
     keep = finite_samples(x_g, y_real, y_fake)
     # Dropped samples still enter the loss function (masked to 0 below); keep them finite so
     # the masked branch cannot produce NaN * 0 in the backward pass.
     safe = [torch.where(keep.view(-1, 1, 1, 1), v, torch.zeros_like(v)) for v in (x_g, y_real, y_fake)]
-    per_sample, w = sid_generator_loss(*safe, alpha=settings.alpha)
+    sigma = (None if settings.gen_weighting == "sid_legacy"
+             else schedule.flow_sigma(noise.t, x_g).reshape(-1).expand(x_g.shape[0]))
+    per_sample, w = sid_generator_loss(*safe, alpha=settings.alpha, weighting=settings.gen_weighting,
+                                       sigma=sigma)
     loss = masked_sum(per_sample, keep) * (settings.gen_loss_scale / loss_normaliser)
     stats = {
         "loss_gen": loss.detach(),

@@ -14,14 +14,17 @@ default on torch 2) or eager attention, channels-last weights, and the teacher d
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from sidscale.config import ATTENTION_MODES, ConfigError, TeacherConfig
-from sidscale.models.conditioning import ClipConditioner, load_conditioner
+from sidscale.families.base import Teacher
+from sidscale.models.conditioning import load_conditioner
 from sidscale.schedule import VPSchedule
+
+__all__ = ["Teacher", "TeacherDirError", "load_teacher", "check_teacher_dir", "resolve_teacher_dir",
+           "decode_latents", "schedule_from_dir", "DTYPES", "REQUIRED"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 REQUIRED = {
@@ -34,18 +37,6 @@ WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.
 # NOTE: sharded checkpoints (large text encoders) ship an index instead of one weights file.
 WEIGHT_INDEX_FILES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json",
                       "pytorch_model.bin.index.json")
-
-
-@dataclass
-class Teacher:
-    path: Path
-    kind: str
-    unet: torch.nn.Module
-    conditioner: ClipConditioner  # SdxlConditioner for kind sdxl
-    schedule: VPSchedule
-    latent_shape: tuple[int, int, int]
-    scaling_factor: float
-    vae: torch.nn.Module | None
 
 
 class TeacherDirError(ConfigError):
@@ -61,25 +52,28 @@ def resolve_teacher_dir(cfg: TeacherConfig) -> Path:
     return Path(cfg.path).expanduser()
 
 
-def check_teacher_dir(path: Path, kind: str) -> None:
-    """Every folder the teacher needs is present, with its config and weights."""
-    if kind not in REQUIRED:
-        raise TeacherDirError(f"teacher.kind = {kind!r}: expected one of {', '.join(REQUIRED)}")
-    layout = ", ".join(f"{d}/" for d in REQUIRED[kind])
+def check_teacher_dir(path: Path, kind: str, required: tuple[str, ...] | None = None) -> None:
+    """Every folder the teacher needs is present, with its config and weights (``required``: the
+    folders of a family not listed in ``REQUIRED``)."""
+    if required is None:
+        if kind not in REQUIRED:
+            raise TeacherDirError(f"teacher.kind = {kind!r}: expected one of {', '.join(REQUIRED)}")
+        required = REQUIRED[kind]
+    layout = ", ".join(f"{d}/" for d in required)
     if not path.is_dir():
         hint = (" (the preset's placeholder: set teacher.path to your local copy)"
                 if str(path).startswith("/path/to/") else "")
         raise TeacherDirError(f"teacher.path {path}: not a directory{hint}; a {kind} teacher directory must "
                               f"contain {layout} (as written by diffusers' save_pretrained; sidscale never "
                               "downloads from a model hub)")
-    for sub in REQUIRED[kind]:
+    for sub in required:
         d = path / sub
         if not d.is_dir():
             raise TeacherDirError(f"teacher.path {path}: missing {sub}/; a {kind} teacher directory must "
                                   f"contain {layout}")
         if sub.startswith("tokenizer"):
-            if not any((d / f).is_file() for f in ("vocab.json", "tokenizer.json")):
-                raise TeacherDirError(f"teacher tokenizer {d}: no vocab.json or tokenizer.json")
+            if not any((d / f).is_file() for f in ("vocab.json", "tokenizer.json", "spiece.model")):
+                raise TeacherDirError(f"teacher tokenizer {d}: no vocab.json, tokenizer.json or spiece.model")
             continue
         cfg_name = "scheduler_config.json" if sub == "scheduler" else "config.json"
         if not (d / cfg_name).is_file():

@@ -122,7 +122,7 @@ def reference_runner(preset: str, device: torch.device, batch: int, seed: int = 
         return OptimSettings(net.lr, tuple(net.betas), adam_eps(net, "fp32"), net.weight_decay)
 
     prompts = IndexedPromptSource(ToyMixture().prompts, seed)
-    loop = DeviceReferenceLoop(teacher.unet, teacher.conditioner, teacher.schedule,
+    loop = DeviceReferenceLoop(teacher.net, teacher.conditioner, teacher.schedule,
                                MethodSettings.from_config(cfg.method), opt(cfg.generator), opt(cfg.fake), batch,
                                teacher.latent_shape, seed, prompts.prompts_for)
     del teacher  # the loop holds its own fp32 copies

@@ -1,0 +1,78 @@
+"""The UNet / discrete-VP family: SD1.5, SD2.1 (eps or v), SDXL, and the built-in toy teacher.
+
+Loading, the CLIP conditioners and the presets live in ``sidscale/models`` (teacher.py,
+conditioning.py, presets.py); this module is the family's face to the rest of sidscale.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from sidscale.families.base import Teacher
+from sidscale.schedule import VPSchedule
+
+log = logging.getLogger("sidscale.train")
+
+
+class UNetVPFamily:
+    name = "unet_vp"
+    kinds = ("toy", "sd", "sdxl")
+    network_folder = "unet"
+
+    def network_class(self) -> type:
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel
+
+    def load_teacher(self, cfg, device: torch.device | str) -> Teacher:
+        """The teacher of ``cfg.teacher``; warns when ``cfg.schedule`` differs from its scheduler."""
+        from sidscale.models.teacher import load_teacher
+        from sidscale.schedule import make_alphas_cumprod
+
+        teacher = load_teacher(cfg.teacher, device)
+        sc = cfg.schedule
+        if not torch.equal(make_alphas_cumprod(sc.num_train_timesteps, sc.beta_start, sc.beta_end, sc.beta_schedule),
+                           teacher.schedule.alphas_cumprod.cpu()):
+            log.warning("schedule.* (%s) differs from the teacher's scheduler_config.json: training, the export and "
+                        "sampling use the teacher's schedule; the schedule.* keys are not read", sc)
+        return teacher
+
+    def sampling_extras(self, cfg) -> dict:
+        return {}
+
+    def prediction_fn(self, net: torch.nn.Module, schedule: VPSchedule) -> torch.nn.Module:
+        """eps in fp32 (v-prediction teachers converted), ``timestep`` = the integer t."""
+        from sidscale.models.unet_eps import UNetEps
+
+        return UNetEps(net, schedule)
+
+    def schedule_from_meta(self, meta: dict, where: str) -> VPSchedule:
+        from sidscale.export import export_schedule
+
+        return export_schedule(meta, where)
+
+    def load_conditioner(self, directory: Path, meta: dict, dtype: torch.dtype, device: torch.device | str):
+        from sidscale.models.conditioning import load_conditioner
+
+        return load_conditioner(directory, meta["teacher_kind"], dtype, device, resolution=int(meta["resolution"]))
+
+    def decode(self, vae: torch.nn.Module | None, latents: torch.Tensor, scaling_factor: float,
+               shift_factor: float = 0.0) -> torch.Tensor:
+        from sidscale.models.teacher import decode_latents
+
+        return decode_latents(vae, latents, scaling_factor)
+
+    def pipeline_class_name(self, kind: str) -> str | None:
+        # the toy teacher is not a diffusers pipeline (no VAE: it lives in pixel space)
+        return {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}.get(kind)
+
+    def pipeline_folders(self, kind: str) -> tuple[str, ...]:
+        from sidscale.models.teacher import REQUIRED
+
+        return tuple(f for f in REQUIRED[kind] if f != self.network_folder)
+
+
+FAMILY = UNetVPFamily()
