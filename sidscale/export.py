@@ -33,6 +33,26 @@ EXPORT_META = "sidscale.json"
 log = logging.getLogger(__name__)
 
 
+def network_from_state(cls: type, config: dict, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """``cls.from_config(config)`` holding ``state`` (the EMA: parameters only).
+
+    Buffers are not trained and not in the EMA; the constructor computes them (SD3's sin-cos
+    ``pos_embed`` is a persistent buffer), so any key the state lacks must be a buffer. Built on
+    the meta device first (no throw-away random init) when the network has no buffers to compute.
+    """
+    with torch.device("meta"):
+        net = cls.from_config(config)
+    buffers = {name for name, _ in net.named_buffers()}
+    missing, unexpected = net.load_state_dict(state, strict=False, assign=True)
+    if unexpected or set(missing) - buffers:
+        raise ValueError(f"EMA state does not match the {cls.__name__} config: missing "
+                         f"{sorted(set(missing) - buffers)[:5]}, unexpected {unexpected[:5]}")
+    if any(t.is_meta for t in net.buffers()):
+        net = cls.from_config(config)
+        net.load_state_dict(state, strict=False)
+    return net
+
+
 def _component_entry(folder: Path) -> list[str] | None:
     """``[library, class]`` of one pipeline folder, read from its own config (model_index.json form)."""
     for name, key, library in (("scheduler_config.json", "_class_name", "diffusers"),
@@ -89,11 +109,7 @@ def export_generator(
     family = family_for_kind(sampling["teacher_kind"])
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    net = family.network_class().from_config(network_config)
-    missing, unexpected = net.load_state_dict(ema_state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"EMA state does not match the {type(net).__name__} config: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+    net = network_from_state(family.network_class(), network_config, ema_state)
     teacher_dir = Path(sampling["teacher_path"])
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:

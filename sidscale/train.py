@@ -69,7 +69,7 @@ from sidscale.distributed.runtime import (
 )
 from sidscale.distributed.sharded_ema import EMALayoutError, ShardedEMA
 from sidscale.ema import ema_beta
-from sidscale.export import export_generator
+from sidscale.export import export_generator, network_from_state
 from sidscale.families import family_for_kind
 from sidscale.families.base import Teacher
 from sidscale.io_utils import atomic_torch_save, atomic_write_json
@@ -388,13 +388,7 @@ class Trainer:
         if not self.dist.is_main:
             yield None
             return
-        cls = self.family.network_class()
-        with torch.device("meta"):  # no throw-away random init: the weights come from the EMA
-            net = cls.from_config(self.teacher.net.config)
-        net.load_state_dict(full, assign=True)
-        if any(t.is_meta for t in net.buffers()):  # a non-persistent buffer has no value in the state dict
-            net = cls.from_config(self.teacher.net.config)
-            net.load_state_dict(full)
+        net = network_from_state(self.family.network_class(), self.teacher.net.config, full)
         del full
         net = net.to(self.device, self.teacher.net.dtype).eval().requires_grad_(False)
         try:

@@ -1,0 +1,124 @@
+"""The MMDiT / rectified-flow family: Stable Diffusion 3 and 3.5 (Medium, Large).
+
+As SiD-DiT does it (sid_dit_method.md 1): ``x_t = (1 - sigma) x0 + sigma eps``, the transformer
+predicts the velocity ``eps - x0`` and takes ``timestep = 1000 sigma``; latents are 16-channel,
+``(vae latent - shift_factor) * scaling_factor``; text = CLIP-L + CLIP-G penultimate states and
+T5 (``sidscale/models/sd3_conditioning.py``). Presets: ``sidscale/models/sd3_presets.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from sidscale.config import ConfigError
+from sidscale.families.base import Teacher
+from sidscale.schedule import FlowSchedule
+
+log = logging.getLogger("sidscale.train")
+# SD3's transformer reads timestep = 1000 sigma (SiD-DiT: time_scale 1000 unless a "sprint" model)
+TIME_SCALE = 1000.0
+FROZEN_FOLDERS = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                  "text_encoder_3", "tokenizer_3")
+
+
+class SD3Velocity(torch.nn.Module):
+    """An SD3 transformer (or its DeepSpeed engine / ``.module``) as a velocity function
+    ``(x_t, sigma [B], cond) -> v`` in fp32. Inputs are cast to the network's parameter dtype."""
+
+    def __init__(self, net: torch.nn.Module, schedule: FlowSchedule | None = None, time_scale: float = TIME_SCALE):
+        super().__init__()
+        self.net = net
+        self.time_scale = time_scale
+
+    def forward(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        dtype = next(self.net.parameters()).dtype
+        # NOTE: the timestep stays fp32: diffusers' sinusoidal projection computes in fp32 anyway, and
+        # 1000 sigma in bf16 would move sigma by up to 0.4 %.
+        out = self.net(hidden_states=x_t.to(dtype), encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+                       pooled_projections=cond["pooled_projections"].to(dtype),
+                       timestep=sigma.float() * self.time_scale, return_dict=False)[0]
+        return out.float()
+
+
+class SD3Family:
+    name = "mmdit_flow"
+    kinds = ("sd3",)
+    network_folder = "transformer"
+
+    def network_class(self) -> type:
+        from diffusers import SD3Transformer2DModel
+
+        return SD3Transformer2DModel
+
+    def load_teacher(self, cfg, device: torch.device | str) -> Teacher:
+        """Transformer, text encoders (T5 optional) and VAE of a local diffusers SD3 / SD3.5 directory."""
+        from diffusers import AutoencoderKL
+
+        from sidscale.models.sd3_conditioning import check_sd3_dir, load_sd3_conditioner
+        from sidscale.models.teacher import DTYPES
+
+        t = cfg.teacher
+        if t.attention != "sdpa" or t.channels_last:
+            raise ConfigError(f"teacher.attention = {t.attention!r} / teacher.channels_last = {t.channels_last}: "
+                              "these UNet levers do not apply to an SD3 transformer (it always uses SDPA); "
+                              "set teacher.attention=sdpa and teacher.channels_last=false")
+        path = Path(t.path).expanduser()
+        check_sd3_dir(path, t5=t.t5)
+        dtype = DTYPES[t.dtype]
+        config = json.loads((path / "transformer" / "config.json").read_text())
+        if config.get("_class_name") not in (None, "SD3Transformer2DModel"):
+            raise ConfigError(f"teacher.path {path}: transformer/config.json describes a {config.get('_class_name')}, "
+                              "not an SD3Transformer2DModel, but teacher.kind = 'sd3'")
+        net = self.network_class().from_pretrained(path / "transformer", torch_dtype=dtype, local_files_only=True)
+        net = net.to(device).requires_grad_(False).eval()
+        conditioner = load_sd3_conditioner(path, dtype, device, t5=t.t5, max_sequence_length=t.max_sequence_length)
+        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, local_files_only=True)
+        vae = vae.to(device).requires_grad_(False).eval()
+        down = 2 ** (len(vae.config.block_out_channels) - 1)
+        patch, max_pos = int(net.config.patch_size), int(net.config.pos_embed_max_size or 0)
+        if t.resolution % (down * patch):
+            raise ConfigError(f"teacher.resolution = {t.resolution}: must be a multiple of {down * patch} (the VAE "
+                              f"factor {down} x the transformer's patch size {patch})")
+        tokens_per_side = t.resolution // down // patch
+        if max_pos and tokens_per_side > max_pos:
+            raise ConfigError(f"teacher.resolution = {t.resolution}: {tokens_per_side} patches per side exceed the "
+                              f"transformer's pos_embed_max_size = {max_pos} (at most {max_pos * down * patch} px)")
+        size = t.resolution // down
+        return Teacher(path, t.kind, net, conditioner, FlowSchedule(), (int(net.config.in_channels), size, size),
+                       float(vae.config.scaling_factor), vae, float(vae.config.shift_factor or 0.0))
+
+    def prediction_fn(self, net: torch.nn.Module, schedule: FlowSchedule) -> SD3Velocity:
+        return SD3Velocity(net, schedule)
+
+    def sampling_extras(self, cfg) -> dict:
+        return {"t5": bool(cfg.teacher.t5), "max_sequence_length": int(cfg.teacher.max_sequence_length),
+                "time_scale": TIME_SCALE}
+
+    def schedule_from_meta(self, meta: dict, where: str) -> FlowSchedule:
+        return FlowSchedule()
+
+    def load_conditioner(self, directory: Path, meta: dict, dtype: torch.dtype, device: torch.device | str):
+        from sidscale.models.sd3_conditioning import load_sd3_conditioner
+
+        return load_sd3_conditioner(directory, dtype, device, t5=bool(meta.get("t5", True)),
+                                    max_sequence_length=int(meta.get("max_sequence_length", 77)))
+
+    def decode(self, vae: torch.nn.Module | None, latents: torch.Tensor, scaling_factor: float,
+               shift_factor: float = 0.0) -> torch.Tensor:
+        """Latents -> images in [-1, 1]: ``vae.decode(latents / scaling + shift)``, as the SD3 pipeline."""
+        with torch.no_grad():
+            dtype = next(vae.parameters()).dtype
+            return vae.decode((latents / scaling_factor + shift_factor).to(dtype)).sample.float()
+
+    def pipeline_class_name(self, kind: str) -> str:
+        return "StableDiffusion3Pipeline"
+
+    def pipeline_folders(self, kind: str) -> tuple[str, ...]:
+        return FROZEN_FOLDERS
+
+
+FAMILY = SD3Family()
