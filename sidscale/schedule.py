@@ -178,7 +178,9 @@ class FlowSchedule:
     (its SD3-shift option defaults to off)."""
 
     def _sigma(self, t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(t, device=like.device, dtype=torch.float32)
+        # fp32 sigma (fp64 when the state is fp64: the exact tests), whatever the state's dtype
+        t = torch.as_tensor(t, device=like.device,
+                            dtype=torch.float64 if like.dtype == torch.float64 else torch.float32)
         return t.reshape((-1,) + (1,) * (like.dim() - 1)) if t.dim() == 1 else t
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
