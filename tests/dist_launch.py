@@ -38,10 +38,11 @@ PRELOAD = [
     "deepspeed", "deepspeed.runtime.engine", "deepspeed.runtime.zero.stage_1_and_2", "deepspeed.runtime.zero.stage3",
     "deepspeed.runtime.bf16_optimizer", "deepspeed.module_inject", "deepspeed.moe.utils", "deepspeed.ops.adam",
     "diffusers", "diffusers.models.unets.unet_2d_condition", "diffusers.models.autoencoders.autoencoder_kl",
-    "diffusers.schedulers", "transformers", "transformers.models.clip.modeling_clip",
+    "diffusers.schedulers", "diffusers.models.transformers.transformer_sd3", "transformers",
+    "transformers.models.clip.modeling_clip", "transformers.models.t5.modeling_t5",
     "transformers.models.clip.tokenization_clip", "webdataset", "tensorboard", "networkx", "sympy",
     "sidscale.train", "sidscale.models.teacher", "sidscale.distributed.engines", "sidscale.data.stream",
-    "sidscale.data.prompts", "sidscale.data.shards",
+    "sidscale.data.prompts", "sidscale.data.shards", "sidscale.families.unet_vp", "sidscale.families.sd3",
 ]
 
 _context = None

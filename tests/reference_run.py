@@ -35,8 +35,8 @@ def final_state(run_dir: Path, steps: int = MAX_STEPS) -> dict:
     return out
 
 
-def assert_identical(run_dir: Path, reference: Path) -> None:
-    got, want = final_state(run_dir), final_state(reference)
+def assert_identical(run_dir: Path, reference: Path, steps: int = MAX_STEPS) -> None:
+    got, want = final_state(run_dir, steps), final_state(reference, steps)
     assert got.keys() == want.keys()
     for k, v in want.items():
         same = torch.equal(got[k], v) if isinstance(v, torch.Tensor) else got[k] == v
