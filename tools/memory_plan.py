@@ -5,8 +5,12 @@
 
 Prints a table (GiB per GPU) and, with --json, one JSON line. The model is documented in
 sidscale/perf/memory_plan.py (activations measured on the meta device at the preset's latent size).
+The SD3 presets (sd3_medium, sd35_medium, sd35_large: 1024 px, text encoders incl. T5-XXL) are
+planned the same way:
 
---measure also runs three iterations of the real trainer at that configuration (random weights)
+    python tools/memory_plan.py --preset sd35_large --zero 3 --grad-checkpointing
+
+--measure (UNet presets only) also runs three iterations of the real trainer at that configuration (random weights)
 and prints the measured peak next to the prediction: torch.cuda.max_memory_allocated on a GPU,
 the profiler's allocation trace on the CPU (sidscale/perf/measured_memory.py). One process per
 rank; --gpus is then the world size:
@@ -27,8 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main(argv: list[str] | None = None) -> int:
+    # NOTE: sidscale.perf.setup does not import DeepSpeed (see the --measure note below)
+    from sidscale.perf.setup import BENCH_PRESETS, PLAN_PRESETS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="sdxl", choices=["tiny", "mid", "sd15", "sd21", "sd21_768", "sdxl"])
+    p.add_argument("--preset", default="sdxl", choices=PLAN_PRESETS)
     p.add_argument("--gpus", type=int, default=None, help="default 8, or the world size with --measure")
     p.add_argument("--zero", type=int, default=2, choices=[1, 2, 3])
     p.add_argument("--micro-batch", type=int, default=1)
@@ -46,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grad-accum-dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="DeepSpeed's data_types.grad_accum_dtype (default: what sidscale sets, fp32 for bf16)")
     args = p.parse_args(argv)
+    if args.measure and args.preset not in BENCH_PRESETS:
+        p.error(f"--measure runs the benchmark trainer, which builds UNet teachers only ({', '.join(BENCH_PRESETS)}); "
+                f"--preset {args.preset} can be planned but not measured")
     if args.measure and (args.device or "").lower() == "cpu":
         # NOTE: before any sidscale.perf import: importing DeepSpeed fixes its accelerator for good.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

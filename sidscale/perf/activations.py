@@ -1,11 +1,12 @@
-"""Saved-activation bytes of a UNet forward, measured with ``torch.autograd.graph.saved_tensors_hooks``.
+"""Saved-activation bytes of a denoiser forward (UNet, SD3 transformer), measured with saved-tensor hooks.
 
+``torch.autograd.graph.saved_tensors_hooks`` sees what autograd keeps for the backward.
 What autograd saves for the backward is what the activations cost. The hook sees every saved
 tensor; we count each underlying storage once (views share one StorageImpl, keyed by ``_cdata``)
 and skip parameter storages (weights saved for the input gradient are not activations).
 
 The measurement runs on any device, including ``meta``: meta tensors carry shapes and dtypes but
-no data, so a real-size UNet at its real latent size costs no memory and seconds. NOTE: on meta,
+no data, so a real-size network at its real latent size costs no memory and seconds. NOTE: on meta,
 SDPA would pick the math kernel, which saves the [N, N] attention matrix; the CPU/GPU runs use
 flash-type kernels that save q, k, v, out and the log-sum-exp only. ``flash_sdpa_on_meta`` routes
 meta SDPA through the CPU flash op (it has meta and autograd kernels) so meta matches the real runs.
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sidscale.perf.setup import build_preset_unet, latent_shape
+from sidscale.perf.setup import build_preset_net, preset_net_inputs
 
 
 @contextlib.contextmanager
@@ -79,27 +80,39 @@ def unet_saved_bytes(unet: torch.nn.Module, batch: int, size: int, dtype: torch.
     """Saved-activation bytes of one training forward of ``unet`` (batch x C x size x size)."""
     device = next(unet.parameters()).device
     args, kw = unet_inputs(unet, batch, size, device, dtype)
+    return _saved_bytes(unet, args, kw, grad_checkpointing)
+
+
+def net_saved_bytes(preset: str, net: torch.nn.Module, batch: int, dtype: torch.dtype,
+                    grad_checkpointing: bool = False) -> int:
+    """Saved-activation bytes of one training forward of the preset's ``net`` at its latent size."""
+    args, kw = preset_net_inputs(preset, net, batch, next(net.parameters()).device, dtype)
+    return _saved_bytes(net, args, kw, grad_checkpointing)
+
+
+def _saved_bytes(net: torch.nn.Module, args: tuple, kw: dict[str, Any], grad_checkpointing: bool) -> int:
     if grad_checkpointing:
-        unet.enable_gradient_checkpointing()
+        net.enable_gradient_checkpointing()
     else:
         with contextlib.suppress(Exception):
-            unet.disable_gradient_checkpointing()
-    unet.train()
+            net.disable_gradient_checkpointing()
+    net.train()
+    # NOTE: buffers are not activations either (SD3's pos_embed table: a slice of it may be saved)
+    weights = [*net.parameters(), *net.buffers()]
     with torch.enable_grad(), flash_sdpa_on_meta():
-        return saved_tensor_bytes(lambda: unet(*args, **kw, return_dict=False)[0], list(unet.parameters()))
+        return saved_tensor_bytes(lambda: net(*args, **kw, return_dict=False)[0], weights)
 
 
 def preset_activation_bytes(preset: str, dtype: torch.dtype, grad_checkpointing: bool,
                             batch: int = 2) -> tuple[float, float]:
-    """(bytes per sample, constant bytes) of one UNet forward at the preset's latent size, on meta.
+    """(bytes per sample, constant bytes) of one forward of the preset's denoiser at its latent size, on meta.
 
     Two batch sizes separate the per-sample part from the batch-independent part (the timestep
     embedding, the 77-token text projections of cross-attention are per sample too, but a few
     tensors are not).
     """
-    unet = build_preset_unet(preset, "meta").to(dtype)
-    size = latent_shape(preset)[1]
-    b1 = unet_saved_bytes(unet, batch, size, dtype, grad_checkpointing)
-    b2 = unet_saved_bytes(unet, 2 * batch, size, dtype, grad_checkpointing)
+    net = build_preset_net(preset, "meta").to(dtype)
+    b1 = net_saved_bytes(preset, net, batch, dtype, grad_checkpointing)
+    b2 = net_saved_bytes(preset, net, 2 * batch, dtype, grad_checkpointing)
     per_sample = (b2 - b1) / batch
     return per_sample, max(0.0, b1 - per_sample * batch)

@@ -1,6 +1,7 @@
 """Predicted per-GPU memory of one SiD-LSG training rank, term by term, and the largest micro-batch.
 
-Model (P = UNet parameters, N = GPUs, b = bytes of the training precision, Z = ZeRO stage).
+Model (P = parameters of the denoiser network, a UNet or an SD3 transformer; N = GPUs, b = bytes of
+the training precision, Z = ZeRO stage).
 
 Static, alive for the whole run:
 
@@ -9,7 +10,11 @@ Static, alive for the whole run:
   * fp32 master partition: 4*P/N (kept by ZeRO for bf16/fp16 and also for fp32);
   * Adam exp_avg + exp_avg_sq: 8*P/N.
 - generator EMA: fp32, sharded 1/N like the fp32 masters it averages (ShardedEMA).
-- teacher UNet and text encoder(s): replicated, in teacher.dtype.
+- teacher network and text encoder(s) (SD3: CLIP-L, bigG and the 4.8 B T5-XXL): replicated, in teacher.dtype.
+- network buffers (SD3's pos_embed table, 57-227 M elements; UNets have none): not parameters, so in no
+  optimizer state and not partitioned by ZeRO-3; every rank holds them whole in each net. The generator
+  and fake net keep them in fp32 (build_engine's ``.float()``; DeepSpeed 0.19 casts parameters only),
+  the teacher in teacher.dtype.
 - ZeRO-1 with bf16 and fp32 gradient accumulation (sidscale's default, DeepSpeed's BF16_Optimizer):
   a full fp32 gradient accumulation buffer per engine, 4*P, allocated at start-up.
 
@@ -27,7 +32,7 @@ net's activations:
   + its buckets;
 - ``gen_forward``: the end of the generator step's forward, the usual peak: B samples through G
   (trainable), 2B through the frozen fake net and 2B through the frozen teacher (CFG batches; frozen
-  weights save only what the input gradient needs). The method page: three UNets' activations
+  weights save only what the input gradient needs). The method page: three networks' activations
   are alive at once. With gradient accumulation, G's accumulated gradients are alive here too
   from the second micro-batch on;
 - ``gen_backward``: the backward leaves the teacher and the fake net first, so when G's first
@@ -49,7 +54,8 @@ parameters with N > 1 (at most stage3_prefetch_bucket_size elements prefetched, 
 running), which the single-rank measurement cannot see.
 
 Activations: per-sample bytes are measured with saved_tensors_hooks on a meta-device forward at
-the preset's own latent size (sidscale.perf.activations), so no scaling by resolution is needed.
+the preset's own latent size (sidscale.perf.activations), so no scaling by resolution is needed
+(SD3: 77 CLIP + the preset's T5 tokens of text, 77 as SiD-DiT encodes them).
 With checkpointing the saved bytes are the checkpointed blocks' inputs, plus the recomputation of
 one block at a time, modelled as the no-checkpointing bytes / number of checkpointed blocks x 2
 (blocks are unequal; 2x the mean covers the largest measured).
@@ -62,12 +68,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-import torch
-
 from sidscale.distributed.sharded_ema import GATHER_CHUNK_ELEMENTS
 from sidscale.models.teacher import DTYPES
-from sidscale.perf.activations import flash_sdpa_on_meta, saved_tensor_bytes, unet_inputs
-from sidscale.perf.setup import build_preset_text_encoders, build_preset_unet, latent_shape
+from sidscale.perf.activations import net_saved_bytes
+from sidscale.perf.setup import build_preset_net, build_preset_text_encoders, checkpoint_block_types
 
 GIB = 2**30
 REPO = Path(__file__).resolve().parents[2]
@@ -123,44 +127,40 @@ def ds_zero_settings(zero: int) -> dict:
 
 @lru_cache(maxsize=8)
 def param_counts(preset: str) -> tuple[int, int]:
-    """(UNet parameters, text-encoder parameters), counted on meta."""
-    unet = sum(p.numel() for p in build_preset_unet(preset, "meta").parameters())
+    """(denoiser parameters, text-encoder parameters), counted on meta."""
+    net = sum(p.numel() for p in build_preset_net(preset, "meta").parameters())
     text = sum(p.numel() for e in build_preset_text_encoders(preset, "meta") for p in e.parameters())
-    return unet, text
+    return net, text
+
+
+@lru_cache(maxsize=8)
+def buffer_elements(preset: str) -> int:
+    """Elements of the denoiser's floating-point buffers (SD3's pos_embed; 0 for the UNets), on meta."""
+    return sum(b.numel() for b in build_preset_net(preset, "meta").buffers() if b.is_floating_point())
 
 
 @lru_cache(maxsize=32)
 def activation_bytes_per_sample(preset: str, dtype_name: str, trainable: bool, grad_checkpointing: bool) -> float:
-    """Saved bytes per sample of one UNet forward at the preset's latent size (meta device).
+    """Saved bytes per sample of one forward of the preset's network at its latent size (meta device).
 
     ``trainable``: weights require grad (G, and the fake net in its own step); else frozen weights
     with an input that requires grad (fake net and teacher in the generator step).
     """
     dtype = DTYPES[dtype_name]
-    unet = build_preset_unet(preset, "meta").to(dtype).requires_grad_(trainable)
-    size = latent_shape(preset)[1]
-    if grad_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-
-    def run(batch: int) -> int:
-        args, kw = unet_inputs(unet, batch, size, "meta", dtype)
-        with torch.enable_grad(), flash_sdpa_on_meta():
-            return saved_tensor_bytes(lambda: unet(*args, **kw, return_dict=False)[0], list(unet.parameters()))
-
-    return (run(4) - run(2)) / 2
+    net = build_preset_net(preset, "meta").to(dtype).requires_grad_(trainable)
+    return (net_saved_bytes(preset, net, 4, dtype, grad_checkpointing)
+            - net_saved_bytes(preset, net, 2, dtype, grad_checkpointing)) / 2
 
 
+@lru_cache(maxsize=16)  # NOTE: the largest-micro-batch search asks for it once per phase and candidate
 def checkpoint_blocks(preset: str) -> int:
-    """Modules diffusers checkpoints one by one (each resnet and each transformer)."""
-    from diffusers.models.resnet import ResnetBlock2D
-    from diffusers.models.transformers.transformer_2d import Transformer2DModel
-
-    unet = build_preset_unet(preset, "meta")
-    return sum(isinstance(m, ResnetBlock2D | Transformer2DModel) for m in unet.modules())
+    """Modules diffusers checkpoints one by one (UNet: each resnet and each transformer; SD3: each block)."""
+    types = checkpoint_block_types(preset)
+    return sum(isinstance(m, types) for m in build_preset_net(preset, "meta").modules())
 
 
-def _phases(inp: PlanInput, micro_batch: int, grads: float, buckets: float, p: int) -> dict[str, dict[str, float]]:
+def _phases(inp: PlanInput, micro_batch: int, grads: float, buckets: float, p: int,
+            buffers: int) -> dict[str, dict[str, float]]:
     """The transient bytes of each phase of one iteration (module docstring), term by term."""
     teacher_dtype = inp.teacher_dtype or inp.precision
     k1, k2, k4 = inp.cfg_scales
@@ -190,7 +190,7 @@ def _phases(inp: PlanInput, micro_batch: int, grads: float, buckets: float, p: i
                         "grads": grads if inp.accumulation > 1 else 0.0},
         "gen_backward": {"activations": gen_acts, "grads": grads, "grad_buckets": buckets},
         "optimizer_step": step,
-        "preview": {"preview_unet": DTYPES[teacher_dtype].itemsize * p,
+        "preview": {"preview_net": DTYPES[teacher_dtype].itemsize * (p + buffers),
                     "ema_gather_buffers": 4.0 * min(p, GATHER_CHUNK_ELEMENTS)},
     }
 
@@ -204,23 +204,27 @@ def plan(inp: PlanInput, micro_batch: int | None = None) -> MemoryPlan:
     n, z = inp.gpus, inp.zero
     b = DTYPES[inp.precision].itemsize
     tb = DTYPES[inp.teacher_dtype or inp.precision].itemsize
-    unet_p, text_p = param_counts(inp.preset)
+    net_p, text_p = param_counts(inp.preset)
+    buf = buffer_elements(inp.preset)
     zs = ds_zero_settings(z)
     terms: dict[str, float] = {}
     for name in ("generator", "fake"):
-        terms[f"{name}_params"] = b * unet_p / (n if z == 3 else 1)
-        terms[f"{name}_fp32_master"] = 4 * unet_p / n
-        terms[f"{name}_adam_states"] = 8 * unet_p / n
-    terms["ema_fp32"] = 4 * unet_p / n
-    terms["teacher_unet"] = tb * unet_p
+        terms[f"{name}_params"] = b * net_p / (n if z == 3 else 1)
+        terms[f"{name}_fp32_master"] = 4 * net_p / n
+        terms[f"{name}_adam_states"] = 8 * net_p / n
+    terms["ema_fp32"] = 4 * net_p / n
+    terms["teacher_net"] = tb * net_p
+    if buf:  # whole on every rank, fp32 in the two engines (module docstring)
+        terms["generator_buffers"] = terms["fake_buffers"] = 4.0 * buf
+        terms["teacher_buffers"] = tb * buf
     terms["text_encoders"] = tb * text_p
     g = DTYPES[inp.accumulation_dtype()].itemsize
-    grads = b * unet_p if z == 1 else g * unet_p / n
+    grads = b * net_p if z == 1 else g * net_p / n
     bucket_bytes = float(inp.reduce_bucket_size or zs["reduce_bucket_size"]) * b
     buckets = 0.0
     if inp.bf16_optimizer():
         for name in ("generator", "fake"):
-            terms[f"{name}_fp32_grad_accum"] = 4.0 * unet_p
+            terms[f"{name}_fp32_grad_accum"] = 4.0 * net_p
     elif z in (1, 2) and zs.get("contiguous_gradients", True):
         buckets = (1 + bool(zs.get("overlap_comm"))) * bucket_bytes
     if z == 3:  # ZeRO-3 allocates its gradient partition and one reduction bucket once, at start-up
@@ -229,7 +233,7 @@ def plan(inp: PlanInput, micro_batch: int | None = None) -> MemoryPlan:
             if zs.get("contiguous_gradients", True):
                 terms[f"{name}_grad_bucket"] = bucket_bytes
         grads = 0.0
-    phases = _phases(inp, mb, grads, buckets, unet_p)
+    phases = _phases(inp, mb, grads, buckets, net_p, buf)
     peak = max(phases, key=lambda k: sum(phases[k].values()))
     terms.update({f"{k} ({peak})": v for k, v in phases[peak].items() if v})
     out = MemoryPlan(inp, terms, peak_phase=peak, phases=phases)

@@ -8,6 +8,12 @@ The benchmark measures the real ``Trainer`` on the real network shapes; only the
 - ``mid``: SD1.5's topology (same block types, attention layout and 77-token cross-attention) at a
   fifth of its width and 256 px (32x32 latents): 35M parameters, big enough that parameters,
   optimizer states and activations all show in a memory measurement.
+
+The memory plan also takes the published SD3 / SD3.5 presets (sidscale/models/sd3_presets.py),
+whose denoiser is an ``SD3Transformer2DModel``; the benchmark (``build_preset_teacher``) does not.
+What differs between the two kinds of network (how to build one, its text encoders, its forward
+inputs, its latent shape, the blocks gradient checkpointing wraps) is decided in one place,
+``preset_nets``; the plan and the activation measurement only call the ``*_preset_*`` functions.
 """
 
 from __future__ import annotations
@@ -17,15 +23,19 @@ import tempfile
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
 from sidscale.config import Config, load_config
 from sidscale.models.conditioning import ClipConditioner, SdxlConditioner
+from sidscale.models.sd3_presets import DIT_PRESETS
 from sidscale.models.teacher import DTYPES, Teacher, set_attention
 from sidscale.schedule import VPSchedule
 
 BENCH_PRESETS = ("tiny", "mid", "sd15", "sd21", "sd21_768", "sdxl")
+SD3_PRESETS = tuple(DIT_PRESETS)  # sd3_medium, sd35_medium, sd35_large
+PLAN_PRESETS = BENCH_PRESETS + SD3_PRESETS  # what the memory plan accepts
 TINY_LATENT = (4, 8, 8)
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,51 +104,155 @@ def _tokenizer():
     return build_clip_tokenizer(Path(tempfile.mkdtemp(prefix="sidscale-bench-tok-")) / "tokenizer")
 
 
+class PresetNets(Protocol):
+    """What the perf tools need to know about one kind of denoiser network (see ``preset_nets``)."""
+
+    def build(self, preset: str, device: torch.device | str, seed: int) -> torch.nn.Module: ...
+    def text_encoders(self, preset: str, device: torch.device | str, seed: int) -> list[torch.nn.Module]: ...
+    def latent_shape(self, preset: str) -> tuple[int, int, int]: ...
+    def inputs(self, preset: str, net: torch.nn.Module, batch: int, device: Any,
+               dtype: torch.dtype) -> tuple[tuple, dict[str, Any]]: ...
+    def checkpoint_block_types(self) -> tuple[type, ...]: ...
+
+
+class _UNetNets:
+    """UNet2DConditionModel presets: SD1.x/2.x/XL and the CPU-sized ``tiny`` / ``mid``."""
+
+    def build(self, preset: str, device: torch.device | str, seed: int) -> torch.nn.Module:
+        if preset == "tiny":
+            from sidscale.models.tiny import build_tiny_unet
+
+            with torch.device(device):
+                return build_tiny_unet(seed, in_channels=4, sample_size=8, cross_attention_dim=32)
+        if preset == "mid":
+            from diffusers import UNet2DConditionModel
+
+            device = torch.device(device)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+                torch.manual_seed(seed)
+                return UNet2DConditionModel(**arch_preset("mid").unet)
+        from sidscale.models.presets import build_unet
+
+        return build_unet(preset, device=device, seed=seed)
+
+    def text_encoders(self, preset: str, device: torch.device | str, seed: int) -> list[torch.nn.Module]:
+        if preset == "tiny":
+            from sidscale.models.tiny import build_tiny_text_encoder
+
+            with torch.device(device):
+                return [build_tiny_text_encoder(1 + seed, hidden_size=32)]
+        device = torch.device(device)
+        cuda = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)  # NOTE: seeds the CUDA generator too: the weights are drawn on the device
+            if preset == "mid":
+                from transformers import CLIPTextConfig, CLIPTextModel
+
+                with device:
+                    return [CLIPTextModel(CLIPTextConfig(**arch_preset("mid").text_encoders[0]))]
+            from sidscale.models.presets import build_text_encoders
+
+            return build_text_encoders(preset, device=device)
+
+    def latent_shape(self, preset: str) -> tuple[int, int, int]:
+        if preset == "tiny":
+            return TINY_LATENT
+        p = arch_preset(preset)
+        return (int(p.unet["in_channels"]), p.latent_size, p.latent_size)
+
+    def inputs(self, preset: str, net: torch.nn.Module, batch: int, device: Any,
+               dtype: torch.dtype) -> tuple[tuple, dict[str, Any]]:
+        from sidscale.perf.activations import unet_inputs
+
+        return unet_inputs(net, batch, self.latent_shape(preset)[1], device, dtype)
+
+    def checkpoint_block_types(self) -> tuple[type, ...]:
+        # diffusers' UNet checkpoints each resnet and each transformer one by one
+        from diffusers.models.resnet import ResnetBlock2D
+        from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+        return (ResnetBlock2D, Transformer2DModel)
+
+
+class _SD3Nets:
+    """SD3Transformer2DModel presets (SD3-Medium, SD3.5-Medium/Large): CLIP-L + bigG + T5-XXL."""
+
+    def build(self, preset: str, device: torch.device | str, seed: int) -> torch.nn.Module:
+        from sidscale.models.sd3_presets import build_sd3_transformer
+
+        return build_sd3_transformer(preset, device=device, seed=seed)
+
+    def text_encoders(self, preset: str, device: torch.device | str, seed: int) -> list[torch.nn.Module]:
+        from sidscale.models.sd3_presets import build_sd3_text_encoders
+
+        device = torch.device(device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            return build_sd3_text_encoders(preset, device=device)
+
+    def latent_shape(self, preset: str) -> tuple[int, int, int]:
+        from sidscale.models.sd3_presets import get_dit_preset
+
+        return get_dit_preset(preset).latent_shape
+
+    def inputs(self, preset: str, net: torch.nn.Module, batch: int, device: Any,
+               dtype: torch.dtype) -> tuple[tuple, dict[str, Any]]:
+        from sidscale.models.sd3_presets import get_dit_preset, transformer_inputs
+
+        p = get_dit_preset(preset)
+        kw = transformer_inputs(net.config, batch, self.latent_shape(preset)[1], p.t5_tokens, device, dtype)
+        # x_t requires grad in the generator step (it comes from G); the text embeddings never do
+        kw["hidden_states"].requires_grad_(True)
+        return (), kw
+
+    def checkpoint_block_types(self) -> tuple[type, ...]:
+        from diffusers.models.attention import JointTransformerBlock
+
+        return (JointTransformerBlock,)
+
+
+_NETS: dict[str, PresetNets] = {"unet": _UNetNets(), "sd3": _SD3Nets()}
+
+
+def preset_nets(preset: str) -> PresetNets:
+    """The one place that decides, per preset, which kind of denoiser network it has."""
+    if preset in SD3_PRESETS:
+        return _NETS["sd3"]
+    if preset in BENCH_PRESETS:
+        return _NETS["unet"]
+    raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PLAN_PRESETS)}")
+
+
 def latent_shape(preset: str) -> tuple[int, int, int]:
-    if preset == "tiny":
-        return TINY_LATENT
-    p = arch_preset(preset)
-    return (int(p.unet["in_channels"]), p.latent_size, p.latent_size)
+    return preset_nets(preset).latent_shape(preset)
+
+
+def build_preset_net(preset: str, device: torch.device | str = "cpu", seed: int = 0) -> torch.nn.Module:
+    """The preset's denoiser (UNet or SD3 transformer) with random weights (``device="meta"``: shapes only)."""
+    return preset_nets(preset).build(preset, device, seed)
 
 
 def build_preset_unet(preset: str, device: torch.device | str = "cpu", seed: int = 0) -> torch.nn.Module:
-    """The preset's UNet with random weights (``device="meta"``: shapes only)."""
-    if preset == "tiny":
-        from sidscale.models.tiny import build_tiny_unet
-
-        with torch.device(device):
-            return build_tiny_unet(seed, in_channels=4, sample_size=8, cross_attention_dim=32)
-    if preset == "mid":
-        from diffusers import UNet2DConditionModel
-
-        device = torch.device(device)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
-            torch.manual_seed(seed)
-            return UNet2DConditionModel(**arch_preset("mid").unet)
-    from sidscale.models.presets import build_unet
-
-    return build_unet(preset, device=device, seed=seed)
+    """The preset's UNet with random weights (``device="meta"``: shapes only); UNet presets only."""
+    if preset not in BENCH_PRESETS:
+        raise ValueError(f"preset {preset!r} has no UNet; UNet presets: {', '.join(BENCH_PRESETS)}")
+    return build_preset_net(preset, device, seed)
 
 
 def build_preset_text_encoders(preset: str, device: torch.device | str = "cpu", seed: int = 0) -> list[torch.nn.Module]:
     """The preset's text encoder(s) with random weights; the same seed gives the same weights on every rank."""
-    if preset == "tiny":
-        from sidscale.models.tiny import build_tiny_text_encoder
+    return preset_nets(preset).text_encoders(preset, device, seed)
 
-        with torch.device(device):
-            return [build_tiny_text_encoder(1 + seed, hidden_size=32)]
-    device = torch.device(device)
-    cuda = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)  # NOTE: seeds the CUDA generator too: the weights are drawn on the device
-        if preset == "mid":
-            from transformers import CLIPTextConfig, CLIPTextModel
 
-            with device:
-                return [CLIPTextModel(CLIPTextConfig(**arch_preset("mid").text_encoders[0]))]
-        from sidscale.models.presets import build_text_encoders
+def preset_net_inputs(preset: str, net: torch.nn.Module, batch: int, device: Any = "meta",
+                      dtype: torch.dtype = torch.float32) -> tuple[tuple, dict[str, Any]]:
+    """(args, kwargs) of one training forward of ``net`` at the preset's latent size (x_t requires grad)."""
+    return preset_nets(preset).inputs(preset, net, batch, device, dtype)
 
-        return build_text_encoders(preset, device=device)
+
+def checkpoint_block_types(preset: str) -> tuple[type, ...]:
+    """The module types diffusers wraps one by one when gradient checkpointing is on."""
+    return preset_nets(preset).checkpoint_block_types()
 
 
 def build_preset_teacher(preset: str, device: torch.device, dtype: str = "fp32", seed: int = 0) -> Teacher:
