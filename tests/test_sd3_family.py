@@ -119,3 +119,45 @@ def test_export_is_a_self_contained_diffusers_pipeline(sd3_export, sd3_teacher, 
         want = vae.decode(x0 / vae.config.scaling_factor + vae.config.shift_factor).sample
     torch.testing.assert_close(images, want, rtol=1e-4, atol=1e-4)
     assert images.shape == (2, 3, 64, 64)
+
+
+@pytest.mark.parametrize("name,zero", [("sd3_medium", 2), ("sd35_medium", 2), ("sd35_large", 3)])
+def test_sd3_presets_carry_sid_dit_settings(name, zero):
+    """The released SiD-DiT recipe (sid_dit_method.md 1.2-1.6), valid on 8 ranks."""
+    import math
+
+    from sidscale.config import load_config, validate
+
+    cfg = load_config(name)
+    validate(cfg, world_size=8)
+    m = cfg.method
+    assert (cfg.teacher.kind, cfg.teacher.resolution, cfg.teacher.max_sequence_length) == ("sd3", 1024, 77)
+    assert (m.generator_steps, m.gen_weighting, m.gen_loss_scale, m.alpha, m.sigma_init) == (
+        4, "one_minus_sigma", 100.0, 1.0, 1.0)
+    assert (m.sigma_logit_mean, m.sigma_logit_std) == (pytest.approx(math.log(2)), 1.6)
+    assert (cfg.generator.lr, tuple(cfg.generator.betas), cfg.train.global_batch) == (1e-6, (0.0, 0.999), 256)
+    assert cfg.teacher.grad_checkpointing and cfg.generator.grad_checkpointing and cfg.fake.grad_checkpointing
+    assert cfg.deepspeed.config == f"ds_configs/zero{zero}.json"
+
+
+def test_sd3_teacher_loads_with_clear_errors(sd3_teacher):
+    from sidscale.config import ConfigError, load_config
+    from sidscale.families import family_for_kind
+    from sidscale.schedule import FlowSchedule
+
+    family = family_for_kind("sd3")
+
+    def cfg(*extra):
+        return load_config("sd35_medium", [f"teacher.path={sd3_teacher}", "teacher.dtype=fp32",
+                                           "teacher.resolution=64", *extra])
+
+    teacher = family.load_teacher(cfg(), "cpu")
+    assert isinstance(teacher.schedule, FlowSchedule) and teacher.latent_shape == (16, 8, 8)
+    assert (teacher.scaling_factor, teacher.shift_factor) == (pytest.approx(1.5305), pytest.approx(0.0609))
+    assert not any(p.requires_grad for p in teacher.net.parameters())
+    with pytest.raises(ConfigError, match="teacher.resolution = 72: must be a multiple of 16"):
+        family.load_teacher(cfg("teacher.resolution=72"), "cpu")
+    with pytest.raises(ConfigError, match="exceed the transformer's pos_embed_max_size"):
+        family.load_teacher(cfg("teacher.resolution=256"), "cpu")
+    with pytest.raises(ConfigError, match="teacher.attention = 'eager'"):
+        family.load_teacher(cfg("teacher.attention=eager"), "cpu")

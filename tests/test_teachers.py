@@ -165,7 +165,7 @@ def broken_copy(src, dst, remove: str):
     ("sd", "vae", ["missing vae/"]),
     ("sd", "text_encoder/config.json", ["missing config.json", "text_encoder"]),
     ("sd", "unet/diffusion_pytorch_model.safetensors", ["no weights file", "unet"]),
-    ("sd", "tokenizer/vocab.json", ["no vocab.json or tokenizer.json"]),
+    ("sd", "tokenizer/vocab.json", ["no vocab.json, tokenizer.json or spiece.model"]),
     ("sd", "scheduler/scheduler_config.json", ["missing scheduler_config.json"]),
     ("sdxl", "text_encoder_2", ["missing text_encoder_2/", "tokenizer_2/"]),
     ("sdxl", "tokenizer_2", ["missing tokenizer_2/"]),

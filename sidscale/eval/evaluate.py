@@ -171,7 +171,8 @@ def compute_and_write_metrics(
         "gen_images_per_s": rate(gen), "gen_images_this_run": gen[0], "world_size": world,
         "protocol": {
             "prompts": str(args.prompts.resolve()), "seed": "image i uses prompt i and seed i",
-            "t_init": src.sampling.get("t_init"), "steps": 1, "device": device, "dtype": dtype,
+            "t_init": src.sampling.get("t_init"), "steps": int(src.sampling.get("generator_steps", 1)),
+            "family": src.sampling.get("family", "unet_vp"), "device": device, "dtype": dtype,
             "batch": args.batch, "pixels": "uint8(clip(x*127.5+128, 0, 255))", "fid": PROTOCOL,
             "reference": ref_info, "clip_model": args.clip_model if scorer else None,
             "clip_weights": str(args.clip_weights) if scorer else None, "clip_prefix": CLIP_PREFIX,
