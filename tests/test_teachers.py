@@ -295,7 +295,7 @@ def _loss_scalars(run_dir) -> dict[str, list[float]]:
 @pytest.mark.parametrize("name,extra,ranks", [
     # SD1.5 shape with all three activation-checkpointing switches on (the SD presets' setting)
     ("sd15", ["teacher.grad_checkpointing=true", "generator.grad_checkpointing=true",
-              "fake.grad_checkpointing=true", "data.shards=indexed:toy", "train.export_at_end=false"], 1),
+              "fake.grad_checkpointing=true", "data.shards=indexed:toy", "train.export_at_end=true"], 1),
     ("sd21v", ["data.shards=indexed:toy", "train.export_at_end=false"], 1),
     # SDXL through the streaming loader on 2 ranks: tokenize runs in the workers and yields [B, 2, 77]
     pytest.param("sdxl", ["data.shards=toy", "train.export_at_end=true"], 2, marks=pytest.mark.slow),
@@ -317,6 +317,15 @@ def test_trains_two_steps(dirs, tmp_path, name, extra, ranks):
     losses = _loss_scalars(run)
     assert len(losses) >= 2 and all(len(v) == 2 for v in losses.values()), losses
     assert all(torch.isfinite(torch.tensor(v)).all() for v in losses.values()), losses
+    if name in ("sd15", "sdxl"):
+        # the export is a pipeline directory plain diffusers loads (the student's UNet inside)
+        import diffusers
+
+        cls = diffusers.StableDiffusionXLPipeline if name == "sdxl" else diffusers.StableDiffusionPipeline
+        pipe = cls.from_pretrained(run / "export", local_files_only=True)
+        ours = diffusers.UNet2DConditionModel.from_pretrained(run / "export" / "unet").state_dict()
+        assert all(torch.equal(v, ours[k]) for k, v in pipe.unet.state_dict().items())
+        assert pipe.text_encoder is not None and pipe.vae is not None
     if name == "sdxl":
         from sidscale.sample import OneStepPipeline
 
