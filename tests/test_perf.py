@@ -130,7 +130,7 @@ def test_bench_one_iteration_json():
     # the method page: about 18 UNet forward equivalents per sample (fake ~7, generator ~11); CFG on
     # all three nets, backward = 2x forward; the input-gradient-only backwards of the frozen nets
     # cost ~1x, so 15..22 brackets the accounting.
-    assert 15 < rec["unet_fwd_equivalents_per_sample"] < 22
+    assert 15 < rec["net_fwd_equivalents_per_sample"] < 22
     assert set(rec["phase_s"]) >= {"fake", "gen_and_ema"}
 
 

@@ -1,14 +1,20 @@
-"""Benchmark full SiD-LSG iterations of the DeepSpeed trainer; one JSON line per configuration.
+"""Benchmark full SiD iterations of the DeepSpeed trainer; one JSON line per configuration.
 
 Random weights at the preset's real architecture, the real ``Trainer.train_step`` (fake step +
 generator step with accumulation + EMA). FLOPs are counted on one actual iteration with
-FlopCounterMode (recomputation included when checkpointing). Several values per option give the
-cartesian product, timed round-robin in one process (fair on a shared CPU):
+FlopCounterMode (recomputation included when checkpointing), also in units of one denoiser forward
+per sample (``net_fwd_equivalents_per_sample``). UNet presets run the toy config's SiD-LSG settings;
+SD3 presets (sd3_tiny on a CPU, sd3_medium / sd35_medium / sd35_large on GPUs) their config
+preset's SiD-DiT settings (flow schedule, CFG 4.5 on all three nets) with one generator step.
+Several values per option give the cartesian product, timed round-robin in one process (fair on a
+shared CPU):
 
     python tools/bench.py --preset tiny --device cpu --zero 1 2 3 --precision fp32 --baseline reference
     python tools/bench.py --preset sd15 --device cuda --zero 2 --precision bf16 --micro-batch 4 \
         --grad-checkpointing --baseline reference --json-out bench/results/sd15.json
     torchrun --nproc_per_node 8 tools/bench.py --preset sdxl --device cuda --micro-batch 2   # rank 0 prints
+    OMP_NUM_THREADS=1 python tools/bench.py --preset sd3_tiny --device cpu --precision fp32 --baseline reference
+    python tools/bench.py --preset sd35_medium --device cuda --grad-checkpointing                 # 1024 px
 
 ``--baseline reference``: the reference recipe (plain fp32 PyTorch ReferenceLoop, TF32 off, no
 checkpointing, micro-batch ``--baseline-micro-batch``, default 1) on the same preset; every line
@@ -31,14 +37,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    # NOTE: sidscale.perf.setup does not import DeepSpeed (its accelerator is fixed at import, see main)
+    from sidscale.perf.setup import BENCH_PRESETS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=["tiny", "mid", "sd15", "sd21", "sd21_768", "sdxl"])
+    p.add_argument("--preset", default="tiny", choices=BENCH_PRESETS,
+                   help="UNet: tiny, mid (CPU-sized), sd15, sd21, sd21_768, sdxl; SD3 (rectified flow, MMDiT): "
+                        "sd3_tiny (CPU-sized), sd3_medium, sd35_medium, sd35_large")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--zero", type=int, nargs="+", default=[2], choices=[1, 2, 3])
     p.add_argument("--precision", nargs="+", default=["bf16"], choices=["fp32", "bf16", "fp16"])
     p.add_argument("--micro-batch", type=int, nargs="+", default=[1])
     p.add_argument("--accumulation", type=int, default=1, help="micro-batches per rank per optimizer step")
-    p.add_argument("--grad-checkpointing", action="store_true", help="teacher, generator and fake UNets")
+    p.add_argument("--grad-checkpointing", action="store_true", help="teacher, generator and fake networks")
     p.add_argument("--teacher-dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="default: the training precision")
     p.add_argument("--reduce-bucket-size", type=float, nargs="+", default=[None],
@@ -81,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
              for z, prec, mb, rbs, comp in itertools.product(args.zero, args.precision, args.micro_batch,
                                                             args.reduce_bucket_size, args.compile)]
     sequential = args.sequential or args.device == "cuda"
-    unet_fwd = None if args.no_flops else bench.unet_forward_flops_per_sample(args.preset, dist_info.device)
+    net_fwd = None if args.no_flops else bench.net_forward_flops_per_sample(args.preset)
 
     def make(i: int):
         if i < len(cases):
@@ -94,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     def finish(i: int, runner) -> None:
         try:
             flops = None if args.no_flops else bench.iteration_flops(runner)
-            records[i] = bench.summarize(runner, flops, unet_fwd, args.peak_tflops, bool(runner.info["tf32"]))
+            records[i] = bench.summarize(runner, flops, net_fwd, args.peak_tflops, bool(runner.info["tf32"]))
         finally:
             bench.release(runner)
 

@@ -2,16 +2,21 @@
 
     bash tools/gpu_check.sh                 # on a GPU machine: SD1.5-size, NCCL, all visible GPUs (<10 min, 1 H100)
     bash tools/gpu_check.sh --cpu-smoke     # the same sequence on the CPU (tiny preset, gloo, 2 ranks, ~2 min)
+    bash tools/gpu_check.sh --preset sd35_medium              # train SD3.5-Medium; bench + plan sd15 and it
+    bash tools/gpu_check.sh --cpu-smoke --preset sd3_tiny     # the SD3 path on the CPU (SD3.5-shaped, 256 px)
 
 Steps, in order (each a separate process, as a user would start it):
 
 1. ``environment``: torch / CUDA / NCCL / DeepSpeed versions, the GPUs, DeepSpeed's accelerator
    (must be cuda in GPU mode: DS_ACCELERATOR is unset for every child), free disk.
 2. ``write_teacher``: tools/write_random_teacher.py writes a random-weight teacher of the preset
-   (SD1.5's UNet, CLIP-L text encoder, VAE; bf16 safetensors) to a work directory, so the trainer
-   loads it through its real loading path (``load_teacher``).
-3. ``disk_space``: the work directory holds one checkpoint (~27 GB at SD1.5 size: two ZeRO engines
-   with fp32 masters and Adam states, plus the fp32 EMA) and the export.
+   (default SD1.5's UNet, CLIP-L text encoder, VAE; ``--preset sd35_medium``: the SD3 pipeline
+   layout with CLIP-L, CLIP-G and T5-XXL; bf16 safetensors) to a work directory, so the trainer
+   loads it through its real loading path (its family's ``load_teacher``), with the config preset
+   that fits it (random_teacher.json's ``config``: sd15, sdxl, sd3_medium, sd35_medium, ...).
+3. ``disk_space``: the work directory holds one checkpoint (~27 GB at SD1.5 size, ~74 GB at
+   SD3.5-Medium size: two ZeRO engines with fp32 masters and Adam states, plus the fp32 EMA) and the
+   export (the fp32 generator plus a copy of the teacher's encoders and VAE: T5-XXL is 8.9 GiB).
 4. ``train_checkpoint_kill``: ``torchrun sidscale/train.py`` (``main()``; NCCL on GPUs, gloo on the
    CPU) for 4 steps with a checkpoint every 2, the fault hook set to hang after step 3
    (``SIDSCALE_FAULT=point=after_step,step=3,action=hang``); once every rank reports it is there,
@@ -21,9 +26,11 @@ Steps, in order (each a separate process, as a user would start it):
    Once the step-4 save has started (all ranks are past the resume) the driver deletes the step-2
    checkpoint, so that two SD1.5-size checkpoints never coexist on a 64 GB disk.
 6. ``sample``: ``python -m sidscale.sample`` from the export, one image.
-7. ``bench_<preset>``: tools/bench.py, our default setting (ZeRO-2, bf16) against the reference
-   setting (fp32 PyTorch loop, TF32 off, micro-batch 1), one process on one GPU. A micro-batch the
-   memory plan says does not fit is lowered; if none fits, the step is skipped.
+7. ``bench_<preset>``: tools/bench.py, our default setting (ZeRO-2, bf16, gradient checkpointing as
+   the preset's config has it) against the reference setting (fp32 PyTorch loop, TF32 off,
+   micro-batch 1), one process on one GPU. A micro-batch the memory plan says does not fit is
+   lowered; if none fits, the step is skipped. The presets: ``--bench-presets``, default sd15
+   (tiny with --cpu-smoke), plus ``--preset`` when given.
 8. ``memory_plan_<preset>``: tools/memory_plan.py --measure: the plan's peak against the measured
    peak of the real trainer; passes within ``--plan-tolerance``.
 
@@ -38,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -360,20 +368,35 @@ print(json.dumps(out))
             self.teacher_info = read_info(self.teacher_dir)
         return self.teacher_info
 
+    def net_sizes(self) -> tuple[int, int]:
+        """(parameters, floating-point buffer elements) of the teacher's denoiser (UNet or SD3 transformer)."""
+        info = self.teacher()
+        network = info.get("network", "unet")  # directories written before SD3 support: a UNet
+        return int(info["parameters"][network]), int(info.get("buffers", {}).get(network, 0))
+
     def checkpoint_bytes(self) -> int:
-        """One checkpoint of the bf16 run: per engine the bf16 module (2P), the fp32 master and Adam's
-        two moments (12P); plus the fp32 EMA (4P). Checked against the real one in the resume step."""
-        p = int(self.teacher()["parameters"]["unet"])
-        return 2 * (2 + 12) * p + 4 * p
+        """One checkpoint of the bf16 run: per engine the bf16 module (2P) plus its buffers, kept in fp32
+        (SD3's pos_embed table: 4B), the fp32 master and Adam's two moments (12P); plus the fp32 EMA
+        (4P). Checked against the real one in the resume step."""
+        p, b = self.net_sizes()
+        return 2 * ((2 + 12) * p + 4 * b) + 4 * p
+
+    def export_bytes(self) -> int:
+        """The export: the fp32 generator (with its buffers) and a copy of the teacher's frozen folders
+        (text encoders, tokenizers, VAE, scheduler: everything of the teacher but its denoiser)."""
+        p, b = self.net_sizes()
+        network = self.teacher().get("network", "unet")
+        frozen = dir_bytes(self.teacher_dir) - dir_bytes(self.teacher_dir / network)
+        return 4 * (p + b) + frozen
 
     def disk_space(self) -> dict[str, Any]:
-        p = int(self.teacher()["parameters"]["unet"])
-        # one checkpoint at a time (the driver deletes step 2 once step 4's save starts), the fp32
-        # export, the prompt shards / logs / preview (1 GiB)
-        need = int(1.1 * self.checkpoint_bytes()) + 4 * p + GIB
+        # one checkpoint at a time (the driver deletes step 2 once step 4's save starts), the export,
+        # the prompt shards / logs / preview (1 GiB)
+        need = int(1.1 * self.checkpoint_bytes()) + self.export_bytes() + GIB
         free = shutil.disk_usage(self.work).free
         numbers = {"need_gib": round(need / GIB, 1), "free_gib": round(free / GIB, 1),
-                   "checkpoint_gib_estimate": round(self.checkpoint_bytes() / GIB, 2)}
+                   "checkpoint_gib_estimate": round(self.checkpoint_bytes() / GIB, 2),
+                   "export_gib_estimate": round(self.export_bytes() / GIB, 2)}
         if free < need:
             raise StepFailed(f"{self.work} has {free / GIB:.1f} GiB free, the run needs ~{need / GIB:.1f} GiB "
                              "(one checkpoint + the export): give --workdir (or GPU_CHECK_WORKDIR) on a larger disk",
@@ -386,7 +409,9 @@ print(json.dumps(out))
         from sidscale.distributed.runtime import free_port
 
         info, m = self.teacher(), self.mode
-        config = info["preset"] if info["preset"] in list_presets() else ("sdxl" if info["kind"] == "sdxl" else "sd15")
+        # random_teacher.json names the config preset that fits the architecture (older ones do not)
+        config = info.get("config") or (info["preset"] if info["preset"] in list_presets()
+                                        else ("sdxl" if info["kind"] == "sdxl" else "sd15"))
         overrides = [
             f"teacher.path={self.teacher_dir}", f"teacher.kind={info['kind']}",
             f"teacher.resolution={info['resolution']}",
@@ -526,7 +551,12 @@ print(json.dumps(out))
         return min(mb, int(plan.get("max_micro_batch", mb))), plan
 
     def bench_extra(self, preset: str) -> list[str]:
-        return ["--grad-checkpointing"] if preset == "sdxl" else []  # SDXL's preset setting
+        """Gradient checkpointing as the preset's config sets it (SDXL, the SD3 presets: on)."""
+        from sidscale.config import load_config
+        from sidscale.perf.setup import preset_nets
+
+        config = load_config(preset_nets(preset).config_preset(preset))
+        return ["--grad-checkpointing"] if config.teacher.grad_checkpointing else []
 
     def bench(self, preset: str) -> dict[str, Any]:
         extra = self.bench_extra(preset)
@@ -541,7 +571,7 @@ print(json.dumps(out))
         code, text, _ = run(cmd, self.env(), self.logs / f"bench_{preset}.log", self.mode.timeout("bench"))
         lines = json_lines(text)
         keep = ("config", "s_per_iter", "samples_per_s", "ratio_vs_reference", "mfu", "achieved_tflops",
-                "device_peak_gib", "phase_s", "device_name", "unet_fwd_equivalents_per_sample", "error", "detail")
+                "device_peak_gib", "phase_s", "device_name", "net_fwd_equivalents_per_sample", "error", "detail")
         numbers = {"micro_batch": mb, "results": [{k: r[k] for k in keep if k in r} for r in lines], "raw": lines}
         if code != 0 or not lines:
             raise StepFailed(f"tools/bench.py exited {code}", log_tail=tail(text), **numbers)
@@ -616,6 +646,17 @@ print(json.dumps(out))
         return ok
 
 
+def with_train_preset(mode: Mode, preset: str) -> Mode:
+    """``mode`` training ``preset``. A published SD3 preset writes ~15-27 GB of random weights (the
+    transformer and T5-XXL built on the CPU): its write step gets more time."""
+    from sidscale.models.sd3_presets import DIT_PRESETS
+
+    timeouts = dict(mode.timeouts)
+    if preset in DIT_PRESETS:
+        timeouts["write_teacher"] = max(1200.0, mode.timeout("write_teacher"))
+    return dataclasses.replace(mode, train_preset=preset, timeouts=timeouts)
+
+
 def default_out(mode: Mode) -> Path:
     host = socket.gethostname().split(".")[0]
     prefix = "gpu_check" if mode.device == "cuda" else "gpu_check_cpu-smoke"
@@ -631,8 +672,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="teacher, run, checkpoints (~32 GB at SD1.5 size; default: a new temp dir, removed after)")
     p.add_argument("--keep-workdir", action="store_true")
     p.add_argument("--nproc", type=int, default=None, help="trainer ranks (default: every visible GPU; 2 on the CPU)")
+    p.add_argument("--preset", default=None,
+                   help="the architecture written, trained, resumed, exported and sampled (default: sd15; tiny "
+                        "with --cpu-smoke); also benchmarked and planned after the default presets. An SD3 preset "
+                        "(sd3_medium, sd35_medium, sd35_large; sd3_tiny on the CPU) trains with its SD3 config")
     p.add_argument("--bench-presets", nargs="*", default=None,
-                   help="presets for the benchmark and the memory plan (default: sd15; tiny with --cpu-smoke)")
+                   help="presets for the benchmark and the memory plan (default: sd15; tiny with --cpu-smoke; "
+                        "plus --preset)")
     p.add_argument("--plan-tolerance", type=float, default=0.25,
                    help="memory plan step passes when predicted / measured is within [1/(1+t), 1+t]")
     p.add_argument("--only", default=None,
@@ -642,6 +688,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     mode = SMOKE_MODE if args.cpu_smoke else GPU_MODE
     bench_presets = args.bench_presets if args.bench_presets is not None else (["tiny"] if args.cpu_smoke else ["sd15"])
+    if args.preset is not None:
+        from sidscale.models.random_teacher import PRESETS
+
+        if args.preset not in PRESETS:
+            p.error(f"--preset {args.preset!r}: expected one of {', '.join(PRESETS)}")
+        mode = with_train_preset(mode, args.preset)
+        if args.bench_presets is None and args.preset not in bench_presets:
+            bench_presets = [*bench_presets, args.preset]
     out = (args.out or default_out(mode)).resolve()
     made_workdir = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="sidscale-gpu-check-")) if made_workdir else args.workdir.resolve()

@@ -10,13 +10,17 @@ planned the same way:
 
     python tools/memory_plan.py --preset sd35_large --zero 3 --grad-checkpointing
 
---measure (UNet presets only) also runs three iterations of the real trainer at that configuration (random weights)
-and prints the measured peak next to the prediction: torch.cuda.max_memory_allocated on a GPU,
-the profiler's allocation trace on the CPU (sidscale/perf/measured_memory.py). One process per
-rank; --gpus is then the world size:
+--measure also runs three iterations of the real trainer at that configuration (random weights, the
+benchmark's teacher and config: sidscale/perf/setup.py) and prints the measured peak next to the
+prediction: torch.cuda.max_memory_allocated on a GPU, the profiler's allocation trace on the CPU
+(sidscale/perf/measured_memory.py). One process per rank; --gpus is then the world size. On the CPU
+a preset whose plan exceeds the host's memory is refused (the published SD3 presets; use the
+CPU-sized tiny, mid or sd3_tiny there):
 
     DS_ACCELERATOR=cpu python tools/memory_plan.py --measure --preset mid --micro-batch 2
+    DS_ACCELERATOR=cpu python tools/memory_plan.py --measure --preset sd3_tiny --device cpu
     torchrun --nproc_per_node 2 tools/memory_plan.py --measure --preset tiny --device cpu
+    python tools/memory_plan.py --measure --preset sd35_medium --gpus 1 --grad-checkpointing --gpu-mem-gib 139
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def main(argv: list[str] | None = None) -> int:
     # NOTE: sidscale.perf.setup does not import DeepSpeed (see the --measure note below)
-    from sidscale.perf.setup import BENCH_PRESETS, PLAN_PRESETS
+    from sidscale.perf.setup import PLAN_PRESETS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="sdxl", choices=PLAN_PRESETS)
@@ -53,9 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grad-accum-dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="DeepSpeed's data_types.grad_accum_dtype (default: what sidscale sets, fp32 for bf16)")
     args = p.parse_args(argv)
-    if args.measure and args.preset not in BENCH_PRESETS:
-        p.error(f"--measure runs the benchmark trainer, which builds UNet teachers only ({', '.join(BENCH_PRESETS)}); "
-                f"--preset {args.preset} can be planned but not measured")
     if args.measure and (args.device or "").lower() == "cpu":
         # NOTE: before any sidscale.perf import: importing DeepSpeed fixes its accelerator for good.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -64,11 +65,11 @@ def main(argv: list[str] | None = None) -> int:
 
     measured, info = None, None
     if args.measure:
-        info = _init(args)
-        if args.gpus not in (None, info.world_size):
-            p.error(f"--gpus {args.gpus} with --measure: the plan must describe the measured world "
-                    f"({info.world_size} ranks)")
-        args.gpus = info.world_size
+        # the world init_distributed will join (torchrun sets WORLD_SIZE; a plain start is one rank)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if args.gpus not in (None, world):
+            p.error(f"--gpus {args.gpus} with --measure: the plan must describe the measured world ({world} ranks)")
+        args.gpus = world
     args.gpus = args.gpus or 8
     rbs = None if args.reduce_bucket_size is None else int(args.reduce_bucket_size)
     # NOTE: the prediction is made before the measurement: a ZeRO-3 engine patches F.linear for the
@@ -76,8 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     result = plan(PlanInput(args.preset, args.gpus, args.zero, args.micro_batch, args.precision,
                             args.teacher_dtype, args.grad_checkpointing, args.gpu_mem_gib, reduce_bucket_size=rbs,
                             accumulation=args.accumulation, grad_accum_dtype=args.grad_accum_dtype))
+    if args.measure and _measure_device(args) == "cpu":
+        # every rank of a CPU run lives in this host's memory: refuse before building anything
+        need, have = result.total * args.gpus, _host_memory_bytes()
+        if have and need > have:
+            p.error(f"--measure --preset {args.preset} on the CPU: the plan predicts {need / GIB:.1f} GiB of tensors "
+                    f"for {args.gpus} rank(s), more than this host's {have / GIB:.1f} GiB; measure it on GPUs, or "
+                    "measure a CPU-sized preset (tiny, mid, sd3_tiny)")
     rank = 0
-    if info is not None:
+    if args.measure:
+        info = _init(args)
         measured, rank = _measure(args, info), info.rank
     if rank != 0:
         return 0
@@ -99,6 +108,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  measured peak ({measured['device']}, largest rank) {measured['peak_bytes'] / GIB:9.3f} GiB; "
               f"predicted / measured = {record['predicted_over_measured']:.3f}")
     return 0
+
+
+def _measure_device(args) -> str:
+    """Where --measure will run: --device, else cuda when torch sees a GPU (init_distributed's choice)."""
+    if args.device:
+        return args.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu" else "cpu"
+
+
+def _host_memory_bytes() -> int:
+    """Physical memory of this host (0 when the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def _init(args):

@@ -3,9 +3,13 @@
     python tools/write_random_teacher.py --preset sd15 --out /tmp/sd15-random            # bf16, ~2.1 GB
     python tools/write_random_teacher.py --preset tiny --out /tmp/tiny --dtype fp32       # CPU-sized
     python sidscale/train.py --config sd15 --set teacher.path=/tmp/sd15-random ...       # then train on it
+    python tools/write_random_teacher.py --preset sd35_medium --out /tmp/sd35m-random    # SD3 layout, ~15 GB
+    python tools/write_random_teacher.py --preset sd3_tiny --out /tmp/sd3-tiny            # CPU-sized SD3.5
+    python sidscale/train.py --config sd35_medium --set teacher.path=/tmp/sd3-tiny --set teacher.resolution=256 ...
 
 For systems checks only (speed, memory, checkpoint/resume/export paths): the weights are random.
-Prints the directory's random_teacher.json (preset, kind, resolution, parameter counts).
+Prints the directory's random_teacher.json (preset, kind, resolution, the config preset to train it
+with, parameter counts). SD3 presets are written in StableDiffusion3Pipeline's layout (T5 included).
 """
 
 from __future__ import annotations

@@ -1,34 +1,46 @@
 """Write a random-weight teacher directory of a preset architecture, in the diffusers layout.
 
 The GPU check (tools/gpu_check.sh) runs the real trainer through ``main()``, which loads its
-teacher from disk with ``load_teacher``. No real weights can be downloaded, so this writes what
-``save_pretrained`` would have written for a released checkpoint, with random weights: the
-preset's UNet (sidscale/models/presets.py, or the benchmark-only ``tiny`` / ``mid`` presets of
-sidscale/perf/setup.py), its text encoder(s) and VAE, the CLIP tokenizer built offline from
-open_clip's BPE vocabulary, and SD's scheduler config. Speed, memory and every code path of a run
-are those of the real teacher; only the images are noise.
+teacher from disk through its family's ``load_teacher``. No real weights can be downloaded, so this
+writes what ``save_pretrained`` would have written for a released checkpoint, with random weights.
+Speed, memory and every code path of a run are those of the real teacher; only the images are noise.
+
+- UNet presets (sidscale/models/presets.py, or the benchmark-only ``tiny`` / ``mid`` of
+  sidscale/perf/setup.py): the UNet, its text encoder(s) and VAE, the CLIP tokenizer built offline
+  from open_clip's BPE vocabulary, and SD's scheduler config (``teacher.kind`` sd / sdxl).
+- SD3 presets (sd3_medium, sd35_medium, sd35_large of sidscale/models/sd3_presets.py, and the
+  CPU-sized ``sd3_tiny``): ``StableDiffusion3Pipeline``'s layout (model_index.json, transformer/,
+  vae/, scheduler/ (flow, shift 3), text_encoder{,_2,_3}/ = CLIP-L, CLIP-G (both with projection)
+  and T5, tokenizer{,_2,_3}/ = the offline CLIP tokenizer (the second one pads with "!", as SD3's)
+  and the tiny offline T5 tokenizer (sidscale/models/t5_tokenizer.py; its ids fit any T5
+  vocabulary)); ``teacher.kind`` sd3. ``StableDiffusion3Pipeline.from_pretrained`` loads it.
 
     write_random_teacher("/tmp/sd15-random", "sd15", dtype="bf16")   # ~2.1 GB on disk
+    write_random_teacher("/tmp/sd35m-random", "sd35_medium")          # ~15 GB (T5-XXL: 8.9 GiB of it)
 
-Weights are saved in ``dtype`` (safetensors): bf16 halves the SD1.5 UNet to 1.7 GB, and
-``load_teacher`` casts to ``teacher.dtype`` on load whatever the file holds. A
-``random_teacher.json`` beside the folders says what was written (``kind`` and ``resolution``
-are the trainer's ``teacher.kind`` / ``teacher.resolution`` for this directory).
+Weights are saved in ``dtype`` (safetensors): bf16 halves the SD1.5 UNet to 1.7 GB, and the
+loaders cast to ``teacher.dtype`` on load whatever the file holds. A ``random_teacher.json``
+beside the folders says what was written (``kind`` and ``resolution`` are the trainer's
+``teacher.kind`` / ``teacher.resolution`` for this directory, ``config`` the config preset whose
+recipe fits it, ``network`` the denoiser's folder).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sidscale.models.teacher import DTYPES
+from sidscale.perf.setup import BENCH_PRESETS, SD3_PRESETS
 
 INFO_FILE = "random_teacher.json"
-PRESETS = ("tiny", "mid", "sd15", "sd21", "sd21_768", "sdxl")
+TEXT_ENCODER_FOLDERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+PRESETS = BENCH_PRESETS  # UNet presets, then SD3 presets (sidscale/perf/setup.py decides which is which)
 
 # The VAE of the ``tiny`` preset: SD's 4 resolutions (factor 8) and 4 latent channels at ~50k
 # parameters, so a CPU decodes a preview in milliseconds (same shape as tests/tiny_teachers.py's).
@@ -39,10 +51,6 @@ TINY_VAE: dict[str, Any] = {
     "sample_size": 64, "scaling_factor": 0.18215,
 }
 TINY_RESOLUTION = 64  # the tiny UNet's 8x8 latents through the factor-8 VAE
-
-
-def _kind(preset: str) -> str:
-    return "sdxl" if preset == "sdxl" else "sd"
 
 
 def _resolution(preset: str) -> int:
@@ -58,12 +66,17 @@ def _prediction_type(preset: str) -> str:
 
 
 def text_encoder_configs(preset: str, text_layers: int | None = None) -> list[dict[str, Any]]:
-    """CLIPTextConfig kwargs of the preset's encoder(s); ``text_layers`` shortens each tower (a
-    faster, smaller stand-in with the same widths, so the UNet's cross-attention still fits)."""
+    """Config kwargs of the preset's encoder(s) (CLIPTextConfig; SD3's third: T5Config); ``text_layers``
+    shortens each tower (a faster, smaller stand-in with the same widths, so the denoiser's text
+    inputs still fit)."""
     if preset == "tiny":
         from sidscale.models.tiny import tiny_clip_text_config
 
         configs = [tiny_clip_text_config(32)]
+    elif preset in SD3_PRESETS:
+        from sidscale.perf.setup import dit_preset
+
+        configs = [copy.deepcopy(c) for c in dit_preset(preset).text_encoders]
     else:
         from sidscale.perf.setup import arch_preset
 
@@ -71,9 +84,12 @@ def text_encoder_configs(preset: str, text_layers: int | None = None) -> list[di
     if text_layers is not None:
         if text_layers < 1:
             raise ValueError(f"text_layers = {text_layers}: expected a positive number of layers")
-        # SDXL reads the penultimate hidden state: keep at least two layers so that is not the embedding.
+        # SDXL and SD3 read the CLIPs' penultimate hidden state: keep at least two layers so that it is
+        # not the embedding. T5 (SD3's third encoder) names its depth num_layers.
+        penultimate = preset == "sdxl" or preset in SD3_PRESETS
         for c in configs:
-            c["num_hidden_layers"] = max(text_layers, 2 if preset == "sdxl" else 1)
+            key = "num_layers" if "d_model" in c else "num_hidden_layers"
+            c[key] = max(text_layers, 2 if penultimate and key == "num_hidden_layers" else 1)
     return configs
 
 
@@ -83,15 +99,28 @@ def _seeded(seed: int, build):
         return build()
 
 
-def _build_text_encoders(preset: str, text_layers: int | None, seed: int) -> list[torch.nn.Module]:
+def _sd3_text_encoder(index: int, config: dict[str, Any]) -> torch.nn.Module:
+    import transformers
+    from transformers import CLIPTextConfig, T5Config
+
+    from sidscale.models.sd3_presets import TEXT_ENCODER_CLASSES
+
+    cls_name = TEXT_ENCODER_CLASSES[index]  # CLIP-L, CLIP-G (both with projection), T5 encoder
+    return getattr(transformers, cls_name)(T5Config(**config) if cls_name == "T5EncoderModel"
+                                           else CLIPTextConfig(**config))
+
+
+def _build_text_encoders(preset: str, text_layers: int | None, seed: int) -> Iterator[torch.nn.Module]:
+    """The preset's encoders one at a time (a caller that saves and drops each holds one at most)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    out = []
     for i, cfg in enumerate(text_encoder_configs(preset, text_layers)):
+        if preset in SD3_PRESETS:
+            yield _seeded(seed + 1 + i, lambda i=i, cfg=cfg: _sd3_text_encoder(i, cfg))
+            continue
         # SDXL's second encoder carries the pooled projection (text_embeds).
         cls = CLIPTextModelWithProjection if preset == "sdxl" and i == 1 else CLIPTextModel
-        out.append(_seeded(seed + 1 + i, lambda cls=cls, cfg=cfg: cls(CLIPTextConfig(**cfg))))
-    return out
+        yield _seeded(seed + 1 + i, lambda cls=cls, cfg=cfg: cls(CLIPTextConfig(**cfg)))
 
 
 def _build_vae(preset: str, seed: int) -> torch.nn.Module:
@@ -99,6 +128,10 @@ def _build_vae(preset: str, seed: int) -> torch.nn.Module:
 
     if preset == "tiny":
         config = dict(TINY_VAE)
+    elif preset in SD3_PRESETS:
+        from sidscale.perf.setup import dit_preset
+
+        config = copy.deepcopy(dit_preset(preset).vae)
     else:
         from sidscale.perf.setup import arch_preset
 
@@ -126,12 +159,11 @@ def write_random_teacher(out_dir: str | Path, preset: str, dtype: str = "bf16", 
     """Write the teacher directory and return its ``random_teacher.json`` content.
 
     The networks are built on the CPU (the same weights on every machine for a seed), cast to
-    ``dtype`` and saved one at a time, so the peak host memory is about one fp32 UNet.
+    ``dtype`` and saved one at a time, so the peak host memory is about one fp32 denoiser (SD3.5-Large:
+    32 GB) or one fp32 T5-XXL (19 GB). The denoiser's weights are ``build_preset_net(preset, "cpu",
+    seed)``'s.
     """
-    from diffusers import DDPMScheduler
-
-    from sidscale.models.toy_teacher import SD_SCHEDULER_CONFIG
-    from sidscale.perf.setup import build_preset_unet
+    from sidscale.perf.setup import build_preset_net, preset_nets
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -140,33 +172,79 @@ def write_random_teacher(out_dir: str | Path, preset: str, dtype: str = "bf16", 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch_dtype = DTYPES[dtype]
+    nets = preset_nets(preset)  # the one place that knows the preset's kind of network
+    sd3 = nets.name == "sd3"
+    network = "transformer" if sd3 else "unet"
     counts: dict[str, int] = {}
 
-    unet = build_preset_unet(preset, "cpu", seed)
-    counts["unet"] = _count(unet)
-    unet.to(torch_dtype).save_pretrained(out / "unet")
-    del unet
-    names = ["text_encoder", "text_encoder_2"]
-    for name, encoder in zip(names, _build_text_encoders(preset, text_layers, seed), strict=False):
+    net = build_preset_net(preset, "cpu", seed)
+    counts[network] = _count(net)
+    buffers = sum(b.numel() for b in net.buffers() if b.is_floating_point())  # SD3's pos_embed table
+    net.to(torch_dtype).save_pretrained(out / network)
+    del net
+    for name, encoder in zip(TEXT_ENCODER_FOLDERS, _build_text_encoders(preset, text_layers, seed), strict=False):
         counts[name] = _count(encoder)
         encoder.to(torch_dtype).save_pretrained(out / name)
+        del encoder
     _write_tokenizer(out / "tokenizer")
-    if preset == "sdxl":
+    if preset == "sdxl" or sd3:
         _write_tokenizer(out / "tokenizer_2", pad_token="!")
     vae = _build_vae(preset, seed)
     counts["vae"] = _count(vae)
     vae.to(torch_dtype).save_pretrained(out / "vae")
-    scheduler = {**SD_SCHEDULER_CONFIG, "prediction_type": _prediction_type(preset)}
-    DDPMScheduler(**scheduler).save_pretrained(out / "scheduler")
+    if sd3:
+        resolution = _write_sd3_rest(out, preset)
+    else:
+        from diffusers import DDPMScheduler
+
+        from sidscale.models.toy_teacher import SD_SCHEDULER_CONFIG
+
+        scheduler = {**SD_SCHEDULER_CONFIG, "prediction_type": _prediction_type(preset)}
+        DDPMScheduler(**scheduler).save_pretrained(out / "scheduler")
+        resolution = _resolution(preset)
 
     info = {
-        "preset": preset, "kind": _kind(preset), "resolution": _resolution(preset), "dtype": dtype, "seed": seed,
-        "text_layers": text_layers, "parameters": counts,
+        "preset": preset, "kind": nets.teacher_kind(preset), "resolution": resolution,
+        "config": nets.config_preset(preset), "network": network, "dtype": dtype, "seed": seed,
+        "text_layers": text_layers, "parameters": counts, "buffers": {network: buffers},
         "bytes_on_disk": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()),
         "note": "random weights: for systems checks (speed, memory, code paths), never for images",
     }
     (out / INFO_FILE).write_text(json.dumps(info, indent=2))
     return info
+
+
+def _write_sd3_rest(out: Path, preset: str) -> int:
+    """SD3's scheduler, T5 tokenizer and model_index.json; returns the preset's resolution."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from sidscale.models.sd3_presets import TEXT_ENCODER_CLASSES
+    from sidscale.models.t5_tokenizer import build_tiny_t5_tokenizer
+    from sidscale.perf.setup import dit_preset
+
+    p = dit_preset(preset)
+    FlowMatchEulerDiscreteScheduler(**p.scheduler).save_pretrained(out / "scheduler")
+    t5_tokenizer = build_tiny_t5_tokenizer()
+    t5_vocab = int(p.text_encoders[2]["vocab_size"])
+    if len(t5_tokenizer) > t5_vocab:  # an id past the T5 embedding table would fail at the first prompt
+        raise RuntimeError(f"the offline T5 tokenizer has {len(t5_tokenizer)} ids > {preset}'s T5 vocab_size "
+                           f"{t5_vocab}")
+    t5_tokenizer.save_pretrained(out / "tokenizer_3")
+    # NOTE: written by hand, not by StableDiffusion3Pipeline.save_pretrained: that would hold every
+    # network in memory at once (SD3.5-Large + T5-XXL in fp32: over 50 GB).
+    index: dict[str, Any] = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": diffusers.__version__,
+                             "feature_extractor": [None, None], "image_encoder": [None, None],
+                             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                             "transformer": ["diffusers", "SD3Transformer2DModel"],
+                             "vae": ["diffusers", "AutoencoderKL"],
+                             "tokenizer": ["transformers", "CLIPTokenizer"],
+                             "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                             "tokenizer_3": ["transformers", type(t5_tokenizer).__name__]}
+    for folder, cls in zip(TEXT_ENCODER_FOLDERS, TEXT_ENCODER_CLASSES, strict=True):
+        index[folder] = ["transformers", cls]
+    (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+    return int(p.resolution)
 
 
 def read_info(teacher_dir: str | Path) -> dict[str, Any]:

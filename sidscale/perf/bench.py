@@ -1,4 +1,4 @@
-"""Measure SiD-LSG iterations of the real ``Trainer`` (and of the plain ``ReferenceLoop``).
+"""Measure SiD iterations of the real ``Trainer`` (and of the plain ``ReferenceLoop``), any preset kind.
 
 A *runner* wraps one configuration: ``step()`` runs one full iteration. ``measure`` times runners
 round-robin (one step of each in turn), so on a shared, noisy CPU every configuration sees the
@@ -102,21 +102,25 @@ def trainer_runner(case: BenchCase, dist_info, seed: int = 0) -> Runner:
 
 
 def reference_runner(preset: str, device: torch.device, batch: int, seed: int = 0) -> Runner:
-    """The reference recipe: plain fp32 PyTorch ``ReferenceLoop``, no checkpointing, on ``batch`` samples."""
-    from sidscale.config import load_config
+    """The reference recipe: plain fp32 PyTorch ``ReferenceLoop``, no checkpointing, on ``batch`` samples,
+    with the method settings and the teacher family of the benchmark's cases (``case_config``)."""
+    import dataclasses
+
     from sidscale.data.prompts import IndexedPromptSource
-    from sidscale.method.sid_lsg import MethodSettings, StepNoise
+    from sidscale.method.sid_lsg import MethodSettings
     from sidscale.models.toy import ToyMixture
     from sidscale.reference import OptimSettings, ReferenceLoop
 
-    cfg = load_config("toy")
+    cfg = case_config(BenchCase(preset, precision="fp32"), 1, seed)
     teacher = build_preset_teacher(preset, device, "fp32", seed)
 
     class DeviceReferenceLoop(ReferenceLoop):
         # NOTE: ReferenceLoop draws its noise on the CPU (it is the CPU numerical reference); move it.
         def _inputs(self, phase: int):
             noise, cond, uncond = super()._inputs(phase)
-            return StepNoise(*(getattr(noise, f).to(device) for f in ("z", "eps", "t", "drop"))), cond, uncond
+            moved = {f.name: None if getattr(noise, f.name) is None else getattr(noise, f.name).to(device)
+                     for f in dataclasses.fields(noise)}
+            return dataclasses.replace(noise, **moved), cond, uncond
 
     def opt(net) -> OptimSettings:
         return OptimSettings(net.lr, tuple(net.betas), adam_eps(net, "fp32"), net.weight_decay)
@@ -124,7 +128,8 @@ def reference_runner(preset: str, device: torch.device, batch: int, seed: int = 
     prompts = IndexedPromptSource(ToyMixture().prompts, seed)
     loop = DeviceReferenceLoop(teacher.net, teacher.conditioner, teacher.schedule,
                                MethodSettings.from_config(cfg.method), opt(cfg.generator), opt(cfg.fake), batch,
-                               teacher.latent_shape, seed, prompts.prompts_for)
+                               teacher.latent_shape, seed, prompts.prompts_for,
+                               prediction_fn=teacher.family.prediction_fn)
     del teacher  # the loop holds its own fp32 copies
 
     def step() -> dict[str, float]:
@@ -160,28 +165,28 @@ def iteration_flops(runner: Runner) -> int:
     return flops
 
 
-def unet_forward_flops_per_sample(preset: str, device: torch.device) -> int:
-    """FLOPs of one UNet forward for one sample (77 tokens), counted on the meta device."""
-    from sidscale.perf.setup import build_preset_unet, latent_shape
+def net_forward_flops_per_sample(preset: str) -> int:
+    """FLOPs of one denoiser forward (UNet or SD3 transformer) for one sample at the preset's latent size
+    and text length (UNet: 77 tokens; SD3: 77 CLIP + the preset's T5 tokens), counted on the meta device
+    with the inputs the memory plan uses (``preset_net_inputs``)."""
+    from sidscale.perf.setup import build_preset_net, preset_net_inputs
 
-    unet = build_preset_unet(preset, "meta")
-    c, h, w = latent_shape(preset)
-    cfg = unet.config
-    kwargs: dict[str, Any] = {"encoder_hidden_states": torch.zeros(1, 77, cfg.cross_attention_dim, device="meta")}
-    if cfg.addition_embed_type == "text_time":
-        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.zeros(1, pooled, device="meta"),
-                                       "time_ids": torch.zeros(1, 6, device="meta")}
-    x = torch.zeros(1, c, h, w, device="meta")
-    t = torch.full((1,), 500, dtype=torch.long, device="meta")
+    net = build_preset_net(preset, "meta")
+    args, kwargs = preset_net_inputs(preset, net, 1, "meta")
     with torch.no_grad():
-        flops, _ = count_flops(lambda: unet(x, t, **kwargs))
+        flops, _ = count_flops(lambda: net(*args, **kwargs, return_dict=False))
     return flops
 
 
-def summarize(runner: Runner, flops: int | None, unet_fwd: int | None, peak_tflops: float | None,
+def unet_forward_flops_per_sample(preset: str, device: torch.device | None = None) -> int:
+    """Old name of ``net_forward_flops_per_sample`` (``device`` was never used: the count runs on meta)."""
+    return net_forward_flops_per_sample(preset)
+
+
+def summarize(runner: Runner, flops: int | None, net_fwd: int | None, peak_tflops: float | None,
               tf32: bool) -> dict[str, Any]:
-    """One JSON-able record of a runner after ``measure``."""
+    """One JSON-able record of a runner after ``measure``. ``net_fwd``: FLOPs of one denoiser forward per
+    sample (``net_forward_flops_per_sample``): the iteration's FLOPs are also given in those units."""
     s_it = statistics.median(runner.times)
     rec: dict[str, Any] = {
         "config": runner.name, **runner.info, "device": str(runner.device), "steps": len(runner.times),
@@ -200,9 +205,9 @@ def summarize(runner: Runner, flops: int | None, unet_fwd: int | None, peak_tflo
     if flops is not None:
         rec["flops_per_iter"] = flops
         rec["achieved_tflops"] = flops / s_it / 1e12
-        if unet_fwd:
-            rec["unet_fwd_flops_per_sample"] = unet_fwd
-            rec["unet_fwd_equivalents_per_sample"] = flops / (unet_fwd * runner.samples_per_step)
+        if net_fwd:
+            rec["net_fwd_flops_per_sample"] = net_fwd
+            rec["net_fwd_equivalents_per_sample"] = flops / (net_fwd * runner.samples_per_step)
         if peak_tflops is None and runner.device.type == "cuda":
             peak_tflops = gpu_peak_tflops(rec["device_name"], matmul_precision(runner.info["precision"], tf32))
         rec["peak_tflops"] = peak_tflops

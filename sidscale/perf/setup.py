@@ -1,23 +1,29 @@
 """Random-weight teachers at a preset's real architecture, and the trainer config of one benchmark case.
 
 The benchmark measures the real ``Trainer`` on the real network shapes; only the weights are random
-(speed and memory do not depend on them). Two presets exist only here, sized for the CPU:
+(speed and memory do not depend on them). Three presets exist only here, sized for the CPU:
 
 - ``tiny``: the tiny UNet of tests/tiny_teachers.py (4-channel 8x8 latents, 0.8M parameters) with a
   tiny CLIP text tower;
 - ``mid``: SD1.5's topology (same block types, attention layout and 77-token cross-attention) at a
   fifth of its width and 256 px (32x32 latents): 35M parameters, big enough that parameters,
-  optimizer states and activations all show in a memory measurement.
+  optimizer states and activations all show in a memory measurement;
+- ``sd3_tiny``: SD3.5-Medium's MMDiT-X (joint blocks, dual attention in the first half, RMS qk-norm,
+  16-channel latents, 77 CLIP + 77 T5 text tokens) at width 64, 4 blocks and 256 px (32x32 latents,
+  256 image tokens): 0.7M transformer parameters, with tiny CLIP-L / CLIP-G / T5 encoders wired as
+  in SD3 (distinct widths 32 / 48 / 96: the CLIP states are zero-padded up to the T5 width).
 
-The memory plan also takes the published SD3 / SD3.5 presets (sidscale/models/sd3_presets.py),
-whose denoiser is an ``SD3Transformer2DModel``; the benchmark (``build_preset_teacher``) does not.
-What differs between the two kinds of network (how to build one, its text encoders, its forward
-inputs, its latent shape, the blocks gradient checkpointing wraps) is decided in one place,
-``preset_nets``; the plan and the activation measurement only call the ``*_preset_*`` functions.
+The UNet presets (SD1.x/2.x/XL, ``tiny``, ``mid``) have a ``UNet2DConditionModel``; the SD3 presets
+(sidscale/models/sd3_presets.py, and ``sd3_tiny``) an ``SD3Transformer2DModel`` and a flow
+schedule. What differs between the two kinds (how to build the network, its text encoders, its
+forward inputs, its latent shape, the blocks gradient checkpointing wraps, the teacher and the
+trainer config of a benchmark case) is decided in one place, ``preset_nets``; the benchmark, the
+plan and the activation measurement only call the ``*_preset_*`` functions.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 from dataclasses import dataclass, replace
@@ -29,13 +35,14 @@ import torch
 
 from sidscale.config import Config, load_config
 from sidscale.models.conditioning import ClipConditioner, SdxlConditioner
-from sidscale.models.sd3_presets import DIT_PRESETS
+from sidscale.models.sd3_presets import DIT_PRESETS, TEXT_ENCODER_CLASSES, DiTPreset, get_dit_preset
 from sidscale.models.teacher import DTYPES, Teacher, set_attention
-from sidscale.schedule import VPSchedule
+from sidscale.schedule import FlowSchedule, VPSchedule
 
-BENCH_PRESETS = ("tiny", "mid", "sd15", "sd21", "sd21_768", "sdxl")
-SD3_PRESETS = tuple(DIT_PRESETS)  # sd3_medium, sd35_medium, sd35_large
-PLAN_PRESETS = BENCH_PRESETS + SD3_PRESETS  # what the memory plan accepts
+UNET_PRESETS = ("tiny", "mid", "sd15", "sd21", "sd21_768", "sdxl")
+SD3_PRESETS = ("sd3_tiny", *DIT_PRESETS)  # sd3_tiny (CPU-sized), sd3_medium, sd35_medium, sd35_large
+BENCH_PRESETS = UNET_PRESETS + SD3_PRESETS  # what the benchmark, the plan and --measure accept
+PLAN_PRESETS = BENCH_PRESETS
 TINY_LATENT = (4, 8, 8)
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,10 +58,52 @@ def _mid_preset():
 
 
 def arch_preset(preset: str):
-    """The ``ArchPreset`` of a published preset, or of ``mid``."""
+    """The ``ArchPreset`` of a published UNet preset, or of ``mid``."""
     from sidscale.models.presets import get_preset
 
     return _mid_preset() if preset == "mid" else get_preset(preset)
+
+
+# sd3_tiny's widths: CLIP-L, CLIP-G, T5 (= joint_attention_dim) all distinct, and CLIP-L + CLIP-G < T5
+# as in the real models (768 + 1280 <= 4096), so the CLIP states are really zero-padded.
+SD3_TINY_CLIP_L, SD3_TINY_CLIP_G, SD3_TINY_T5 = 32, 48, 96
+SD3_TINY_T5_VOCAB = 64  # >= len(build_tiny_t5_tokenizer()) (39)
+
+
+@lru_cache(maxsize=1)
+def _sd3_tiny_preset() -> DiTPreset:
+    from sidscale.models.tiny import tiny_clip_text_config
+
+    width = 64
+    transformer = {
+        "sample_size": 32, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 4,
+        "attention_head_dim": 16, "num_attention_heads": width // 16,
+        "joint_attention_dim": SD3_TINY_T5, "caption_projection_dim": width,  # must equal heads x head_dim
+        "pooled_projection_dim": SD3_TINY_CLIP_L + SD3_TINY_CLIP_G,
+        # SD3.5-Medium's table is 6x its 1024 px token grid; 2x here keeps the buffer small but present
+        "pos_embed_max_size": 32,
+        "dual_attention_layers": (0, 1),  # SD3.5-M: the first 13 of 24 blocks
+        "qk_norm": "rms_norm",
+    }
+    t5 = {"vocab_size": SD3_TINY_T5_VOCAB, "d_model": SD3_TINY_T5, "d_kv": 16, "d_ff": 2 * SD3_TINY_T5,
+          "num_layers": 2, "num_heads": 4, "relative_attention_num_buckets": 8, "feed_forward_proj": "gated-gelu",
+          "layer_norm_epsilon": 1e-6, "is_encoder_decoder": False, "use_cache": False,
+          "tie_word_embeddings": False, "pad_token_id": 0, "eos_token_id": 1}
+    # projection_dim = width: the pooled text_embeds have the encoder's width (768 / 1280 for real)
+    clip_l = tiny_clip_text_config(SD3_TINY_CLIP_L, projection_dim=SD3_TINY_CLIP_L)
+    clip_g = tiny_clip_text_config(SD3_TINY_CLIP_G, projection_dim=SD3_TINY_CLIP_G)
+    # SD3's 16-channel VAE (factor 8, scaling / shift, no quant convs) at ~0.1M parameters
+    vae = {"in_channels": 3, "out_channels": 3, "latent_channels": 16, "layers_per_block": 1,
+           "block_out_channels": [8, 8, 16, 16], "norm_num_groups": 4,
+           "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+           "sample_size": 256, "scaling_factor": 1.5305, "shift_factor": 0.0609,
+           "use_quant_conv": False, "use_post_quant_conv": False}
+    return DiTPreset("sd3_tiny", transformer, text_encoders=(clip_l, clip_g, t5), vae=vae, resolution=256)
+
+
+def dit_preset(preset: str) -> DiTPreset:
+    """The ``DiTPreset`` of an SD3 preset: a published one, or ``sd3_tiny``."""
+    return _sd3_tiny_preset() if preset == "sd3_tiny" else get_dit_preset(preset)
 
 
 @dataclass(frozen=True)
@@ -104,8 +153,24 @@ def _tokenizer():
     return build_clip_tokenizer(Path(tempfile.mkdtemp(prefix="sidscale-bench-tok-")) / "tokenizer")
 
 
+@lru_cache(maxsize=1)
+def _t5_tokenizer():
+    # The tiny offline T5 tokenizer (no sentencepiece model here): its ids (< 39) are valid for every
+    # T5 vocabulary, and the speed of an encoder does not depend on which ids it reads.
+    from sidscale.models.t5_tokenizer import build_tiny_t5_tokenizer
+
+    return build_tiny_t5_tokenizer()
+
+
+def _bench_teacher_path(preset: str) -> Path:
+    # NOTE: a path without toy_mixture.json: the trainer's indexed:toy prompts fall back to the default prompts.
+    return Path(tempfile.gettempdir()) / f"sidscale-bench-{preset}"
+
+
 class PresetNets(Protocol):
     """What the perf tools need to know about one kind of denoiser network (see ``preset_nets``)."""
+
+    name: str  # "unet" | "sd3"
 
     def build(self, preset: str, device: torch.device | str, seed: int) -> torch.nn.Module: ...
     def text_encoders(self, preset: str, device: torch.device | str, seed: int) -> list[torch.nn.Module]: ...
@@ -113,10 +178,16 @@ class PresetNets(Protocol):
     def inputs(self, preset: str, net: torch.nn.Module, batch: int, device: Any,
                dtype: torch.dtype) -> tuple[tuple, dict[str, Any]]: ...
     def checkpoint_block_types(self) -> tuple[type, ...]: ...
+    def teacher(self, preset: str, device: torch.device | str, dtype: str, seed: int) -> Teacher: ...
+    def teacher_kind(self, preset: str) -> str: ...
+    def config_preset(self, preset: str) -> str: ...
+    def case_config_base(self, preset: str) -> tuple[str, list[str]]: ...
 
 
 class _UNetNets:
     """UNet2DConditionModel presets: SD1.x/2.x/XL and the CPU-sized ``tiny`` / ``mid``."""
+
+    name = "unet"
 
     def build(self, preset: str, device: torch.device | str, seed: int) -> torch.nn.Module:
         if preset == "tiny":
@@ -173,34 +244,91 @@ class _UNetNets:
 
         return (ResnetBlock2D, Transformer2DModel)
 
+    def teacher_kind(self, preset: str) -> str:
+        return "sdxl" if preset == "sdxl" else "sd"
+
+    def teacher(self, preset: str, device: torch.device | str, dtype: str, seed: int) -> Teacher:
+        torch_dtype = DTYPES[dtype]
+        unet = self.build(preset, device, seed).to(torch_dtype).requires_grad_(False).eval()
+        set_attention(unet, "sdpa")
+        encoders = [e.to(device=device, dtype=torch_dtype) for e in self.text_encoders(preset, device, seed)]
+        tok = _tokenizer()
+        kind = self.teacher_kind(preset)
+        if kind == "sdxl":
+            conditioner: ClipConditioner = SdxlConditioner(tok, tok, encoders[0], encoders[1],
+                                                           arch_preset(preset).resolution, dtype=torch_dtype)
+        else:
+            conditioner = ClipConditioner(tok, encoders[0], dtype=torch_dtype)
+        pred = "v_prediction" if preset == "sd21_768" else "epsilon"
+        return Teacher(_bench_teacher_path(preset), kind, unet, conditioner,
+                       VPSchedule.from_settings(prediction_type=pred), self.latent_shape(preset), 0.18215, None)
+
+    def config_preset(self, preset: str) -> str:
+        """The config preset (sidscale/configs) with this architecture's training recipe."""
+        from sidscale.config import list_presets
+
+        return preset if preset in list_presets() else "sd15"  # tiny, mid: SD1.5's topology
+
+    def case_config_base(self, preset: str) -> tuple[str, list[str]]:
+        # the toy preset's SiD-LSG settings (CFG 1.5 on all three nets, one generator step)
+        return "toy", [f"teacher.kind={self.teacher_kind(preset)}"]
+
+
+# The trainer config whose recipe a CPU-sized SD3 preset borrows (the published ones have their own).
+_SD3_CONFIG = {"sd3_tiny": "sd35_medium"}
+
+
+def build_dit_transformer(p: DiTPreset, device: torch.device | str = "meta",
+                          seed: int | None = None) -> torch.nn.Module:
+    """``SD3Transformer2DModel(**p.transformer)``; the weights of ``build_sd3_transformer`` for a published preset."""
+    from diffusers import SD3Transformer2DModel
+
+    device = torch.device(device)
+    # NOTE: fork the device's generator too when the weights are drawn on a GPU (the caller's streams stay)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+        if seed is not None:
+            torch.manual_seed(seed)
+        return SD3Transformer2DModel(**copy.deepcopy(p.transformer))
+
+
+def build_dit_text_encoders(p: DiTPreset, device: torch.device | str = "meta",
+                            configs: list[dict[str, Any]] | None = None) -> list[torch.nn.Module]:
+    """[CLIP-L with projection, CLIP-G with projection, T5 encoder] of ``p`` (or of ``configs``), in the
+    pipeline's order (text_encoder, text_encoder_2, text_encoder_3)."""
+    import transformers
+    from transformers import CLIPTextConfig, T5Config
+
+    out = []
+    with torch.device(device):
+        for cls_name, cfg in zip(TEXT_ENCODER_CLASSES, configs or p.text_encoders, strict=True):
+            config = T5Config(**cfg) if cls_name == "T5EncoderModel" else CLIPTextConfig(**cfg)
+            out.append(getattr(transformers, cls_name)(config))
+    return out
+
 
 class _SD3Nets:
-    """SD3Transformer2DModel presets (SD3-Medium, SD3.5-Medium/Large): CLIP-L + bigG + T5-XXL."""
+    """SD3Transformer2DModel presets (SD3-Medium, SD3.5-Medium/Large, sd3_tiny): CLIP-L + CLIP-G + T5."""
+
+    name = "sd3"
 
     def build(self, preset: str, device: torch.device | str, seed: int) -> torch.nn.Module:
-        from sidscale.models.sd3_presets import build_sd3_transformer
-
-        return build_sd3_transformer(preset, device=device, seed=seed)
+        return build_dit_transformer(dit_preset(preset), device, seed)
 
     def text_encoders(self, preset: str, device: torch.device | str, seed: int) -> list[torch.nn.Module]:
-        from sidscale.models.sd3_presets import build_sd3_text_encoders
-
         device = torch.device(device)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            return build_sd3_text_encoders(preset, device=device)
+            return build_dit_text_encoders(dit_preset(preset), device)
 
     def latent_shape(self, preset: str) -> tuple[int, int, int]:
-        from sidscale.models.sd3_presets import get_dit_preset
-
-        return get_dit_preset(preset).latent_shape
+        return dit_preset(preset).latent_shape
 
     def inputs(self, preset: str, net: torch.nn.Module, batch: int, device: Any,
                dtype: torch.dtype) -> tuple[tuple, dict[str, Any]]:
-        from sidscale.models.sd3_presets import get_dit_preset, transformer_inputs
+        from sidscale.models.sd3_presets import transformer_inputs
 
-        p = get_dit_preset(preset)
-        kw = transformer_inputs(net.config, batch, self.latent_shape(preset)[1], p.t5_tokens, device, dtype)
+        p = dit_preset(preset)
+        kw = transformer_inputs(net.config, batch, p.latent_size, p.t5_tokens, device, dtype)
         # x_t requires grad in the generator step (it comes from G); the text embeddings never do
         kw["hidden_states"].requires_grad_(True)
         return (), kw
@@ -210,6 +338,35 @@ class _SD3Nets:
 
         return (JointTransformerBlock,)
 
+    def teacher_kind(self, preset: str) -> str:
+        return dit_preset(preset).kind
+
+    def teacher(self, preset: str, device: torch.device | str, dtype: str, seed: int) -> Teacher:
+        from sidscale.models.sd3_conditioning import SD3Conditioner
+
+        p, torch_dtype = dit_preset(preset), DTYPES[dtype]
+        net = self.build(preset, device, seed).to(torch_dtype).requires_grad_(False).eval()
+        te1, te2, te3 = (e.to(device=device, dtype=torch_dtype) for e in self.text_encoders(preset, device, seed))
+        tok = _tokenizer()
+        conditioner = SD3Conditioner(tok, tok, _t5_tokenizer(), te1, te2, te3,
+                                     joint_attention_dim=int(net.config.joint_attention_dim),
+                                     max_sequence_length=p.t5_tokens, dtype=torch_dtype)
+        return Teacher(_bench_teacher_path(preset), p.kind, net, conditioner, FlowSchedule(), p.latent_shape,
+                       float(p.vae["scaling_factor"]), None, float(p.vae.get("shift_factor") or 0.0))
+
+    def config_preset(self, preset: str) -> str:
+        """The config preset (sidscale/configs) with this architecture's training recipe."""
+        return _SD3_CONFIG.get(preset, preset)
+
+    def case_config_base(self, preset: str) -> tuple[str, list[str]]:
+        p = dit_preset(preset)
+        # The preset's SiD-DiT recipe (CFG 4.5 on all three nets: both branches run, flow schedule,
+        # (1 - sigma) weighting) but ONE generator step: with K > 1 each iteration draws k ~ U{1..K}
+        # and its cost depends on k, so timings of different runners would not be comparable.
+        return self.config_preset(preset), [
+            f"teacher.kind={p.kind}", f"teacher.resolution={p.resolution}", "teacher.t5=true",
+            f"teacher.max_sequence_length={p.t5_tokens}", "method.generator_steps=1"]
+
 
 _NETS: dict[str, PresetNets] = {"unet": _UNetNets(), "sd3": _SD3Nets()}
 
@@ -218,7 +375,7 @@ def preset_nets(preset: str) -> PresetNets:
     """The one place that decides, per preset, which kind of denoiser network it has."""
     if preset in SD3_PRESETS:
         return _NETS["sd3"]
-    if preset in BENCH_PRESETS:
+    if preset in UNET_PRESETS:
         return _NETS["unet"]
     raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PLAN_PRESETS)}")
 
@@ -234,8 +391,8 @@ def build_preset_net(preset: str, device: torch.device | str = "cpu", seed: int 
 
 def build_preset_unet(preset: str, device: torch.device | str = "cpu", seed: int = 0) -> torch.nn.Module:
     """The preset's UNet with random weights (``device="meta"``: shapes only); UNet presets only."""
-    if preset not in BENCH_PRESETS:
-        raise ValueError(f"preset {preset!r} has no UNet; UNet presets: {', '.join(BENCH_PRESETS)}")
+    if preset not in UNET_PRESETS:
+        raise ValueError(f"preset {preset!r} has no UNet; UNet presets: {', '.join(UNET_PRESETS)}")
     return build_preset_net(preset, device, seed)
 
 
@@ -255,33 +412,22 @@ def checkpoint_block_types(preset: str) -> tuple[type, ...]:
     return preset_nets(preset).checkpoint_block_types()
 
 
-def build_preset_teacher(preset: str, device: torch.device, dtype: str = "fp32", seed: int = 0) -> Teacher:
-    """A frozen random-weight teacher (UNet + text encoders, no VAE: training never decodes)."""
-    if preset not in BENCH_PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(BENCH_PRESETS)}")
-    torch_dtype = DTYPES[dtype]
-    unet = build_preset_unet(preset, device, seed).to(torch_dtype).requires_grad_(False).eval()
-    set_attention(unet, "sdpa")
-    encoders = [e.to(device=device, dtype=torch_dtype) for e in build_preset_text_encoders(preset, device, seed)]
-    tok = _tokenizer()
-    kind = "sdxl" if preset == "sdxl" else "sd"
-    if kind == "sdxl":
-        conditioner: ClipConditioner = SdxlConditioner(tok, tok, encoders[0], encoders[1],
-                                                       arch_preset(preset).resolution, dtype=torch_dtype)
-    else:
-        conditioner = ClipConditioner(tok, encoders[0], dtype=torch_dtype)
-    pred = "v_prediction" if preset == "sd21_768" else "epsilon"
-    # NOTE: a path without toy_mixture.json: the trainer's indexed:toy prompts fall back to the default prompts.
-    path = Path(tempfile.gettempdir()) / f"sidscale-bench-{preset}"
-    return Teacher(path, kind, unet, conditioner, VPSchedule.from_settings(prediction_type=pred),
-                   latent_shape(preset), 0.18215, None)
+def build_preset_teacher(preset: str, device: torch.device | str, dtype: str = "fp32", seed: int = 0) -> Teacher:
+    """A frozen random-weight teacher (network + text encoders, no VAE: training never decodes).
+
+    UNet presets: a VP teacher with a CLIP (SDXL: CLIP-L + bigG) conditioner; SD3 presets: a flow
+    teacher with ``SD3Conditioner`` (CLIP-L + CLIP-G + T5, the preset's T5 tokens).
+    """
+    return preset_nets(preset).teacher(preset, device, dtype, seed)
 
 
 def case_config(case: BenchCase, world_size: int, seed: int = 0) -> Config:
-    """The trainer config of ``case``: the toy preset's method settings, the case's systems knobs."""
+    """The trainer config of ``case``: the preset kind's method settings (UNet: the toy preset's;
+    SD3: the SD3 config preset's with one generator step), the case's systems knobs."""
+    base, kind_overrides = preset_nets(case.preset).case_config_base(case.preset)
     ckpt = str(case.grad_checkpointing).lower()
     overrides = [
-        f"teacher.kind={'sdxl' if case.preset == 'sdxl' else 'sd'}", f"teacher.path=preset:{case.preset}",
+        *kind_overrides, f"teacher.path=preset:{case.preset}",
         f"teacher.dtype={case.resolved_teacher_dtype()}", f"teacher.grad_checkpointing={ckpt}",
         f"generator.grad_checkpointing={ckpt}", f"fake.grad_checkpointing={ckpt}",
         f"train.precision={case.precision}", f"train.micro_batch={case.micro_batch}",
@@ -290,4 +436,4 @@ def case_config(case: BenchCase, world_size: int, seed: int = 0) -> Config:
     ]
     if case.compile_backend:
         overrides += ["train.compile=true", f"train.compile_backend={case.compile_backend}"]
-    return load_config("toy", overrides)
+    return load_config(base, overrides)
