@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from pathlib import Path
 ENV = "SIDSCALE_FAULT"
 DIR_ENV = "SIDSCALE_FAULT_DIR"
 POINTS = ("mid_step", "after_step", "in_save")
-ACTIONS = ("raise", "signal", "hang")
+ACTIONS = ("raise", "signal", "sigterm_group", "hang")
 
 
 class InjectedFault(RuntimeError):
@@ -78,6 +79,12 @@ def maybe_fail(point: str, step: int, rank: int) -> None:
         raise InjectedFault(f"injected fault ({fault.spec()}) on rank {rank}")
     if fault.action == "signal":
         os.kill(os.getpid(), signal.SIGUSR1)
+        return
+    if fault.action == "sigterm_group":
+        # As scancel / a time limit: SIGTERM to every process of the job step, DataLoader workers too,
+        # sent by ANOTHER process (slurmstepd): torch's worker handler exits quietly on a SIGTERM
+        # from its own parent but dies of one from anyone else, which is the case to reproduce.
+        subprocess.run(["kill", "-s", "TERM", "--", f"-{os.getpgid(0)}"], check=True, start_new_session=True)
         return
     marker_dir = Path(os.environ.get(DIR_ENV, "."))
     marker_dir.mkdir(parents=True, exist_ok=True)

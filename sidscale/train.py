@@ -79,6 +79,7 @@ from sidscale.models.compile import compile_unets
 from sidscale.models.teacher import resolve_teacher_dir
 from sidscale.noise import PHASE_FAKE, PHASE_GEN, draw_step_noise, generator_step_count, rank_sample_indices
 from sidscale.precision import apply_precision
+from sidscale.run_lock import RunLock
 from sidscale.run_logger import RunLogger, peak_memory_bytes
 from sidscale.sample import seeded_generator_noises
 
@@ -93,8 +94,10 @@ class CheckpointSaveError(RuntimeError):
     pass
 
 
-def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
-    """Create/check the run directory (rank 0). Returns True when there is a run to resume."""
+def prepare_run_dir(run_dir: Path, resume: bool, lock: RunLock | None = None) -> bool:
+    """Create/check the run directory and take its lock (rank 0). Returns True when there is a run
+    to resume. Writes nothing else: ``config.yaml`` is written once the run has started, so a start
+    that fails (missing teacher, bad checkpoint) leaves the directory as it found it."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write_test"
@@ -102,11 +105,65 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
         probe.unlink()
     except OSError as e:
         raise RunDirError(f"--run-dir {run_dir}: not writable ({e.strerror})") from e
+    if lock is not None:
+        lock.acquire()
+    try:
+        ckpt_lib.check_latest_marker(run_dir)
+    except ckpt_lib.CheckpointError as e:
+        raise RunDirError(str(e)) from None
     has_checkpoint = ckpt_lib.find_resume_checkpoint(run_dir) is not None
     if not resume and (has_checkpoint or (run_dir / "config.yaml").exists()):
         raise RunDirError(f"--run-dir {run_dir} already holds a run and resume=false: refusing to overwrite it; "
                           "choose a new --run-dir or drop --set resume=false to continue it")
     return has_checkpoint
+
+
+def check_resumable(run_dir: Path, cfg: Config, world_size: int) -> None:
+    """Stage, precision and rank count of the newest checkpoint against this run (rank 0, before any
+    model is built): one clear message instead of an error deep inside DeepSpeed's loader."""
+    ckpt = ckpt_lib.find_resume_checkpoint(run_dir)
+    meta = ckpt_lib.read_meta(ckpt)
+    stage = zero_stage(build_ds_config(cfg, world_size))
+    saved = meta.get("config", {})
+    problems = []
+    if int(meta["world_size"]) != world_size:
+        problems.append(f"it was written by {meta['world_size']} ranks, this job has {world_size} (resume with the "
+                        "same number of ranks)")
+    if "zero_stage" in meta and int(meta["zero_stage"]) != stage:
+        problems.append(f"it was written with ZeRO stage {meta['zero_stage']}, deepspeed.config "
+                        f"{cfg.deepspeed.config} is stage {stage}")
+    precision = saved.get("train", {}).get("precision")
+    if precision is not None and precision != cfg.train.precision:
+        problems.append(f"it was trained with train.precision={precision}, this job asks for {cfg.train.precision}")
+    if problems:
+        raise ConfigError(f"cannot resume from {ckpt}: " + "; ".join(problems) + ". Use the run's own settings "
+                          f"({run_dir / 'config.yaml'}) or start a new --run-dir")
+
+
+def choose_resume_checkpoint(run_dir: Path, rank: int, world_size: int) -> Path:
+    """The newest checkpoint whose files every rank finds intact (a collective).
+
+    Each rank re-checksums its share of the files (``checkpoint.verify_share``); the ranks agree on
+    the result before anything is loaded, so a damaged file makes every rank skip to the previous
+    complete checkpoint together (warning naming the file) instead of one rank failing in the load
+    while the others wait in its collectives."""
+    candidates = comm.decide_on_rank0(ckpt_lib.resume_candidates, run_dir)
+    reports = []
+    for ckpt in candidates:
+        problems = [p for share in comm.all_gather_object(ckpt_lib.verify_share(ckpt, rank, world_size))
+                    for p in share]
+        if not problems:
+            return ckpt
+        reports.append(f"{ckpt.name}: " + "; ".join(problems))
+        if rank == 0:
+            log.warning("checkpoint %s is damaged, skipping it: %s", ckpt, "; ".join(problems))
+            print(f"sidscale: warning: checkpoint {ckpt} is damaged ({'; '.join(problems)}); trying the previous "
+                  f"complete checkpoint (its meta.json is kept as {ckpt_lib.DAMAGED_META})", file=sys.stderr,
+                  flush=True)
+            ckpt_lib.set_aside_damaged(ckpt, problems)
+        comm.barrier()  # nobody looks at the next candidate before rank 0 has set this one aside
+    raise ConfigError(f"--run-dir {run_dir}: no usable checkpoint to resume from: " + " | ".join(reports)
+                      + ". Restore the files, or start a new --run-dir")
 
 
 def checkpoint_complete(run_dir: Path, step: int) -> bool:
@@ -316,12 +373,17 @@ class Trainer:
         })
         fault_injection.maybe_fail("in_save", self.step, self.rank)
         comm.barrier()
+        # Every rank checksums the files it wrote, while they are still in the page cache: meta.json
+        # records them, and a resume verifies them before loading (module docstring of checkpoint.py).
+        files: dict[str, dict] = {}
+        for share in comm.all_gather_object(ckpt_lib.own_checksums(path, self.rank, self.world)):
+            files.update(share)
         if self.dist.is_main:
             atomic_write_json(path / ckpt_lib.META, {
                 "step": self.step, "images_seen": self.images_seen, "world_size": self.world,
                 "zero_stage": self.zero_stage, "config": config_to_dict(self.cfg),
                 "ema_names": self.ema.names, "ema_shapes": [list(s) for s in self._ema_shapes()],
-                "sampling": self.sampling_meta(),
+                "sampling": self.sampling_meta(), "files": files,
             })
             ckpt_lib.mark_latest(self.run_dir, path)
             ckpt_lib.prune_checkpoints(self.run_dir, self.cfg.train.keep_last)
@@ -535,6 +597,11 @@ class Trainer:
                     return False
             if not checkpoint_complete(self.run_dir, self.step):
                 self.save_checkpoint()
+            elif self.dist.is_main:
+                # a kill between the final meta.json and ``latest`` left the marker one checkpoint behind
+                final = ckpt_lib.step_dir(self.run_dir, self.step)
+                if ckpt_lib.latest_marked(self.run_dir) != final:
+                    ckpt_lib.mark_latest(self.run_dir, final)
             if tc.export_at_end:
                 out = self.export()
                 if out is not None:
@@ -566,6 +633,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sidscale: config error: {e}", file=sys.stderr)
         return 2
     stop = StopSignal()  # installed before the slow start-up so an early signal is not lost
+    run_lock = RunLock(Path(args.run_dir).expanduser())  # rank 0 takes it in prepare_run_dir
     try:
         dist_info = init_distributed(args.local_rank, timeout_s=cfg.dist.timeout_s)
     except DeepSpeedVersionError as e:
@@ -580,21 +648,25 @@ def main(argv: list[str] | None = None) -> int:
         decision: tuple[bool, str | None] = (False, None)
         if dist_info.is_main:
             try:
-                decision = (prepare_run_dir(run_dir, cfg.resume), None)
-                dump_config(cfg, run_dir / "config.yaml")
+                decision = (prepare_run_dir(run_dir, cfg.resume, run_lock), None)
+                if decision[0]:
+                    check_resumable(run_dir, cfg, dist_info.world_size)
             except ConfigError as e:
                 decision = (False, str(e))
         has_checkpoint, error = comm.broadcast_object(decision)
         if error:
             raise ConfigError(error)
+        if has_checkpoint:  # verified by every rank before any model is built
+            path = choose_resume_checkpoint(run_dir, rank, dist_info.world_size)
         trainer = Trainer(cfg, run_dir, dist_info)
         if has_checkpoint:
-            path = comm.decide_on_rank0(ckpt_lib.find_resume_checkpoint, run_dir)
             trainer.resume(path)
             if dist_info.is_main:
                 print(f"sidscale: resumed from {path} (step {trainer.step})", flush=True)
         if not comm.all_ranks_agree(True):
             raise RuntimeError("a rank failed during start-up")
+        if dist_info.is_main:  # the run has started: only now does the directory hold its config
+            dump_config(cfg, run_dir / "config.yaml")
         code = 0 if trainer.run(stop) else EXIT_REQUEUE
     except ConfigError as e:
         # The same on every rank (same config, decisions broadcast from rank 0): one message.
@@ -614,6 +686,7 @@ def main(argv: list[str] | None = None) -> int:
         fail_fast(e, rank, 130 if isinstance(e, KeyboardInterrupt) else EXIT_FAILURE)
     # Clean end or requeue stop: every rank gets here after the same step.
     shutdown_distributed()
+    run_lock.release()
     return code
 
 

@@ -279,7 +279,14 @@ def load_manifest(path: str | os.PathLike) -> dict[str, Any]:
         path = path / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(f"prompt shard manifest not found: {path}")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        from sidscale.config import ConfigError
+
+        # NOTE: a ConfigError: every rank finds the same, and main() prints it once (rank 0).
+        raise ConfigError(f"prompt shard manifest {path} is not valid JSON ({e}): truncated or corrupt; "
+                          "rewrite it with tools/make_prompt_shards.py (the shards it lists are unchanged)") from None
     if manifest.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"{path}: not a prompt shard manifest (format={manifest.get('format')!r})")
     return manifest

@@ -54,6 +54,7 @@ import glob
 import hashlib
 import os
 import random
+import signal
 import tarfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -276,6 +277,15 @@ def _make_batch(plan: _Plan, samples: list[tuple[str, str, int]], counters: _Cou
     return batch
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore the stop signals: SLURM's scancel / time limit and torchrun deliver
+    SIGTERM (SIGUSR1, SIGINT) to every process of the job, and a worker killed by it would make the
+    main process's next batch fail before its graceful checkpoint. The main process owns the stop
+    and shuts the workers down itself."""
+    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
+
+
 class _WorkerDataset(IterableDataset):
     """Maps DataLoader worker ids to logical workers, rotated so resumed batches come in saved order."""
 
@@ -349,7 +359,8 @@ class PromptStream:
         if self.num_workers == 0:
             return worker_batches(self.plan, 0, starts[0])
         dataset = _WorkerDataset(self.plan, starts, rotation)
-        return iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=2))
+        return iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=2,
+                               worker_init_fn=ignore_stop_signals))
 
     def close(self) -> None:
         """Stop the worker processes (iteration restarts them from the current position)."""
