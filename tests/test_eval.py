@@ -469,7 +469,10 @@ def test_cli_checkpoint_two_ranks_teacher_and_tensorboard(work, run_with_export,
     [by_images] = acc.Scalars("eval_vs_images_seen/fid")
     assert by_images.step == 12 and by_images.value == pytest.approx(metrics["fid"], rel=1e-5)
     assert acc.Scalars("eval_vs_images_seen/clip_score")[0].step == 12
-    assert metrics["protocol"]["name"] == "sid_lsg_coco30k" and metrics["protocol"]["fid"]["fid_protocol_version"] == 2
+    p = metrics["protocol"]
+    assert p["name"] == "sid_lsg_coco30k" and p["fid"]["fid_protocol_version"] == 2
+    assert p["reference"]["ref_dir"] == str((work / "cli_ref").resolve())
+    assert p["reference_set"].startswith("all 40,504")
     assert metrics["num_images"] == len(PROMPTS)  # the protocol's 30k, capped at the file's 7 (a warning)
 
 

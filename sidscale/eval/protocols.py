@@ -48,7 +48,7 @@ class EvalProtocol:
     clip_prefix: str
     pixel_offset: float  # image = uint8(clip(x * 127.5 + offset, 0, 255)), truncating
     cuda_dtype: str  # generation dtype on CUDA (CPU always fp32)
-    reference: str  # what the reference statistics must be made of
+    reference_set: str  # what the reference statistics must be made of
     approximate: tuple[str, ...]  # steps of the original that are not reproduced exactly
 
     def fid_meta(self) -> dict:
@@ -72,20 +72,20 @@ PROTOCOLS: dict[str, EvalProtocol] = {p.name: p for p in (
         name="sid_lsg_coco30k", paper="SiD-LSG (arXiv 2406.01561) via GigaGAN evaluation.py; DMD2 SD1.5",
         num_images=30000, fid_size=256, fid_mode="clean", fid_round_trip=False, clip_prep="gigagan",
         clip_prefix="A photo depicts ", pixel_offset=128.0, cuda_dtype="fp16",
-        reference="all 40,504 COCO-2014 val images (tools/ref_stats.py --images val2014)",
+        reference_set="all 40,504 COCO-2014 val images (tools/ref_stats.py --images val2014)",
         approximate=(_NOISE,)),
     EvalProtocol(
         name="dmd2_coco10k_512", paper="DMD2 (arXiv 2405.14867) SDXL, main/sdxl/test_folder_sdxl.py",
         num_images=10000, fid_size=512, fid_mode="clean", fid_round_trip=False, clip_prep="crop_lanczos",
         clip_prefix="A photo depicts ", pixel_offset=127.5, cuda_dtype="fp32",
-        reference="DMD2's 10k reference images (coco10k/subset) matching its 10k prompts (coco10k all_prompts)",
+        reference_set="DMD2's 10k reference images (coco10k/subset) matching its 10k prompts (coco10k all_prompts)",
         approximate=("DMD2 draws the noise of a whole batch from torch.Generator().manual_seed(batch index); "
                      "here image i has seed i", "DMD2 also reports a patch FID (299 centre crop), not computed")),
     EvalProtocol(
         name="sid_dit_coco10k", paper="SiD-DiT (arXiv 2505.12674), apple/ml-sid-dit metrics/ (fid10k_full, "
         "open_clipscore_10k)", num_images=10000, fid_size=256, fid_mode="legacy_tensorflow", fid_round_trip=True,
         clip_prep="sid_dit", clip_prefix="", pixel_offset=128.0, cuda_dtype="fp16",
-        reference="COCO-2014 val statistics as SiD-DiT's dataset_tool makes them (its center-crop transform to "
+        reference_set="COCO-2014 val statistics as SiD-DiT's dataset_tool makes them (its center-crop transform to "
                   "the stats resolution); statistics from tools/ref_stats.py --protocol sid_dit_coco10k are "
                   "centre-cropped and Lanczos-resized to 256 instead",
         approximate=(_NOISE, "SiD-DiT's in-training metric draws captions from its dataset with an infinite "
