@@ -95,7 +95,7 @@ def byte_round_trip(pixels: np.ndarray) -> np.ndarray:
     """uint8 -> torchvision ``to_tensor`` (x / 255 in float32) -> x * 255 -> ``.byte()`` (truncation),
     as SiD-DiT's ``resize_images_in_tensor`` does after its Lanczos resize. For uint8 input every
     value survives this in float32 (checked in the tests), but it is kept to be the reference's steps."""
-    x = torch.from_numpy(np.ascontiguousarray(pixels)).to(torch.float32).div(255)
+    x = torch.from_numpy(np.array(pixels, dtype=np.uint8)).to(torch.float32).div(255)  # a writable copy
     return (x * 255).to(torch.uint8).numpy()
 
 
