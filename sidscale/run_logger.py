@@ -2,13 +2,104 @@
 
 from __future__ import annotations
 
+import io
+import math
 import resource
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 from sidscale.io_utils import atomic_write_bytes
+
+PREVIEW_MIN_PX = 128  # small images (the toy's 16 px) are upscaled, nearest, to at least this
+TILE_PAD, BLOCK_GAP, TEXT_PAD = 4, 16, 4
+BACKGROUND, TEXT, SUBTLE = (255, 255, 255), (0, 0, 0), (90, 90, 90)
+
+
+def _font(size: int = 12):
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int, max_lines: int = 3) -> list[str]:
+    """Greedy word wrap to ``width`` px; the last line ends in "..." when the text does not fit."""
+    lines, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if draw.textlength(trial, font=font) <= width or not line:
+            line = trial
+        else:
+            lines.append(line)
+            line = word
+    lines.append(line)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        while lines[-1] and draw.textlength(lines[-1] + "...", font=font) > width:
+            lines[-1] = lines[-1][:-1]
+        lines[-1] += "..."
+    return lines
+
+
+def upscale_factor(height: int, width: int, min_px: int = PREVIEW_MIN_PX) -> int:
+    """The integer nearest-neighbour factor that brings the smaller side to at least ``min_px``."""
+    return max(1, math.ceil(min_px / min(height, width)))
+
+
+def preview_grid(
+    images: torch.Tensor, prompts: Sequence[str], per_prompt: int, reference: torch.Tensor | None = None,
+    headers: Sequence[str] = ("student", "teacher"), min_px: int = PREVIEW_MIN_PX,
+) -> tuple[Image.Image, dict[str, list[list[tuple[int, int, int, int]]]]]:
+    """A readable grid: one row per prompt, captioned with the prompt, its ``per_prompt`` images
+    (in [-1, 1], prompt-major: image ``r * per_prompt + j`` is prompt r, seed j), upscaled (nearest)
+    to at least ``min_px``; ``reference`` (same layout, e.g. the teacher's samples for the same
+    prompts and seeds) to their right. Returns the image and each tile's box, per block and row."""
+    from sidscale.sample import to_uint8
+
+    blocks = [("images", images)] + ([("reference", reference)] if reference is not None else [])
+    n, _, h, w = images.shape
+    if n != len(prompts) * per_prompt or (reference is not None and reference.shape != images.shape):
+        raise ValueError(f"preview: {n} images for {len(prompts)} prompts x {per_prompt} (reference "
+                         f"{None if reference is None else tuple(reference.shape)})")
+    f = upscale_factor(h, w, min_px)
+    th, tw = h * f, w * f
+    block_w = per_prompt * tw + (per_prompt - 1) * TILE_PAD
+    width = len(blocks) * block_w + (len(blocks) - 1) * BLOCK_GAP + 2 * TILE_PAD
+    font, small = _font(12), _font(11)
+    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = int(sum(abs(v) for v in font.getmetrics())) + 2 if hasattr(font, "getmetrics") else 13
+    captions = [_wrap(scratch, f"{r + 1}. {q}", font, width - 2 * TILE_PAD) for r, q in enumerate(prompts)]
+    header_h = line_h + 2 * TEXT_PAD
+    height = header_h + sum(len(c) * line_h + TEXT_PAD + th + TILE_PAD for c in captions) + TILE_PAD
+    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    pixels = {name: to_uint8(x.detach().float().cpu()).permute(0, 2, 3, 1).numpy() for name, x in blocks}
+    boxes: dict[str, list[list[tuple[int, int, int, int]]]] = {name: [] for name, _ in blocks}
+    for b, (name, _) in enumerate(blocks):
+        x0 = TILE_PAD + b * (block_w + BLOCK_GAP)
+        label = _wrap(scratch, headers[b] if b < len(headers) else name, small, block_w, max_lines=1)[0]
+        draw.text((x0, TEXT_PAD), label, fill=SUBTLE, font=small)
+    y = header_h
+    for r, caption in enumerate(captions):
+        for line in caption:
+            draw.text((TILE_PAD, y), line, fill=TEXT, font=font)
+            y += line_h
+        y += TEXT_PAD
+        for b, (name, _) in enumerate(blocks):
+            row = []
+            for j in range(per_prompt):
+                x = TILE_PAD + b * (block_w + BLOCK_GAP) + j * (tw + TILE_PAD)
+                tile = np.repeat(np.repeat(pixels[name][r * per_prompt + j], f, axis=0), f, axis=1)
+                canvas.paste(Image.fromarray(np.ascontiguousarray(tile), mode="RGB"), (x, y))
+                row.append((x, y, x + tw, y + th))
+            boxes[name].append(row)
+        y += th + TILE_PAD
+    return canvas, boxes
 
 
 def peak_memory_bytes(device: torch.device) -> dict[str, float]:
@@ -51,20 +142,18 @@ class RunLogger:
         show["kimg"] = f"{values['progress/kimg']:.2f}"
         self.bar.set_postfix(show, refresh=False)
 
-    def preview(self, step: int, images: torch.Tensor, nrow: int) -> Path | None:
-        """Save a grid of images in [-1, 1] as RUN/samples/step_XXXXXXXX.png and log it."""
+    def preview(self, step: int, images: torch.Tensor, prompts: Sequence[str], per_prompt: int,
+                reference: torch.Tensor | None = None, headers: Sequence[str] = ("student", "teacher")) -> Path | None:
+        """Save ``preview_grid`` of images in [-1, 1] as RUN/samples/step_XXXXXXXX.png and log it to
+        TensorBoard (``preview/ema``)."""
         if not self.enabled:
             return None
-        import io
-
-        from torchvision.utils import make_grid, save_image
-
-        grid = make_grid(((images.float().clamp(-1, 1) + 1) / 2).cpu(), nrow=nrow, padding=1)
+        grid, _ = preview_grid(images, prompts, per_prompt, reference, headers)
         buf = io.BytesIO()
-        save_image(grid, buf, format="png")
+        grid.save(buf, format="png")
         path = self.run_dir / "samples" / f"step_{step:08d}.png"
         atomic_write_bytes(path, buf.getvalue())
-        self.tb.add_image("preview/ema", grid, step)
+        self.tb.add_image("preview/ema", np.asarray(grid), step, dataformats="HWC")
         return path
 
     def write(self, message: str) -> None:

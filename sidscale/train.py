@@ -473,12 +473,36 @@ class Trainer:
             if net is not None:
                 self._preview_with(net)
 
+    _preview_reference: torch.Tensor | None = None  # the teacher's preview samples (made once)
+
     def _preview_with(self, net: torch.nn.Module) -> None:
         p = self.cfg.preview
         prompts = [q for q in p.prompts for _ in range(p.seeds_per_prompt)]
-        x0 = self.generate_with(net, prompts, list(range(len(prompts))))
+        seeds = list(range(len(prompts)))
+        x0 = self.generate_with(net, prompts, seeds)
         images = self.family.decode(self.teacher.vae, x0, self.teacher.scaling_factor, self.teacher.shift_factor)
-        self.logger.preview(self.step, images, nrow=p.seeds_per_prompt * min(4, len(p.prompts)))
+        steps, cfg = self.cfg.eval.teacher_steps, self.settings.cfg_eval_real
+        if self._preview_reference is None and steps > 0:
+            # a fixed reference for the eye: the teacher's multi-step sample of the same prompt and seed
+            # (its x_T is the student's first noise), computed at the first preview only
+            self._preview_reference = self._teacher_samples(prompts, seeds, steps, cfg)
+        headers = (f"student (EMA, {self.settings.generator_steps} step(s)) at step {self.step}",
+                   f"teacher, {steps} steps, cfg {cfg:g} (same prompt and seed)")
+        self.logger.preview(self.step, images, p.prompts, p.seeds_per_prompt, self._preview_reference, headers)
+
+    @torch.no_grad()
+    def _teacher_samples(self, prompts: list[str], seeds: list[int], steps: int, cfg: float) -> torch.Tensor:
+        """Decoded images of the teacher's own sampler (its family's), on the CPU. In chunks of half the
+        preview (at least a micro-batch): with CFG's doubled batch, no larger than the student's preview."""
+        out, c = [], self.teacher.conditioner
+        chunk = max(self.micro, len(prompts) // 2)
+        for s in range(0, len(prompts), chunk):
+            p, sd = prompts[s:s + chunk], seeds[s:s + chunk]
+            x0 = self.family.teacher_sampler(self.teacher, c.encode(p), c.empty(len(p)), cfg, steps,
+                                             x_T=seeded_generator_noises(sd, self.teacher.latent_shape, 1)[0])
+            out.append(self.family.decode(self.teacher.vae, x0, self.teacher.scaling_factor,
+                                          self.teacher.shift_factor).cpu())
+        return torch.cat(out)
 
     def export(self) -> Path | None:
         full = self.ema.gather_to_main()

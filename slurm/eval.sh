@@ -17,13 +17,17 @@
 #   REPO               sidscale checkout (default: the directory sbatch was called from)
 #   PYTHON             interpreter (default: $REPO/.venv/bin/python)
 #   PROMPTS            prompt file (default: $REPO/../shared/data/coco2014_val_captions_30k.txt)
-#   NUM                number of prompts/images (default: all lines of PROMPTS, i.e. FID-30k)
+#   PROTOCOL           the published evaluation to reproduce (default sid_lsg_coco30k; also
+#                      dmd2_coco10k_512, sid_dit_coco10k: see sidscale/eval/protocols.py)
+#   NUM                number of prompts/images (default: the protocol's, 30k / 10k)
 #   REF_STATS          reference statistics npz from tools/ref_stats.py (required)
 #   INCEPTION_WEIGHTS  local inception-2015-12-05.pt (required)
 #   CLIP_MODEL         open_clip architecture (default ViT-g-14)
 #   CLIP_WEIGHTS       local weights for CLIP_MODEL (laion2b_s12b_b42k); empty: no CLIP score
 #   BATCH              generation batch (default 16)
-#   TEACHER_STEPS      > 0: also evaluate the teacher's DDIM sampler (default 0), TEACHER_CFG (default 3)
+#   TEACHER_STEPS      > 0: also evaluate the teacher's own sampler (default 0), TEACHER_CFG (default 3)
+#
+# Afterwards: tools/fid_eval.py --plot RUN_DIR draws FID and CLIP score against kimg (RUN_DIR/eval/curves.png).
 #
 #SBATCH --job-name=sidscale-eval
 #SBATCH --nodes=1
@@ -78,7 +82,7 @@ PROMPTS=${PROMPTS:-$REPO/../shared/data/coco2014_val_captions_30k.txt}
 args=(--model "$target" --prompts "$PROMPTS" --out "$out"
       --ref-stats "${REF_STATS:?set REF_STATS (tools/ref_stats.py output)}"
       --inception-weights "${INCEPTION_WEIGHTS:?set INCEPTION_WEIGHTS (local inception-2015-12-05.pt)}"
-      --clip-model "${CLIP_MODEL:-ViT-g-14}" --batch "${BATCH:-16}"
+      --protocol "${PROTOCOL:-sid_lsg_coco30k}" --clip-model "${CLIP_MODEL:-ViT-g-14}" --batch "${BATCH:-16}"
       --teacher-steps "${TEACHER_STEPS:-0}" --teacher-cfg "${TEACHER_CFG:-3}"
       --workers "${SLURM_CPUS_PER_TASK:-8}")
 [[ -n "${NUM:-}" ]] && args+=(--num "$NUM")

@@ -21,15 +21,19 @@ from PIL import Image
 
 from sidscale.eval.fid import (
     EvalWeightsError,
+    RefStatsError,
     cached_folder_stats,
+    check_stats_protocol,
     fid_from_features,
     files_features,
     load_inception,
     load_stats,
+    save_stats,
 )
 from sidscale.eval.frechet import feature_statistics, frechet_distance
-from sidscale.eval.generate import generate_images, one_step_sampler, read_prompts
-from sidscale.eval.images import image_path, is_complete_png, protocol_resize
+from sidscale.eval.generate import generate_images, one_step_sampler, protocol_pixels, read_prompts
+from sidscale.eval.images import image_path, is_complete_png, protocol_resize, sid_dit_fid_resize
+from sidscale.eval.protocols import PROTOCOLS
 from sidscale.sample import to_uint8
 
 RES = 8
@@ -85,14 +89,12 @@ def clip_file(work) -> Path:
 
 
 @pytest.fixture(scope="module")
-def teacher_dir(work) -> Path:
-    from tests.tiny_teachers import write_tiny_toy_teacher
-
-    return write_tiny_toy_teacher(work / "teacher", sample_size=RES)
+def teacher_dir(tiny_toy_teacher) -> Path:
+    return tiny_toy_teacher  # the session's tiny toy teacher (sample_size 8 = RES)
 
 
-def sampling_meta(teacher: Path, step: int) -> dict:
-    return {"t_init": 625, "prediction_type": "epsilon",
+def sampling_meta(teacher: Path, step: int, generator_steps: int = 1) -> dict:
+    return {"t_init": 625, "prediction_type": "epsilon", "generator_steps": generator_steps, "family": "unet_vp",
             "schedule": {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                          "beta_schedule": "scaled_linear"},
             "latent_shape": [3, RES, RES], "scaling_factor": 1.0, "teacher_path": str(teacher.resolve()),
@@ -189,6 +191,21 @@ def test_fid_of_a_folder_against_itself_is_zero_and_ref_stats_are_cached(work, i
         raise AssertionError("statistics were recomputed although the cache matches")
 
     cached_folder_stats(folder, out, inception_standin, must_not_run)  # cache hit
+    # statistics cached by protocol version 1 (offsets rounded down, no version key) are recomputed ...
+    v1 = {k: v for k, v in meta.items() if k not in ("fid_protocol_version", "crop")}
+    save_stats(out, mu, sigma, {**v1, "crop": "center-square"})
+    calls = []
+    cached_folder_stats(folder, out, inception_standin, lambda x: calls.append(1) or fn(x), batch=5)
+    assert calls and load_stats(out)[2] == meta
+    # ... and refused when given as --ref-stats, as are statistics of another protocol's preprocessing;
+    # statistics made elsewhere (no sidscale metadata) are taken as they are
+    sid_lsg, dmd2 = PROTOCOLS["sid_lsg_coco30k"], PROTOCOLS["dmd2_coco10k_512"]
+    check_stats_protocol(meta, sid_lsg, out)
+    check_stats_protocol({}, sid_lsg, out)
+    with pytest.raises(RefStatsError, match=r"fid_protocol_version.*\(None, 2\).*ref_stats.py --protocol sid_lsg"):
+        check_stats_protocol({**v1, "crop": "center-square"}, sid_lsg, out)
+    with pytest.raises(RefStatsError, match=r"PIL-lanczos-256.*PIL-lanczos-512"):
+        check_stats_protocol(meta, dmd2, out)
     write_random_images(folder, 13, seed=1)  # one more image: the cache no longer matches
     assert cached_folder_stats(folder, out, inception_standin, fn)[2]["num_images"] == 13
 
@@ -210,16 +227,25 @@ def test_low_rank_fid_path_matches_the_standard_formula():
 # ---------------------------------------------------------------------------------------- preprocessing
 
 
-def test_protocol_preprocessing_matches_pil_on_crafted_images(work, inception_standin):
+def test_protocol_preprocessing_matches_torchvision_crop_and_pil(work, inception_standin):
+    """GigaGAN's / DMD2's ``resize_and_center_crop``: torchvision's ``center_crop(img, min(img.size))``
+    (offsets rounded half to even), then PIL Lanczos. 640x425 (a COCO size, 215 px to remove) is where
+    rounding down would crop one pixel to the left."""
+    import torchvision.transforms.functional as TF
+
     rng = np.random.default_rng(3)
-    for w, h in ((300, 200), (201, 333), (512, 512), (64, 64)):
+    for w, h in ((640, 425), (425, 640), (643, 480), (300, 200), (201, 333), (512, 512), (64, 64)):
         arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        s = min(w, h)
-        left, top = (w - s) // 2, (h - s) // 2
-        ref = Image.fromarray(arr).crop((left, top, left + s, top + s)).resize((256, 256), Image.LANCZOS)
+        img = Image.fromarray(arr)
+        ref = TF.center_crop(img, min(img.size)).resize((256, 256), Image.LANCZOS)
         got = protocol_resize(arr)
         assert got.dtype == np.uint8 and got.shape == (256, 256, 3)
-        np.testing.assert_array_equal(got, np.asarray(ref))
+        np.testing.assert_array_equal(got, np.asarray(ref), err_msg=f"{w}x{h}")
+        if (w, h) == (640, 425):  # the old floor rounding gives another image here
+            floor = img.crop((107, 0, 107 + 425, 425)).resize((256, 256), Image.LANCZOS)
+            assert not np.array_equal(got, np.asarray(floor))
+        np.testing.assert_array_equal(protocol_resize(arr, 512), np.asarray(
+            TF.center_crop(img, min(img.size)).resize((512, 512), Image.LANCZOS)))
 
     # what reaches the network: the 256 image, then clean-fid's "clean" resize (PIL bicubic on float
     # channels to 299, not quantised), in [0, 255]
@@ -238,11 +264,33 @@ def test_protocol_preprocessing_matches_pil_on_crafted_images(work, inception_st
                                     .resize((299, 299), Image.BICUBIC)).clip(0, 255) for c in range(3)])
     np.testing.assert_allclose(seen[0][0].numpy(), expected, atol=1e-4)
 
+    # SiD-DiT (resize_images_in_tensor): to_pil_image, PIL Lanczos (256, 256), to_tensor * 255, .byte();
+    # the uint8 256 image goes to the network, which resizes to 299 inside (legacy_tensorflow)
+    import torchvision.transforms.functional as TF
+
+    square = rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    Image.fromarray(square).save(path)
+    t = TF.to_tensor(TF.to_pil_image(torch.from_numpy(square).permute(2, 0, 1)).resize((256, 256), Image.LANCZOS))
+    sid_dit = (t * 255).byte().permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(sid_dit_fid_resize(square), sid_dit.astype(np.float32))
+    seen.clear()
+    files_features([path], record, protocol=PROTOCOLS["sid_dit_coco10k"])
+    np.testing.assert_array_equal(seen[0][0].permute(1, 2, 0).numpy(), sid_dit.astype(np.float32))
+    # and the network of that protocol is called with resize_inside (the stand-in's own forward)
+    got = load_inception(inception_standin, protocol=PROTOCOLS["sid_dit_coco10k"])(seen[0])
+    direct = torch.jit.load(str(inception_standin))(seen[0], True)
+    torch.testing.assert_close(got, direct, rtol=0, atol=0)
+
 
 def test_uint8_conversion_and_png_round_trip(work):
     values = torch.tensor([-1.5, -1.0, -0.999, -0.5, 0.0, 0.001, 0.5, 0.99, 1.0, 1.2])
     expected = np.clip(values.double().numpy() * 127.5 + 128, 0, 255).astype(np.uint8)  # truncation
     np.testing.assert_array_equal(to_uint8(values).numpy(), expected)
+    np.testing.assert_array_equal(protocol_pixels(values).numpy(), expected)
+    # DMD2: ((x + 1) * 127.5).clamp(0, 255).to(uint8), half a level lower (0 -> 127, not 128)
+    dmd2 = np.clip((values.double().numpy() + 1) * 127.5, 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(protocol_pixels(values, 127.5).numpy(), dmd2)
+    assert protocol_pixels(torch.zeros(1), 127.5).item() == 127
 
     img = torch.linspace(-1.2, 1.2, 3 * 4 * 5).view(1, 3, 4, 5)
     out = work / "roundtrip"
@@ -280,8 +328,17 @@ def test_image_i_is_identical_for_1_and_2_ranks_and_after_resume(work, run_with_
 # ---------------------------------------------------------------------------------------- CLIP score
 
 
-def test_clip_score_equals_direct_open_clip_computation(work, clip_file):
+def test_clip_score_equals_the_reference_codes_computation(work, clip_file):
+    """The score of each protocol against its evaluation code's steps, re-expressed with torchvision
+    and open_clip directly: GigaGAN (SiD-LSG's numbers): torchvision centre crop, Resize(256, Lanczos),
+    ToTensor, Normalize(0.5, 0.5), ``uint8((x + 1) * 127.5)``, open_clip's preprocess, "A photo
+    depicts " + caption; DMD2: without the float round trip; SiD-DiT: square images, PIL Lanczos 256,
+    to_tensor * 255 -> byte, / 255, bicubic F.interpolate to 224, OpenAI mean/std, no prefix."""
+    import dataclasses
+
     import open_clip
+    import torchvision.transforms as T
+    import torchvision.transforms.functional as TF
 
     from sidscale.eval.clip_score import clip_score_files, load_clip
 
@@ -289,18 +346,72 @@ def test_clip_score_equals_direct_open_clip_computation(work, clip_file):
     write_random_images(folder, 3, seed=7, size=(64, 48))
     files = [image_path(folder, i) for i in range(3)]
     prompts = PROMPTS[:3]
-    score, _ = clip_score_files(load_clip("ViT-B-32", clip_file), files, prompts, batch=2)
+    sid_dit = load_clip("ViT-B-32", clip_file, protocol=PROTOCOLS["sid_dit_coco10k"])
+    assert (sid_dit.prep, sid_dit.prefix) == ("sid_dit", "")
+    scorer = dataclasses.replace(sid_dit, prep="gigagan", prefix="A photo depicts ")  # the default protocol's
+    score, _ = clip_score_files(scorer, files, prompts, batch=2)
 
     model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=str(clip_file))
+    model.eval()
     tok = open_clip.get_tokenizer("ViT-B-32")
-    sims = []
-    with torch.no_grad():
-        for f, p in zip(files, prompts, strict=True):
-            img = model.encode_image(preprocess(Image.open(f).convert("RGB"))[None])
-            txt = model.encode_text(tok(["A photo depicts " + p]))
-            sims.append(torch.nn.functional.cosine_similarity(img, txt).item())
-    assert score == pytest.approx(float(np.mean(sims)), abs=1e-5)
+    crop_256 = T.Compose([lambda im: TF.center_crop(im, min(im.size)),
+                          T.Resize(256, interpolation=T.InterpolationMode.LANCZOS)])
+    giga = T.Compose([crop_256, T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+
+    def tensor2pil(x: torch.Tensor) -> Image.Image:  # GigaGAN evaluation.py
+        return Image.fromarray(((x + 1.0) * 127.5).clamp(0.0, 255.0).to(torch.uint8).permute(1, 2, 0).numpy())
+
+    def cosines(image_inputs: list[torch.Tensor], texts: list[str]) -> list[float]:
+        with torch.no_grad():
+            img = model.encode_image(torch.stack(image_inputs))
+            txt = model.encode_text(tok(texts))
+            return torch.nn.functional.cosine_similarity(img, txt).tolist()
+
+    pil = [Image.open(f).convert("RGB") for f in files]
+    giga_inputs = [preprocess(tensor2pil(giga(im))) for im in pil]
+    for im, want in zip(pil, giga_inputs, strict=True):
+        torch.testing.assert_close(scorer.image_input(im), want, rtol=0, atol=0)
+    expected = np.mean(cosines(giga_inputs, ["A photo depicts " + p for p in prompts]))
+    assert score == pytest.approx(float(expected), abs=1e-5)
     assert abs(score) <= 1.0
+
+    # DMD2: the same crop + Lanczos 256, no float round trip (which changes what CLIP sees)
+    dmd2 = dataclasses.replace(scorer, prep="crop_lanczos")
+    dmd2_inputs = [preprocess(crop_256(im)) for im in pil]
+    for im, want in zip(pil, dmd2_inputs, strict=True):
+        torch.testing.assert_close(dmd2.image_input(im), want, rtol=0, atol=0)
+    assert any(not torch.equal(a, b) for a, b in zip(giga_inputs, dmd2_inputs, strict=True))
+
+    # SiD-DiT on square images (its generator's), no prefix
+    square = work / "clip_square"
+    write_random_images(square, 2, seed=8, size=(40, 40))
+    sq_files = [image_path(square, i) for i in range(2)]
+    norm = T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+    sid_inputs = []
+    for f in sq_files:
+        u8 = torch.from_numpy(np.asarray(Image.open(f).convert("RGB"))).permute(2, 0, 1)
+        x = (TF.to_tensor(TF.to_pil_image(u8).resize((256, 256), Image.LANCZOS)) * 255).byte()
+        x = torch.nn.functional.interpolate(x[None].float() / 255.0, 224, mode="bicubic", align_corners=False)
+        sid_inputs.append(norm(x[0]))
+    got, _ = clip_score_files(sid_dit, sq_files, prompts[:2])
+    assert got == pytest.approx(float(np.mean(cosines(sid_inputs, prompts[:2]))), abs=1e-5)
+
+
+def test_gigagan_float_round_trip_and_sid_dit_byte_round_trip():
+    """Over all 256 values: GigaGAN's ToTensor -> Normalize(0.5, 0.5) -> uint8((x + 1) * 127.5) takes 63
+    values one step down in float32 (torchvision computes it here), SiD-DiT's to_tensor * 255 ->
+    byte keeps every value."""
+    import torchvision.transforms as T
+
+    from sidscale.eval.images import byte_round_trip, gigagan_float_round_trip
+
+    ramp = np.arange(256, dtype=np.uint8).repeat(3).reshape(16, 16, 3)
+    x = T.Normalize([0.5] * 3, [0.5] * 3)(T.ToTensor()(Image.fromarray(ramp)))
+    want = ((x + 1.0) * 127.5).clamp(0.0, 255.0).to(torch.uint8).permute(1, 2, 0).numpy()
+    got = np.asarray(gigagan_float_round_trip(Image.fromarray(ramp)))
+    np.testing.assert_array_equal(got, want)
+    assert (got != ramp).any(axis=2).sum() == 63 and (ramp.astype(int) - got).max() == 1
+    np.testing.assert_array_equal(byte_round_trip(ramp), ramp)
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -353,6 +464,223 @@ def test_cli_checkpoint_two_ranks_teacher_and_tensorboard(work, run_with_export,
     [fid_event] = acc.Scalars("eval/fid")
     assert fid_event.step == 3 and fid_event.value == pytest.approx(metrics["fid"], rel=1e-5)
     assert acc.Scalars("eval/clip_score")[0].value == pytest.approx(metrics["clip_score"], rel=1e-5)
+    # the same numbers against images seen (= 1000 x kimg; the fake checkpoint's meta says 4 x step)
+    assert metrics["images_seen"] == 12 and metrics["kimg"] == pytest.approx(0.012)
+    [by_images] = acc.Scalars("eval_vs_images_seen/fid")
+    assert by_images.step == 12 and by_images.value == pytest.approx(metrics["fid"], rel=1e-5)
+    assert acc.Scalars("eval_vs_images_seen/clip_score")[0].step == 12
+    p = metrics["protocol"]
+    assert p["name"] == "sid_lsg_coco30k" and p["fid"]["fid_protocol_version"] == 2
+    assert p["reference"]["ref_dir"] == str((work / "cli_ref").resolve())
+    assert p["reference_set"].startswith("all 40,504")
+    assert metrics["num_images"] == len(PROMPTS)  # the protocol's 30k, capped at the file's 7 (a warning)
+
+
+def test_prompts_are_stripped_and_empty_lines_skipped_as_the_reference_reads_them(work):
+    """SiD-LSG's / SiD-DiT's ``read_file_to_sentences``: ``line.strip()`` for each line of the file
+    (text mode: \\n, \\r\\n and \\r end a line), empty ones skipped."""
+    path = work / "prompts_ws.txt"
+    raw = "  a red circle \n\n\tblue square\t\r\nline\u2028with separator \r\n   \nlast"
+    path.write_bytes(raw.encode("utf-8"))
+    with open(path, encoding="utf-8") as f:  # the reference's loop, verbatim in effect
+        reference = [line.strip() for line in f if line.strip()]
+    assert read_prompts(path) == reference == ["a red circle", "blue square", "line\u2028with separator", "last"]
+    assert read_prompts(path, 2) == reference[:2]
+
+
+def run_cli(*argv: str):
+    from sidscale.eval.evaluate import build_parser, evaluate
+
+    return evaluate(build_parser().parse_args(list(argv)))
+
+
+@pytest.fixture(scope="module")
+def cli_inputs(work) -> tuple[Path, Path]:
+    prompts = work / "prompts_cli.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    ref_dir = work / "cli_ref_small"
+    write_random_images(ref_dir, 6, seed=12)
+    return prompts, ref_dir
+
+
+def test_fid_eval_on_a_k4_export_with_dmd2_protocol(work, teacher_dir, run_with_export, inception_standin,
+                                                    cli_inputs):
+    """A K = 4 export: its images are FewStepPipeline's 4-step samples (not the 1-step ones of the
+    same weights), converted as DMD2 does (``(x + 1) * 127.5``), and metrics.json records K and the
+    protocol; DMD2's 512 px FID preprocessing."""
+    from sidscale.export import export_generator
+    from sidscale.sample import FewStepPipeline
+
+    prompts, ref_dir = cli_inputs
+    state, config = tiny_generator_state()
+    k4 = export_generator(state, config, work / "k4" / "export", sampling_meta(teacher_dir, 5, generator_steps=4))
+    out = work / "k4_eval"
+    metrics = run_cli(*cli_args(k4, prompts, out, inception_standin, ref_dir, "--num", "3", "--protocol",
+                                "dmd2_coco10k_512"))
+    p = metrics["protocol"]
+    assert (p["name"], p["steps"], p["family"], p["fid_size"], p["pixels"]) == (
+        "dmd2_coco10k_512", 4, "unet_vp", 512, "uint8(clip(x*127.5+127.5, 0, 255))")
+    assert p["fid"]["resize"] == "PIL-lanczos-512" and metrics["num_images"] == 3 and metrics["kimg"] == 0.02
+    assert json.loads((out / "metrics.json").read_text())["protocol"]["name"] == "dmd2_coco10k_512"
+    pipe = FewStepPipeline.from_export(k4)
+    assert pipe.settings.generator_steps == 4
+    want = protocol_pixels(pipe(PROMPTS[:3], [0, 1, 2]), 127.5).permute(0, 2, 3, 1).numpy()
+    one_step = protocol_pixels(FewStepPipeline.from_export(run_with_export / "export")(PROMPTS[:3], [0, 1, 2]), 127.5)
+    for i in range(3):
+        with Image.open(image_path(out / "images", i)) as im:
+            got = np.asarray(im)
+        np.testing.assert_array_equal(got, want[i])
+        assert not np.array_equal(got, one_step[i].permute(1, 2, 0).numpy())
+
+
+@pytest.fixture(scope="module")
+def sd3_export(work) -> tuple[Path, Path]:
+    """A tiny SD3.5-shaped teacher and a K = 4 export of its transformer, with the sampling entry the
+    trainer writes (``Trainer.sampling_meta``) for teacher.resolution = 64."""
+    from diffusers import SD3Transformer2DModel
+
+    from sidscale.export import export_generator
+    from sidscale.models.sd3_tiny import write_tiny_sd3_teacher
+    from sidscale.schedule import FlowSchedule
+
+    teacher = write_tiny_sd3_teacher(work / "sd3_teacher", seed=0, sd35=True)
+    net = SD3Transformer2DModel.from_pretrained(teacher / "transformer")
+    sampling = {"family": "mmdit_flow", "generator_steps": 4, "t_init": 625, "sigma_init": 1.0,
+                "prediction_type": "velocity", "schedule": FlowSchedule().meta(str(teacher / "scheduler")),
+                "latent_shape": [16, 8, 8], "scaling_factor": 1.5305, "shift_factor": 0.0609,
+                "teacher_path": str(teacher.resolve()), "teacher_kind": "sd3", "resolution": 64, "step": 8,
+                "images_seen": 32, "t5": True, "max_sequence_length": 16, "time_scale": 1000.0}
+    return teacher, export_generator(net.state_dict(), dict(net.config), work / "sd3_run" / "export", sampling)
+
+
+def test_fid_eval_on_a_tiny_sd3_export_with_its_flow_teacher(work, sd3_export, inception_standin, cli_inputs):
+    """fid_eval on an SD3-shaped K = 4 export, with SiD-DiT's protocol, and the teacher's own sampler:
+    its images are diffusers' StableDiffusion3Pipeline's (same x_T, CFG 2.5, 2 steps), decoded."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from sidscale.families import family_for_kind
+    from sidscale.sample import FewStepPipeline, seeded_latent_noise
+
+    teacher, export = sd3_export
+    prompts, ref_dir = cli_inputs
+    out = work / "sd3_eval"
+    metrics = run_cli(*cli_args(export, prompts, out, inception_standin, ref_dir, "--num", "2", "--batch", "2",
+                                "--protocol", "sid_dit_coco10k", "--teacher-steps", "2", "--teacher-cfg", "2.5"))
+    p = metrics["protocol"]
+    assert (p["name"], p["steps"], p["family"], p["teacher_kind"], p["fid_mode"]) == (
+        "sid_dit_coco10k", 4, "mmdit_flow", "sd3", "legacy_tensorflow")
+    assert metrics["image_size"] == [64, 64] and metrics["teacher"]["sampler"] == "flow euler"
+    assert np.isfinite(metrics["fid"]) and np.isfinite(metrics["teacher"]["fid"])
+    want = to_uint8(FewStepPipeline.from_export(export)(PROMPTS[:2], [0, 1])).permute(0, 2, 3, 1).numpy()
+    for i in range(2):
+        with Image.open(image_path(out / "images", i)) as im:
+            np.testing.assert_array_equal(np.asarray(im), want[i])
+
+    # the teacher's sampler against diffusers' own SD3 pipeline
+    pipe = StableDiffusion3Pipeline.from_pretrained(teacher, local_files_only=True)
+    x_T = seeded_latent_noise([0, 1], (16, 8, 8))
+    with torch.no_grad():
+        ref = pipe(prompt=PROMPTS[:2], negative_prompt=["", ""], latents=x_T.clone(), guidance_scale=2.5,
+                   num_inference_steps=2, max_sequence_length=16, output_type="latent").images
+        vae = pipe.vae
+        images = to_uint8(family_for_kind("sd3").decode(vae, ref, vae.config.scaling_factor, vae.config.shift_factor))
+    for i in range(2):  # fid_eval's teacher images = the pipeline's latents, decoded (1 level for float noise)
+        with Image.open(image_path(out / "teacher_images", i)) as im:
+            diff = np.abs(np.asarray(im).astype(int) - images[i].permute(1, 2, 0).numpy())
+        assert diff.max() <= 1 and diff.mean() < 0.01
+    # the comparison can fail: the same pipeline with 3 steps gives images several levels off
+    with torch.no_grad():
+        other = pipe(prompt=PROMPTS[:2], negative_prompt=["", ""], latents=x_T.clone(), guidance_scale=2.5,
+                     num_inference_steps=3, max_sequence_length=16, output_type="latent").images
+        other = to_uint8(family_for_kind("sd3").decode(vae, other, vae.config.scaling_factor, vae.config.shift_factor))
+    assert (other.int() - images.int()).abs().max() > 3
+
+
+def test_fp16_vae_decodes_upcast_as_sid_lsg_does():
+    """An fp16 VAE with ``force_upcast`` decodes as SiD-LSG's ``sid_sd_sampler`` + ``upcast_vae``: fp32,
+    except post_quant_conv, decoder.conv_in and the mid-block (SDPA attention), latents in fp16; the
+    VAE is fp16 again afterwards. Both families' decode do it; without force_upcast, plain fp16."""
+    import copy
+
+    from sidscale.families import family_for_kind
+    from tests.tiny_teachers import tiny_vae
+
+    vae = tiny_vae(3).half().eval()
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref = copy.deepcopy(vae).float()
+    for part in (ref.post_quant_conv, ref.decoder.conv_in, ref.decoder.mid_block):
+        part.half()
+
+    def decode_as_diffusers_0_27(latents: torch.Tensor) -> torch.Tensor:
+        """AutoencoderKL._decode + Decoder.forward of diffusers 0.27.2 (SiD-LSG's environment),
+        which casts the mid-block's output to the up-blocks' dtype."""
+        d = ref.decoder
+        x = d.mid_block(d.conv_in(ref.post_quant_conv(latents)), None)
+        x = x.to(next(iter(d.up_blocks.parameters())).dtype)
+        for up in d.up_blocks:
+            x = up(x, None)
+        return d.conv_out(d.conv_act(d.conv_norm_out(x))).float()
+
+    with torch.no_grad():
+        want_vp = decode_as_diffusers_0_27(z.half() / 0.18215)
+        want_sd3 = decode_as_diffusers_0_27((z / 0.18215 + 0.1).half())
+        plain = vae.decode(z.half() / 0.18215).sample.float()
+    got_vp = family_for_kind("sd").decode(vae, z, 0.18215)
+    got_sd3 = family_for_kind("sd3").decode(vae, z, 0.18215, 0.1)
+    torch.testing.assert_close(got_vp, want_vp, rtol=0, atol=0)
+    torch.testing.assert_close(got_sd3, want_sd3, rtol=0, atol=0)
+    assert not torch.equal(got_vp, plain)  # the upcast changes the result
+    assert all(v.dtype == torch.float16 and torch.equal(v, before[k]) for k, v in vae.state_dict().items())
+    # force_upcast false (an fp16-safe VAE), and bf16 VAEs: decoded as they are
+    safe = copy.deepcopy(vae)
+    safe.register_to_config(force_upcast=False)
+    with torch.no_grad():
+        torch.testing.assert_close(family_for_kind("sd").decode(safe, z, 0.18215), plain, rtol=0, atol=0)
+        bf = copy.deepcopy(vae).to(torch.bfloat16)
+        want_bf = bf.decode(z.to(torch.bfloat16) / 0.18215).sample.float()
+    torch.testing.assert_close(family_for_kind("sd").decode(bf, z, 0.18215), want_bf, rtol=0, atol=0)
+
+
+def test_plot_draws_fid_and_clip_against_kimg(work):
+    """--plot RUN: every RUN/eval/*/metrics.json of the chosen protocol, by kimg; points on a linear
+    scale (equal steps in kimg and FID give equal pixel steps), the teacher as a dashed line."""
+    from sidscale.eval.curves import LINE, TEACHER, collect_points, plot_curves
+    from sidscale.eval.evaluate import main
+
+    run = work / "plot_run"
+    rows = [("step_00000300", 3.0, 10.0, 0.31), ("step_00000100", 1.0, 30.0, 0.29), ("step_00000200", 2.0, 20.0, 0.30),
+            ("export", 3.0, 10.0, 0.31)]
+    for name, kimg, fid, clip in rows:
+        (run / "eval" / name).mkdir(parents=True)
+        m = {"fid": fid, "clip_score": clip, "kimg": kimg, "step": int(kimg * 100),
+             "protocol": {"name": "sid_lsg_coco30k"}, "teacher": {"fid": 15.0, "clip_score": 0.305}}
+        (run / "eval" / name / "metrics.json").write_text(json.dumps(m))
+    (run / "eval" / "other").mkdir()
+    (run / "eval" / "other" / "metrics.json").write_text(json.dumps({"fid": 1.0, "kimg": 1.0, "protocol": {
+        "name": "dmd2_coco10k_512"}}))
+    (run / "eval" / "old").mkdir()
+    (run / "eval" / "old" / "metrics.json").write_text(json.dumps({"fid": 1.0, "clip_score": None, "protocol": {}}))
+
+    points, skipped = collect_points(run, "sid_lsg_coco30k")
+    assert [p.kimg for p in points] == [1.0, 2.0, 3.0, 3.0] and len(skipped) == 2
+    out = work / "curves.png"
+    panels = plot_curves(points, out, "sid_lsg_coco30k")
+    with Image.open(out) as im:
+        png = np.asarray(im.convert("RGB"))
+    for panel, values in zip(panels, ([30.0, 20.0, 10.0], [0.29, 0.30, 0.31]), strict=True):
+        pts = panel.points[:3]
+        assert [v for _, v, _, _ in pts] == pytest.approx(values)
+        (_, _, px0, py0), (_, _, px1, py1), (_, _, px2, py2) = pts
+        assert px0 < px1 < px2 and abs((px1 - px0) - (px2 - px1)) <= 1
+        assert abs((py1 - py0) - (py2 - py1)) <= 1 and (py0 > py2) == (values[0] < values[2])
+        for _, _, px, py in pts:
+            assert tuple(png[py, px]) == LINE
+        x0, _, x1, _ = panel.box
+        _, ty = panel.to_pixel(panel.x_range[0], 15.0 if panel is panels[0] else 0.305)
+        assert sum(tuple(png[ty, x]) == TEACHER for x in range(x0, x1)) > (x1 - x0) // 3  # dashed
+    assert main(["--plot", str(run)]) == 0 and (run / "eval" / "curves.png").is_file()
+    assert main(["--plot", str(run), "--protocol", "sid_dit_coco10k"]) == 2
 
 
 def test_clear_errors(work, run_with_export, inception_standin, clip_file):

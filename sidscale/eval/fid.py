@@ -1,14 +1,18 @@
-"""FID with clean-fid's "clean" pipeline after the protocol's centre-crop + Lanczos-256 step.
+"""FID with clean-fid after the protocol's centre-crop + Lanczos step (``sidscale/eval/protocols.py``).
 
-Per image: PNG/JPEG -> RGB uint8 -> centre crop, PIL Lanczos 256 (``protocol_resize``) -> clean-fid
-"clean" resize (PIL bicubic on float channels to 299) -> clean-fid's ``InceptionV3W`` (the
-TF-Inception torchscript port, pool3, 2048-d). Both generated and reference images go through the
-same path, so ``--ref-dir`` statistics and ``tools/ref_stats.py`` statistics are interchangeable.
+Per image (default protocol): PNG/JPEG -> RGB uint8 -> torchvision-rounded centre crop, PIL Lanczos
+256 (``protocol_resize``) -> clean-fid "clean" resize (PIL bicubic on float channels to 299) ->
+clean-fid's ``InceptionV3W`` (the TF-Inception torchscript port, pool3, 2048-d). SiD-DiT's protocol
+instead feeds the 256 image to the network, which resizes to 299 inside (clean-fid
+"legacy_tensorflow"). Both generated and reference images go through the same path, so ``--ref-dir``
+statistics and ``tools/ref_stats.py`` statistics are interchangeable when made with the same
+protocol; statistics record it (``EvalProtocol.fid_meta``) and a mismatch is refused.
 The weights are only ever read from a local file: nothing here downloads.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -21,19 +25,22 @@ import numpy as np
 import torch
 
 from sidscale.eval.frechet import feature_statistics, frechet_distance
-from sidscale.eval.images import FID_SIZE, protocol_resize
+from sidscale.eval.images import protocol_resize, sid_dit_fid_resize
+from sidscale.eval.protocols import DEFAULT_PROTOCOL, EvalProtocol, get_protocol
 from sidscale.io_utils import atomic_write_bytes
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
-PROTOCOL = {"fid_mode": "clean", "crop": "center-square", "resize": f"PIL-lanczos-{FID_SIZE}",
-            "features": "cleanfid InceptionV3W pool3 (TF-Inception torchscript)"}
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 class EvalWeightsError(FileNotFoundError):
     """A metric's weights file is missing: the message names the file and where it is published."""
+
+
+class RefStatsError(ValueError):
+    """Reference statistics made with another FID preprocessing than the selected protocol's."""
 
 
 def check_inception_file(path: str | os.PathLike) -> Path:
@@ -46,8 +53,10 @@ def check_inception_file(path: str | os.PathLike) -> Path:
     return path
 
 
-def load_inception(weights: str | os.PathLike, device: str | torch.device = "cpu") -> FeatureFn:
-    """clean-fid's ``InceptionV3W`` in "clean" mode (resize outside the net), from a local file.
+def load_inception(weights: str | os.PathLike, device: str | torch.device = "cpu",
+                   protocol: EvalProtocol | None = None) -> FeatureFn:
+    """clean-fid's ``InceptionV3W`` from a local file: in "clean" mode the resize to 299 happens
+    outside the net, in "legacy_tensorflow" mode (SiD-DiT's protocol) inside it.
 
     ``InceptionV3W`` takes a directory and a fixed file name; we point it at a private directory
     holding a symlink, so the user's file may have any name and clean-fid's download path
@@ -55,9 +64,10 @@ def load_inception(weights: str | os.PathLike, device: str | torch.device = "cpu
     from cleanfid.inception_torchscript import InceptionV3W
 
     path = check_inception_file(weights).resolve()
+    resize_inside = (protocol or get_protocol(DEFAULT_PROTOCOL)).fid_mode == "legacy_tensorflow"
     with tempfile.TemporaryDirectory(prefix="sidscale-inception-") as d:
         os.symlink(path, Path(d) / INCEPTION_FILE)
-        model = InceptionV3W(d, download=False, resize_inside=False)
+        model = InceptionV3W(d, download=False, resize_inside=resize_inside)
     model = model.to(device).eval()
 
     def features(x: torch.Tensor) -> torch.Tensor:
@@ -66,19 +76,26 @@ def load_inception(weights: str | os.PathLike, device: str | torch.device = "cpu
     return features
 
 
+def image_transform(protocol: EvalProtocol):
+    """The protocol's step before clean-fid's own (a picklable callable for DataLoader workers)."""
+    fn = sid_dit_fid_resize if protocol.fid_round_trip else protocol_resize
+    return functools.partial(fn, size=protocol.fid_size)
+
+
 def files_features(
     files: Sequence[str | os.PathLike], feature_fn: FeatureFn, device: str | torch.device = "cpu",
-    batch: int = 64, workers: int = 0, description: str = "",
+    batch: int = 64, workers: int = 0, description: str = "", protocol: EvalProtocol | None = None,
 ) -> np.ndarray:
     """[N, 2048] float features of ``files`` in order, through clean-fid's own dataset/loop."""
     from cleanfid.fid import get_files_features
 
+    protocol = protocol or get_protocol(DEFAULT_PROTOCOL)
     if not files:
         raise ValueError(f"no images to compute features of ({description or 'empty list'})")
     with torch.no_grad():
         return get_files_features([str(f) for f in files], model=feature_fn, num_workers=workers,
-                                  batch_size=batch, device=torch.device(device), mode="clean",
-                                  custom_image_tranform=protocol_resize, description=description,
+                                  batch_size=batch, device=torch.device(device), mode=protocol.fid_mode,
+                                  custom_image_tranform=image_transform(protocol), description=description,
                                   verbose=bool(description))
 
 
@@ -107,30 +124,49 @@ def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:
         return z["mu"], z["sigma"], meta
 
 
-def folder_stats_meta(files: Sequence[Path], folder: Path, weights: Path) -> dict:
+def check_stats_protocol(meta: dict, protocol: EvalProtocol, path: str | os.PathLike) -> None:
+    """Refuse sidscale-made statistics whose FID preprocessing differs from ``protocol``'s (older
+    statistics, e.g. of protocol version 1, cropped one pixel off torchvision's centre on a quarter
+    of COCO's images). Statistics without sidscale's metadata (made elsewhere) are the user's call."""
+    if "fid_mode" not in meta and "crop" not in meta:
+        return
+    want = protocol.fid_meta()
+    got = {k: meta.get(k) for k in want}
+    if got != want:
+        diff = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
+        raise RefStatsError(f"reference statistics {path} were made with another FID preprocessing than protocol "
+                            f"{protocol.name!r}: (theirs, expected) = {diff}; recompute them with tools/ref_stats.py "
+                            f"--protocol {protocol.name}")
+
+
+def folder_stats_meta(files: Sequence[Path], folder: Path, weights: Path,
+                      protocol: EvalProtocol | None = None) -> dict:
     """What a cached reference-statistics file must match to be reused."""
     st = Path(weights).stat()
-    return {"images": str(Path(folder).resolve()), "num_images": len(files), **PROTOCOL,
+    return {"images": str(Path(folder).resolve()), "num_images": len(files),
+            **(protocol or get_protocol(DEFAULT_PROTOCOL)).fid_meta(),
             "inception_weights": {"name": Path(weights).name, "size": st.st_size}}
 
 
 def cached_folder_stats(
-    folder: Path, out: Path, weights: Path, feature_fn: FeatureFn | None = None, force: bool = False, **kw
+    folder: Path, out: Path, weights: Path, feature_fn: FeatureFn | None = None, force: bool = False,
+    protocol: EvalProtocol | None = None, **kw,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Statistics of every image under ``folder``; reuse ``out`` when it was made from the same folder,
-    image count, protocol and weights file (computing 40k COCO features takes a while)."""
+    image count, FID protocol (and its version) and weights file (40k COCO features take a while)."""
     from sidscale.eval.images import list_image_files
 
+    protocol = protocol or get_protocol(DEFAULT_PROTOCOL)
     files = list_image_files(folder)
     if len(files) < 2:
         raise ValueError(f"--ref-dir {folder}: found {len(files)} images, need at least 2")
-    meta = folder_stats_meta(files, folder, weights)
+    meta = folder_stats_meta(files, folder, weights, protocol)
     if Path(out).is_file() and not force:
         mu, sigma, old = load_stats(out)
         if old == meta:
             return mu, sigma, meta
-    feature_fn = feature_fn or load_inception(weights, kw.get("device", "cpu"))
-    feats = files_features(files, feature_fn, **kw)
+    feature_fn = feature_fn or load_inception(weights, kw.get("device", "cpu"), protocol)
+    feats = files_features(files, feature_fn, protocol=protocol, **kw)
     mu, sigma = feature_statistics(feats)
     save_stats(out, mu, sigma, meta)
     return mu, sigma, meta

@@ -49,12 +49,17 @@ def rank_from_env(rank: int | None = None, world: int | None = None) -> RankInfo
 
 
 def read_prompts(path: str | os.PathLike, num: int | None = None) -> list[str]:
-    """One prompt per line (line i is prompt i); the first ``num`` of them."""
+    """The prompt file's captions, each stripped of surrounding whitespace, empty lines skipped, as
+    SiD-LSG's and SiD-DiT's generation scripts read them (``read_file_to_sentences``): prompt i is
+    the i-th non-empty line. The first ``num`` of them."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"--prompts {path}: file not found (one prompt per line)")
-    prompts = path.read_text(encoding="utf-8").splitlines()
-    if not any(p.strip() for p in prompts):
+    # NOTE: split on newlines only: str.splitlines would also split inside a caption at \x0c, \x1c..
+    # \x1e, \x85 or \u2028, which the reference's ``for line in file`` does not
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").split("\n")]
+    prompts = [p for p in prompts if p]
+    if not prompts:
         raise ValueError(f"--prompts {path}: no prompts in the file (expected one prompt per line)")
     if num is not None:
         if num < 1 or num > len(prompts):
@@ -69,8 +74,17 @@ def chunks_for_rank(num: int, batch: int, rank: int, world: int) -> Iterator[ran
             yield range(k * batch, min((k + 1) * batch, num))
 
 
+def protocol_pixels(images: torch.Tensor, offset: float = 128.0) -> torch.Tensor:
+    """[-1, 1] floats -> uint8 as the protocol's code converts them: ``uint8(clip(x * 127.5 + offset))``
+    (truncating); offset 128 is SiD-LSG's / SiD-DiT's ``to_uint8``, 127.5 DMD2's ``(x + 1) * 127.5``."""
+    if offset == 128.0:
+        return to_uint8(images)
+    return ((images + 1.0) * 127.5).clamp(0, 255).to(torch.uint8)
+
+
 def generate_images(
     sample_fn: SampleFn, prompts: Sequence[str], out_dir: Path, batch: int, rank: int = 0, world: int = 1,
+    pixel_offset: float = 128.0,
 ) -> tuple[int, float]:
     """Write this rank's missing ``out_dir/{i:06d}.png``; returns (images written, seconds spent)."""
     out_dir = Path(out_dir)
@@ -81,7 +95,7 @@ def generate_images(
         if not todo:
             continue
         t0 = time.perf_counter()
-        pixels = to_uint8(sample_fn([prompts[i] for i in idx], list(idx)).float().cpu())
+        pixels = protocol_pixels(sample_fn([prompts[i] for i in idx], list(idx)).float().cpu(), pixel_offset)
         pixels = pixels.permute(0, 2, 3, 1).numpy()
         for j, i in enumerate(idx):
             if i in todo:
@@ -114,24 +128,27 @@ def one_step_sampler(export_dir: Path, device: str, dtype: str) -> SampleFn:
 
 
 def teacher_sampler(sampling: dict, device: str, dtype: str, steps: int, cfg_scale: float) -> SampleFn:
-    """The teacher's DDIM sampler (``steps`` steps, CFG ``cfg_scale``), x_T of image i from seed i."""
-    from sidscale.config import TeacherConfig
-    from sidscale.ddim import ddim_sample
-    from sidscale.models.teacher import decode_latents, load_teacher
-    from sidscale.models.unet_eps import UNetEps
+    """The teacher's own multi-step sampler (its family's ``teacher_sampler``: DDIM for UNet/VP
+    teachers, the flow Euler sampler of the teacher's scheduler for SD3), ``steps`` steps, CFG
+    ``cfg_scale``, x_T of image i from seed i (the first noise the student draws for image i)."""
+    from sidscale.config import config_from_dict
+    from sidscale.families import family_for_kind
 
-    cfg = TeacherConfig(kind=sampling["teacher_kind"], path=sampling["teacher_path"], dtype=dtype,
-                        prediction_type=sampling.get("prediction_type", "auto"),
-                        resolution=int(sampling["resolution"]))
-    teacher = load_teacher(cfg, device)
-    net = UNetEps(teacher.net, teacher.schedule)
+    family = family_for_kind(sampling["teacher_kind"])
+    teacher_keys = {"kind": sampling["teacher_kind"], "path": sampling["teacher_path"], "dtype": dtype,
+                    "prediction_type": sampling.get("prediction_type", "auto"),
+                    "resolution": int(sampling["resolution"])}
+    if "t5" in sampling:  # SD3: the text side the run trained with
+        teacher_keys.update(t5=bool(sampling["t5"]), max_sequence_length=int(sampling["max_sequence_length"]))
+    if teacher_keys["prediction_type"] not in ("auto", "epsilon", "v_prediction"):
+        teacher_keys["prediction_type"] = "auto"  # flow teachers record "velocity"
+    teacher = family.load_teacher(config_from_dict({"teacher": teacher_keys}, "<export sidscale.json>"), device)
 
     @torch.no_grad()
     def sample(prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
-        x_T = seeded_latent_noise(seeds, teacher.latent_shape)
-        cond = teacher.conditioner.encode(prompts)
-        x0 = ddim_sample(net, teacher.schedule, x_T.shape, cond, teacher.conditioner.empty(len(prompts)),
-                         cfg_scale, steps, x_T=x_T)
-        return decode_latents(teacher.vae, x0, teacher.scaling_factor)
+        x0 = family.teacher_sampler(teacher, teacher.conditioner.encode(prompts),
+                                    teacher.conditioner.empty(len(prompts)), cfg_scale, steps,
+                                    x_T=seeded_latent_noise(seeds, teacher.latent_shape))
+        return family.decode(teacher.vae, x0, teacher.scaling_factor, teacher.shift_factor)
 
     return sample

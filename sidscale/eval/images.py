@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from sidscale.io_utils import atomic_write_bytes
@@ -55,25 +56,64 @@ def missing_images(out_dir: Path, indices: range | list[int]) -> list[int]:
     return [i for i in indices if not is_complete_png(image_path(out_dir, i))]
 
 
+def center_offsets(w: int, h: int, s: int) -> tuple[int, int]:
+    """(left, top) of a centred s x s crop, rounded as torchvision's ``center_crop`` rounds them:
+    ``int(round((w - s) / 2))``, Python's round half to even. GigaGAN's and DMD2's evaluation code
+    crops with torchvision, so e.g. a 640x425 COCO image (215 px to remove) starts at x = 108, where
+    rounding down would give 107."""
+    return int(round((w - s) / 2.0)), int(round((h - s) / 2.0))
+
+
 def center_crop_square(img: Image.Image) -> Image.Image:
-    """The largest centred square (offsets rounded down, as PIL/torchvision centre crops do)."""
+    """The largest centred square, offsets rounded half to even as torchvision's ``center_crop``."""
     w, h = img.size
     s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
+    left, top = center_offsets(w, h, s)
     return img.crop((left, top, left + s, top + s))
 
 
-def protocol_resize(img_np: np.ndarray) -> np.ndarray:
-    """[H, W, 3] uint8 -> [256, 256, 3] uint8: centre crop to a square, PIL Lanczos to 256.
+def crop_lanczos(img: Image.Image, size: int) -> Image.Image:
+    """Centre crop to a square, then PIL Lanczos to ``size`` (GigaGAN / DMD2 ``resize_and_center_crop``)."""
+    img = center_crop_square(img.convert("RGB"))
+    if img.size != (size, size):
+        img = img.resize((size, size), resample=Image.LANCZOS)
+    return img
+
+
+def protocol_resize(img_np: np.ndarray, size: int = FID_SIZE) -> np.ndarray:
+    """[H, W, 3] uint8 -> [size, size, 3] uint8: centre crop to a square, PIL Lanczos to ``size``
+    (256 for SiD-LSG / GigaGAN, 512 for DMD2's SDXL protocol).
 
     This is the protocol's step before clean-fid; clean-fid's own "clean" preprocessing (PIL bicubic
-    on float channels to 299, no quantisation) then runs on the 256 image. Module-level (not a
-    lambda) so DataLoader workers can pickle it."""
+    on float channels to 299, no quantisation) then runs on the result. Module-level (not a lambda;
+    other sizes through ``functools.partial``) so DataLoader workers can pickle it."""
     img = Image.fromarray(np.asarray(img_np, dtype=np.uint8)).convert("RGB")
-    img = center_crop_square(img)
-    if img.size != (FID_SIZE, FID_SIZE):
-        img = img.resize((FID_SIZE, FID_SIZE), resample=Image.LANCZOS)
-    return np.asarray(img, dtype=np.uint8)
+    return np.asarray(crop_lanczos(img, size), dtype=np.uint8)
+
+
+def byte_round_trip(pixels: np.ndarray) -> np.ndarray:
+    """uint8 -> torchvision ``to_tensor`` (x / 255 in float32) -> x * 255 -> ``.byte()`` (truncation),
+    as SiD-DiT's ``resize_images_in_tensor`` does after its Lanczos resize. For uint8 input every
+    value survives this in float32 (checked in the tests), but it is kept to be the reference's steps."""
+    x = torch.from_numpy(np.array(pixels, dtype=np.uint8)).to(torch.float32).div(255)  # a writable copy
+    return (x * 255).to(torch.uint8).numpy()
+
+
+def sid_dit_fid_resize(img_np: np.ndarray, size: int = FID_SIZE) -> np.ndarray:
+    """SiD-DiT's in-training FID input: centre crop (a no-op on the square generated images), PIL
+    Lanczos to 256, the byte round trip; returned as float32 so clean-fid's loader passes the integer
+    values through unchanged to the TF-Inception network, which resizes to 299 inside (clean-fid's
+    "legacy_tensorflow" mode, the path of the StyleGAN / EDM metric code SiD-DiT builds on)."""
+    return byte_round_trip(protocol_resize(img_np, size)).astype(np.float32)
+
+
+def gigagan_float_round_trip(img: Image.Image) -> Image.Image:
+    """GigaGAN's evaluation dataset returns ``Normalize(0.5, 0.5)(ToTensor()(img))`` and its CLIP score
+    turns that back into a PIL image with ``((x + 1) * 127.5).clamp(0, 255).to(uint8)``. In float32
+    the truncation takes 63 of the 256 values one step down (e.g. 1 -> 0): this reproduces it."""
+    u = torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8))
+    x = (u.to(torch.float32).div(255) - 0.5) / 0.5
+    return Image.fromarray(((x + 1.0) * 127.5).clamp(0.0, 255.0).to(torch.uint8).numpy(), mode="RGB")
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")

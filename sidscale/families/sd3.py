@@ -109,9 +109,11 @@ class SD3Family:
 
     def decode(self, vae: torch.nn.Module | None, latents: torch.Tensor, scaling_factor: float,
                shift_factor: float = 0.0) -> torch.Tensor:
-        """Latents -> images in [-1, 1]: ``vae.decode(latents / scaling + shift)``, as the SD3 pipeline."""
-        with torch.no_grad():
-            dtype = next(vae.parameters()).dtype
+        """Latents -> images in [-1, 1]: ``vae.decode(latents / scaling + shift)``, as the SD3 pipeline;
+        an fp16 VAE with ``force_upcast`` (SD3's has it) decodes upcast like SiD-LSG's (``decode_precision``)."""
+        from sidscale.models.teacher import decode_precision
+
+        with torch.no_grad(), decode_precision(vae) as dtype:
             return vae.decode((latents / scaling_factor + shift_factor).to(dtype)).sample.float()
 
     def pipeline_class_name(self, kind: str) -> str:
@@ -119,6 +121,32 @@ class SD3Family:
 
     def pipeline_folders(self, kind: str) -> tuple[str, ...]:
         return FROZEN_FOLDERS
+
+    def teacher_sampler(self, teacher: Teacher, cond: dict, uncond: dict | None, cfg_scale: float, steps: int,
+                        generator: torch.Generator | None = None, x_T: torch.Tensor | None = None) -> torch.Tensor:
+        """The teacher's multi-step sampler as ``StableDiffusion3Pipeline`` runs it: Euler steps of the flow
+        ODE, ``x <- x + (sigma_next - sigma) v``, on the sigma grid of the teacher's own
+        ``FlowMatchEulerDiscreteScheduler`` (SD3: shift 3, from 1 down to 0), CFG on the velocity.
+        Returns the latents at sigma = 0. x_T: [B, *latent_shape] (else drawn on the CPU from ``generator``)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from sidscale.method.guidance import guided_eps
+        from sidscale.models.conditioning import cond_batch_size
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(Path(teacher.path) / "scheduler")
+        scheduler.set_timesteps(steps)
+        sigmas = scheduler.sigmas.to(torch.float32).tolist()
+        batch = cond_batch_size(cond)
+        if x_T is None:
+            x_T = torch.randn((batch, *teacher.latent_shape), generator=generator, dtype=torch.float32)
+        device = next(iter(cond.values())).device
+        x = x_T.to(device=device, dtype=torch.float32)
+        v_fn = self.prediction_fn(teacher.net, teacher.schedule)
+        with torch.no_grad():
+            for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+                s = torch.full((batch,), sigma, dtype=torch.float32, device=device)
+                x = x + (sigma_next - sigma) * guided_eps(v_fn, x, s, cond, uncond, cfg_scale).float()
+        return x
 
 
 FAMILY = SD3Family()

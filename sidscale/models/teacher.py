@@ -13,7 +13,9 @@ default on torch 2) or eager attention, channels-last weights, and the teacher d
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -24,7 +26,7 @@ from sidscale.models.conditioning import load_conditioner
 from sidscale.schedule import VPSchedule
 
 __all__ = ["Teacher", "TeacherDirError", "load_teacher", "check_teacher_dir", "resolve_teacher_dir",
-           "decode_latents", "schedule_from_dir", "DTYPES", "REQUIRED"]
+           "decode_latents", "decode_precision", "schedule_from_dir", "DTYPES", "REQUIRED"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 REQUIRED = {
@@ -156,11 +158,57 @@ def load_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu") -> Teac
                    latent_shape, scaling, vae)
 
 
+def _fp16_decoder_parts(vae: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
+    """What an upcast leaves in fp16: with SDPA (or xformers) attention, SiD-LSG's ``upcast_vae`` (a
+    copy of diffusers' former ``StableDiffusionXLPipeline.upcast_vae``) keeps post_quant_conv, the
+    decoder's conv_in and its mid-block in fp16 ("attention does not need to be in float32");
+    with any other attention everything is fp32."""
+    from diffusers.models import attention_processor as ap
+
+    sdpa = tuple(getattr(ap, n) for n in ("AttnProcessor2_0", "XFormersAttnProcessor", "FusedAttnProcessor2_0",
+                                          "LoRAAttnProcessor2_0", "LoRAXFormersAttnProcessor") if hasattr(ap, n))
+    mid = vae.decoder.mid_block
+    attentions = getattr(mid, "attentions", None) or [None]
+    if attentions[0] is None or not isinstance(attentions[0].processor, sdpa):
+        return ()
+    return tuple(m for m in (getattr(vae, "post_quant_conv", None), vae.decoder.conv_in, mid) if m is not None)
+
+
+@contextlib.contextmanager
+def decode_precision(vae: torch.nn.Module) -> Iterator[torch.dtype]:
+    """The VAE in the precision the reference decodes with; yields the dtype to give the latents.
+
+    SiD-LSG's sampler (``sid_sd_sampler``) upcasts an fp16 VAE whose config asks for it
+    (``force_upcast``, diffusers' default True: SD1.5/2.1/SDXL/SD3 VAEs overflow in fp16 at high
+    resolution) for the decode, casts the latents to post_quant_conv's dtype, and casts the VAE back
+    afterwards (fp16 -> fp32 -> fp16 is exact). bf16 / fp32 VAEs, or ``force_upcast`` false: as they are."""
+    dtype = next(vae.parameters()).dtype
+    if dtype != torch.float16 or not getattr(vae.config, "force_upcast", False):
+        yield dtype
+        return
+    vae.to(torch.float32)
+    hook = None
+    try:
+        parts = _fp16_decoder_parts(vae)
+        for part in parts:
+            part.to(torch.float16)
+        if parts:
+            # diffusers 0.27 (SiD-LSG's) cast the mid-block's output to the up-blocks' dtype inside
+            # Decoder.forward; later versions dropped that cast (and made upcast_vae all-fp32)
+            hook = vae.decoder.mid_block.register_forward_hook(lambda module, args, out: out.to(torch.float32))
+        first = getattr(vae, "post_quant_conv", None) or vae.decoder.conv_in
+        yield next(first.parameters()).dtype
+    finally:
+        if hook is not None:
+            hook.remove()
+        vae.to(torch.float16)
+
+
 def decode_latents(teacher_vae: torch.nn.Module | None, latents: torch.Tensor,
                    scaling_factor: float) -> torch.Tensor:
-    """Latents -> images in [-1, 1] (the toy teacher's latents are already pixels)."""
+    """Latents -> images in [-1, 1] (the toy teacher's latents are already pixels); an fp16 VAE with
+    ``force_upcast`` decodes upcast (``decode_precision``)."""
     if teacher_vae is None:
         return latents.float()
-    with torch.no_grad():
-        dtype = next(teacher_vae.parameters()).dtype
+    with torch.no_grad(), decode_precision(teacher_vae) as dtype:
         return teacher_vae.decode(latents.to(dtype) / scaling_factor).sample.float()
