@@ -120,5 +120,18 @@ class SD3Family:
     def pipeline_folders(self, kind: str) -> tuple[str, ...]:
         return FROZEN_FOLDERS
 
+    def teacher_sampler(self, teacher: Teacher, cond: dict, uncond: dict | None, cfg_scale: float, steps: int,
+                        generator: torch.Generator | None = None, x_T: torch.Tensor | None = None) -> torch.Tensor:
+        """The flow Euler sampler with the teacher scheduler's shift (SD3: 3), latents out. Like the
+        SD3 pipeline's FlowMatchEuler, except that its sigma grid ends at 1/1000 instead of 0."""
+        from sidscale.flow_sampler import flow_sample
+        from sidscale.models.conditioning import cond_batch_size
+
+        scheduler = Path(teacher.path) / "scheduler" / "scheduler_config.json"
+        shift = float(json.loads(scheduler.read_text()).get("shift", 1.0)) if scheduler.is_file() else 1.0
+        shape = (cond_batch_size(cond), *teacher.latent_shape)
+        return flow_sample(self.prediction_fn(teacher.net, teacher.schedule), teacher.schedule, shape, cond, uncond,
+                           cfg_scale, steps, generator, x_T=x_T, shift=shift)
+
 
 FAMILY = SD3Family()

@@ -74,5 +74,15 @@ class UNetVPFamily:
 
         return tuple(f for f in REQUIRED[kind] if f != self.network_folder)
 
+    def teacher_sampler(self, teacher: Teacher, cond: dict, uncond: dict | None, cfg_scale: float, steps: int,
+                        generator: torch.Generator | None = None, x_T: torch.Tensor | None = None) -> torch.Tensor:
+        """Deterministic DDIM (``sidscale.ddim``), ``steps`` evaluations from t = T-1."""
+        from sidscale.ddim import ddim_sample
+        from sidscale.models.conditioning import cond_batch_size
+
+        shape = (cond_batch_size(cond), *teacher.latent_shape)
+        return ddim_sample(self.prediction_fn(teacher.net, teacher.schedule), teacher.schedule, shape, cond, uncond,
+                           cfg_scale, steps, generator, x_T=x_T)
+
 
 FAMILY = UNetVPFamily()
