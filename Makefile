@@ -29,6 +29,8 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check sidscale tools tests
 
-DEMO_RUN ?= runs/demo
+# FAMILY=vp (default): the VP toy teacher; FAMILY=flow: the flow-matching toy teacher (tools/demo.py)
+FAMILY ?= vp
+DEMO_RUN ?= runs/demo$(if $(filter flow,$(FAMILY)),-flow,)
 demo: setup
-	$(PY) tools/demo.py --run-dir $(DEMO_RUN)
+	$(PY) tools/demo.py --family $(FAMILY) --run-dir $(DEMO_RUN)

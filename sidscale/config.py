@@ -43,6 +43,9 @@ PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 ATTENTION_MODES = ("sdpa", "eager")
 BETA_SCHEDULES = ("scaled_linear", "linear")
 METHODS = ("sid_lsg",)
+# The built-in toy teachers (fitted once, cached under teacher.cache_dir when teacher.path is ""):
+# toy = VP / eps, toy_flow = rectified flow / velocity (sidscale/models/toy_teacher.py).
+TOY_KINDS = ("toy", "toy_flow")
 
 
 class ConfigError(ValueError):
@@ -56,8 +59,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class TeacherConfig:
-    kind: str = "toy"  # toy | sd | sdxl (UNet, VP) | sd3 (SD3 / SD3.5 MMDiT, rectified flow)
-    path: str = ""  # local diffusers directory; "" only for kind toy (built-in teacher)
+    kind: str = "toy"  # toy | sd | sdxl (UNet, VP) | sd3 (SD3 / SD3.5 MMDiT, rectified flow) | toy_flow (UNet, flow)
+    path: str = ""  # local diffusers directory; "" only for kinds toy / toy_flow (built-in teachers)
     cache_dir: str = "~/.cache/sidscale"  # where the toy teacher is fitted and cached
     dtype: str = "bf16"  # frozen teacher + text encoders: fp32 | bf16 | fp16
     prediction_type: str = "auto"  # auto (teacher's scheduler) | epsilon | v_prediction
@@ -69,6 +72,11 @@ class TeacherConfig:
     # and 9 GB of T5-XXL never loaded) and its token count (SiD-DiT: 77; diffusers' pipeline: 256)
     t5: bool = True
     max_sequence_length: int = 77
+
+    @property
+    def is_toy(self) -> bool:
+        """A built-in toy teacher (pixel space, exact mixture samples: the toy evaluation applies)."""
+        return self.kind in TOY_KINDS
 
 
 @dataclass
@@ -343,15 +351,16 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     """Raise ConfigError on the first impossible value; with ``world_size``, also check batching."""
     t = cfg.teacher
     _check_enum("teacher.kind", t.kind, TEACHER_KINDS)
-    _check(t.kind == "toy" or t.path != "", "teacher.path", t.path,
-           f"a local diffusers directory (only kind 'toy' has a built-in teacher; kind is {t.kind!r})")
+    _check(t.is_toy or t.path != "", "teacher.path", t.path,
+           f"a local diffusers directory (only kinds {' / '.join(TOY_KINDS)} have a built-in teacher; "
+           f"kind is {t.kind!r})")
     _check(t.cache_dir != "", "teacher.cache_dir", t.cache_dir, "a directory path")
     _check_enum("teacher.dtype", t.dtype, DTYPES)
     _check_enum("teacher.prediction_type", t.prediction_type, PREDICTION_TYPES)
     _check_enum("teacher.attention", t.attention, ATTENTION_MODES)
     _check_positive(t, "teacher", ["resolution", "max_sequence_length"])
     # NOTE: SD VAEs downsample by 8; any other size cannot map to a latent grid.
-    _check(t.kind == "toy" or t.resolution % 8 == 0, "teacher.resolution", t.resolution,
+    _check(t.is_toy or t.resolution % 8 == 0, "teacher.resolution", t.resolution,
            f"a multiple of 8 for kind {t.kind!r}")
 
     s = cfg.schedule

@@ -547,7 +547,7 @@ class Trainer:
             with contextlib.suppress(OSError):  # a read-only cache dir only costs the recomputation
                 atomic_write_json(cache, {k: result[k] for k in teacher_keys})
         result.update(step=self.step, num_samples=ev.num_samples, teacher_steps=ev.teacher_steps,
-                      teacher_cfg=self.settings.cfg_eval_real)
+                      teacher_cfg=self.settings.cfg_eval_real, generator_steps=self.settings.generator_steps)
         atomic_write_json(self.run_dir / "toy_eval.json", result)
         self.logger.scalars(self.step, {f"eval/{k}": v for k, v in result.items()
                                         if k.startswith(("frechet", "prompt_accuracy", "colour_accuracy"))})
@@ -630,7 +630,7 @@ class Trainer:
                 out = self.export()
                 if out is not None:
                     self.logger.write(f"exported EMA generator to {out}")
-            if self.cfg.teacher.kind == "toy" and self.cfg.eval.num_samples > 0:
+            if self.cfg.teacher.is_toy and self.cfg.eval.num_samples > 0:
                 self.toy_evaluation()
             return True
         finally:

@@ -18,6 +18,21 @@ def tiny_toy_teacher(tmp_path_factory):
     return write_tiny_toy_teacher(tmp_path_factory.mktemp("teacher") / "toy", sample_size=8)
 
 
+# The flow-matching toy teacher of the tests: the same UNet as the built-in one, fitted to the exact
+# velocity of an 8x8 mixture for 80 steps, no fit report (see tests/test_toy_flow.py for what it reaches).
+TINY_TOY_FLOW_SPEC = dict(fit_steps=80, eval_samples=0, parameterisation="flow")
+
+
+@pytest.fixture(scope="session")
+def tiny_toy_flow_teacher(tmp_path_factory):
+    """A fitted flow toy teacher (teacher.kind toy_flow), in a temporary cache (never ~/.cache)."""
+    from sidscale.models.toy import ToyMixture
+    from sidscale.models.toy_teacher import ToyTeacherSpec, ensure_toy_teacher
+
+    spec = ToyTeacherSpec(mixture=ToyMixture(size=8).to_dict(), **TINY_TOY_FLOW_SPEC)
+    return ensure_toy_teacher(tmp_path_factory.mktemp("toy_flow_cache"), spec)
+
+
 @pytest.fixture(scope="session")
 def fp32_reference_run(tiny_toy_teacher, tmp_path_factory):
     """ONE uninterrupted 2-rank fp32 run (checkpoints at steps 2, 4, 6) that the resume and every

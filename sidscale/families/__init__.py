@@ -16,6 +16,7 @@ FAMILY_MODULES: dict[str, str] = {
     "sd": "sidscale.families.unet_vp",
     "sdxl": "sidscale.families.unet_vp",
     "sd3": "sidscale.families.sd3",
+    "toy_flow": "sidscale.families.toy_flow",
 }
 TEACHER_KINDS: tuple[str, ...] = tuple(FAMILY_MODULES)
 

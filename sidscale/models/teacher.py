@@ -46,11 +46,12 @@ class TeacherDirError(ConfigError):
 
 
 def resolve_teacher_dir(cfg: TeacherConfig) -> Path:
-    """The teacher directory; for the built-in toy teacher, fitted once and cached."""
-    if cfg.kind == "toy" and not cfg.path:
-        from sidscale.models.toy_teacher import ensure_toy_teacher
+    """The teacher directory; for the built-in toy teachers (kinds toy, toy_flow), fitted once and cached."""
+    if cfg.is_toy and not cfg.path:
+        from sidscale.models.toy_teacher import ToyTeacherSpec, ensure_toy_teacher
 
-        return ensure_toy_teacher(Path(cfg.cache_dir).expanduser())
+        spec = ToyTeacherSpec(parameterisation="flow" if cfg.kind == "toy_flow" else "eps")
+        return ensure_toy_teacher(Path(cfg.cache_dir).expanduser(), spec)
     return Path(cfg.path).expanduser()
 
 

@@ -7,7 +7,8 @@ mixture over all components of all prompts (prompts are equally likely, so this 
 marginal of the conditional model, which is what classifier-free guidance assumes).
 
 Because every component is Gaussian, the denoiser is closed form: for
-``x_t = a x0 + s eps`` and component k with mean mu_k and variance v,
+``x_t = a x0 + s eps`` (VP: ``a = sqrt(abar_t)``, ``s = sqrt(1 - abar_t)``; rectified flow:
+``a = 1 - sigma``, ``s = sigma``) and component k with mean mu_k and variance v,
 ``x_t | k ~ N(a mu_k, (a^2 v + s^2) I)`` and
 ``E[x0 | x_t, k] = mu_k + a v / (a^2 v + s^2) (x_t - a mu_k)``;
 the posterior over components is a softmax of the Gaussian log-likelihoods (computed in fp64,
@@ -23,7 +24,9 @@ from typing import Any
 
 import torch
 
-from sidscale.schedule import VPSchedule
+from sidscale.schedule import FlowSchedule, VPSchedule
+
+Schedule = VPSchedule | FlowSchedule  # t: an integer timestep (VP) or a sigma in [0, 1] (flow)
 
 # Colours in the [-1, 1] pixel range; kept inside +-0.9 so samples stay mostly in range.
 DEFAULT_COLOURS: dict[str, tuple[float, float, float]] = {
@@ -213,7 +216,7 @@ class ToyMixture:
 
     # ---------------------------------------------------------- exact score
     def component_posterior(
-        self, x_t: torch.Tensor, t: torch.Tensor | int, prompts: Sequence[str], schedule: VPSchedule
+        self, x_t: torch.Tensor, t: torch.Tensor | int, prompts: Sequence[str], schedule: Schedule
     ) -> torch.Tensor:
         """[B, P*K] float64: p(k | x_t, prompt)."""
         x, a, s2 = self._prep(x_t, t, schedule)
@@ -226,7 +229,7 @@ class ToyMixture:
         return torch.softmax(logp, dim=1)
 
     def x0_posterior_mean(
-        self, x_t: torch.Tensor, t: torch.Tensor | int, prompts: Sequence[str], schedule: VPSchedule
+        self, x_t: torch.Tensor, t: torch.Tensor | int, prompts: Sequence[str], schedule: Schedule
     ) -> torch.Tensor:
         """E[x0 | x_t, prompt] exactly, in the dtype of ``x_t``."""
         if len(prompts) != x_t.shape[0]:
@@ -247,14 +250,38 @@ class ToyMixture:
         x0 = self.x0_posterior_mean(x_t.double(), t, prompts, schedule)
         return schedule.x0_to_eps(x_t.double(), x0, t).to(x_t.dtype)
 
+    def velocity_exact(
+        self, x_t: torch.Tensor, sigma: torch.Tensor | float, prompts: Sequence[str],
+        schedule: FlowSchedule | None = None,
+    ) -> torch.Tensor:
+        """The ideal velocity ``E[eps - x0 | x_t, prompt]`` for ``x_t = (1 - sigma) x0 + sigma eps``.
+
+        Written without dividing by sigma (finite down to sigma = 0, where it is ``-x_t``):
+        per component ``E[eps | x_t, k] = s (x - a mu_k) / (a^2 v + s^2)``, so with ``m = E_w[mu]``
+        ``v = (s - a v) (x - a m) / (a^2 v + s^2) - m``.
+        """
+        schedule = schedule or FlowSchedule()
+        if len(prompts) != x_t.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts for a batch of {x_t.shape[0]}")
+        w = self.component_posterior(x_t, sigma, prompts, schedule)
+        x, a, s2 = self._prep(x_t, sigma, schedule)
+        m = w @ self.means.reshape(self.num_components, -1).to(x.device)
+        var = a**2 * self.std**2 + s2
+        vel = (s2.sqrt() - a * self.std**2) * (x - a * m) / var - m
+        return vel.reshape(x_t.shape).to(x_t.dtype)
+
     def _prep(
-        self, x_t: torch.Tensor, t: torch.Tensor | int, schedule: VPSchedule
+        self, x_t: torch.Tensor, t: torch.Tensor | int | float, schedule: Schedule
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_t flattened, a [B, 1], s^2 [B, 1]) in float64."""
         if tuple(x_t.shape[1:]) != self.shape:
             raise ValueError(
                 f"x_t has shape {tuple(x_t.shape)}, expected [B, {', '.join(map(str, self.shape))}]"
             )
         x = x_t.reshape(x_t.shape[0], -1).double()
+        if isinstance(schedule, FlowSchedule):
+            sigma = torch.as_tensor(t, device=x.device, dtype=torch.float64).reshape(-1, 1).expand(x.shape[0], 1)
+            return x, 1.0 - sigma, sigma**2
         abar = schedule.alphas_cumprod.to(x.device, torch.float64)
         t = torch.as_tensor(t, device=x.device, dtype=torch.long)
         ab = abar[t].reshape(-1, 1).expand(x.shape[0], 1)

@@ -1,4 +1,4 @@
-"""The built-in toy teacher: a tiny SD-architecture UNet fitted to a known Gaussian mixture.
+"""The built-in toy teachers: a tiny SD-architecture UNet fitted to a known Gaussian mixture.
 
 It is the project's default, CPU-runnable ground truth: a real ``UNet2DConditionModel`` eps-model,
 conditioned through a tiny ``CLIPTextModel`` (fitted with the UNet, frozen afterwards, like a
@@ -9,12 +9,22 @@ distilled one-step generator can be scored against exact samples in seconds.
 The UNet regresses onto the EXACT eps (the mixture's posterior mean), not onto the noise that
 made x_t: same minimiser, far lower variance, so a few hundred CPU steps suffice.
 
+Two parameterisations of the same UNet (``ToyTeacherSpec.parameterisation``):
+
+- ``"eps"`` (teacher.kind ``toy``): SD's discrete VP schedule, the UNet predicts eps at the integer
+  timestep t (a DDPM scheduler is written beside it).
+- ``"flow"`` (teacher.kind ``toy_flow``): rectified flow ``x_t = (1 - sigma) x0 + sigma eps``, the
+  UNet predicts the velocity ``eps - x0`` at ``timestep = 1000 sigma`` (as SD3's transformer;
+  ``sidscale/families/toy_flow.py``), fitted to the exact velocity; a FlowMatchEuler scheduler
+  (shift 1) is written beside it. Its fit report samples with the flow Euler sampler.
+
 Usage::
 
-    python -m sidscale.models.toy_teacher --cache-dir ~/.cache/sidscale
+    python -m sidscale.models.toy_teacher --cache-dir ~/.cache/sidscale [--parameterisation flow]
 
-writes ``<cache-dir>/toy-teacher-<hash of spec>/`` in diffusers layout (unet/, text_encoder/,
-tokenizer/, scheduler/) plus toy_mixture.json and fit_report.json, and prints the report.
+writes ``<cache-dir>/toy-teacher-<hash of spec>/`` (flow: ``toy-flow-teacher-<hash>/``) in
+diffusers layout (unet/, text_encoder/, tokenizer/, scheduler/) plus toy_mixture.json and
+fit_report.json, and prints the report.
 """
 
 from __future__ import annotations
@@ -40,17 +50,22 @@ import torch
 
 from sidscale.ddim import ddim_sample
 from sidscale.eval.frechet import toy_frechet
+from sidscale.families.toy_flow import TIME_SCALE  # the fit writes the timestep the family reads
+from sidscale.flow_sampler import flow_sample
 from sidscale.models.conditioning import ClipConditioner, Cond, unet_kwargs
 from sidscale.models.tiny import build_tiny_text_encoder, build_tiny_unet
 from sidscale.models.tokenizer import build_clip_tokenizer
 from sidscale.models.toy import ToyMixture
-from sidscale.schedule import VPSchedule
+from sidscale.schedule import FlowSchedule, VPSchedule
 
 log = logging.getLogger(__name__)
 
 # Bump when the fitting code changes in a way that changes the weights: it is part of the hash,
 # so stale cached teachers are not reused.
 FIT_VERSION = 2  # 2: the text encoder is fitted with the UNet (1: frozen at random init)
+# The same for the flow fit only (in the hash of flow specs only, so the eps teachers keep theirs).
+FLOW_FIT_VERSION = 1
+PARAMETERISATIONS = ("eps", "flow")
 # Stable Diffusion's training noise schedule (SD1.5 / SD2.1), written as the teacher's scheduler.
 SD_SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
@@ -61,6 +76,8 @@ SD_SCHEDULER_CONFIG: dict[str, Any] = {
     "clip_sample": False,
     "steps_offset": 1,
 }
+# The flow teacher's scheduler: diffusers' rectified-flow Euler scheduler without SD3's shift.
+FLOW_SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 1.0}
 
 
 @dataclasses.dataclass
@@ -88,13 +105,36 @@ class ToyTeacherSpec:
     eval_samples: int = 256
     eval_steps: int = 25
     eval_random_init: bool = True
+    # "eps" (VP, teacher.kind toy) | "flow" (rectified flow, velocity, teacher.kind toy_flow). The
+    # flow fit draws sigma ~ U(0, 1) and regresses the velocity with plain MSE (see _fit); it ignores
+    # high_noise_weight_max.
+    parameterisation: str = "eps"
+
+    def __post_init__(self) -> None:
+        if self.parameterisation not in PARAMETERISATIONS:
+            raise ValueError(f"ToyTeacherSpec.parameterisation = {self.parameterisation!r}: expected one of "
+                             f"{', '.join(PARAMETERISATIONS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def is_flow(self) -> bool:
+        return self.parameterisation == "flow"
+
     def digest(self) -> str:
-        blob = json.dumps({"fit_version": FIT_VERSION, **self.to_dict()}, sort_keys=True)
+        d = {"fit_version": FIT_VERSION, **self.to_dict()}
+        if self.is_flow:
+            d["flow_fit_version"] = FLOW_FIT_VERSION
+        else:
+            # NOTE: the eps spec hashes as it did before the field existed, so cached teachers stay valid.
+            del d["parameterisation"]
+        blob = json.dumps(d, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def cache_name(self) -> str:
+        return f"toy-{'flow-' if self.is_flow else ''}teacher-{self.digest()}"
 
 
 def load_toy_mixture(teacher_dir: str | os.PathLike) -> ToyMixture:
@@ -114,6 +154,15 @@ def unet_eps_fn(unet: torch.nn.Module):
     return eps_fn
 
 
+def unet_velocity_fn(unet: torch.nn.Module, time_scale: float = TIME_SCALE):
+    """A flow toy teacher's UNet as ``v_fn(x_t, sigma, cond)`` for ``flow_sample``."""
+
+    def v_fn(x_t: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return unet(x_t, sigma.float() * time_scale, **unet_kwargs(cond)).sample
+
+    return v_fn
+
+
 # ------------------------------------------------------------------------------------------ fit
 def _lr_at(step: int, spec: ToyTeacherSpec) -> float:
     """Linear warmup, then cosine decay to 5% of lr: the decay buys most of the final accuracy."""
@@ -125,16 +174,11 @@ def _lr_at(step: int, spec: ToyTeacherSpec) -> float:
 
 def _fit(spec: ToyTeacherSpec, out_dir: Path) -> dict[str, Any]:
     """Fit the teacher and write the whole teacher directory into ``out_dir`` (which exists)."""
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
     start = time.perf_counter()
     mixture = ToyMixture.from_dict(spec.mixture)
-    schedule = VPSchedule.from_settings(
-        **{
-            k: SD_SCHEDULER_CONFIG[k]
-            for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
-        }
-    )
+    schedule = _schedule(spec)
     channels, size, _ = mixture.shape
     unet_kw = dict(
         in_channels=channels, sample_size=size, cross_attention_dim=spec.text_hidden_size, **spec.unet
@@ -169,16 +213,27 @@ def _fit(spec: ToyTeacherSpec, out_dir: Path) -> dict[str, Any]:
         drop = torch.rand(b, generator=gen) < spec.uncond_prob
         idx = torch.where(drop, len(prompts), idx)
         labels = [prompts[i] if i < len(prompts) else "" for i in idx]
-        t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=gen)
-        x_t = schedule.add_noise(x0, torch.randn(x0.shape, generator=gen), t)
-        target = mixture.eps_exact(x_t, t, labels, schedule)
+        if spec.is_flow:
+            # NOTE: sigma ~ U(0, 1) covers the Euler sampler's levels evenly and both ends of the SiD-DiT
+            # loss levels (logit-normal). Plain velocity MSE: a velocity error is an x0 error / sigma, so
+            # high-noise steps already count at least as much (in x0 units) as in the eps fit's clamped
+            # weighting, without its fall-off at sigma -> 1, where the flow sampler and generator start.
+            t = torch.rand(b, generator=gen)
+            x_t = schedule.add_noise(x0, torch.randn(x0.shape, generator=gen), t)
+            target = mixture.velocity_exact(x_t, t, labels, schedule)
+            weight = torch.ones(b)
+        else:
+            t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=gen)
+            x_t = schedule.add_noise(x0, torch.randn(x0.shape, generator=gen), t)
+            target = mixture.eps_exact(x_t, t, labels, schedule)
+            abar = schedule.alphas_cumprod[t]
+            weight = ((1 - abar) / abar).clamp(1.0, spec.high_noise_weight_max)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, spec)
         if spec.train_text_encoder:
             table = encode_table()
-        pred = unet(x_t, t, encoder_hidden_states=table[idx]).sample
-        abar = schedule.alphas_cumprod[t]
-        weight = ((1 - abar) / abar).clamp(1.0, spec.high_noise_weight_max)
+        timestep = t * TIME_SCALE if spec.is_flow else t
+        pred = unet(x_t, timestep, encoder_hidden_states=table[idx]).sample
         loss = (weight * (pred - target).square().mean(dim=(1, 2, 3))).sum() / weight.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -193,6 +248,7 @@ def _fit(spec: ToyTeacherSpec, out_dir: Path) -> dict[str, Any]:
 
     report: dict[str, Any] = {
         "spec_digest": spec.digest(),
+        "parameterisation": spec.parameterisation,
         "fit_steps": spec.fit_steps,
         "batch_size": spec.batch_size,
         "final_loss": float(sum(losses[-20:]) / len(losses[-20:])) if losses else None,
@@ -208,7 +264,10 @@ def _fit(spec: ToyTeacherSpec, out_dir: Path) -> dict[str, Any]:
 
     unet.save_pretrained(out_dir / "unet")
     text_encoder.save_pretrained(out_dir / "text_encoder")
-    DDPMScheduler(**SD_SCHEDULER_CONFIG).save_pretrained(out_dir / "scheduler")
+    if spec.is_flow:
+        FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULER_CONFIG).save_pretrained(out_dir / "scheduler")
+    else:
+        DDPMScheduler(**SD_SCHEDULER_CONFIG).save_pretrained(out_dir / "scheduler")
     (out_dir / "toy_mixture.json").write_text(json.dumps(mixture.to_dict(), indent=2))
     (out_dir / "toy_teacher_spec.json").write_text(json.dumps(spec.to_dict(), indent=2))
     # written last: its presence marks a complete directory
@@ -216,16 +275,28 @@ def _fit(spec: ToyTeacherSpec, out_dir: Path) -> dict[str, Any]:
     return report
 
 
+def _schedule(spec: ToyTeacherSpec) -> VPSchedule | FlowSchedule:
+    if spec.is_flow:
+        return FlowSchedule()
+    return VPSchedule.from_settings(
+        **{
+            k: SD_SCHEDULER_CONFIG[k]
+            for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
+        }
+    )
+
+
 @torch.no_grad()
 def _evaluate(
     spec: ToyTeacherSpec,
     mixture: ToyMixture,
-    schedule: VPSchedule,
+    schedule: VPSchedule | FlowSchedule,
     unet: torch.nn.Module,
     table: torch.Tensor,
     unet_kw: dict[str, Any],
 ) -> dict[str, Any]:
-    """Toy Frechet of DDIM samples (cfg 1) vs exact samples, with the floors that make it readable."""
+    """Toy Frechet of DDIM samples (cfg 1; flow: the flow Euler sampler) vs exact samples, with the
+    floors that make it readable."""
     n, prompts = spec.eval_samples, mixture.prompts
     gen = torch.Generator().manual_seed(spec.seed + 12345)
     idx = torch.randint(0, len(prompts), (n,), generator=gen)
@@ -234,26 +305,33 @@ def _evaluate(
     x_T = torch.randn((n, *mixture.shape), generator=gen)
     cond = {"encoder_hidden_states": table[idx]}
 
-    def sample(eps_fn) -> torch.Tensor:
-        return ddim_sample(eps_fn, schedule, x_T.shape, cond, None, 1.0, spec.eval_steps, x_T=x_T)
+    sampler = flow_sample if spec.is_flow else ddim_sample
+    net_fn = unet_velocity_fn if spec.is_flow else unet_eps_fn
+
+    def sample(fn) -> torch.Tensor:
+        return sampler(fn, schedule, x_T.shape, cond, None, 1.0, spec.eval_steps, x_T=x_T)
 
     def accuracy(x: torch.Tensor, name: str) -> dict[str, float]:
         return {f"{name}_{k}_accuracy": v for k, v in mixture.prompt_accuracy(x, labels).items()}
 
-    def exact_eps(x_t, t, c):  # the sampler with the true score: discretisation error only
-        return mixture.eps_exact(x_t, t, [labels[i] for i in range(x_t.shape[0])], schedule)
+    def exact_prediction(x_t, t, c):  # the sampler with the true score: discretisation error only
+        p = [labels[i] for i in range(x_t.shape[0])]
+        if spec.is_flow:
+            return mixture.velocity_exact(x_t, t, p, schedule)
+        return mixture.eps_exact(x_t, t, p, schedule)
 
-    teacher_x, exact_eps_x = sample(unet_eps_fn(unet)), sample(exact_eps)
+    exact_name = "exact_velocity_euler" if spec.is_flow else "exact_eps_ddim"
+    teacher_x, exact_x = sample(net_fn(unet)), sample(exact_prediction)
     out = {
         "eval_samples": n,
         "eval_steps": spec.eval_steps,
         "teacher_frechet": toy_frechet(teacher_x, reference),
-        "exact_eps_ddim_frechet": toy_frechet(exact_eps_x, reference),
+        f"{exact_name}_frechet": toy_frechet(exact_x, reference),
         "exact_vs_exact_frechet": toy_frechet(mixture.sample(labels, gen), reference),
-        **accuracy(reference, "exact"), **accuracy(teacher_x, "teacher"), **accuracy(exact_eps_x, "exact_eps_ddim"),
+        **accuracy(reference, "exact"), **accuracy(teacher_x, "teacher"), **accuracy(exact_x, exact_name),
     }
     if spec.eval_random_init:
-        out["random_init_frechet"] = toy_frechet(sample(unet_eps_fn(build_tiny_unet(spec.seed, **unet_kw).eval())),
+        out["random_init_frechet"] = toy_frechet(sample(net_fn(build_tiny_unet(spec.seed, **unet_kw).eval())),
                                                  reference)
     return out
 
@@ -284,7 +362,7 @@ def ensure_toy_teacher(cache_dir: str | os.PathLike, spec: ToyTeacherSpec | None
     spec = spec or ToyTeacherSpec()
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    target = cache / f"toy-teacher-{spec.digest()}"
+    target = cache / spec.cache_name
     if _is_complete(target):
         return target
     with _file_lock(cache / f".{target.name}.lock"):
@@ -312,10 +390,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", required=True, help="where toy-teacher-<hash>/ is written")
     parser.add_argument("--fit-steps", type=int, default=None, help="override the default spec's fit steps")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--parameterisation", choices=PARAMETERISATIONS, default="eps",
+                        help="eps: the VP toy teacher (teacher.kind toy); flow: the rectified-flow one (toy_flow)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    spec = ToyTeacherSpec()
+    spec = ToyTeacherSpec(parameterisation=args.parameterisation)
     if args.fit_steps is not None:
         spec.fit_steps = args.fit_steps
     if args.seed is not None:
