@@ -319,7 +319,7 @@ def _stub_trainer(run_dir: Path, step: int, max_steps: int, saves: list) -> Simp
     cfg = SimpleNamespace(
         train=SimpleNamespace(max_steps=max_steps, global_batch=8, log_every=100, preview_every=100,
                               ckpt_every=100, export_at_end=False),
-        teacher=SimpleNamespace(kind="sd"), eval=SimpleNamespace(num_samples=0))
+        teacher=SimpleNamespace(kind="sd", is_toy=False), eval=SimpleNamespace(num_samples=0))
     stub = SimpleNamespace(cfg=cfg, run_dir=run_dir, step=step, images_seen=0, rank=1,
                            dist=SimpleNamespace(is_main=False),
                            prompts=SimpleNamespace(close=lambda: None))
