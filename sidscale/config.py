@@ -72,6 +72,11 @@ class TeacherConfig:
     # and 9 GB of T5-XXL never loaded) and its token count (SiD-DiT: 77; diffusers' pipeline: 256)
     t5: bool = True
     max_sequence_length: int = 77
+    # The frozen teacher network: true = partitioned across the ranks by an optimizer-less ZeRO-3
+    # engine (1/N of its weights per rank, gathered layer by layer while it runs); false = a full copy
+    # per rank; auto = replicated where the memory plan (sidscale/perf) says the run fits, else
+    # partitioned (the choice is logged). YAML's true/false are accepted as well as the strings.
+    partitioned: str = "auto"
 
     @property
     def is_toy(self) -> bool:
@@ -243,6 +248,11 @@ def _hints(cls: type) -> dict[str, Any]:
     return get_type_hints(cls)
 
 
+# str keys whose values include true / false (YAML 1.1 turns those into bools)
+_BOOL_OR_STR_KEYS = ("teacher.partitioned",)
+TEACHER_PLACEMENTS = ("auto", "true", "false")
+
+
 def _coerce(value: Any, tp: Any, path: str, source: str | None) -> Any:
     """Check ``value`` against the field type ``tp`` and convert where lossless; else ConfigError."""
     if isinstance(tp, types.UnionType) or get_origin(tp) is Union:
@@ -292,6 +302,8 @@ def _coerce(value: Any, tp: Any, path: str, source: str | None) -> Any:
         if not math.isfinite(value):
             raise ConfigError(f"{_where(source)}{path} = {value!r}: expected a finite float")
         return float(value)
+    if tp is str and path in _BOOL_OR_STR_KEYS and isinstance(value, bool):
+        return "true" if value else "false"  # YAML reads `partitioned: true` as a bool
     if tp is str:
         if not isinstance(value, str):
             raise _type_error(path, value, "a string", source)
@@ -358,6 +370,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check_enum("teacher.dtype", t.dtype, DTYPES)
     _check_enum("teacher.prediction_type", t.prediction_type, PREDICTION_TYPES)
     _check_enum("teacher.attention", t.attention, ATTENTION_MODES)
+    _check_enum("teacher.partitioned", t.partitioned, TEACHER_PLACEMENTS)
     _check_positive(t, "teacher", ["resolution", "max_sequence_length"])
     # NOTE: SD VAEs downsample by 8; any other size cannot map to a latent grid.
     _check(t.is_toy or t.resolution % 8 == 0, "teacher.resolution", t.resolution,
@@ -397,6 +410,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(0 <= tr.seed < 2**32, "train.seed", tr.seed, "an int in [0, 2**32)")
     _check_enum("train.precision", tr.precision, DTYPES)
     _check_enum("train.compile_backend", tr.compile_backend, COMPILE_BACKENDS)
+    # NOTE: ZeRO-3's gather/release hooks on the partitioned teacher's modules break compiled graphs.
+    _check(not (tr.compile and t.partitioned == "true"), "train.compile", tr.compile,
+           "false with teacher.partitioned = true (ZeRO-3's parameter hooks break torch.compile's graphs); "
+           "set teacher.partitioned=false or train.compile=false")
     _check(tr.global_batch % tr.micro_batch == 0, "train.global_batch", tr.global_batch,
            f"a multiple of train.micro_batch={tr.micro_batch}")
 

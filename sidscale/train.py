@@ -68,6 +68,7 @@ from sidscale.distributed.runtime import (
     shutdown_distributed,
 )
 from sidscale.distributed.sharded_ema import EMALayoutError, ShardedEMA
+from sidscale.distributed.teacher_partition import Placement, choose_placement, partition_teacher
 from sidscale.ema import ema_beta
 from sidscale.export import export_generator, network_from_state
 from sidscale.families import family_for_kind
@@ -206,10 +207,27 @@ class Trainer:
         check_identical_across_ranks({"teacher network": self.teacher.net,
                                       "text encoder(s)": self.teacher.conditioner})
 
+        # Where the frozen teacher lives (teacher.partitioned): decided on rank 0 (auto: from the memory
+        # plan) and broadcast, so every rank takes the same branch around the collectives below.
+        self.teacher_placement = comm.decide_on_rank0(self._choose_teacher_placement)
+        if self.dist.is_main:
+            log.info("teacher placement: %s", self.teacher_placement.reason)
+        if self.teacher_placement.partitioned and cfg.train.compile:
+            raise ConfigError(f"train.compile = true with a partitioned teacher ({self.teacher_placement.reason}): "
+                              "ZeRO-3's parameter hooks break the compiled graphs; set teacher.partitioned=false "
+                              "or train.compile=false")
+
+        # Under ZeRO-3 both nets are built straight into their partitions (no full fp32 copy per
+        # rank: sidscale.distributed.zero_init), from the teacher while it is still whole.
         self.gen_engine = build_engine(self.teacher.net, cfg.generator, self.ds_config)
         self.fake_engine = build_engine(self.teacher.net, cfg.fake, self.ds_config)
         if cfg.teacher.grad_checkpointing:
             self.teacher.net.enable_gradient_checkpointing()
+        # The partitioned teacher: ``teacher.net`` stays the network the method calls (the engine's
+        # ``.module``, never the engine's forward: sidscale.distributed.teacher_partition).
+        self.teacher_engine = None
+        if self.teacher_placement.partitioned:
+            self.teacher_engine = partition_teacher(self.teacher.net, self.ds_config, cfg.teacher.dtype)
         if cfg.train.precision != "fp16":
             # NOTE: with fp16 the loss scaler must see inf gradients to skip the step, so the
             # method's NaN->0 / inf->1e5 mapping applies to fp32 and bf16 only.
@@ -235,6 +253,16 @@ class Trainer:
         self.prompts = self._build_prompt_source()
         self.step, self.images_seen = 0, 0
         self.logger: RunLogger | None = None
+
+    def _choose_teacher_placement(self) -> Placement:
+        """``teacher.partitioned`` resolved (auto: sidscale.perf.placement, from the real networks)."""
+        setting = self.cfg.teacher.partitioned
+        if setting != "auto":
+            return choose_placement(setting)
+        from sidscale.perf.placement import replicated_teacher_fits
+
+        fits, detail = replicated_teacher_fits(self.teacher, self.cfg, self.ds_config, self.world, self.device)
+        return choose_placement(setting, fits, detail)
 
     # ----------------------------------------------------------------------------- data
     def _toy_prompts(self) -> list[str]:
@@ -469,16 +497,36 @@ class Trainer:
 
     @torch.no_grad()
     def preview(self) -> None:
+        if self.teacher_engine is not None:
+            self._partitioned_teacher_reference()
         with self.ema_network() as net:
             if net is not None:
                 self._preview_with(net)
 
     _preview_reference: torch.Tensor | None = None  # the teacher's preview samples (made once)
 
-    def _preview_with(self, net: torch.nn.Module) -> None:
+    def _preview_prompts(self) -> tuple[list[str], list[int]]:
         p = self.cfg.preview
         prompts = [q for q in p.prompts for _ in range(p.seeds_per_prompt)]
-        seeds = list(range(len(prompts)))
+        return prompts, list(range(len(prompts)))
+
+    _teacher_reference_made = False
+
+    def _partitioned_teacher_reference(self) -> None:
+        """The preview's teacher samples with a partitioned teacher, made once on EVERY rank: each of its
+        calls gathers the teacher's layers from all ranks (a collective), so rank 0 cannot run it alone.
+        Rank 0 keeps the images; no rank ever holds the whole teacher."""
+        steps = self.cfg.eval.teacher_steps
+        if self._teacher_reference_made or steps <= 0:
+            return
+        prompts, seeds = self._preview_prompts()
+        reference = self._teacher_samples(prompts, seeds, steps, self.settings.cfg_eval_real)
+        self._preview_reference = reference if self.dist.is_main else None
+        self._teacher_reference_made = True
+
+    def _preview_with(self, net: torch.nn.Module) -> None:
+        p = self.cfg.preview
+        prompts, seeds = self._preview_prompts()
         x0 = self.generate_with(net, prompts, seeds)
         images = self.family.decode(self.teacher.vae, x0, self.teacher.scaling_factor, self.teacher.shift_factor)
         steps, cfg = self.cfg.eval.teacher_steps, self.settings.cfg_eval_real
@@ -513,10 +561,39 @@ class Trainer:
 
     def toy_evaluation(self) -> dict | None:
         """One-step student vs the teacher's DDIM sampler, both against exact mixture samples."""
-        with self.ema_network() as net:
-            return None if net is None else self._toy_evaluation_with(net)
+        teacher_numbers = None
+        if self.teacher_engine is not None and self.cfg.eval.teacher_steps > 0:
+            # A partitioned teacher samples on every rank together (its calls are collectives), unless
+            # rank 0 has its numbers cached; rank 0 then only evaluates the student.
+            if comm.decide_on_rank0(lambda: self._cached_toy_teacher_numbers()[1] is None):
+                from sidscale.eval.toy_eval import toy_quality
+                from sidscale.models.toy_teacher import load_toy_mixture
 
-    def _toy_evaluation_with(self, unet: torch.nn.Module) -> dict:
+                ev = self.cfg.eval
+                teacher_numbers = toy_quality(self.teacher, load_toy_mixture(self.teacher.path), None,
+                                              ev.num_samples, ev.teacher_steps, self.settings.cfg_eval_real,
+                                              self.settings.t_init, settings=self.settings)
+        with self.ema_network() as net:
+            return None if net is None else self._toy_evaluation_with(net, teacher_numbers)
+
+    _TOY_TEACHER_KEYS = ("frechet_teacher_ddim", "prompt_accuracy_teacher_ddim", "colour_accuracy_teacher_ddim")
+
+    def _cached_toy_teacher_numbers(self) -> tuple[Path, dict | None]:
+        """The teacher's toy-evaluation cache file and its numbers (None: not cached, or an older format)."""
+        ev = self.cfg.eval
+        # The teacher's DDIM number depends only on the teacher and the evaluation settings (its
+        # reference samples are seeded), and costs 2 x teacher_steps forwards per sample: compute it
+        # once per teacher and setting, cache it beside the toy teacher.
+        cache = Path(self.cfg.teacher.cache_dir).expanduser() / "toy-eval-cache" / (hashlib.sha256(json.dumps(
+            [str(Path(self.teacher.path).resolve()), ev.num_samples, ev.teacher_steps, self.settings.cfg_eval_real],
+        ).encode()).hexdigest()[:16] + ".json")
+        cached = json.loads(cache.read_text()) if cache.is_file() else None
+        if cached is not None and not all(k in cached for k in self._TOY_TEACHER_KEYS):
+            cached = None  # written by an older version: recompute
+        return cache, cached
+
+    def _toy_evaluation_with(self, unet: torch.nn.Module, teacher_numbers: dict | None = None) -> dict:
+        """``teacher_numbers``: the teacher's part, already computed (by every rank, partitioned teacher)."""
         from sidscale.eval.toy_eval import toy_quality
         from sidscale.models.toy_teacher import load_toy_mixture
 
@@ -525,19 +602,18 @@ class Trainer:
         # are usually launched with OMP_NUM_THREADS=1 per rank).
         threads = torch.get_num_threads()
         torch.set_num_threads(max(threads, len(os.sched_getaffinity(0))))
-        # The teacher's DDIM number depends only on the teacher and the evaluation settings (its
-        # reference samples are seeded), and costs 2 x teacher_steps forwards per sample: compute it
-        # once per teacher and setting, cache it beside the toy teacher.
-        cache = Path(self.cfg.teacher.cache_dir).expanduser() / "toy-eval-cache" / (hashlib.sha256(json.dumps(
-            [str(Path(self.teacher.path).resolve()), ev.num_samples, ev.teacher_steps, self.settings.cfg_eval_real],
-        ).encode()).hexdigest()[:16] + ".json")
-        teacher_keys = ("frechet_teacher_ddim", "prompt_accuracy_teacher_ddim", "colour_accuracy_teacher_ddim")
-        cached = json.loads(cache.read_text()) if cache.is_file() else None
-        if cached is not None and not all(k in cached for k in teacher_keys):
-            cached = None  # written by an older version: recompute
+        cache, cached = self._cached_toy_teacher_numbers()
+        teacher_keys = self._TOY_TEACHER_KEYS
+        if cached is None and teacher_numbers is not None:
+            cached = {k: teacher_numbers[k] for k in teacher_keys}
+            with contextlib.suppress(OSError):  # a read-only cache dir only costs the recomputation
+                atomic_write_json(cache, cached)
         try:
+            # NOTE: the teacher runs here on rank 0 alone only when it is replicated (a partitioned
+            # teacher's numbers come in ``teacher_numbers`` or from the cache).
+            steps = 0 if cached or self.teacher_engine is not None else ev.teacher_steps
             result = toy_quality(self.teacher, load_toy_mixture(self.teacher.path), unet, ev.num_samples,
-                                 0 if cached else ev.teacher_steps, self.settings.cfg_eval_real, self.settings.t_init,
+                                 steps, self.settings.cfg_eval_real, self.settings.t_init,
                                  settings=self.settings)
         finally:
             torch.set_num_threads(threads)

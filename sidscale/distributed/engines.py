@@ -81,13 +81,34 @@ def clip_grad_values_before_step(optimizer: torch.optim.Optimizer, clip_value: f
     return optimizer.register_step_pre_hook(hook)
 
 
-def build_engine(teacher_unet: torch.nn.Module, net_cfg: NetConfig, ds_config: dict):
-    """A trainable fp32 copy of the teacher wrapped in a DeepSpeed engine (DeepSpeed casts it to
+CONSTRUCTIONS = ("auto", "copy", "zero_init")
+
+
+def build_engine(teacher_unet: torch.nn.Module, net_cfg: NetConfig, ds_config: dict, construct: str = "auto"):
+    """A trainable copy of the teacher wrapped in a DeepSpeed engine (DeepSpeed casts it to
     bf16/fp16 per ds_config and keeps fp32 master weights in the optimizer). The optimizer follows
-    the precision's rules: Adam eps and gradient value clipping (``sidscale.precision``)."""
+    the precision's rules: Adam eps and gradient value clipping (``sidscale.precision``).
+
+    ``construct``: ``copy`` = an fp32 deep copy of the teacher on every rank, then DeepSpeed
+    partitions it (ZeRO-1/2 keep the module whole anyway); ``zero_init`` = built under
+    ``deepspeed.zero.Init`` and loaded slice by slice, so no rank holds a full copy (ZeRO-3 only;
+    ``sidscale.distributed.zero_init``); ``auto`` = ``zero_init`` under ZeRO-3, else ``copy``.
+    Both give the same weights bit for bit."""
     import deepspeed
 
-    model = copy.deepcopy(teacher_unet).float().requires_grad_(True).train()
+    if construct not in CONSTRUCTIONS:
+        raise ValueError(f"construct = {construct!r}: expected one of {CONSTRUCTIONS}")
+    stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+    if construct == "auto":
+        construct = "zero_init" if stage == 3 else "copy"
+    if construct == "zero_init":
+        if stage != 3:
+            raise ValueError(f"construct = 'zero_init' needs zero_optimization.stage 3, the ds_config has {stage}")
+        from sidscale.distributed.zero_init import partitioned_copy
+
+        model = partitioned_copy(teacher_unet, ds_config)
+    else:
+        model = copy.deepcopy(teacher_unet).float().requires_grad_(True).train()
     if net_cfg.grad_checkpointing:
         model.enable_gradient_checkpointing()
     optimizer = build_optimizer(model.parameters(), net_cfg, ds_config)

@@ -10,7 +10,13 @@ Static, alive for the whole run:
   * fp32 master partition: 4*P/N (kept by ZeRO for bf16/fp16 and also for fp32);
   * Adam exp_avg + exp_avg_sq: 8*P/N.
 - generator EMA: fp32, sharded 1/N like the fp32 masters it averages (ShardedEMA).
-- teacher network and text encoder(s) (SD3: CLIP-L, bigG and the 4.8 B T5-XXL): replicated, in teacher.dtype.
+- teacher network and text encoder(s) (SD3: CLIP-L, bigG and the 4.8 B T5-XXL): replicated, in teacher.dtype;
+  or, with ``teacher_partitioned`` (teacher.partitioned, an optimizer-less ZeRO-3 engine), the teacher
+  network as tb*(P - P_persist)/N + tb*P_persist (parameters below stage3_param_persistence_threshold
+  stay whole on every rank) plus, while it runs (``gen_forward`` / ``gen_backward``), its gathered
+  layers ``teacher_gather``: the module running, the prefetched ones and the ones kept for reuse,
+  at most max(largest module, min(stage3_max_live_parameters, largest + prefetch bucket + reuse
+  distance)) elements (``sidscale.distributed.teacher_partition``);
 - network buffers (SD3's pos_embed table, 57-227 M elements; UNets have none): not parameters, so in no
   optimizer state and not partitioned by ZeRO-3; every rank holds them whole in each net. The generator
   and fake net keep them in fp32 (build_engine's ``.float()``; DeepSpeed 0.19 casts parameters only),
@@ -52,6 +58,13 @@ ZeRO-3 differs: it allocates its flat gradient partition (b*P/N) and one bucket 
 start-up and keeps them, so they are static terms there. Not modelled: ZeRO-3's gathered
 parameters with N > 1 (at most stage3_prefetch_bucket_size elements prefetched, plus the module
 running), which the single-rank measurement cannot see.
+
+Construction (``construction``, before the first iteration, not part of the training peak): the
+teacher whole in teacher.dtype (it is loaded whole, then partitioned), the text encoders, the
+generator built and the fake net being built. Its transient: the copy build
+(``copy.deepcopy(teacher).float()``, ZeRO-1/2) holds a full fp32 copy, 4*(P + buffers); the
+``deepspeed.zero.Init`` build (ZeRO-3, ``sidscale.distributed.zero_init``) only the module being
+constructed, b * the largest module, before ZeRO-3 partitions it.
 
 Activations: per-sample bytes are measured with saved_tensors_hooks on a meta-device forward at
 the preset's own latent size (sidscale.perf.activations), so no scaling by resolution is needed
@@ -95,6 +108,7 @@ class PlanInput:
     reduce_bucket_size: int | None = None  # elements; default: the ds_configs/zero{Z}.json value
     accumulation: int = 1  # micro-batches per optimizer step: >1 keeps gradients alive between them
     grad_accum_dtype: str | None = None  # default: what build_ds_config sets (fp32 for bf16, else the precision)
+    teacher_partitioned: bool = False  # teacher.partitioned: an optimizer-less ZeRO-3 teacher (module docstring)
 
     def accumulation_dtype(self) -> str:
         return self.grad_accum_dtype or ("fp32" if self.precision == "bf16" else self.precision)
@@ -111,17 +125,93 @@ class MemoryPlan:
     peak_phase: str = ""
     phases: dict[str, dict[str, float]] = field(default_factory=dict)  # every phase's transient terms
     max_micro_batch: int = 0
+    construction: dict[str, float] = field(default_factory=dict)  # bytes per GPU at the construction peak
 
     @property
     def total(self) -> float:
         return sum(self.terms.values())
 
+    @property
+    def construction_total(self) -> float:
+        return sum(self.construction.values())
+
     def to_dict(self) -> dict:
         d = {"inputs": {**self.inputs.__dict__, "cfg_scales": list(self.inputs.cfg_scales)},
              "terms_gib": {k: v / GIB for k, v in self.terms.items()}, "total_gib": self.total / GIB,
              "max_micro_batch": self.max_micro_batch, "peak_phase": self.peak_phase,
-             "phase_transient_gib": {k: sum(v.values()) / GIB for k, v in self.phases.items()}}
+             "phase_transient_gib": {k: sum(v.values()) / GIB for k, v in self.phases.items()},
+             "construction_gib": {k: v / GIB for k, v in self.construction.items()},
+             "construction_total_gib": self.construction_total / GIB}
         return d
+
+
+@dataclass(frozen=True)
+class NetCounts:
+    """Element counts of a denoiser network that the plan needs (``counts_of``)."""
+
+    params: int
+    buffers: int  # floating-point buffers (SD3's pos_embed)
+    largest_module: int  # the most parameters one module owns directly (what ZeRO-3 gathers at once)
+    persistent: int  # parameters in tensors of at most the persistence threshold (ZeRO-3 keeps them whole)
+
+
+def counts_of(net, persistence_threshold: int) -> NetCounts:
+    """``NetCounts`` of ``net`` (any device, meta included; a ZeRO-3 partitioned net counts its full sizes)."""
+    def numel(p) -> int:
+        return int(getattr(p, "ds_numel", p.numel()))
+
+    params = [numel(p) for p in net.parameters()]
+    largest = max((sum(numel(p) for p in m.parameters(recurse=False)) for m in net.modules()), default=0)
+    return NetCounts(params=sum(params), buffers=sum(b.numel() for b in net.buffers() if b.is_floating_point()),
+                     largest_module=largest, persistent=sum(n for n in params if n <= persistence_threshold))
+
+
+@lru_cache(maxsize=16)
+def preset_counts(preset: str, persistence_threshold: int) -> NetCounts:
+    return counts_of(build_preset_net(preset, "meta"), persistence_threshold)
+
+
+def teacher_zero_settings(zs: dict) -> dict:
+    """The ZeRO block the partitioned teacher runs with (``teacher_partition.teacher_ds_config``)."""
+    from sidscale.distributed.teacher_partition import teacher_ds_config
+
+    ds = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+          "zero_optimization": zs}
+    return teacher_ds_config(ds, "fp32")["zero_optimization"]
+
+
+def teacher_terms(c: NetCounts, teacher_bytes: int, gpus: int, partitioned: bool,
+                  zt: dict) -> tuple[dict[str, float], float]:
+    """(static bytes of the teacher network, bytes of its gathered layers while it runs), per GPU.
+
+    ``zt``: the teacher's ZeRO block (``teacher_zero_settings``). Replicated: the whole network, no
+    gathers. Partitioned: 1/N of the non-persistent parameters plus the persistent ones, and the
+    layers in flight (module docstring)."""
+    tb = teacher_bytes
+    if not partitioned:
+        return {"teacher_net": float(tb * c.params)}, 0.0
+    sharded = c.params - c.persistent
+    in_flight = max(c.largest_module, min(int(zt["stage3_max_live_parameters"]),
+                                          c.largest_module + int(zt["stage3_prefetch_bucket_size"])
+                                          + int(zt["stage3_max_reuse_distance"])))
+    static = {"teacher_net_partition": tb * sharded / gpus}
+    if c.persistent:
+        static["teacher_net_persistent"] = float(tb * c.persistent)
+    return static, float(tb * min(sharded, in_flight))
+
+
+def construction_terms(c: NetCounts, text_params: int, inp: PlanInput, trained_static: dict[str, float],
+                       zero_init: bool) -> dict[str, float]:
+    """Bytes per GPU at the construction peak: while the fake net is built (module docstring)."""
+    tb = DTYPES[inp.teacher_dtype or inp.precision].itemsize
+    b = DTYPES[inp.precision].itemsize
+    out = {"teacher_whole": float(tb * (c.params + c.buffers)), "text_encoders": float(tb * text_params),
+           "generator_built": sum(v for k, v in trained_static.items() if k.startswith("generator"))}
+    if zero_init:
+        out["fake_module_under_construction"] = float(b * c.largest_module + 4 * c.buffers)
+    else:
+        out["fake_fp32_copy"] = float(4 * (c.params + c.buffers))
+    return out
 
 
 def ds_zero_settings(zero: int) -> dict:
@@ -164,7 +254,7 @@ def checkpoint_blocks(preset: str) -> int:
 
 
 def _phases(inp: PlanInput, micro_batch: int, grads: float, buckets: float, p: int,
-            buffers: int) -> dict[str, dict[str, float]]:
+            buffers: int, teacher_gather: float = 0.0) -> dict[str, dict[str, float]]:
     """The transient bytes of each phase of one iteration (module docstring), term by term."""
     teacher_dtype = inp.teacher_dtype or inp.precision
     k1, k2, k4 = inp.cfg_scales
@@ -199,37 +289,37 @@ def _phases(inp: PlanInput, micro_batch: int, grads: float, buckets: float, p: i
                           "grads": grads, "grad_buckets": buckets},
         "gen_forward": {"activations": gen_saved + gen_recompute,
                         # from the second micro-batch on, G's accumulated gradient partition is alive
-                        "grads": grads if inp.accumulation > 1 else 0.0},
-        "gen_backward": {"activations": gen_acts, "grads": grads, "grad_buckets": buckets},
+                        "grads": grads if inp.accumulation > 1 else 0.0, "teacher_gather": teacher_gather},
+        # the backward leaves the teacher first: its layers are gathered again while G's activations live
+        "gen_backward": {"activations": gen_acts, "grads": grads, "grad_buckets": buckets,
+                         "teacher_gather": teacher_gather},
         "optimizer_step": step,
         "preview": {"preview_net": DTYPES[teacher_dtype].itemsize * (p + buffers),
                     "ema_gather_buffers": 4.0 * min(p, GATHER_CHUNK_ELEMENTS)},
     }
 
 
-def plan(inp: PlanInput, micro_batch: int | None = None) -> MemoryPlan:
-    """Predicted peak bytes per GPU: static terms plus the largest phase (module docstring).
-
-    ``micro_batch`` overrides ``inp.micro_batch`` and skips the largest-micro-batch search.
-    """
-    mb = inp.micro_batch if micro_batch is None else micro_batch
+def static_terms(inp: PlanInput, counts: NetCounts, text_params: int,
+                 zs: dict) -> tuple[dict[str, float], float, float, float]:
+    """(static bytes per GPU by term, transient gradient bytes, reduction-bucket bytes, teacher gather
+    bytes) of a network with ``counts`` under ZeRO block ``zs`` (module docstring). The plan's and the
+    trainer's (``sidscale.perf.placement``) one formula."""
     n, z = inp.gpus, inp.zero
     b = DTYPES[inp.precision].itemsize
     tb = DTYPES[inp.teacher_dtype or inp.precision].itemsize
-    net_p, text_p = param_counts(inp.preset)
-    buf = buffer_elements(inp.preset)
-    zs = ds_zero_settings(z)
+    net_p, buf = counts.params, counts.buffers
     terms: dict[str, float] = {}
     for name in ("generator", "fake"):
         terms[f"{name}_params"] = b * net_p / (n if z == 3 else 1)
         terms[f"{name}_fp32_master"] = 4 * net_p / n
         terms[f"{name}_adam_states"] = 8 * net_p / n
     terms["ema_fp32"] = 4 * net_p / n
-    terms["teacher_net"] = tb * net_p
+    teacher_static, teacher_gather = teacher_terms(counts, tb, n, inp.teacher_partitioned, teacher_zero_settings(zs))
+    terms.update(teacher_static)
     if buf:  # whole on every rank, fp32 in the two engines (module docstring)
         terms["generator_buffers"] = terms["fake_buffers"] = 4.0 * buf
         terms["teacher_buffers"] = tb * buf
-    terms["text_encoders"] = tb * text_p
+    terms["text_encoders"] = tb * text_params
     g = DTYPES[inp.accumulation_dtype()].itemsize
     grads = b * net_p if z == 1 else g * net_p / n
     bucket_bytes = float(inp.reduce_bucket_size or zs["reduce_bucket_size"]) * b
@@ -245,10 +335,24 @@ def plan(inp: PlanInput, micro_batch: int | None = None) -> MemoryPlan:
             if zs.get("contiguous_gradients", True):
                 terms[f"{name}_grad_bucket"] = bucket_bytes
         grads = 0.0
-    phases = _phases(inp, mb, grads, buckets, net_p, buf)
+    return terms, grads, buckets, teacher_gather
+
+
+def plan(inp: PlanInput, micro_batch: int | None = None) -> MemoryPlan:
+    """Predicted peak bytes per GPU: static terms plus the largest phase (module docstring).
+
+    ``micro_batch`` overrides ``inp.micro_batch`` and skips the largest-micro-batch search.
+    """
+    mb = inp.micro_batch if micro_batch is None else micro_batch
+    _, text_p = param_counts(inp.preset)
+    zs = ds_zero_settings(inp.zero)
+    counts = preset_counts(inp.preset, int(teacher_zero_settings(zs)["stage3_param_persistence_threshold"]))
+    terms, grads, buckets, teacher_gather = static_terms(inp, counts, text_p, zs)
+    construction = construction_terms(counts, text_p, inp, terms, zero_init=inp.zero == 3)
+    phases = _phases(inp, mb, grads, buckets, counts.params, counts.buffers, teacher_gather)
     peak = max(phases, key=lambda k: sum(phases[k].values()))
     terms.update({f"{k} ({peak})": v for k, v in phases[peak].items() if v})
-    out = MemoryPlan(inp, terms, peak_phase=peak, phases=phases)
+    out = MemoryPlan(inp, terms, peak_phase=peak, phases=phases, construction=construction)
     out.max_micro_batch = max_micro_batch(inp) if micro_batch is None else 0
     return out
 

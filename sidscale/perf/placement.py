@@ -1,0 +1,120 @@
+"""``teacher.partitioned = auto``: does the run fit with a replicated teacher? The memory plan, on the real run.
+
+The same formulas as ``sidscale.perf.memory_plan`` (``static_terms``), fed with the run's own
+networks instead of a preset: the teacher network's element counts (``counts_of``), its text
+encoders, the run's ds_config (ZeRO stage, buckets), world size, micro-batch, accumulation,
+precisions and CFG scales. The generator step's activations (G trainable, the frozen fake net and
+the teacher with their CFG batches, the usual peak) are measured with saved-tensor hooks on a
+``meta``-device copy of the network through the family's own prediction function, so no memory is
+spent and no family is named here; where that measurement is impossible (a network that cannot run
+on meta) the decision uses the model states alone and says so.
+
+Replicated when model states + those activations fit the device memory of one rank (a CUDA device:
+its total memory; the CPU: the host's memory divided among the node's ranks), partitioned otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from sidscale.perf.memory_plan import GIB, PlanInput, counts_of, static_terms, teacher_zero_settings
+
+# fraction of the device memory the plan may fill: allocator fragmentation and the buffers the plan
+# does not model (sid_dit_method.md 5.4: add 10-15 %)
+USABLE_FRACTION = 0.9
+
+
+def device_capacity_bytes(device: torch.device) -> int:
+    """Memory of one rank's device: a GPU's total memory; on the CPU, host memory / ranks on this node."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) or 1
+    return int(total // local)
+
+
+def _saved_bytes(pred, x: torch.Tensor, t: torch.Tensor, cond: dict, params: list) -> int:
+    from sidscale.perf.activations import flash_sdpa_on_meta, saved_tensor_bytes
+
+    with torch.enable_grad(), flash_sdpa_on_meta():
+        return saved_tensor_bytes(lambda: pred(x, t, cond), params)
+
+
+def generator_step_activation_bytes(teacher: Any, cfg: Any) -> float:
+    """Saved-activation bytes of one generator step's forward (G + fake + teacher, CFG batches), on meta.
+
+    Raises when the network cannot be copied or run on meta (the caller falls back)."""
+    from sidscale.method.sid_lsg import MethodSettings
+    from sidscale.models.teacher import DTYPES
+
+    settings = MethodSettings.from_config(cfg.method)
+    mb = cfg.train.micro_batch
+    net_cls = type(teacher.net)
+    with torch.device("meta"):
+        meta_net = net_cls.from_config(dict(teacher.net.config))
+    level = teacher.schedule.draw_loss_level(settings, torch.Generator().manual_seed(0))
+    cond_dev = teacher.conditioner.empty(1)
+
+    def one(dtype_name: str, trainable: bool, batch: int, ckpt: bool) -> int:
+        net = meta_net.to(DTYPES[dtype_name]).requires_grad_(trainable).train()
+        if ckpt and hasattr(net, "enable_gradient_checkpointing"):
+            net.enable_gradient_checkpointing()
+        elif hasattr(net, "disable_gradient_checkpointing"):
+            net.disable_gradient_checkpointing()
+        pred = teacher.family.prediction_fn(net, teacher.schedule)
+        x = torch.empty(batch, *teacher.latent_shape, device="meta", requires_grad=True)
+        t = teacher.schedule.level_tensor(float(level) if level.is_floating_point() else int(level), batch, "meta")
+        cond = {k: v.expand(batch, *v.shape[1:]).to("meta") for k, v in cond_dev.items()}
+        return _saved_bytes(pred, x, t, cond, [*net.parameters(), *net.buffers()])
+
+    def cfg_batch(k: float) -> int:
+        return 2 * mb if k != 1.0 else mb
+
+    return float(one(cfg.train.precision, True, mb, cfg.generator.grad_checkpointing)
+                 + one(cfg.train.precision, False, cfg_batch(settings.cfg_eval_fake), cfg.fake.grad_checkpointing)
+                 + one(cfg.teacher.dtype, False, cfg_batch(settings.cfg_eval_real), cfg.teacher.grad_checkpointing))
+
+
+def plan_input_for_run(cfg: Any, ds_config: dict, world: int, partitioned: bool) -> PlanInput:
+    from sidscale.config import accumulation_steps
+
+    zs = ds_config["zero_optimization"]
+    m = cfg.method
+    return PlanInput(preset="(this run)", gpus=world, zero=int(zs["stage"]), micro_batch=cfg.train.micro_batch,
+                     precision=cfg.train.precision, teacher_dtype=cfg.teacher.dtype,
+                     grad_checkpointing=cfg.generator.grad_checkpointing,
+                     cfg_scales=(m.cfg_train_fake, m.cfg_eval_fake, m.cfg_eval_real),
+                     reduce_bucket_size=zs.get("reduce_bucket_size"), accumulation=accumulation_steps(cfg, world),
+                     grad_accum_dtype=(ds_config.get("data_types") or {}).get("grad_accum_dtype"),
+                     teacher_partitioned=partitioned)
+
+
+def replicated_teacher_fits(teacher: Any, cfg: Any, ds_config: dict, world: int,
+                            device: torch.device) -> tuple[bool, str]:
+    """(fits with a replicated teacher, the numbers as one sentence for the log)."""
+    zs = {"reduce_bucket_size": 500_000_000, **ds_config["zero_optimization"]}
+    threshold = int(teacher_zero_settings(zs)["stage3_param_persistence_threshold"])
+    counts = counts_of(teacher.net, threshold)
+    text_params = sum(p.numel() for p in teacher.conditioner.parameters()) if hasattr(
+        teacher.conditioner, "parameters") else 0
+    totals = {}
+    for partitioned in (False, True):
+        terms, _, _, gather = static_terms(plan_input_for_run(cfg, ds_config, world, partitioned), counts,
+                                           text_params, zs)
+        totals[partitioned] = (sum(terms.values()), gather)
+    try:
+        acts: float | None = generator_step_activation_bytes(teacher, cfg)
+    except Exception as e:  # noqa: BLE001 - any failure of the meta run only removes one term
+        acts, why = None, f"{type(e).__name__}: {e}"
+    capacity = device_capacity_bytes(device) * USABLE_FRACTION
+    replicated = totals[False][0] + (acts or 0.0)
+    act_text = (f"{acts / GIB:.3f} GiB generator-step activations at micro-batch {cfg.train.micro_batch}"
+                if acts is not None else f"activations not counted (meta run failed: {why})")
+    detail = (f"memory plan, {world} rank(s), ZeRO-{zs['stage']}: replicated teacher {totals[False][0] / GIB:.3f} GiB "
+              f"model states + {act_text} = {replicated / GIB:.3f} GiB vs {capacity / GIB:.1f} GiB usable "
+              f"({USABLE_FRACTION:.0%} of {device.type} memory per rank); partitioned teacher "
+              f"{totals[True][0] / GIB:.3f} GiB model states + {totals[True][1] / GIB:.3f} GiB gathered layers")
+    return replicated <= capacity, detail
