@@ -52,7 +52,13 @@ def teacher_ds_config(ds_config: dict, teacher_dtype: str) -> dict:
     if teacher_dtype not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"teacher.dtype = {teacher_dtype!r}: expected fp32, bf16 or fp16")
     user_zero = ds_config.get("zero_optimization") or {}
-    zero = {"stage": 3, **DEFAULT_TEACHER_ZERO}
+    # NOTE: memory_efficient_linear false: partitioning an existing module with it on replaces
+    # torch.nn.functional.linear process-wide by DeepSpeed's LinearFunctionForZeroStage3 (and it is
+    # never restored), which rounds differently from torch's: every later linear of the generator,
+    # the fake net and the text encoders would change with the teacher's placement. torch's linear
+    # saves the parameter itself for the backward, which ZeRO-3 gathers again before the module's
+    # backward runs, so the result is the same (tests/test_teacher_partition.py).
+    zero = {"stage": 3, **DEFAULT_TEACHER_ZERO, "memory_efficient_linear": False}
     zero.update({k: copy.deepcopy(user_zero[k]) for k in _INHERITED_ZERO_KEYS if k in user_zero})
     return {
         "train_batch_size": ds_config["train_batch_size"],
@@ -116,3 +122,33 @@ def choose_placement(setting: str, fits_replicated: bool | None = None, detail: 
         return Placement(False, setting, f"teacher.partitioned = auto: replicated ({detail})")
     where = "replicated" if fits_replicated else "partitioned"
     return Placement(not fits_replicated, setting, f"teacher.partitioned = auto: {where} ({detail})")
+
+
+class GatherProbe:
+    """Records the most elements of a partitioned network held whole at once during its forwards
+    (each module's pre- and post-forward hooks, checkpoint recomputations included). Diagnostics for
+    the tests and benchmarks; ``remove()`` detaches it."""
+
+    def __init__(self, net: torch.nn.Module):
+        self.net = net
+        self.peak = 0
+        self.peak_names: list[str] = []  # the parameters held whole at the peak
+        self._handles = []
+        for m in net.modules():
+            self._handles.append(m.register_forward_pre_hook(lambda *_: self._record()))
+            self._handles.append(m.register_forward_hook(lambda *_: self._record()))
+
+    def now(self) -> int:
+        return gathered_teacher_elements(self.net)
+
+    def _record(self) -> None:
+        now = self.now()
+        if now > self.peak:
+            self.peak = now
+            self.peak_names = [n for n, p in self.net.named_parameters()
+                               if p.data.numel() > 0 and not getattr(p, "ds_persist", False)]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()

@@ -13,7 +13,8 @@ teacher). The result equals the copy build bit for bit (tests/test_teacher_parti
   ``.float()`` and DeepSpeed's own cast of the fp32 copy to bf16/fp16;
 - buffers (not partitioned by ZeRO-3): the teacher's, in fp32, as ``.float()`` leaves them (DeepSpeed
   0.19 casts parameters only);
-- attention processors: the teacher's (a fresh construction would get the library's default);
+- attention processors and gradient checkpointing: the teacher's (a fresh construction would get the
+  library's defaults);
 - the global RNG: untouched (the throw-away random initialisation runs in a forked RNG).
 """
 
@@ -94,4 +95,6 @@ def partitioned_copy(teacher_net: torch.nn.Module, ds_config: dict) -> torch.nn.
         want = want.float() if want.is_floating_point() else want
         buf.data = want.clone()  # where the copy build keeps them: on the teacher's device
     copy_attention_processors(teacher_net, model)
+    if getattr(teacher_net, "is_gradient_checkpointing", False):  # a deep copy would carry it over too
+        model.enable_gradient_checkpointing()
     return model.requires_grad_(True).train()

@@ -14,9 +14,10 @@ Static, alive for the whole run:
   or, with ``teacher_partitioned`` (teacher.partitioned, an optimizer-less ZeRO-3 engine), the teacher
   network as tb*(P - P_persist)/N + tb*P_persist (parameters below stage3_param_persistence_threshold
   stay whole on every rank) plus, while it runs (``gen_forward`` / ``gen_backward``), its gathered
-  layers ``teacher_gather``: the module running, the prefetched ones and the ones kept for reuse,
-  at most max(largest module, min(stage3_max_live_parameters, largest + prefetch bucket + reuse
-  distance)) elements (``sidscale.distributed.teacher_partition``);
+  layers ``teacher_gather``: the block running (measured: DeepSpeed 0.19 held one whole transformer
+  block gathered at once, tiny SD3.5 on 2 ranks), the prefetched ones and the ones kept for reuse, at
+  most max(B, min(stage3_max_live_parameters, B + prefetch bucket + reuse distance)) elements, B the
+  largest block (``NetCounts``; ``sidscale.distributed.teacher_partition``);
 - network buffers (SD3's pos_embed table, 57-227 M elements; UNets have none): not parameters, so in no
   optimizer state and not partitioned by ZeRO-3; every rank holds them whole in each net. The generator
   and fake net keep them in fp32 (build_engine's ``.float()``; DeepSpeed 0.19 casts parameters only),
@@ -85,6 +86,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+import torch
+
 from sidscale.distributed.sharded_ema import GATHER_CHUNK_ELEMENTS
 from sidscale.models.teacher import DTYPES
 from sidscale.perf.activations import net_saved_bytes
@@ -151,8 +154,11 @@ class NetCounts:
 
     params: int
     buffers: int  # floating-point buffers (SD3's pos_embed)
-    largest_module: int  # the most parameters one module owns directly (what ZeRO-3 gathers at once)
+    largest_module: int  # the most parameters one module owns directly
     persistent: int  # parameters in tensors of at most the persistence threshold (ZeRO-3 keeps them whole)
+    # the most parameters of one block (an element of a ModuleList: a transformer / UNet block), what
+    # ZeRO-3 was measured to hold gathered at once on a partitioned teacher (tiny SD3.5, 2 ranks)
+    largest_block: int = 0
 
 
 def counts_of(net, persistence_threshold: int) -> NetCounts:
@@ -162,8 +168,11 @@ def counts_of(net, persistence_threshold: int) -> NetCounts:
 
     params = [numel(p) for p in net.parameters()]
     largest = max((sum(numel(p) for p in m.parameters(recurse=False)) for m in net.modules()), default=0)
+    blocks = [sum(numel(p) for p in b.parameters()) for m in net.modules() if isinstance(m, torch.nn.ModuleList)
+              for b in m]
     return NetCounts(params=sum(params), buffers=sum(b.numel() for b in net.buffers() if b.is_floating_point()),
-                     largest_module=largest, persistent=sum(n for n in params if n <= persistence_threshold))
+                     largest_module=largest, persistent=sum(n for n in params if n <= persistence_threshold),
+                     largest_block=max([largest, *blocks]))
 
 
 @lru_cache(maxsize=16)
@@ -191,9 +200,9 @@ def teacher_terms(c: NetCounts, teacher_bytes: int, gpus: int, partitioned: bool
     if not partitioned:
         return {"teacher_net": float(tb * c.params)}, 0.0
     sharded = c.params - c.persistent
-    in_flight = max(c.largest_module, min(int(zt["stage3_max_live_parameters"]),
-                                          c.largest_module + int(zt["stage3_prefetch_bucket_size"])
-                                          + int(zt["stage3_max_reuse_distance"])))
+    block = max(c.largest_block, c.largest_module)
+    in_flight = max(block, min(int(zt["stage3_max_live_parameters"]),
+                               block + int(zt["stage3_prefetch_bucket_size"]) + int(zt["stage3_max_reuse_distance"])))
     static = {"teacher_net_partition": tb * sharded / gpus}
     if c.persistent:
         static["teacher_net_persistent"] = float(tb * c.persistent)
