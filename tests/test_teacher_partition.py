@@ -89,10 +89,11 @@ def test_the_teacher_is_really_partitioned(ranks):
         assert numel / WORLD <= res["teacher_partition_numel"] <= numel / WORLD + len(res["teacher_full"])
         assert res["plan_partition_elements"] == {"teacher_net_partition": numel / WORLD}
         # ... and while it runs, at most what the memory plan predicts (one block with prefetch and
-        # reuse 0 in this run; measured: exactly one transformer block), nothing left afterwards
+        # reuse 0 in this run; measured: one transformer block, in the checkpoint recomputation of
+        # the generator's backward), nothing left afterwards
         gathered = res["partitioned"]["gathered_max"]
         assert 0 < gathered <= res["plan_gather_elements"] < numel / 2
-        assert {n.split(".")[1] for n in res["partitioned"]["gathered_names"]} == {"0"}  # transformer_blocks.0
+        assert len({".".join(n.split(".")[:2]) for n in res["partitioned"]["gathered_names"]}) == 1  # one block
         assert res["partitioned"]["gathered_after"] == 0
 
 
