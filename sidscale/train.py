@@ -177,6 +177,8 @@ def checkpoint_complete(run_dir: Path, step: int) -> bool:
 
 
 class Trainer:
+    teacher_engine = None  # the partitioned teacher's optimizer-less ZeRO-3 engine (teacher.partitioned)
+
     def __init__(self, cfg: Config, run_dir: Path, dist_info: DistInfo, teacher: Teacher | None = None):
         """``teacher``: an already built teacher (benchmarks build real-size random-weight ones from
         ``sidscale.models.presets``); by default it is loaded from ``cfg.teacher``."""

@@ -186,3 +186,40 @@ def test_teacher_ds_config_has_no_optimizer_and_the_teacher_dtype():
     assert cfg["zero_optimization"]["offload_param"] == user["zero_optimization"]["offload_param"]
     assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"] and "optimizer" not in cfg
     assert not teacher_ds_config(user, "fp32")["bf16"]["enabled"]
+
+
+def test_auto_placement_follows_the_memory_plan(tiny_toy_teacher, monkeypatch):
+    """``auto`` replicates exactly when the plan's bytes with a replicated teacher fit the device."""
+    from sidscale.config import load_config
+    from sidscale.distributed.ds_config import build_ds_config
+    from sidscale.distributed.teacher_partition import choose_placement
+    from sidscale.models.teacher import load_teacher
+    from sidscale.perf import placement
+    from sidscale.perf.placement import USABLE_FRACTION, placement_numbers, replicated_teacher_fits
+
+    cfg = load_config("toy", [f"teacher.path={tiny_toy_teacher}", "teacher.dtype=fp32", "teacher.resolution=8",
+                              "train.precision=fp32", "train.global_batch=8", "train.micro_batch=2",
+                              "deepspeed.config=ds_configs/zero3.json"])
+    teacher = load_teacher(cfg.teacher)
+    ds = build_ds_config(cfg, 2)
+    cpu = torch.device("cpu")
+    p = sum(t.numel() for t in teacher.net.parameters())
+    # zero3.json keeps tensors of <= 1e5 elements whole on every rank: all of the tiny UNet's
+    assert max(t.numel() for t in teacher.net.parameters()) <= 100_000
+    n = placement_numbers(teacher, cfg, ds, 2, cpu)
+    assert n["replicated_teacher"] == n["partitioned_teacher"] == 4 * p
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    n = placement_numbers(teacher, cfg, ds, 2, cpu)
+    assert n["replicated_teacher"] == 4 * p  # fp32, whole
+    assert n["partitioned_teacher"] == 4 * p / 2  # half
+    assert n["replicated_model_states"] - n["partitioned_model_states"] == n["replicated_teacher"] - \
+        n["partitioned_teacher"]
+    assert n["activations"] and n["activations"] > 0  # measured on meta through the family's prediction function
+    need = n["replicated_model_states"] + n["activations"]
+    for capacity, fits in ((need / USABLE_FRACTION * 1.01, True), (need / USABLE_FRACTION * 0.99, False)):
+        monkeypatch.setattr(placement, "device_capacity_bytes", lambda device, c=capacity: int(c))
+        ok, detail = replicated_teacher_fits(teacher, cfg, ds, 2, cpu)
+        assert ok is fits and "GiB" in detail
+        chosen = choose_placement("auto", ok, detail)
+        assert chosen.partitioned is not fits and ("partitioned" if not fits else "replicated") in chosen.reason
+    assert choose_placement("true").partitioned and not choose_placement("false").partitioned

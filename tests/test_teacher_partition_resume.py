@@ -17,19 +17,24 @@ from tests.reference_run import assert_identical
 STEPS = 4
 
 
-def overrides(teacher, cache) -> list[str]:
+def overrides(teacher, cache, ds_config) -> list[str]:
     return ["train.precision=fp32", "teacher.dtype=fp32", "teacher.resolution=8", f"teacher.path={teacher}",
             "train.global_batch=8", "train.micro_batch=2", "data.shards=indexed:toy", "train.seed=3",
             "generator.lr=1e-2", "fake.lr=1e-2", "train.ema_halflife_kimg=0.01", "train.log_every=1",
             f"train.max_steps={STEPS}", "train.ckpt_every=2", "train.preview_every=2", "train.keep_last=5",
             "train.export_at_end=true", "eval.num_samples=16", "eval.teacher_steps=2", f"teacher.cache_dir={cache}",
-            "deepspeed.config=ds_configs/zero3.json", "teacher.partitioned=true"]
+            f"deepspeed.config={ds_config}", "teacher.partitioned=true"]
 
 
 @pytest.mark.slow
 def test_partitioned_teacher_run_resumes_exactly(tmp_path, tiny_toy_teacher):
+    from tests.teacher_partition_worker import write_ds_config
+
+    # ZeRO-3 with no persistent parameters and no prefetch: the toy teacher's tensors (all below
+    # zero3.json's 1e5-element persistence threshold) are really partitioned and gathered one by one
+    ds_config = write_ds_config(tmp_path / "zero3_small.json")
     full = tmp_path / "full"
-    proc = run_trainer(full, overrides(tiny_toy_teacher, tmp_path / "cache"))
+    proc = run_trainer(full, overrides(tiny_toy_teacher, tmp_path / "cache", ds_config))
     assert "teacher placement: teacher.partitioned = true" in proc.stderr + proc.stdout
     assert (full / "samples" / "step_00000002.png").is_file()  # the preview with the teacher's reference
     assert (full / "export").is_dir()
@@ -50,6 +55,6 @@ def test_partitioned_teacher_run_resumes_exactly(tmp_path, tiny_toy_teacher):
     shutil.copytree(full, split)
     shutil.rmtree(ckpt_lib.step_dir(split, STEPS))
     ckpt_lib.mark_latest(split, ckpt_lib.step_dir(split, 2))
-    proc = run_trainer(split, overrides(tiny_toy_teacher, tmp_path / "cache"))
+    proc = run_trainer(split, overrides(tiny_toy_teacher, tmp_path / "cache", ds_config))
     assert "resumed from" in proc.stdout and "step_00000002" in proc.stdout
     assert_identical(split, full, steps=STEPS)

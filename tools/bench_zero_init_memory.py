@@ -13,9 +13,11 @@ Each case starts ``world`` fresh processes (one per rank, gloo) so every rank's 
    then DeepSpeed partitions) or the ``deepspeed.zero.Init`` build (``sidscale.distributed.zero_init``);
 3. partitions the teacher (``teacher.partitioned``: ``sidscale.distributed.teacher_partition``).
 
-Reported per rank, in MiB: the resident set after each phase and the peak during each phase (the
-peak is reset between phases by writing 5 to /proc/self/clear_refs), next to the memory plan's
-``construction`` terms for the same network. Results: bench/results/cpu_zero_init_memory_<date>.{json,md}.
+Reported per rank, in MiB, for each phase: how far the peak resident set rose above the resident set
+before the phase, and how much stayed resident after it (glibc's freed heap is returned with
+``malloc_trim`` before each reading, and the peak is reset between phases by writing 5 to
+/proc/self/clear_refs), next to the memory plan's terms for the same network.
+Results: bench/results/cpu_zero_init_memory_<date>.{json,md}.
 """
 
 from __future__ import annotations
@@ -59,17 +61,33 @@ def reset_peak() -> bool:
 
 
 def build_teacher(device: str = "cpu"):
-    """The benchmark's frozen bf16 teacher (``device="meta"``: shapes only)."""
+    """The benchmark's frozen bf16 teacher, made in bf16 directly (no fp32 copy first: the host memory
+    at start is the teacher's own); random N(0, 0.02) weights. ``device="meta"``: shapes only."""
     import torch
     from diffusers import UNet2DConditionModel
 
     from sidscale.perf.setup import arch_preset
 
     cfg = {**arch_preset("mid").unet, "block_out_channels": UNET_WIDTHS, "cross_attention_dim": CROSS_ATTENTION}
-    torch.manual_seed(0)
-    with torch.device(device):
-        net = UNet2DConditionModel(**cfg)
-    return net.to(torch.bfloat16).requires_grad_(False).eval()
+    with torch.device("meta"):
+        net = UNet2DConditionModel(**cfg).to(torch.bfloat16)
+    if device != "meta":
+        net = net.to_empty(device=device)
+        g = torch.Generator(device=device).manual_seed(0)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.normal_(0.0, 0.02, generator=g)
+    return net.requires_grad_(False).eval()
+
+
+def trim() -> None:
+    """Give freed heap memory back to the OS (glibc keeps it otherwise), so VmRSS is the live memory."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -89,10 +107,14 @@ def worker(args: argparse.Namespace) -> None:
     phases["start"] = status()
 
     def phase(name: str, fn):
+        trim()
+        phases[f"before_{name}"] = status()
         reset_peak()
         t0 = time.perf_counter()
         out = fn()
-        phases[name] = {**status(), "seconds": round(time.perf_counter() - t0, 2)}
+        peak = status()["VmHWM"]
+        trim()
+        phases[name] = {**status(), "VmHWM": peak, "seconds": round(time.perf_counter() - t0, 2)}
         return out
 
     teacher = phase("teacher", build_teacher)
@@ -115,8 +137,10 @@ def run_case(world: int, build: str, out_dir: Path) -> list[dict]:
     from sidscale.distributed.runtime import free_port
 
     port = free_port()
+    # NOTE: a fixed mmap threshold: glibc otherwise raises it after each large free, serves the next
+    # tensors from the heap and cannot give that memory back, so VmRSS would count freed tensors
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               PYTHONPATH=str(REPO))
+               PYTHONPATH=str(REPO), MALLOC_MMAP_THRESHOLD_="131072")
     outs = [out_dir / f"{build}_w{world}_r{r}.json" for r in range(world)]
     procs = [subprocess.Popen([sys.executable, __file__, "--worker", "--rank", str(r), "--world", str(world),
                                "--port", str(port), "--build", build, "--out", str(outs[r])], env=env)
@@ -136,40 +160,52 @@ def predicted(world: int, build: str) -> dict[str, float]:
     zs = json.loads((REPO / "ds_configs" / "zero3.json").read_text())["zero_optimization"]
     terms, *_ = static_terms(inp, counts, 0, zs)
     cons = construction_terms(counts, 0, inp, terms, zero_init=build == "zero_init")
-    return {"construction_peak_mib": sum(cons.values()) / MIB, "construction_terms_mib":
-            {k: v / MIB for k, v in cons.items()},
-            "one_engine_mib": sum(v for k, v in terms.items() if k.startswith("generator")) / MIB,
-            "teacher_mib": 2 * counts.params / MIB, "teacher_partition_mib": 2 * counts.params / world / MIB}
+    # what exists right after deepspeed.initialize: torch Adam's states and ZeRO-3's reduction bucket
+    # are allocated at the first step
+    at_start = sum(terms[f"generator_{k}"] for k in ("params", "fp32_master", "grads"))
+    transient = cons.get("fake_fp32_copy", cons.get("fake_module_under_construction", 0.0))
+    from sidscale.distributed.teacher_partition import teacher_ds_config
+    from sidscale.perf.memory_plan import teacher_terms
+
+    zt = teacher_ds_config({"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1,
+                            "gradient_accumulation_steps": 1, "zero_optimization": zs}, "bf16")["zero_optimization"]
+    partitioned = sum(teacher_terms(counts, 2, world, True, zt)[0].values())
+    return {"engine_at_start_mib": at_start / MIB, "engine_with_optimizer_mib":
+            sum(v for k, v in terms.items() if k.startswith("generator")) / MIB,
+            "build_transient_mib": transient / MIB, "construction_terms_mib": {k: v / MIB for k, v in cons.items()},
+            "teacher_mib": 2 * counts.params / MIB, "teacher_partition_mib": partitioned / MIB}
 
 
 def summarise(results: dict, worlds: list[int], builds: list[str]) -> tuple[dict, str]:
-    rows, lines = [], []
-    lines.append("| build | ranks | RSS after teacher | peak building G | peak building F | G+F resident "
-                 "(RSS after F - after teacher) | plan: one engine | plan: construction peak | "
-                 "teacher resident before / after partitioning | seconds G+F |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    lines = ["| build | ranks | teacher resident | G: peak / resident | F: peak / resident | plan: engine at start "
+             "(bf16 params + fp32 master + fp32 grads, /N) | plan: build transient | teacher partitioned: RSS drop "
+             "(plan: its 1 - 1/N, small tensors stay whole) | seconds G+F |", "|---|---|---|---|---|---|---|---|---|"]
     for build in builds:
         for world in worlds:
             ranks = results[(build, world)]
             r = max(ranks, key=lambda x: x["phases"]["fake"]["VmHWM"])  # the rank with the highest peak
             ph = {k: {m: v / MIB if m != "seconds" else v for m, v in d.items()} for k, d in r["phases"].items()}
             pred = predicted(world, build)
-            engines_resident = ph["fake"]["VmRSS"] - ph["teacher"]["VmRSS"]
-            row = {"build": build, "world": world, "params": r["teacher_params"],
-                   "rss_after_teacher_mib": ph["teacher"]["VmRSS"],
-                   "peak_building_generator_mib": ph["generator"]["VmHWM"],
-                   "peak_building_fake_mib": ph["fake"]["VmHWM"],
-                   "engines_resident_mib": engines_resident,
-                   "teacher_partition_rss_drop_mib": ph["fake"]["VmRSS"] - ph["teacher_partitioned"]["VmRSS"],
+
+            def grew(name: str, ph=ph) -> tuple[float, float]:  # (peak, resident) above the RSS before the phase
+                base = ph[f"before_{name}"]["VmRSS"]
+                return ph[name]["VmHWM"] - base, ph[name]["VmRSS"] - base
+
+            teacher = grew("teacher")[1]
+            g_peak, g_res = grew("generator")
+            f_peak, f_res = grew("fake")
+            drop = -grew("teacher_partitioned")[1]
+            row = {"build": build, "world": world, "params": r["teacher_params"], "teacher_resident_mib": teacher,
+                   "generator_peak_mib": g_peak, "generator_resident_mib": g_res, "fake_peak_mib": f_peak,
+                   "fake_resident_mib": f_res, "teacher_partition_rss_drop_mib": drop,
                    "seconds_engines": ph["generator"]["seconds"] + ph["fake"]["seconds"],
                    "peak_reset_supported": r["peak_reset_supported"], "per_rank": ranks, "plan": pred}
             rows.append(row)
             lines.append(
-                f"| {build} | {world} | {ph['teacher']['VmRSS']:.0f} | {ph['generator']['VmHWM']:.0f} | "
-                f"{ph['fake']['VmHWM']:.0f} | {engines_resident:.0f} | {pred['one_engine_mib']:.0f} x 2 | "
-                f"{pred['construction_peak_mib']:.0f} + start | {ph['fake']['VmRSS']:.0f} -> "
-                f"{ph['teacher_partitioned']['VmRSS']:.0f} (teacher {pred['teacher_mib']:.0f}, its 1/{world} "
-                f"{pred['teacher_partition_mib']:.0f}) | {row['seconds_engines']:.1f} |")
+                f"| {build} | {world} | {teacher:.0f} | {g_peak:.0f} / {g_res:.0f} | {f_peak:.0f} / {f_res:.0f} | "
+                f"{pred['engine_at_start_mib']:.0f} | {pred['build_transient_mib']:.0f} | {drop:.0f} "
+                f"({pred['teacher_mib'] - pred['teacher_partition_mib']:.0f}) | {row['seconds_engines']:.1f} |")
     return {"rows": rows}, "\n".join(lines)
 
 

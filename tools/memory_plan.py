@@ -56,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accumulation", type=int, default=1, help="micro-batches per rank per optimizer step")
     p.add_argument("--grad-accum-dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="DeepSpeed's data_types.grad_accum_dtype (default: what sidscale sets, fp32 for bf16)")
+    p.add_argument("--teacher-partitioned", action="store_true",
+                   help="the frozen teacher partitioned by ZeRO-3 (teacher.partitioned=true); plan only")
     args = p.parse_args(argv)
+    if args.teacher_partitioned and args.measure:
+        p.error("--teacher-partitioned is a plan-only option (the benchmark cases replicate the teacher)")
     if args.measure and (args.device or "").lower() == "cpu":
         # NOTE: before any sidscale.perf import: importing DeepSpeed fixes its accelerator for good.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -76,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     # rest of the process, which would change the meta-device activation count the plan relies on.
     result = plan(PlanInput(args.preset, args.gpus, args.zero, args.micro_batch, args.precision,
                             args.teacher_dtype, args.grad_checkpointing, args.gpu_mem_gib, reduce_bucket_size=rbs,
-                            accumulation=args.accumulation, grad_accum_dtype=args.grad_accum_dtype))
+                            accumulation=args.accumulation, grad_accum_dtype=args.grad_accum_dtype,
+                            teacher_partitioned=args.teacher_partitioned))
     if args.measure and _measure_device(args) == "cpu":
         # every rank of a CPU run lives in this host's memory: refuse before building anything
         need, have = result.total * args.gpus, _host_memory_bytes()
@@ -99,11 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(record, sort_keys=True))
         return 0
     print(f"{args.preset}: {args.gpus} GPUs, ZeRO-{args.zero}, micro-batch {args.micro_batch}, {args.precision}, "
-          f"checkpointing {'on' if args.grad_checkpointing else 'off'}")
+          f"checkpointing {'on' if args.grad_checkpointing else 'off'}, "
+          f"teacher {'partitioned' if args.teacher_partitioned else 'replicated'}")
     for name, value in result.terms.items():
         print(f"  {name:32s} {value / GIB:9.3f} GiB")
     print(f"  {'total':32s} {result.total / GIB:9.3f} GiB of {args.gpu_mem_gib:g}")
     print(f"  largest micro-batch that fits: {result.max_micro_batch}")
+    print(f"  construction peak (teacher whole, G built, F being built): {result.construction_total / GIB:.3f} GiB")
     if measured is not None:
         print(f"  measured peak ({measured['device']}, largest rank) {measured['peak_bytes'] / GIB:9.3f} GiB; "
               f"predicted / measured = {record['predicted_over_measured']:.3f}")

@@ -62,13 +62,14 @@ def load_partitions_from(module: torch.nn.Module, source: torch.nn.Module) -> No
             raise ValueError(f"{name} is not a ZeRO-3 parameter (built outside deepspeed.zero.Init?)")
         if tuple(p.ds_shape) != tuple(full.shape):
             raise ValueError(f"{name}: partitioned shape {tuple(p.ds_shape)} != teacher {tuple(full.shape)}")
-        # teacher dtype -> fp32 -> training dtype: the copy build's two casts, in the same order
-        flat = full.reshape(-1).to(device=p.ds_tensor.device, dtype=torch.float32)
         part = p.ds_tensor.ds_numel
         start = part * dist.get_rank(group=p.ds_process_group)
         n = max(0, min(part, p.ds_numel - start))
         if n:
-            p.ds_tensor.narrow(0, 0, n).copy_(flat.narrow(0, start, n).to(p.ds_tensor.dtype))
+            # only this rank's slice moves (to the partition's device: the GPU, or the host with
+            # offload_param); teacher dtype -> fp32 -> training dtype, the copy build's two casts
+            piece = full.reshape(-1).narrow(0, start, n).to(device=p.ds_tensor.device, dtype=torch.float32)
+            p.ds_tensor.narrow(0, 0, n).copy_(piece.to(p.ds_tensor.dtype))
         if p.data.numel() == p.ds_numel:  # gathered right now: keep the full view consistent
             p.data.copy_(full.to(device=p.data.device, dtype=torch.float32).to(p.data.dtype))
 

@@ -92,29 +92,47 @@ def plan_input_for_run(cfg: Any, ds_config: dict, world: int, partitioned: bool)
                      teacher_partitioned=partitioned)
 
 
-def replicated_teacher_fits(teacher: Any, cfg: Any, ds_config: dict, world: int,
-                            device: torch.device) -> tuple[bool, str]:
-    """(fits with a replicated teacher, the numbers as one sentence for the log)."""
+def placement_numbers(teacher: Any, cfg: Any, ds_config: dict, world: int, device: torch.device) -> dict:
+    """Bytes per rank the decision compares: model states with the teacher replicated / partitioned, the
+    partitioned teacher's gathered layers, the generator step's activations (None: not measurable) and
+    the usable device memory."""
     zs = {"reduce_bucket_size": 500_000_000, **ds_config["zero_optimization"]}
     threshold = int(teacher_zero_settings(zs)["stage3_param_persistence_threshold"])
     counts = counts_of(teacher.net, threshold)
-    text_params = sum(p.numel() for p in teacher.conditioner.parameters()) if hasattr(
-        teacher.conditioner, "parameters") else 0
-    totals = {}
+    conditioner = teacher.conditioner
+    text_params = sum(p.numel() for p in conditioner.parameters()) if hasattr(conditioner, "parameters") else 0
+    out: dict = {"zero_stage": int(zs["stage"]), "world": world, "micro_batch": cfg.train.micro_batch}
     for partitioned in (False, True):
         terms, _, _, gather = static_terms(plan_input_for_run(cfg, ds_config, world, partitioned), counts,
                                            text_params, zs)
-        totals[partitioned] = (sum(terms.values()), gather)
+        key = "partitioned" if partitioned else "replicated"
+        out[f"{key}_model_states"] = sum(terms.values())
+        out[f"{key}_teacher"] = sum(v for k, v in terms.items() if k.startswith("teacher"))
+        if partitioned:
+            out["partitioned_gather"] = gather
     try:
-        acts: float | None = generator_step_activation_bytes(teacher, cfg)
+        out["activations"] = generator_step_activation_bytes(teacher, cfg)
     except Exception as e:  # noqa: BLE001 - any failure of the meta run only removes one term
-        acts, why = None, f"{type(e).__name__}: {e}"
-    capacity = device_capacity_bytes(device) * USABLE_FRACTION
-    replicated = totals[False][0] + (acts or 0.0)
-    act_text = (f"{acts / GIB:.3f} GiB generator-step activations at micro-batch {cfg.train.micro_batch}"
-                if acts is not None else f"activations not counted (meta run failed: {why})")
-    detail = (f"memory plan, {world} rank(s), ZeRO-{zs['stage']}: replicated teacher {totals[False][0] / GIB:.3f} GiB "
-              f"model states + {act_text} = {replicated / GIB:.3f} GiB vs {capacity / GIB:.1f} GiB usable "
-              f"({USABLE_FRACTION:.0%} of {device.type} memory per rank); partitioned teacher "
-              f"{totals[True][0] / GIB:.3f} GiB model states + {totals[True][1] / GIB:.3f} GiB gathered layers")
-    return replicated <= capacity, detail
+        out["activations"], out["activations_error"] = None, f"{type(e).__name__}: {e}"
+    out["capacity"] = device_capacity_bytes(device) * USABLE_FRACTION
+    out["device"] = device.type
+    return out
+
+
+def replicated_teacher_fits(teacher: Any, cfg: Any, ds_config: dict, world: int,
+                            device: torch.device) -> tuple[bool, str]:
+    """(fits with a replicated teacher, the numbers as one sentence for the log)."""
+    n = placement_numbers(teacher, cfg, ds_config, world, device)
+    acts = n["activations"]
+    replicated = n["replicated_model_states"] + (acts or 0.0)
+    act_text = (f"{acts / GIB:.3f} GiB generator-step activations at micro-batch {n['micro_batch']}"
+                if acts is not None else f"activations not counted (meta run failed: {n['activations_error']})")
+    detail = (f"memory plan, {world} rank(s), ZeRO-{n['zero_stage']}: with the teacher replicated "
+              f"{n['replicated_model_states'] / GIB:.3f} GiB model states "
+              f"(teacher {n['replicated_teacher'] / GIB:.3f}) "
+              f"+ {act_text} = {replicated / GIB:.3f} GiB vs {n['capacity'] / GIB:.1f} GiB usable "
+              f"({USABLE_FRACTION:.0%} of the {n['device']} memory per rank); partitioned: "
+              f"{n['partitioned_model_states'] / GIB:.3f} GiB model states "
+              f"(teacher {n['partitioned_teacher'] / GIB:.3f}) "
+              f"+ {n['partitioned_gather'] / GIB:.3f} GiB gathered layers")
+    return replicated <= n["capacity"], detail
