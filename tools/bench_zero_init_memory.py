@@ -23,6 +23,7 @@ Results: bench/results/cpu_zero_init_memory_<date>.{json,md}.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -102,6 +103,7 @@ def worker(args: argparse.Namespace) -> None:
     from sidscale.distributed.teacher_partition import partition_teacher
 
     init_distributed()
+    build_teacher("meta")  # import diffusers' modules before the first reading: their RSS is not the teacher's
     phases: dict[str, dict[str, int]] = {}
     can_reset = reset_peak()
     phases["start"] = status()
@@ -118,6 +120,9 @@ def worker(args: argparse.Namespace) -> None:
         return out
 
     teacher = phase("teacher", build_teacher)
+    if args.build == "copy":
+        # what the copy build holds on every rank before DeepSpeed partitions anything (then dropped)
+        phase("fp32_copy", lambda: copy.deepcopy(teacher).float() and None)
     ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
     ds.update(train_batch_size=args.world, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1,
               bf16={"enabled": True})
@@ -178,9 +183,11 @@ def predicted(world: int, build: str) -> dict[str, float]:
 
 def summarise(results: dict, worlds: list[int], builds: list[str]) -> tuple[dict, str]:
     rows = []
-    lines = ["| build | ranks | teacher resident | G: peak / resident | F: peak / resident | plan: engine at start "
-             "(bf16 params + fp32 master + fp32 grads, /N) | plan: build transient | teacher partitioned: RSS drop "
-             "(plan: its 1 - 1/N, small tensors stay whole) | seconds G+F |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| build | ranks | teacher resident | full fp32 copy (copy build, before partitioning) "
+             "| G: peak / resident | F: peak / resident "
+             "| plan: engine at start (bf16 params + fp32 master + fp32 grads, /N) | plan: build transient "
+             "| teacher partitioned: RSS drop (plan: its 1 - 1/N, small tensors stay whole) | seconds G+F |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for build in builds:
         for world in worlds:
             ranks = results[(build, world)]
@@ -196,14 +203,17 @@ def summarise(results: dict, worlds: list[int], builds: list[str]) -> tuple[dict
             g_peak, g_res = grew("generator")
             f_peak, f_res = grew("fake")
             drop = -grew("teacher_partitioned")[1]
+            fp32_copy = grew("fp32_copy")[0] if "fp32_copy" in ph else 0.0
             row = {"build": build, "world": world, "params": r["teacher_params"], "teacher_resident_mib": teacher,
+                   "fp32_copy_peak_mib": fp32_copy,
                    "generator_peak_mib": g_peak, "generator_resident_mib": g_res, "fake_peak_mib": f_peak,
                    "fake_resident_mib": f_res, "teacher_partition_rss_drop_mib": drop,
                    "seconds_engines": ph["generator"]["seconds"] + ph["fake"]["seconds"],
                    "peak_reset_supported": r["peak_reset_supported"], "per_rank": ranks, "plan": pred}
             rows.append(row)
             lines.append(
-                f"| {build} | {world} | {teacher:.0f} | {g_peak:.0f} / {g_res:.0f} | {f_peak:.0f} / {f_res:.0f} | "
+                f"| {build} | {world} | {teacher:.0f} | {fp32_copy:.0f} | {g_peak:.0f} / {g_res:.0f} "
+                f"| {f_peak:.0f} / {f_res:.0f} | "
                 f"{pred['engine_at_start_mib']:.0f} | {pred['build_transient_mib']:.0f} | {drop:.0f} "
                 f"({pred['teacher_mib'] - pred['teacher_partition_mib']:.0f}) | {row['seconds_engines']:.1f} |")
     return {"rows": rows}, "\n".join(lines)
@@ -211,7 +221,7 @@ def summarise(results: dict, worlds: list[int], builds: list[str]) -> tuple[dict
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--builds", nargs="+", default=["copy", "zero_init"], choices=["copy", "zero_init"])
     p.add_argument("--out-dir", default=str(REPO / "bench" / "results"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
