@@ -252,7 +252,8 @@ def main() -> None:
     stem = f"cpu_zero_init_memory_{datetime.date.today().isoformat()}"
     (out_dir / f"{stem}.json").write_text(json.dumps(data, indent=1))
     md = (f"# Host memory of building G and fake under ZeRO-3: copy build vs zero.Init\n\n"
-          f"Hardware: {hardware}. Network: SD1.5 UNet topology, widths {UNET_WIDTHS}, "
+          f"Hardware: {hardware} (more ranks than cores run oversubscribed: the seconds are not speeds, the "
+          f"memory is per process). Network: SD1.5 UNet topology, widths {UNET_WIDTHS}, "
           f"{data['rows'][0]['params'] / 1e6:.1f} M parameters; teacher bf16, training bf16, "
           f"ds_configs/zero3.json, torch Adam. MiB per rank (the rank with the highest peak). "
           f"Made by tools/bench_zero_init_memory.py.\n\n{table}\n")
