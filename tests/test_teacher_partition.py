@@ -130,14 +130,14 @@ def test_zero_init_build_trains_like_the_copy_build(ranks, precision):
 def test_plan_counts_the_teacher_placement():
     from sidscale.perf.memory_plan import NetCounts, PlanInput, construction_terms, teacher_terms
 
-    c = NetCounts(params=1_000_000, buffers=0, largest_module=40_000, persistent=10_000)
+    c = NetCounts(params=1_000_000, buffers=0, largest_module=40_000, persistent=10_000, largest_block=60_000)
     zt = {"stage3_max_live_parameters": 10**9, "stage3_prefetch_bucket_size": 100_000,
           "stage3_max_reuse_distance": 0}
     replicated, gather = teacher_terms(c, 2, 8, False, zt)
     assert replicated == {"teacher_net": 2_000_000.0} and gather == 0.0
     part, gather = teacher_terms(c, 2, 8, True, zt)
     assert part == {"teacher_net_partition": 2 * 990_000 / 8, "teacher_net_persistent": 20_000.0}
-    assert gather == 2 * (40_000 + 100_000)  # the running module plus one prefetch bucket
+    assert gather == 2 * (60_000 + 100_000)  # the running block plus one prefetch bucket
     _, gather = teacher_terms(c, 2, 8, True, {**zt, "stage3_prefetch_bucket_size": 10**9})
     assert gather == 2 * 990_000  # never more than the whole sharded teacher
     # construction: the copy build holds a full fp32 copy, the zero.Init build one module
@@ -215,8 +215,10 @@ def test_auto_placement_follows_the_memory_plan(tiny_toy_teacher, monkeypatch):
     assert n["replicated_model_states"] - n["partitioned_model_states"] == n["replicated_teacher"] - \
         n["partitioned_teacher"]
     assert n["activations"] and n["activations"] > 0  # measured on meta through the family's prediction function
-    need = n["replicated_model_states"] + n["activations"]
-    for capacity, fits in ((need / USABLE_FRACTION * 1.01, True), (need / USABLE_FRACTION * 0.99, False)):
+    states, need = n["replicated_model_states"], n["replicated_model_states"] + n["activations"]
+    # just above / below the need, and between the model states and the need (the activations count)
+    for capacity, fits in ((need * 1.001, True), (need * 0.999, False), ((states + need) / 2, False)):
+        capacity /= USABLE_FRACTION
         monkeypatch.setattr(placement, "device_capacity_bytes", lambda device, c=capacity: int(c))
         ok, detail = replicated_teacher_fits(teacher, cfg, ds, 2, cpu)
         assert ok is fits and "GiB" in detail
