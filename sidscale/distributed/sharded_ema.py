@@ -30,7 +30,7 @@ gathered chunk by chunk; no rank ever holds a full-size copy on the device.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -169,6 +169,32 @@ class ShardedEMA:
                              "optimizer or generator?)")
         for dst, src in zip(self.shards, state["shards"], strict=True):
             dst.copy_(src)
+
+    @torch.no_grad()
+    def load_resharded(self, states: Iterable[dict], names: Sequence[str], what: str) -> None:
+        """Fill this rank's partition from the EMA shards every rank of another world size saved
+        (``states``: their ``state_dict()``s, any order; elastic resume). Only the overlap of each old
+        segment with this rank's segments is copied, so the full EMA never exists on any rank; every
+        element of this rank's partition must be covered exactly once."""
+        if list(names) != self.names:
+            raise EMALayoutError(f"{what}: the EMA was saved for other generator parameters than this run's")
+        mine: dict[int, list[Segment]] = {}
+        for seg in self.segments:
+            mine.setdefault(seg[0], []).append(seg)
+        covered = 0
+        for st in states:
+            if st.get("format") != STATE_FORMAT:
+                raise EMALayoutError(f"{what}: an EMA shard of an older layout; cannot be resharded")
+            for param, start, numel, group, offset in st["segments"]:
+                for _, s, n, g, o in mine.get(param, ()):
+                    a, b = max(start, s), min(start + numel, s + n)  # overlap, in parameter coordinates
+                    if a < b:
+                        src = st["shards"][group][offset + a - start:offset + b - start]
+                        self.shards[g][o + a - s:o + b - s].copy_(src)
+                        covered += b - a
+        want = sum(seg[2] for seg in self.segments)
+        if covered != want:
+            raise EMALayoutError(f"{what}: the saved EMA shards cover {covered} of this rank's {want} elements")
 
     @torch.no_grad()
     def load_full(self, full: dict[str, torch.Tensor]) -> None:
