@@ -197,3 +197,35 @@ def test_presets_registry():
     assert set(FLUX_PRESETS) == {"flux_dev"}
     with pytest.raises(KeyError, match="flux_dev"):
         get_flux_preset("flux_pro")
+
+
+def test_random_flux_tiny_teacher_is_a_flux_pipeline_directory(tmp_path):
+    """tools/write_random_teacher.py --preset flux_tiny: the trainer's loader and diffusers' FluxPipeline
+    read the same directory, with the preset's weights and the same conditioning."""
+    from diffusers import FluxPipeline
+
+    from sidscale.config import load_config
+    from sidscale.families import family_for_kind
+    from sidscale.perf.setup import build_preset_net
+    from tools.write_random_teacher import main as write_main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        args = ["--preset", "flux_tiny", "--out", str(tmp_path / "t"), "--dtype", "fp32", "--seed", "3"]
+        assert write_main(args) == 0
+    info = json.loads(out.getvalue().strip().splitlines()[-1])
+    assert (info["kind"], info["resolution"], info["config"], info["network"]) == ("flux", 256, "flux_dev",
+                                                                                   "transformer")
+    cfg = load_config(info["config"], [f"teacher.path={tmp_path / 't'}", "teacher.resolution=256",
+                                       "teacher.dtype=fp32", "teacher.max_sequence_length=64"])
+    teacher = family_for_kind("flux").load_teacher(cfg, "cpu")
+    want = build_preset_net("flux_tiny", "cpu", seed=3).state_dict()
+    got = teacher.net.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], v) for k, v in want.items())
+    assert teacher.latent_shape == (16, 32, 32) and teacher.scaling_factor == pytest.approx(0.3611)
+    pipe = FluxPipeline.from_pretrained(tmp_path / "t", local_files_only=True)
+    assert pipe.scheduler.config.use_dynamic_shifting and pipe.scheduler.config.max_shift == 1.15  # FLUX's
+    with torch.no_grad():
+        pe, pooled, _ = pipe.encode_prompt(["a red circle"], None, max_sequence_length=64)
+    cond = teacher.conditioner.encode(["a red circle"])
+    assert torch.equal(cond["encoder_hidden_states"], pe) and torch.equal(cond["pooled_projections"], pooled)
