@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 
 # A conditioning: batch-first tensors by name (UNet: encoder_hidden_states [+ text_embeds,
-# time_ids]; SD3: encoder_hidden_states, pooled_projections). Kept a dict so the method can
+# time_ids]; SD3 and FLUX: encoder_hidden_states, pooled_projections). Kept a dict so the method can
 # concatenate [uncond; cond] and pick per sample without knowing the family.
 Cond = dict[str, torch.Tensor]
 # (x_t, noise level [B], cond) -> the family's prediction in fp32, in the schedule's convention
@@ -59,7 +59,8 @@ class Conditioner(Protocol):
 @dataclass
 class Teacher:
     """A loaded, frozen teacher. ``net`` is the denoiser network (UNet2DConditionModel,
-    SD3Transformer2DModel, ...); the trainable generator and fake net start as copies of it."""
+    SD3Transformer2DModel, FluxTransformer2DModel, ...); the trainable generator and fake net start as
+    copies of it."""
 
     path: Path
     kind: str
