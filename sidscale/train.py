@@ -261,12 +261,13 @@ class Trainer:
 
         # prediction functions: the engine forward where the net trains, .module where it is only
         # evaluated (environment_notes.md: the engine's hooks must not run in the generator step).
+        # ``role``: a family may call each net differently (FLUX: its distilled-guidance embedding).
         wrap = self.family.prediction_fn
-        self.gen_train = wrap(self.gen_engine, self.schedule)
-        self.gen_eval = wrap(self.gen_engine.module, self.schedule)
-        self.fake_train = wrap(self.fake_engine, self.schedule)
-        self.fake_eval = wrap(self.fake_engine.module, self.schedule)
-        self.teacher_eval = wrap(self.teacher.net, self.schedule)
+        self.gen_train = wrap(self.gen_engine, self.schedule, role="generator")
+        self.gen_eval = wrap(self.gen_engine.module, self.schedule, role="generator")
+        self.fake_train = wrap(self.fake_engine, self.schedule, role="fake")
+        self.fake_eval = wrap(self.fake_engine.module, self.schedule, role="fake")
+        self.teacher_eval = wrap(self.teacher.net, self.schedule, role="teacher")
 
         self.prompts = self._build_prompt_source()
         self.step, self.images_seen = 0, 0

@@ -34,6 +34,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+def _recipe_cfg_scales(preset: str) -> tuple[float, float, float]:
+    """(k1, k2, k4) of the config preset whose recipe the architecture trains with: a scale of 1 runs
+    one branch, any other two (CFG's doubled batch). flux_dev: 1 (FLUX.1-dev runs on its guidance
+    embedding, no true CFG); the SD and SD3 recipes: 1.5 / 4.5."""
+    from sidscale.config import load_config
+    from sidscale.perf.setup import preset_nets
+
+    m = load_config(preset_nets(preset).config_preset(preset)).method
+    return (m.cfg_train_fake, m.cfg_eval_fake, m.cfg_eval_real)
+
+
 def main(argv: list[str] | None = None) -> int:
     # NOTE: sidscale.perf.setup does not import DeepSpeed (see the --measure note below)
     from sidscale.perf.setup import PLAN_PRESETS
@@ -75,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     # NOTE: the prediction is made before the measurement: a ZeRO-3 engine patches F.linear for the
     # rest of the process, which would change the meta-device activation count the plan relies on.
     result = plan(PlanInput(args.preset, args.gpus, args.zero, args.micro_batch, args.precision,
-                            args.teacher_dtype, args.grad_checkpointing, args.gpu_mem_gib, reduce_bucket_size=rbs,
+                            args.teacher_dtype, args.grad_checkpointing, args.gpu_mem_gib,
+                            cfg_scales=_recipe_cfg_scales(args.preset), reduce_bucket_size=rbs,
                             accumulation=args.accumulation, grad_accum_dtype=args.grad_accum_dtype))
     if args.measure and _measure_device(args) == "cpu":
         # every rank of a CPU run lives in this host's memory: refuse before building anything

@@ -91,7 +91,7 @@ class SD3Family:
         return Teacher(path, t.kind, net, conditioner, FlowSchedule(), (int(net.config.in_channels), size, size),
                        float(vae.config.scaling_factor), vae, float(vae.config.shift_factor or 0.0))
 
-    def prediction_fn(self, net: torch.nn.Module, schedule: FlowSchedule) -> SD3Velocity:
+    def prediction_fn(self, net: torch.nn.Module, schedule: FlowSchedule, role: str = "generator") -> SD3Velocity:
         return SD3Velocity(net, schedule)
 
     def sampling_extras(self, cfg) -> dict:
@@ -141,7 +141,7 @@ class SD3Family:
             x_T = torch.randn((batch, *teacher.latent_shape), generator=generator, dtype=torch.float32)
         device = next(iter(cond.values())).device
         x = x_T.to(device=device, dtype=torch.float32)
-        v_fn = self.prediction_fn(teacher.net, teacher.schedule)
+        v_fn = self.prediction_fn(teacher.net, teacher.schedule, role="teacher")
         with torch.no_grad():
             for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
                 s = torch.full((batch,), sigma, dtype=torch.float32, device=device)
