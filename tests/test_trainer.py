@@ -22,7 +22,7 @@ BASE = [
     "train.precision=fp32", "train.global_batch=8", "train.micro_batch=2", "train.preview_every=2",
     "train.log_every=1", "train.export_at_end=false", "teacher.dtype=fp32", "teacher.resolution=8",
     "data.shards=toy", "data.num_workers=1", "train.seed=3", "generator.lr=1e-2", "fake.lr=1e-2",
-    "train.ema_halflife_kimg=0.01", "eval.num_samples=0", "train.keep_last=5",
+    "train.ema_halflife_kimg=0.01", "eval.num_samples=0", "train.keep_last=5", "eval.teacher_steps=2",
 ]
 
 
