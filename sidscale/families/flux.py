@@ -31,7 +31,6 @@ dynamic shift, exactly as ``FluxPipeline``: ``linspace(1, 1/N, N)`` shifted by
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,33 +146,23 @@ class FluxFamily:
 
     def load_teacher(self, cfg, device: torch.device | str) -> Teacher:
         """Transformer, CLIP-L + T5 and VAE of a local diffusers FLUX directory (FluxPipeline layout)."""
-        from diffusers import AutoencoderKL
-
+        from sidscale.families.dit_loading import load_transformer, load_vae, refuse_unet_levers
         from sidscale.models.flux_conditioning import check_flux_dir, load_flux_conditioner
         from sidscale.models.teacher import DTYPES
 
         t = cfg.teacher
-        if t.attention != "sdpa" or t.channels_last:
-            raise ConfigError(f"teacher.attention = {t.attention!r} / teacher.channels_last = {t.channels_last}: "
-                              "these UNet levers do not apply to a FLUX transformer (it always uses SDPA); "
-                              "set teacher.attention=sdpa and teacher.channels_last=false")
+        refuse_unet_levers(t, "a FLUX transformer")
         if not t.t5:
             raise ConfigError("teacher.t5 = false: FLUX's text tokens are T5's states only (there is no zeros "
                               "fallback in FluxPipeline); set teacher.t5=true for teacher.kind flux")
         path = Path(t.path).expanduser()
         check_flux_dir(path)
-        config = json.loads((path / "transformer" / "config.json").read_text())
-        if config.get("_class_name") not in (None, "FluxTransformer2DModel"):
-            raise ConfigError(f"teacher.path {path}: transformer/config.json describes a {config.get('_class_name')}, "
-                              "not a FluxTransformer2DModel, but teacher.kind = 'flux'")
         dtype = DTYPES[t.dtype]
-        net = self.network_class().from_pretrained(path / "transformer", torch_dtype=dtype, local_files_only=True)
-        net = net.to(device).requires_grad_(False).eval()
+        net = load_transformer(path, self.network_class(), t.kind, dtype, device)
         conditioner = load_flux_conditioner(path, dtype, device, max_sequence_length=t.max_sequence_length,
                                             joint_attention_dim=int(net.config.joint_attention_dim),
                                             pooled_projection_dim=int(net.config.pooled_projection_dim))
-        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, local_files_only=True)
-        vae = vae.to(device).requires_grad_(False).eval()
+        vae = load_vae(path, dtype, device)
         down = 2 ** (len(vae.config.block_out_channels) - 1)
         if t.resolution % (down * PACK):
             raise ConfigError(f"teacher.resolution = {t.resolution}: must be a multiple of {down * PACK} (the VAE "
