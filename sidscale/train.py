@@ -68,7 +68,7 @@ from sidscale.distributed.runtime import (
     init_distributed,
     shutdown_distributed,
 )
-from sidscale.distributed.sharded_ema import EMALayoutError, ShardedEMA
+from sidscale.distributed.sharded_ema import EMALayoutError, ShardedEMA, ema_swapped_into
 from sidscale.ema import ema_beta
 from sidscale.export import export_generator, network_from_state
 from sidscale.families import family_for_kind
@@ -526,19 +526,32 @@ class Trainer:
         return multi_step_generate(self.family.prediction_fn(net, self.schedule), self.schedule,
                                    [n.to(self.device) for n in noises], cond, self.settings)
 
+    def ema_in_generator(self):
+        """ZeRO-3: the EMA swapped into the partitioned generator for a block, on every rank
+        (``sharded_ema.ema_swapped_into``; the previews use it instead of a whole copy on rank 0)."""
+        return ema_swapped_into(self.gen_engine, self.ema)
+
     @torch.no_grad()
     def preview(self) -> None:
-        with self.ema_network() as net:
-            if net is not None:
-                self._preview_with(net)
-
-    _preview_reference: torch.Tensor | None = None  # the teacher's preview samples (made once)
-
-    def _preview_with(self, net: torch.nn.Module) -> None:
+        """Rank 0 writes the preview grid. ZeRO-3: every rank generates with the EMA swapped into the
+        partitioned generator (``ema_in_generator``); else rank 0 generates with a copy (``ema_network``)."""
         p = self.cfg.preview
         prompts = [q for q in p.prompts for _ in range(p.seeds_per_prompt)]
         seeds = list(range(len(prompts)))
-        x0 = self.generate_with(net, prompts, seeds)
+        if self.zero_stage == 3:
+            with self.ema_in_generator() as net:
+                x0 = self.generate_with(net, prompts, seeds)
+            if self.dist.is_main:
+                self._preview_with(x0, prompts, seeds)
+            return
+        with self.ema_network() as net:
+            if net is not None:
+                self._preview_with(self.generate_with(net, prompts, seeds), prompts, seeds)
+
+    _preview_reference: torch.Tensor | None = None  # the teacher's preview samples (made once)
+
+    def _preview_with(self, x0: torch.Tensor, prompts: list[str], seeds: list[int]) -> None:
+        p = self.cfg.preview
         images = self.family.decode(self.teacher.vae, x0, self.teacher.scaling_factor, self.teacher.shift_factor)
         steps, cfg = self.cfg.eval.teacher_steps, self.settings.cfg_eval_real
         if self._preview_reference is None and steps > 0:
