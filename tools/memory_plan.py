@@ -9,6 +9,10 @@ The SD3 presets (sd3_medium, sd35_medium, sd35_large: 1024 px, text encoders inc
 planned the same way:
 
     python tools/memory_plan.py --preset sd35_large --zero 3 --grad-checkpointing
+    python tools/memory_plan.py --preset sd35_large --zero 3 --grad-checkpointing --teacher-partitioned \
+        --text-encoders off
+
+The tables of the big presets (SD3.5-Large, FLUX.1-dev at 8 and 16 x 80 GB): tools/scaling_model.py --memory.
 
 --measure also runs three iterations of the real trainer at that configuration (random weights, the
 benchmark's teacher and config: sidscale/perf/setup.py) and prints the measured peak next to the
@@ -49,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-mem-gib", type=float, default=80.0)
     p.add_argument("--reduce-bucket-size", type=float, default=None,
                    help="ZeRO reduce bucket size in elements (default: the ds_configs/zero{Z}.json value)")
+    p.add_argument("--teacher-partitioned", action="store_true",
+                   help="plan the frozen teacher as an optimizer-less ZeRO-3 engine (teacher.partitioned)")
+    p.add_argument("--text-encoders", default="replicated", choices=["replicated", "partitioned", "off"],
+                   help="text encoders on every GPU, ZeRO-3 partitioned, or off the GPU (CPU / precomputed)")
     p.add_argument("--json", action="store_true", help="one JSON line instead of the table")
     p.add_argument("--measure", action="store_true", help="also measure the real trainer's peak (see above)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="--measure: default cuda when available")
@@ -76,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     # rest of the process, which would change the meta-device activation count the plan relies on.
     result = plan(PlanInput(args.preset, args.gpus, args.zero, args.micro_batch, args.precision,
                             args.teacher_dtype, args.grad_checkpointing, args.gpu_mem_gib, reduce_bucket_size=rbs,
-                            accumulation=args.accumulation, grad_accum_dtype=args.grad_accum_dtype))
+                            accumulation=args.accumulation, grad_accum_dtype=args.grad_accum_dtype,
+                            teacher_partitioned=args.teacher_partitioned, text_encoders=args.text_encoders))
     if args.measure and _measure_device(args) == "cpu":
         # every rank of a CPU run lives in this host's memory: refuse before building anything
         need, have = result.total * args.gpus, _host_memory_bytes()
