@@ -56,8 +56,8 @@ def main(out_dir: Path) -> None:
         path = ds_config_file(zero, overrides)
 
         class Case(BenchCase):
-            def ds_config_path(self) -> str:  # the case's own zero_optimization block
-                return path
+            def ds_config_path(self, _path: str = path) -> str:  # the case's own zero_optimization block
+                return _path
 
         runner = bench.trainer_runner(Case("tiny", zero, "bf16", micro_batch=2, accumulation=2,
                                            grad_checkpointing=ckpt), info)

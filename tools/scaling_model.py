@@ -25,8 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# The stage and teacher placement each preset is planned with (the memory table below says why).
-DEFAULT_PLACEMENT = {"sd15": (2, False), "sdxl": (2, False), "sd35_large": (3, False), "flux_dev": (3, True)}
+# The (ZeRO stage, partitioned teacher) settings each preset is tabled with: the cheapest that fit 8 x 80 GB in
+# the memory table (``--memory``; SD3.5-Large also with ZeRO-3 engines, FLUX only fits with both sharded).
+PLACEMENTS = {"sd15": [(2, False)], "sdxl": [(2, False)], "sd35_large": [(2, True), (3, False)],
+              "flux_dev": [(3, True)]}
 
 
 def recipe(preset: str) -> dict:
@@ -45,51 +47,57 @@ def recipe(preset: str) -> dict:
             "grad_checkpointing": bool(cfg.generator.grad_checkpointing)}
 
 
-def base_setup(preset: str, args: argparse.Namespace):
+def base_setups(preset: str, args: argparse.Namespace) -> list:
+    """The preset's recipe under each of its placements (or the --zero / --teacher-partitioned one)."""
     from sidscale.perf.scaling import Setup
 
     r = recipe(preset)
-    zero, partitioned = DEFAULT_PLACEMENT.get(preset, (2, False))
-    if args.zero is not None:
-        zero = args.zero
-    if args.teacher_partitioned:
-        partitioned = True
-    return Setup(zero=zero, micro_batch=r["micro_batch"], global_batch=r["global_batch"],
+    placements = PLACEMENTS.get(preset, [(2, False)])
+    if args.zero is not None or args.teacher_partitioned:
+        placements = [(args.zero or placements[0][0], args.teacher_partitioned)]
+    return [Setup(zero=zero, micro_batch=args.micro_batch or r["micro_batch"], global_batch=r["global_batch"],
                  grad_checkpointing=r["grad_checkpointing"], teacher_partitioned=partitioned,
-                 generator_steps=r["generator_steps"], cfg_scales=tuple(r["cfg_scales"]),
+                 generator_steps=r["generator_steps"],
+                 cfg_scales=tuple(r["cfg_scales"]),
                  gpus_per_node=args.gpus_per_node, intra_gbps=args.intra_gbps, inter_gbps=args.inter_gbps,
                  peak_tflops=args.peak_tflops, mfu=args.mfu, overlap=args.overlap, ckpt_every=args.ckpt_every,
                  preview_every=args.preview_every, storage_gbps_per_node=args.storage_gbps)
+            for zero, partitioned in placements]
 
 
 def scaling_table(args: argparse.Namespace) -> list[dict]:
-    from sidscale.perf.flux_fallback import flux_fallback_installed, flux_nets_available
+    from sidscale.perf.flux_fallback import flux_fallback_installed
     from sidscale.perf.scaling import iteration_cost, preset_profile
 
     rows = []
     for preset in args.presets:
         with flux_fallback_installed():
             profile = preset_profile(preset)
-        base = base_setup(preset, args)
-        first = None
-        for g in args.gpus:
-            gb = base.global_batch or g * base.micro_batch
-            mb = max(1, min(base.micro_batch, gb // g))
-            cost = iteration_cost(profile, dataclasses.replace(base, gpus=g, micro_batch=mb))
-            s = cost.setup
-            row = {"preset": preset, "fallback": preset == "flux_dev" and not flux_nets_available(),
-                   "gpus": g, "zero": s.zero, "teacher_partitioned": s.teacher_partitioned,
-                   "grad_checkpointing": s.grad_checkpointing, "micro_batch": mb, "accumulation": s.accumulation,
-                   "samples_per_iter": s.samples_per_iter, "compute_s": cost.compute_s,
-                   "comm_overlappable_s": cost.comm_overlappable_s, "comm_serial_s": cost.comm_serial_s,
-                   "step_s": cost.step_s, "samples_per_s": cost.samples_per_s,
-                   "samples_per_s_per_gpu": cost.samples_per_s / g,
-                   "wire_gb_per_rank": sum(o.wire_bytes for o in cost.ops.values()) / 1e9,
-                   "msg_gb_by_class": {k: o.msg_bytes / 1e9 for k, o in cost.ops.items()}}
-            first = first or row
-            row["efficiency_vs_first"] = row["samples_per_s_per_gpu"] / first["samples_per_s_per_gpu"]
-            rows.append(row)
+        for base in base_setups(preset, args):
+            first = None
+            for g in args.gpus:
+                rows.append(row := _scaling_row(preset, profile, base, g, iteration_cost))
+                first = first or row
+                row["efficiency_vs_first"] = row["samples_per_s_per_gpu"] / first["samples_per_s_per_gpu"]
     return rows
+
+
+def _scaling_row(preset: str, profile, base, g: int, iteration_cost) -> dict:
+    from sidscale.perf.flux_fallback import flux_nets_available
+
+    gb = base.global_batch or g * base.micro_batch
+    mb = max(1, min(base.micro_batch, gb // g))  # the recipe's global batch, when it has fewer samples than GPUs x mb
+    cost = iteration_cost(profile, dataclasses.replace(base, gpus=g, micro_batch=mb))
+    s = cost.setup
+    return {"preset": preset, "fallback": preset == "flux_dev" and not flux_nets_available(),
+            "gpus": g, "zero": s.zero, "teacher_partitioned": s.teacher_partitioned,
+            "grad_checkpointing": s.grad_checkpointing, "micro_batch": mb, "accumulation": s.accumulation,
+            "samples_per_iter": s.samples_per_iter, "compute_s": cost.compute_s,
+            "comm_overlappable_s": cost.comm_overlappable_s, "comm_serial_s": cost.comm_serial_s,
+            "step_s": cost.step_s, "samples_per_s": cost.samples_per_s,
+            "samples_per_s_per_gpu": cost.samples_per_s / g,
+            "wire_gb_per_rank": sum(o.wire_bytes for o in cost.ops.values()) / 1e9,
+            "msg_gb_by_class": {k: o.msg_bytes / 1e9 for k, o in cost.ops.items()}}
 
 
 def assumptions(args: argparse.Namespace) -> str:
@@ -143,41 +151,51 @@ def memory_table(args: argparse.Namespace) -> list[dict]:
                        "grad_checkpointing": ckpt, "zero": zero, "teacher_partitioned": partitioned,
                        "text_encoders": text}
                 for g in args.memory_gpus:
-                    res = plan(PlanInput(preset, g, zero, 1, "bf16", None, ckpt, args.gpu_mem_gib,
-                                         cfg_scales=tuple(r["cfg_scales"]), teacher_partitioned=partitioned,
-                                         text_encoders=text))
-                    row[f"gib_mb1_{g}"] = res.total / GIB
-                    row[f"peak_phase_{g}"] = res.peak_phase
-                    row[f"max_mb_{g}"] = res.max_micro_batch
+                    for previews in (True, False):
+                        res = plan(PlanInput(preset, g, zero, 1, "bf16", None, ckpt, args.gpu_mem_gib,
+                                             cfg_scales=tuple(r["cfg_scales"]), teacher_partitioned=partitioned,
+                                             text_encoders=text, previews=previews))
+                        tag = "" if previews else "_nopreview"
+                        row[f"gib_mb1_{g}{tag}"] = res.total / GIB
+                        row[f"peak_phase_{g}{tag}"] = res.peak_phase
+                        row[f"max_mb_{g}{tag}"] = res.max_micro_batch
                 rows.append(row)
     for preset in args.memory_presets:
         for g in args.memory_gpus:
-            fits = [x for x in rows if x["preset"] == preset and x[f"max_mb_{g}"] >= 1]
-            if fits:
-                fits[0][f"recommended_{g}"] = True
+            for tag in ("", "_nopreview"):
+                fits = [x for x in rows if x["preset"] == preset and x[f"max_mb_{g}{tag}"] >= 1]
+                if fits:
+                    fits[0][f"recommended_{g}{tag}"] = True
     return rows
 
 
 def memory_markdown(rows: list[dict], args: argparse.Namespace) -> str:
     g1, g2 = args.memory_gpus[0], args.memory_gpus[-1]
     out = [f"PREDICTIONS (sidscale/perf/memory_plan.py) per GPU of {args.gpu_mem_gib:g} GiB at 1024 px, bf16, the "
-           "preset's CFG; largest micro-batch that fits; * = recommended (the cheapest setting that fits, order in "
+           "preset's CFG. GiB: the predicted peak at micro-batch 1 with previews (rank 0 builds the whole bf16 "
+           "preview network) / without (eval.preview_every=0, no toy evaluation); largest micro-batch that fits, "
+           "with / without previews; * = recommended (the cheapest setting that fits, order in "
            "tools/scaling_model.py).", "",
            f"| preset | ckpt | ZeRO | teacher | text encoders | GiB at mb 1, {g1} GPUs | largest mb, {g1} GPUs "
            f"| GiB at mb 1, {g2} GPUs | largest mb, {g2} GPUs |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if not args.all and not r["grad_checkpointing"] and not any(r.get(f"recommended_{g}") for g in (g1, g2)):
+        if not args.all and not r["grad_checkpointing"] and not any(
+                r.get(f"recommended_{g}{t}") for g in (g1, g2) for t in ("", "_nopreview")):
             if not (r["zero"] == 3 and r["teacher_partitioned"] and r["text_encoders"] == "off"):
                 continue  # without checkpointing only the most sharded row (it shows activations alone overflow)
         name = r["preset"] + (" (fallback)" if r["fallback"] else "")
 
-        def mb(g: int) -> str:
-            return f"{r[f'max_mb_{g}']}{' *' if r.get(f'recommended_{g}') else ''}"
+        def mb(g: int, r: dict = r) -> str:
+            return " / ".join(f"{r[f'max_mb_{g}{t}']}{'*' if r.get(f'recommended_{g}{t}') else ''}"
+                              for t in ("", "_nopreview"))
+
+        def gib(g: int, r: dict = r) -> str:
+            return f"{r[f'gib_mb1_{g}']:.1f} / {r[f'gib_mb1_{g}_nopreview']:.1f}"
 
         out.append(f"| {name} | {'on' if r['grad_checkpointing'] else 'off'} | {r['zero']} "
                    f"| {'ZeRO-3' if r['teacher_partitioned'] else 'replicated'} | {r['text_encoders']} "
-                   f"| {r[f'gib_mb1_{g1}']:.1f} | {mb(g1)} | {r[f'gib_mb1_{g2}']:.1f} | {mb(g2)} |")
+                   f"| {gib(g1)} | {mb(g1)} | {gib(g2)} | {mb(g2)} |")
     return "\n".join(out)
 
 
@@ -185,16 +203,18 @@ def bytes_table(args: argparse.Namespace) -> str:
     from sidscale.perf.flux_fallback import flux_fallback_installed
     from sidscale.perf.scaling import iteration_cost, preset_profile
 
-    out = ["| preset | GPUs | class | collective | GB per rank (logged) | GB on the wire per rank |", "|---|---|---|---|---|---|"]
+    out = ["| preset | setting | GPUs | class | collective | GB per rank (logged) | GB on the wire per rank |",
+           "|---|---|---|---|---|---|---|"]
     for preset in args.presets:
         with flux_fallback_installed():
             profile = preset_profile(preset)
-        base = base_setup(preset, args)
-        for g in args.gpus:
-            mb = max(1, min(base.micro_batch, (base.global_batch or g) // g))
-            cost = iteration_cost(profile, dataclasses.replace(base, gpus=g, micro_batch=mb))
-            for name, op in cost.ops.items():
-                out.append(f"| {preset} | {g} | {name} | {op.op} | {op.msg_bytes / 1e9:.3f} | {op.wire_bytes / 1e9:.3f} |")
+        for base in base_setups(preset, args):
+            for g in args.gpus:
+                mb = max(1, min(base.micro_batch, (base.global_batch or g) // g))
+                cost = iteration_cost(profile, dataclasses.replace(base, gpus=g, micro_batch=mb))
+                for name, op in cost.ops.items():
+                    out.append(f"| {preset} | ZeRO-{base.zero}{', teacher ZeRO-3' if base.teacher_partitioned else ''} "
+                               f"| {g} | {name} | {op.op} | {op.msg_bytes / 1e9:.3f} | {op.wire_bytes / 1e9:.3f} |")
     return "\n".join(out)
 
 
@@ -204,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus", type=int, nargs="+", default=[8, 64, 256])
     p.add_argument("--zero", type=int, choices=[1, 2, 3], default=None, help="default: per preset (DEFAULT_PLACEMENT)")
     p.add_argument("--teacher-partitioned", action="store_true", help="default: per preset (FLUX: partitioned)")
+    p.add_argument("--micro-batch", type=int, default=None, help="default: the preset's config")
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--intra-gbps", type=float, default=300.0, help="GB/s per GPU inside a node (ring bus bandwidth)")
     p.add_argument("--inter-gbps", type=float, default=40.0, help="GB/s per GPU across nodes")
