@@ -1,9 +1,11 @@
 """One rank of the 2-rank communication count (tests/test_scaling.py launches it under torchrun).
 
-For each case the real ``Trainer`` (tiny preset, bf16, micro-batch 2 x accumulation 2, random weights) runs one
-warm-up iteration, then ``STEPS`` iterations with DeepSpeed's comms logger on (``deepspeed.comm.configure``):
-every collective DeepSpeed's ZeRO code issues is recorded with its message size. Writes
-``rank{R}.json`` into argv[1]: per case, {op: {message bytes: count}}, and the module's parameter count.
+    python -m torch.distributed.run --nproc_per_node 2 tests/scaling_comm_worker.py OUT_DIR [CASES [WARMUP]]
+
+For each case (argv[2], comma-separated; default all) the real ``Trainer`` (tiny preset, bf16, micro-batch 2 x
+accumulation 2, random weights) runs ``WARMUP`` iterations (argv[3], default 1), then ``STEPS`` iterations with
+DeepSpeed's comms logger on (``deepspeed.comm.configure``): every collective DeepSpeed's ZeRO code issues is
+recorded with its message size. Writes ``rank{R}.json`` into argv[1]: per case, {op: {message bytes: count}}.
 
 Cases: ZeRO-2 (ds_configs/zero2.json as shipped); ZeRO-3 with ``stage3_param_persistence_threshold``,
 ``stage3_max_reuse_distance`` and ``stage3_prefetch_bucket_size`` at 0 (the regime the scaling model is exact
@@ -42,7 +44,7 @@ def ds_config_file(zero: int, overrides: dict) -> str:
     return path
 
 
-def main(out_dir: Path) -> None:
+def main(out_dir: Path, cases: list[str], warmup: int) -> None:
     import deepspeed.comm as dscomm
     from deepspeed.comm.comm import comms_logger
 
@@ -52,7 +54,8 @@ def main(out_dir: Path) -> None:
 
     info = init_distributed()
     result: dict = {"world_size": info.world_size}
-    for name, (zero, overrides, ckpt) in CASES.items():
+    for name in cases:
+        zero, overrides, ckpt = CASES[name]
         path = ds_config_file(zero, overrides)
 
         class Case(BenchCase):
@@ -61,7 +64,8 @@ def main(out_dir: Path) -> None:
 
         runner = bench.trainer_runner(Case("tiny", zero, "bf16", micro_batch=2, accumulation=2,
                                            grad_checkpointing=ckpt), info)
-        runner.step()  # warm-up: DeepSpeed's first step allocates and traces
+        for _ in range(warmup):  # DeepSpeed's first step allocates and traces (same bytes in the exact regime)
+            runner.step()
         comms_logger.comms_dict.clear()
         dscomm.configure(enabled=True, prof_all=True, verbose=False, debug=False)
         for _ in range(STEPS):
@@ -71,10 +75,11 @@ def main(out_dir: Path) -> None:
                         for op, sizes in comms_logger.comms_dict.items()}
         comms_logger.comms_dict.clear()
         runner.close()
-    result["steps"] = STEPS
+    result["steps"], result["warmup"] = STEPS, warmup
     (out_dir / f"rank{info.rank}.json").write_text(json.dumps(result, indent=1, sort_keys=True))
     shutdown_distributed()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2].split(",") if len(sys.argv) > 2 else list(CASES),
+         int(sys.argv[3]) if len(sys.argv) > 3 else 1)
