@@ -249,3 +249,27 @@ def test_partitioned_teacher_and_text_encoders_in_the_memory_plan():
     assert 0 < without.total / GIB < with_p.total / GIB
     with pytest.raises(ValueError, match="text_encoders"):
         PlanInput("sd15", text_encoders="gpu")
+
+
+def test_memory_table_recommends_the_cheapest_setting_that_fits():
+    """tools/scaling_model.py --memory on SD1.5 (the big presets take long on meta): with 20 GiB per GPU the
+    cheapest setting (no checkpointing, ZeRO-2, everything replicated) is recommended on 8 GPUs; with 7 GiB the
+    recommendation is the first in the preference order that fits, and every setting before it does not fit."""
+    import argparse
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import scaling_model
+
+    rows = {}
+    for mem in (20.0, 7.0):
+        args = argparse.Namespace(memory_presets=["sd15"], memory_gpus=[8, 64], gpu_mem_gib=mem)
+        rows[mem] = scaling_model.memory_table(args)
+    order = scaling_model.memory_candidates()
+    assert [(r["grad_checkpointing"], r["zero"], r["teacher_partitioned"], r["text_encoders"]) for r in rows[20.0]] \
+        == order
+    assert rows[20.0][0].get("recommended_8") and rows[20.0][0]["max_mb_8"] >= 1
+    small = rows[7.0]
+    rec = [i for i, r in enumerate(small) if r.get("recommended_8")]
+    assert len(rec) == 1 and rec[0] > 0, [(r["max_mb_8"]) for r in small]
+    assert all(r["max_mb_8"] == 0 for r in small[:rec[0]]) and small[rec[0]]["max_mb_8"] >= 1
+    assert sum(bool(r.get("recommended_64")) for r in small) <= 1

@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grad-accum-dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="DeepSpeed's data_types.grad_accum_dtype (default: what sidscale sets, fp32 for bf16)")
     args = p.parse_args(argv)
+    if args.measure and args.text_encoders != "replicated":
+        p.error(f"--text-encoders {args.text_encoders} with --measure: the measured trainer keeps its text encoders "
+                "on every rank; plan the other placements without --measure")
     if args.measure and (args.device or "").lower() == "cpu":
         # NOTE: before any sidscale.perf import: importing DeepSpeed fixes its accelerator for good.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -157,7 +160,8 @@ def _measure(args, info) -> dict:
 
     case = BenchCase(args.preset, args.zero, args.precision, args.micro_batch, args.accumulation,
                      args.grad_checkpointing,
-                     args.teacher_dtype, None if args.reduce_bucket_size is None else int(args.reduce_bucket_size))
+                     args.teacher_dtype, None if args.reduce_bucket_size is None else int(args.reduce_bucket_size),
+                     teacher_partitioned=args.teacher_partitioned)
     out = measure_trainer_peak(case, info, args.steps)
     if info.world_size > 1:  # the plan is per GPU: report the rank that needed most
         peaks = torch.tensor([out["peak_bytes"], out["static_bytes"]], dtype=torch.float64, device=info.device)
