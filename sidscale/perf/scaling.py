@@ -10,7 +10,7 @@ One iteration (sidscale/train.py ``train_step``) is a fake-score step then a gen
   the fake step.
 
 What each ZeRO stage sends per rank (DeepSpeed 0.19.8, measured at ``deepspeed.comm`` on 2 CPU ranks:
-tests/test_scaling.py, bench/results/cpu_scaling_comm_bytes_2ranks_*.json). Message sizes are what DeepSpeed's
+tests/test_scaling.py). Message sizes are what DeepSpeed's
 comms logger records: the tensor a rank contributes (all-gather: its partition; reduce-scatter and all-reduce:
 the full buffer). ``b``: 2 bytes for bf16/fp16, 4 for fp32.
 
@@ -27,10 +27,13 @@ the full buffer). ``b``: 2 bytes for bf16/fp16, 4 for fp32.
   them in a trainable net; in a frozen net only those on the path from x_t: e.g. no cross-attention K/V, no
   timestep embedding). Which modules those are is found by a forward on the meta device with hooks.
   With gradient checkpointing, each backward through a checkpointed block re-runs its forward, which gathers
-  the block's parameters once more (an upper bound: measured +7% on the tiny UNet, see the results file).
-  Valid for ``stage3_max_reuse_distance: 0`` and ``stage3_param_persistence_threshold: 0``; DeepSpeed's
-  defaults (1e9, 1e5) keep some parameters between uses once its trace is complete (measured: 14% fewer
-  gathered bytes on the tiny UNet): the model is an upper bound for them.
+  the block's parameters once more (an upper bound: 1.08 x the measured bytes on the tiny UNet).
+  Exact (measured byte for byte) with ``stage3_max_reuse_distance``, ``stage3_param_persistence_threshold`` and
+  ``stage3_prefetch_bucket_size`` at 0. DeepSpeed's defaults (1e9, 1e5, 5e7) gather less, so the model is an
+  upper bound there: a parameter reused within 1e9 elements of the engine's trace is kept once the trace is
+  complete (the tiny UNet, persistence 0: 14% fewer gathered bytes), and parameters of <= 1e5 elements are kept
+  whole (the tiny UNet has only such: half the bytes; SD1.5, SDXL, SD3.5-Large and FLUX.1-dev have 0.03-0.06%
+  of their parameters in such tensors). Results: bench/results/cpu_scaling_comm_bytes_2ranks_2026-11-30.json.
 - partitioned frozen teacher (``teacher.partitioned``): an optimizer-less ZeRO-3 engine, gathered like F in
   the generator step; no gradient traffic.
 - per optimizer step per engine, scalars: ZeRO-1/2 an overflow flag (1 B) and a norm (4 B), ZeRO-3 a norm
