@@ -27,8 +27,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # The (ZeRO stage, partitioned teacher) settings each preset is tabled with: the cheapest that fit 8 x 80 GB in
 # the memory table (``--memory``; SD3.5-Large also with ZeRO-3 engines, FLUX only fits with both sharded).
+# FLUX.1-dev with ZeRO-2 engines fits from 32 GPUs on (their 16-bit weights stay whole on every GPU).
 PLACEMENTS = {"sd15": [(2, False)], "sdxl": [(2, False)], "sd35_large": [(2, True), (3, False)],
-              "flux_dev": [(3, True)]}
+              "flux_dev": [(3, True), (2, True)]}
 
 
 def recipe(preset: str) -> dict:
@@ -77,9 +78,26 @@ def scaling_table(args: argparse.Namespace) -> list[dict]:
             first = None
             for g in args.gpus:
                 rows.append(row := _scaling_row(preset, profile, base, g, iteration_cost))
+                if not args.no_memory_check:
+                    with flux_fallback_installed():
+                        row["fits"] = fits(preset, row, args.gpu_mem_gib)
                 first = first or row
                 row["efficiency_vs_first"] = row["samples_per_s_per_gpu"] / first["samples_per_s_per_gpu"]
     return rows
+
+
+def fits(preset: str, row: dict, gpu_mem_gib: float) -> str:
+    """Whether the memory plan fits the row's setting (previews off): "yes", "text enc. off" or "no"."""
+    from sidscale.perf.memory_plan import PlanInput, plan
+
+    r = recipe(preset)
+    for text, answer in (("replicated", "yes"), ("off", "text enc. off")):
+        inp = PlanInput(preset, row["gpus"], row["zero"], row["micro_batch"], "bf16", None, row["grad_checkpointing"],
+                        gpu_mem_gib, cfg_scales=tuple(r["cfg_scales"]), teacher_partitioned=row["teacher_partitioned"],
+                        text_encoders=text, previews=False)
+        if plan(inp, micro_batch=row["micro_batch"]).total <= gpu_mem_gib * 2**30:
+            return answer
+    return "no"
 
 
 def _scaling_row(preset: str, profile, base, g: int, iteration_cost) -> dict:
@@ -105,20 +123,22 @@ def assumptions(args: argparse.Namespace) -> str:
             f"{args.mfu:g}; ring collectives at {args.intra_gbps:g} GB/s per GPU inside a node of "
             f"{args.gpus_per_node} GPUs and {args.inter_gbps:g} GB/s per GPU across nodes; overlap {args.overlap:g}; "
             f"checkpoint every {args.ckpt_every} iterations at {args.storage_gbps:g} GB/s per node; "
-            "ZeRO-3 gathers without parameter reuse (an upper bound); no latency term.")
+            "ZeRO-3 gathers without parameter reuse (an upper bound); no latency term. 'fits': the memory plan at "
+            "this micro-batch, previews off (yes / only with the text encoders off the GPU / no).")
 
 
 def scaling_markdown(rows: list[dict], args: argparse.Namespace) -> str:
     out = [assumptions(args), "",
-           "| preset | setting | GPUs | micro x accum | compute s | comm s (overlappable / serial) | step s "
-           "| samples/s | samples/s/GPU | vs first |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| preset | setting | GPUs | micro x accum | fits 80 GB | compute s | comm s (overlappable / serial) "
+           "| step s | samples/s | samples/s/GPU | vs first |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         setting = (f"ZeRO-{r['zero']}" + (", teacher ZeRO-3" if r["teacher_partitioned"] else "")
                    + (", ckpt" if r["grad_checkpointing"] else ""))
         name = r["preset"] + (" (fallback)" if r["fallback"] else "")
         out.append(f"| {name} | {setting} | {r['gpus']} | {r['micro_batch']} x {r['accumulation']} "
-                   f"| {r['compute_s']:.2f} | {r['comm_overlappable_s']:.2f} / {r['comm_serial_s']:.3f} "
+                   f"| {r.get('fits', '-')} | {r['compute_s']:.2f} "
+                   f"| {r['comm_overlappable_s']:.2f} / {r['comm_serial_s']:.3f} "
                    f"| {r['step_s']:.2f} | {r['samples_per_s']:.1f} | {r['samples_per_s_per_gpu']:.2f} "
                    f"| {r['efficiency_vs_first']:.2f} |")
     return "\n".join(out)
@@ -241,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--all", action="store_true", help="--memory: every combination, also without checkpointing")
     p.add_argument("--bytes", action="store_true", help="bytes per collective class instead")
     p.add_argument("--json", action="store_true", help="JSON lines instead of markdown")
+    p.add_argument("--no-memory-check", action="store_true", help="scaling table: skip the memory plan's fit column")
     args = p.parse_args(argv)
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     from diffusers.utils import logging as dlog
