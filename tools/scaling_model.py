@@ -165,9 +165,10 @@ def memory_table(args: argparse.Namespace) -> list[dict]:
     rows = []
     for preset in args.memory_presets:
         r = recipe(preset)
+        fallback = preset == "flux_dev" and not flux_nets_available()  # NOTE: asked before installing it
         with flux_fallback_installed():
             for ckpt, zero, partitioned, text in memory_candidates():
-                row = {"preset": preset, "fallback": preset == "flux_dev" and not flux_nets_available(),
+                row = {"preset": preset, "fallback": fallback,
                        "grad_checkpointing": ckpt, "zero": zero, "teacher_partitioned": partitioned,
                        "text_encoders": text}
                 for g in args.memory_gpus:
