@@ -90,11 +90,10 @@ def fits(preset: str, row: dict, gpu_mem_gib: float) -> str:
     """Whether the memory plan fits the row's setting (previews off): "yes", "text enc. off" or "no"."""
     from sidscale.perf.memory_plan import PlanInput, plan
 
-    r = recipe(preset)
     for text, answer in (("replicated", "yes"), ("off", "text enc. off")):
         inp = PlanInput(preset, row["gpus"], row["zero"], row["micro_batch"], "bf16", None, row["grad_checkpointing"],
-                        gpu_mem_gib, cfg_scales=tuple(r["cfg_scales"]), teacher_partitioned=row["teacher_partitioned"],
-                        text_encoders=text, previews=False)
+                        gpu_mem_gib, cfg_scales=tuple(row["cfg_scales"]),
+                        teacher_partitioned=row["teacher_partitioned"], text_encoders=text, previews=False)
         if plan(inp, micro_batch=row["micro_batch"]).total <= gpu_mem_gib * 2**30:
             return answer
     return "no"
@@ -110,6 +109,7 @@ def _scaling_row(preset: str, profile, base, g: int, iteration_cost) -> dict:
     return {"preset": preset, "fallback": preset == "flux_dev" and not flux_nets_available(),
             "gpus": g, "zero": s.zero, "teacher_partitioned": s.teacher_partitioned,
             "grad_checkpointing": s.grad_checkpointing, "micro_batch": mb, "accumulation": s.accumulation,
+            "cfg_scales": list(s.cfg_scales), "generator_steps": s.generator_steps,
             "samples_per_iter": s.samples_per_iter, "compute_s": cost.compute_s,
             "comm_overlappable_s": cost.comm_overlappable_s, "comm_serial_s": cost.comm_serial_s,
             "step_s": cost.step_s, "samples_per_s": cost.samples_per_s,
