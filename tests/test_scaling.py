@@ -256,9 +256,11 @@ def test_memory_table_recommends_the_cheapest_setting_that_fits():
     cheapest setting (no checkpointing, ZeRO-2, everything replicated) is recommended on 8 GPUs; with 7 GiB the
     recommendation is the first in the preference order that fits, and every setting before it does not fit."""
     import argparse
+    import importlib.util
 
-    sys.path.insert(0, str(REPO / "tools"))
-    import scaling_model
+    spec = importlib.util.spec_from_file_location("scaling_model", REPO / "tools" / "scaling_model.py")
+    scaling_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scaling_model)
 
     rows = {}
     for mem in (20.0, 7.0):
