@@ -267,6 +267,7 @@ def test_memory_table_recommends_the_cheapest_setting_that_fits():
         args = argparse.Namespace(memory_presets=["sd15"], memory_gpus=[8, 64], gpu_mem_gib=mem)
         rows[mem] = scaling_model.memory_table(args)
     order = scaling_model.memory_candidates()
+    assert order[0] == (False, 2, False, "replicated") and order[-1] == (True, 3, True, "partitioned")
     assert [(r["grad_checkpointing"], r["zero"], r["teacher_partitioned"], r["text_encoders"]) for r in rows[20.0]] \
         == order
     assert rows[20.0][0].get("recommended_8") and rows[20.0][0]["max_mb_8"] >= 1
