@@ -15,9 +15,9 @@ Static, alive for the whole run:
   1/N partition plus, while it runs, the parameters being gathered (``zero3_gathered_params`` below);
   ``text_encoders="off"``: encoded on the CPU or precomputed, nothing on the GPU.
 - ZeRO-3 gathered parameters (any ZeRO-3 net: G and F under ZeRO-3, a partitioned teacher or text encoder):
-  the module running plus one prefetch bucket (``stage3_prefetch_bucket_size`` elements), in the largest
-  dtype; the nets run one after the other, so one such term counts (sidscale/perf/scaling.py: every module
-  gathers its parameters and releases them after use).
+  the module running plus one prefetch bucket (``stage3_prefetch_bucket_size`` elements; at most the whole
+  net), in the largest dtype; the nets run one after the other, so one such term counts
+  (sidscale/perf/scaling.py: every module gathers its parameters and releases them after use).
 - network buffers (SD3's pos_embed table, 57-227 M elements; UNets have none): not parameters, so in no
   optimizer state and not partitioned by ZeRO-3; every rank holds them whole in each net. The generator
   and fake net keep them in fp32 (build_engine's ``.float()``; DeepSpeed 0.19 casts parameters only),
@@ -270,12 +270,13 @@ def plan(inp: PlanInput, micro_batch: int | None = None) -> MemoryPlan:
     gathered = []  # (elements, bytes each) of the largest module + one prefetch bucket of each ZeRO-3 net
     largest_net, largest_text = largest_module_params(inp.preset)
     prefetch = int(ds_zero_settings(3).get("stage3_prefetch_bucket_size", 50_000_000))
+    live_net = min(largest_net + prefetch, net_p)  # a prefetch cannot hold more than the whole network
     if z == 3:
-        gathered.append((largest_net + prefetch) * b)
+        gathered.append(live_net * b)
     if inp.teacher_partitioned:
-        gathered.append((largest_net + prefetch) * tb)
+        gathered.append(live_net * tb)
     if inp.text_encoders == "partitioned":
-        gathered.append((largest_text + prefetch) * tb)
+        gathered.append(min(largest_text + prefetch, text_p) * tb)
     if gathered:
         terms["zero3_gathered_params"] = float(max(gathered))
     g = DTYPES[inp.accumulation_dtype()].itemsize
