@@ -20,6 +20,7 @@ the full buffer). ``b``: 2 bytes for bf16/fp16, 4 for fp32.
   so ZeRO-2 moves an all-reduce's bytes, twice a reduce-scatter's on a ring.
 - ZeRO-1/2 parameters: after each optimizer step every engine all-gathers its updated 16-bit partition:
   padded(P)/N per rank, the flat buffer padded to a multiple of 2N (``nccl_start_alignment_factor`` 2).
+  ZeRO-1 is modelled from DeepSpeed's source only (not measured: the 2-rank check runs ZeRO-2 and ZeRO-3).
 - ZeRO-3 gradients: ``reduce_scatter_tensor`` of the padded gradient, b * sum_p N*ceil(p/N), per engine per
   micro-batch.
 - ZeRO-3 parameters: every module call gathers its own parameters (partition ceil(p/N) per rank) and
