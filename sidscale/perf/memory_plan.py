@@ -10,7 +10,14 @@ Static, alive for the whole run:
   * fp32 master partition: 4*P/N (kept by ZeRO for bf16/fp16 and also for fp32);
   * Adam exp_avg + exp_avg_sq: 8*P/N.
 - generator EMA: fp32, sharded 1/N like the fp32 masters it averages (ShardedEMA).
-- teacher network and text encoder(s) (SD3: CLIP-L, bigG and the 4.8 B T5-XXL): replicated, in teacher.dtype.
+- teacher network and text encoder(s) (SD3: CLIP-L, bigG and the 4.8 B T5-XXL): replicated, in teacher.dtype;
+  or (``teacher_partitioned``, ``text_encoders="partitioned"``) an optimizer-less ZeRO-3 engine: its padded
+  1/N partition plus, while it runs, the parameters being gathered (``zero3_gathered_params`` below);
+  ``text_encoders="off"``: encoded on the CPU or precomputed, nothing on the GPU.
+- ZeRO-3 gathered parameters (any ZeRO-3 net: G and F under ZeRO-3, a partitioned teacher or text encoder):
+  the module running plus one prefetch bucket (``stage3_prefetch_bucket_size`` elements; at most the whole
+  net), in the largest dtype; the nets run one after the other, so one such term counts
+  (sidscale/perf/scaling.py: every module gathers its parameters and releases them after use).
 - network buffers (SD3's pos_embed table, 57-227 M elements; UNets have none): not parameters, so in no
   optimizer state and not partitioned by ZeRO-3; every rank holds them whole in each net. The generator
   and fake net keep them in fp32 (build_engine's ``.float()``; DeepSpeed 0.19 casts parameters only),
@@ -42,7 +49,8 @@ net's activations:
   gradients and the flat fp32 copy its boundary all-reduce makes (4 * min(P, 5e8));
 - ``preview`` (rank 0, at previews, the export and the toy evaluation): the preview network in the
   teacher's dtype (tb*P) and the gather's receive buffers on the device (at most 4 * 64Mi
-  elements), nothing else of the iteration alive.
+  elements), nothing else of the iteration alive. ``previews=False`` (no previews, no toy evaluation)
+  drops this phase: for FLUX.1-dev on 8 GPUs it is the peak (a whole 22 GiB bf16 network on rank 0).
 
 Gradients: the reduced partition in the accumulation dtype g (fp32 for bf16 training, else the
 training dtype), g*P/N (Z2/3; measured as ``averaged_gradients`` of a real engine), or the full
@@ -51,7 +59,8 @@ b*P (Z1: the module's own gradients). Buckets (Z1/2 with contiguous gradients, n
 ZeRO-3 differs: it allocates its flat gradient partition (b*P/N) and one bucket per engine at
 start-up and keeps them, so they are static terms there. Not modelled: ZeRO-3's gathered
 parameters with N > 1 (at most stage3_prefetch_bucket_size elements prefetched, plus the module
-running), which the single-rank measurement cannot see.
+running), which the single-rank measurement cannot see: it is the ``zero3_gathered_params`` term, a
+prediction only.
 
 Activations: per-sample bytes are measured with saved_tensors_hooks on a meta-device forward at
 the preset's own latent size (sidscale.perf.activations), so no scaling by resolution is needed
@@ -78,6 +87,7 @@ from sidscale.perf.activations import net_saved_bytes
 from sidscale.perf.setup import build_preset_net, build_preset_text_encoders, checkpoint_block_types
 
 GIB = 2**30
+TEXT_ENCODER_PLACEMENTS = ("replicated", "partitioned", "off")
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -95,6 +105,14 @@ class PlanInput:
     reduce_bucket_size: int | None = None  # elements; default: the ds_configs/zero{Z}.json value
     accumulation: int = 1  # micro-batches per optimizer step: >1 keeps gradients alive between them
     grad_accum_dtype: str | None = None  # default: what build_ds_config sets (fp32 for bf16, else the precision)
+    teacher_partitioned: bool = False  # teacher.partitioned: the frozen teacher as an optimizer-less ZeRO-3 engine
+    text_encoders: str = "replicated"  # replicated | partitioned (ZeRO-3, no optimizer) | off (CPU / precomputed)
+    previews: bool = True  # False: eval.preview_every=0 and no toy evaluation: no ``preview`` phase on the device
+
+    def __post_init__(self) -> None:
+        if self.text_encoders not in TEXT_ENCODER_PLACEMENTS:
+            raise ValueError(f"PlanInput.text_encoders = {self.text_encoders!r}; expected one of "
+                             f"{TEXT_ENCODER_PLACEMENTS}")
 
     def accumulation_dtype(self) -> str:
         return self.grad_accum_dtype or ("fp32" if self.precision == "bf16" else self.precision)
@@ -141,6 +159,22 @@ def param_counts(preset: str) -> tuple[int, int]:
 def buffer_elements(preset: str) -> int:
     """Elements of the denoiser's floating-point buffers (SD3's pos_embed; 0 for the UNets), on meta."""
     return sum(b.numel() for b in build_preset_net(preset, "meta").buffers() if b.is_floating_point())
+
+
+@lru_cache(maxsize=8)
+def largest_module_params(preset: str) -> tuple[int, int]:
+    """(denoiser, text encoders): the most parameters one module owns directly, what ZeRO-3 gathers at once."""
+    def largest(modules) -> int:
+        return max((sum(p.numel() for p in m.parameters(recurse=False)) for m in modules), default=0)
+
+    net = largest(build_preset_net(preset, "meta").modules())
+    text = max((largest(e.modules()) for e in build_preset_text_encoders(preset, "meta")), default=0)
+    return net, text
+
+
+def _partition(numel: int, n: int) -> int:
+    """Elements one rank keeps of a ZeRO-3 partitioned tensor (padded to a multiple of N)."""
+    return -(-numel // n)
 
 
 @lru_cache(maxsize=32)
@@ -225,11 +259,26 @@ def plan(inp: PlanInput, micro_batch: int | None = None) -> MemoryPlan:
         terms[f"{name}_fp32_master"] = 4 * net_p / n
         terms[f"{name}_adam_states"] = 8 * net_p / n
     terms["ema_fp32"] = 4 * net_p / n
-    terms["teacher_net"] = tb * net_p
+    terms["teacher_net"] = tb * (_partition(net_p, n) if inp.teacher_partitioned else net_p)
     if buf:  # whole on every rank, fp32 in the two engines (module docstring)
         terms["generator_buffers"] = terms["fake_buffers"] = 4.0 * buf
-        terms["teacher_buffers"] = tb * buf
-    terms["text_encoders"] = tb * text_p
+        terms["teacher_buffers"] = tb * buf  # buffers are not parameters: ZeRO-3 never partitions them
+    if inp.text_encoders == "replicated":
+        terms["text_encoders"] = tb * text_p
+    elif inp.text_encoders == "partitioned":
+        terms["text_encoders"] = tb * _partition(text_p, n)
+    gathered = []  # (elements, bytes each) of the largest module + one prefetch bucket of each ZeRO-3 net
+    largest_net, largest_text = largest_module_params(inp.preset)
+    prefetch = int(ds_zero_settings(3).get("stage3_prefetch_bucket_size", 50_000_000))
+    live_net = min(largest_net + prefetch, net_p)  # a prefetch cannot hold more than the whole network
+    if z == 3:
+        gathered.append(live_net * b)
+    if inp.teacher_partitioned:
+        gathered.append(live_net * tb)
+    if inp.text_encoders == "partitioned":
+        gathered.append(min(largest_text + prefetch, text_p) * tb)
+    if gathered:
+        terms["zero3_gathered_params"] = float(max(gathered))
     g = DTYPES[inp.accumulation_dtype()].itemsize
     grads = b * net_p if z == 1 else g * net_p / n
     bucket_bytes = float(inp.reduce_bucket_size or zs["reduce_bucket_size"]) * b
@@ -246,6 +295,8 @@ def plan(inp: PlanInput, micro_batch: int | None = None) -> MemoryPlan:
                 terms[f"{name}_grad_bucket"] = bucket_bytes
         grads = 0.0
     phases = _phases(inp, mb, grads, buckets, net_p, buf)
+    if not inp.previews:
+        del phases["preview"]
     peak = max(phases, key=lambda k: sum(phases[k].values()))
     terms.update({f"{k} ({peak})": v for k, v in phases[peak].items() if v})
     out = MemoryPlan(inp, terms, peak_phase=peak, phases=phases)

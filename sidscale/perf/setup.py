@@ -158,14 +158,17 @@ class BenchCase:
     teacher_dtype: str | None = None  # default: the training precision (fp32 when training in fp32)
     reduce_bucket_size: int | None = None  # elements; default: the ds_configs/zero{zero}.json value
     compile_backend: str | None = None  # train.compile with this backend; None: eager
+    # teacher.partitioned=true (the frozen teacher as an optimizer-less ZeRO-3 engine; issue 17 item 3's key)
+    teacher_partitioned: bool = False
 
     @property
     def label(self) -> str:
         ckpt = "+ckpt" if self.grad_checkpointing else ""
         rbs = f"+rbs{self.reduce_bucket_size:.0e}".replace("+0", "") if self.reduce_bucket_size else ""
         comp = f"+compile({self.compile_backend})" if self.compile_backend else ""
+        tpart = "+teacher_zero3" if self.teacher_partitioned else ""
         return (f"{self.preset}/zero{self.zero}/{self.precision}/mb{self.micro_batch}x{self.accumulation}"
-                f"{ckpt}{rbs}{comp}")
+                f"{ckpt}{rbs}{comp}{tpart}")
 
     def ds_config_path(self) -> str:
         """ds_configs/zero{zero}.json, or a copy of it with this case's bucket sizes."""
@@ -545,4 +548,6 @@ def case_config(case: BenchCase, world_size: int, seed: int = 0) -> Config:
     ]
     if case.compile_backend:
         overrides += ["train.compile=true", f"train.compile_backend={case.compile_backend}"]
+    if case.teacher_partitioned:  # only when asked: the key exists once the partitioned teacher is merged
+        overrides.append("teacher.partitioned=true")
     return load_config(base, overrides)
