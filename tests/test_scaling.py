@@ -237,8 +237,11 @@ def test_partitioned_teacher_and_text_encoders_in_the_memory_plan():
     assert "zero3_gathered_params" not in rep and buffer_elements("sd15") == 0
     same = {k for k in rep if k not in ("teacher_net", "text_encoders")}
     assert all(part[k] == rep[k] for k in same if k in part)
-    # previews off drops rank 0's preview network, the peak of a memory-tight ZeRO-3 plan
-    flux_like = PlanInput("sd15", gpus=64, zero=3, micro_batch=1, grad_checkpointing=True, teacher_partitioned=True,
+    # ZeRO-3 previews hold one saved working partition (the EMA is swapped into the generator), not a network
+    z3 = plan(PlanInput("sd15", gpus=n, zero=3, micro_batch=1, grad_checkpointing=True), micro_batch=1)
+    assert z3.phases["preview"] == {"saved_working_partition": 2 * p / n}
+    # previews off drops rank 0's preview network, the peak of a memory-tight ZeRO-2 plan
+    flux_like = PlanInput("sd15", gpus=64, zero=2, micro_batch=1, grad_checkpointing=True, teacher_partitioned=True,
                           text_encoders="off")
     with_p = plan(flux_like, micro_batch=1)
     without = plan(dataclasses.replace(flux_like, previews=False), micro_batch=1)

@@ -633,7 +633,7 @@ print(json.dumps(out))
         self.big_settings[preset] = r
         return {"setting": {k: r[k] for k in ("zero", "teacher_partitioned", "text_encoders", "grad_checkpointing")},
                 "max_micro_batch": r[f"max_mb_{self.nproc}_nopreview"],
-                "predicted_gib_mb1": r[f"gib_mb1_{self.nproc}_nopreview"], "fallback": r.get("fallback")}
+                "predicted_gib_mb1": r[f"gib_mb1_{self.nproc}_nopreview"]}
 
     def big_measure(self, preset: str) -> dict[str, Any]:
         r = self.big_settings.get(preset)
@@ -642,8 +642,6 @@ print(json.dumps(out))
         if r["text_encoders"] != "replicated":
             raise Skip(f"the setting that fits needs text encoders {r['text_encoders']}: the measured trainer keeps "
                        "them on every rank")
-        if r.get("fallback"):
-            raise Skip(f"{preset} is planned from sidscale/perf/flux_fallback.py: the trainer cannot build it yet")
         mb = r[f"max_mb_{self.nproc}_nopreview"]  # on GPUs the edge of the prediction is what is checked
         if self.mode.device == "cpu":  # the smoke run checks the plumbing, at the smoke's micro-batch
             mb = min(mb, self.mode.bench_micro_batch)

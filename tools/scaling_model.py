@@ -9,7 +9,7 @@ The model (bytes per ZeRO stage per iteration, ring costs, FLOPs, overlap) is si
 byte counts are checked against a real 2-rank run in tests/test_scaling.py. The memory plan is
 sidscale/perf/memory_plan.py. Each preset trains with its config preset's recipe (global batch, micro-batch,
 checkpointing, generator steps, CFG); the micro-batch is lowered when the global batch has fewer samples than
-GPUs x micro-batch. ``flux_dev``: the real preset once merged, else sidscale/perf/flux_fallback.py (marked).
+GPUs x micro-batch.
 """
 
 from __future__ import annotations
@@ -34,10 +34,6 @@ PLACEMENTS = {"sd15": [(2, False)], "sdxl": [(2, False)], "sd35_large": [(2, Tru
 
 def recipe(preset: str) -> dict:
     """Global batch, micro-batch, checkpointing, generator steps and CFG scales of the preset's config."""
-    from sidscale.perf.flux_fallback import FLUX_TRAIN, flux_nets_available
-
-    if preset == "flux_dev" and not flux_nets_available():
-        return dict(FLUX_TRAIN)
     from sidscale.config import load_config
     from sidscale.perf.setup import preset_nets
 
@@ -67,20 +63,17 @@ def base_setups(preset: str, args: argparse.Namespace) -> list:
 
 
 def scaling_table(args: argparse.Namespace) -> list[dict]:
-    from sidscale.perf.flux_fallback import flux_fallback_installed
     from sidscale.perf.scaling import iteration_cost, preset_profile
 
     rows = []
     for preset in args.presets:
-        with flux_fallback_installed():
-            profile = preset_profile(preset)
+        profile = preset_profile(preset)
         for base in base_setups(preset, args):
             first = None
             for g in args.gpus:
                 rows.append(row := _scaling_row(preset, profile, base, g, iteration_cost))
                 if not args.no_memory_check:
-                    with flux_fallback_installed():
-                        row["fits"] = fits(preset, row, args.gpu_mem_gib)
+                    row["fits"] = fits(preset, row, args.gpu_mem_gib)
                 first = first or row
                 row["efficiency_vs_first"] = row["samples_per_s_per_gpu"] / first["samples_per_s_per_gpu"]
     return rows
@@ -100,14 +93,11 @@ def fits(preset: str, row: dict, gpu_mem_gib: float) -> str:
 
 
 def _scaling_row(preset: str, profile, base, g: int, iteration_cost) -> dict:
-    from sidscale.perf.flux_fallback import flux_nets_available
-
     gb = base.global_batch or g * base.micro_batch
     mb = max(1, min(base.micro_batch, gb // g))  # the recipe's global batch, when it has fewer samples than GPUs x mb
     cost = iteration_cost(profile, dataclasses.replace(base, gpus=g, micro_batch=mb))
     s = cost.setup
-    return {"preset": preset, "fallback": preset == "flux_dev" and not flux_nets_available(),
-            "gpus": g, "zero": s.zero, "teacher_partitioned": s.teacher_partitioned,
+    return {"preset": preset, "gpus": g, "zero": s.zero, "teacher_partitioned": s.teacher_partitioned,
             "grad_checkpointing": s.grad_checkpointing, "micro_batch": mb, "accumulation": s.accumulation,
             "cfg_scales": list(s.cfg_scales), "generator_steps": s.generator_steps,
             "samples_per_iter": s.samples_per_iter, "compute_s": cost.compute_s,
@@ -135,7 +125,7 @@ def scaling_markdown(rows: list[dict], args: argparse.Namespace) -> str:
     for r in rows:
         setting = (f"ZeRO-{r['zero']}" + (", teacher ZeRO-3" if r["teacher_partitioned"] else "")
                    + (", ckpt" if r["grad_checkpointing"] else ""))
-        name = r["preset"] + (" (fallback)" if r["fallback"] else "")
+        name = r["preset"]
         out.append(f"| {name} | {setting} | {r['gpus']} | {r['micro_batch']} x {r['accumulation']} "
                    f"| {r.get('fits', '-')} | {r['compute_s']:.2f} "
                    f"| {r['comm_overlappable_s']:.2f} / {r['comm_serial_s']:.3f} "
@@ -159,28 +149,24 @@ def memory_candidates() -> list[tuple[bool, int, bool, str]]:
 
 
 def memory_table(args: argparse.Namespace) -> list[dict]:
-    from sidscale.perf.flux_fallback import flux_fallback_installed, flux_nets_available
     from sidscale.perf.memory_plan import GIB, PlanInput, plan
 
     rows = []
     for preset in args.memory_presets:
         r = recipe(preset)
-        fallback = preset == "flux_dev" and not flux_nets_available()  # NOTE: asked before installing it
-        with flux_fallback_installed():
-            for ckpt, zero, partitioned, text in memory_candidates():
-                row = {"preset": preset, "fallback": fallback,
-                       "grad_checkpointing": ckpt, "zero": zero, "teacher_partitioned": partitioned,
-                       "text_encoders": text}
-                for g in args.memory_gpus:
-                    for previews in (True, False):
-                        res = plan(PlanInput(preset, g, zero, 1, "bf16", None, ckpt, args.gpu_mem_gib,
-                                             cfg_scales=tuple(r["cfg_scales"]), teacher_partitioned=partitioned,
-                                             text_encoders=text, previews=previews))
-                        tag = "" if previews else "_nopreview"
-                        row[f"gib_mb1_{g}{tag}"] = res.total / GIB
-                        row[f"peak_phase_{g}{tag}"] = res.peak_phase
-                        row[f"max_mb_{g}{tag}"] = res.max_micro_batch
-                rows.append(row)
+        for ckpt, zero, partitioned, text in memory_candidates():
+            row = {"preset": preset, "grad_checkpointing": ckpt, "zero": zero, "teacher_partitioned": partitioned,
+                   "text_encoders": text}
+            for g in args.memory_gpus:
+                for previews in (True, False):
+                    res = plan(PlanInput(preset, g, zero, 1, "bf16", None, ckpt, args.gpu_mem_gib,
+                                         cfg_scales=tuple(r["cfg_scales"]), teacher_partitioned=partitioned,
+                                         text_encoders=text, previews=previews))
+                    tag = "" if previews else "_nopreview"
+                    row[f"gib_mb1_{g}{tag}"] = res.total / GIB
+                    row[f"peak_phase_{g}{tag}"] = res.peak_phase
+                    row[f"max_mb_{g}{tag}"] = res.max_micro_batch
+            rows.append(row)
     for preset in args.memory_presets:
         for g in args.memory_gpus:
             for tag in ("", "_nopreview"):
@@ -193,8 +179,9 @@ def memory_table(args: argparse.Namespace) -> list[dict]:
 def memory_markdown(rows: list[dict], args: argparse.Namespace) -> str:
     g1, g2 = args.memory_gpus[0], args.memory_gpus[-1]
     out = [f"PREDICTIONS (sidscale/perf/memory_plan.py) per GPU of {args.gpu_mem_gib:g} GiB at 1024 px, bf16, the "
-           "preset's CFG. GiB: the predicted peak at micro-batch 1 with previews (rank 0 builds the whole bf16 "
-           "preview network) / without (eval.preview_every=0, no toy evaluation); largest micro-batch that fits, "
+           "preset's CFG. GiB: the predicted peak at micro-batch 1 with previews (ZeRO-2: rank 0 builds the whole "
+           "bf16 preview network; ZeRO-3: the EMA is swapped into the partitioned generator) / without "
+           "(eval.preview_every=0, no toy evaluation); largest micro-batch that fits, "
            "with / without previews; * = recommended (the cheapest setting that fits, order in "
            "tools/scaling_model.py).", "",
            f"| preset | ckpt | ZeRO | teacher | text encoders | GiB at mb 1, {g1} GPUs | largest mb, {g1} GPUs "
@@ -205,7 +192,7 @@ def memory_markdown(rows: list[dict], args: argparse.Namespace) -> str:
                 r.get(f"recommended_{g}{t}") for g in (g1, g2) for t in ("", "_nopreview")):
             if not (r["zero"] == 3 and r["teacher_partitioned"] and r["text_encoders"] == "off"):
                 continue  # without checkpointing only the most sharded row (it shows activations alone overflow)
-        name = r["preset"] + (" (fallback)" if r["fallback"] else "")
+        name = r["preset"]
 
         def mb(g: int, r: dict = r) -> str:
             return " / ".join(f"{r[f'max_mb_{g}{t}']}{'*' if r.get(f'recommended_{g}{t}') else ''}"
@@ -221,14 +208,12 @@ def memory_markdown(rows: list[dict], args: argparse.Namespace) -> str:
 
 
 def bytes_table(args: argparse.Namespace) -> str:
-    from sidscale.perf.flux_fallback import flux_fallback_installed
     from sidscale.perf.scaling import iteration_cost, preset_profile
 
     out = ["| preset | setting | GPUs | class | collective | GB per rank (logged) | GB on the wire per rank |",
            "|---|---|---|---|---|---|---|"]
     for preset in args.presets:
-        with flux_fallback_installed():
-            profile = preset_profile(preset)
+        profile = preset_profile(preset)
         for base in base_setups(preset, args):
             for g in args.gpus:
                 mb = max(1, min(base.micro_batch, (base.global_batch or g) // g))

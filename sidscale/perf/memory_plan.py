@@ -47,10 +47,11 @@ net's activations:
 - ``optimizer_step``: the gradient partition and the fp32 copy of it that ``step()`` makes (4*P/N;
   none when the gradients accumulate in fp32 already). ZeRO-1 with BF16_Optimizer: its bf16
   gradients and the flat fp32 copy its boundary all-reduce makes (4 * min(P, 5e8));
-- ``preview`` (rank 0, at previews, the export and the toy evaluation): the preview network in the
+- ``preview`` (ZeRO-1/2: rank 0, at previews and the toy evaluation): the preview network in the
   teacher's dtype (tb*P) and the gather's receive buffers on the device (at most 4 * 64Mi
-  elements), nothing else of the iteration alive. ``previews=False`` (no previews, no toy evaluation)
-  drops this phase: for FLUX.1-dev on 8 GPUs it is the peak (a whole 22 GiB bf16 network on rank 0).
+  elements), nothing else of the iteration alive. ZeRO-3 previews swap the EMA into the partitioned
+  generator on every rank (``sharded_ema.ema_swapped_into``): one saved copy of the working partition
+  (b*P/N). ``previews=False`` (no previews, no toy evaluation) drops this phase.
 
 Gradients: the reduced partition in the accumulation dtype g (fp32 for bf16 training, else the
 training dtype), g*P/N (Z2/3; measured as ``averaged_gradients`` of a real engine), or the full
@@ -236,8 +237,11 @@ def _phases(inp: PlanInput, micro_batch: int, grads: float, buckets: float, p: i
                         "grads": grads if inp.accumulation > 1 else 0.0},
         "gen_backward": {"activations": gen_acts, "grads": grads, "grad_buckets": buckets},
         "optimizer_step": step,
-        "preview": {"preview_net": DTYPES[teacher_dtype].itemsize * (p + buffers),
-                    "ema_gather_buffers": 4.0 * min(p, GATHER_CHUNK_ELEMENTS)},
+        # ZeRO-3 previews run the generator itself with the EMA swapped into its partitions
+        # (sharded_ema.ema_swapped_into): one saved copy of the working partition; else rank 0's copy
+        "preview": ({"saved_working_partition": DTYPES[inp.precision].itemsize * p / inp.gpus} if inp.zero == 3 else
+                    {"preview_net": DTYPES[teacher_dtype].itemsize * (p + buffers),
+                     "ema_gather_buffers": 4.0 * min(p, GATHER_CHUNK_ELEMENTS)}),
     }
 
 
