@@ -46,6 +46,8 @@ METHODS = ("sid_lsg",)
 # The built-in toy teachers (fitted once, cached under teacher.cache_dir when teacher.path is ""):
 # toy = VP / eps, toy_flow = rectified flow / velocity (sidscale/models/toy_teacher.py).
 TOY_KINDS = ("toy", "toy_flow")
+# Teachers with a guidance embedding: the distilled_guidance section applies (sidscale/families/flux.py).
+GUIDANCE_EMBED_KINDS = ("flux",)
 
 
 class ConfigError(ValueError):
@@ -59,7 +61,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class TeacherConfig:
-    kind: str = "toy"  # toy | sd | sdxl (UNet, VP) | sd3 (SD3 / SD3.5 MMDiT, rectified flow) | toy_flow (UNet, flow)
+    # toy | sd | sdxl (UNet, VP) | sd3 (SD3 / SD3.5 MMDiT, rectified flow) | flux (FLUX.1, rectified flow)
+    # | toy_flow (UNet, flow)
+    kind: str = "toy"
     path: str = ""  # local diffusers directory; "" only for kinds toy / toy_flow (built-in teachers)
     cache_dir: str = "~/.cache/sidscale"  # where the toy teacher is fitted and cached
     dtype: str = "bf16"  # frozen teacher + text encoders: fp32 | bf16 | fp16
@@ -69,7 +73,8 @@ class TeacherConfig:
     attention: str = "sdpa"  # sdpa (torch SDPA, diffusers AttnProcessor2_0) | eager (reference, more memory)
     channels_last: bool = False  # teacher UNet weights in NHWC (GPU conv speed; the teacher only)
     # SD3 family: the T5 encoder (off: zeros in its place, as diffusers does without text_encoder_3,
-    # and 9 GB of T5-XXL never loaded) and its token count (SiD-DiT: 77; diffusers' pipeline: 256)
+    # and 9 GB of T5-XXL never loaded) and its token count (SiD-DiT: 77; diffusers' pipeline: 256).
+    # FLUX: T5 is its only text sequence (t5 must stay true); SiD-DiT and FluxPipeline use 512 tokens.
     t5: bool = True
     max_sequence_length: int = 77
     # The frozen teacher network: true = partitioned across the ranks by an optimizer-less ZeRO-3
@@ -114,6 +119,17 @@ class MethodConfig:
     sigma_init: float = 1.0
     sigma_logit_mean: float = 0.6931471805599453  # ln 2 (median sigma 2/3), SiD-DiT
     sigma_logit_std: float = 1.6
+
+
+@dataclass
+class DistilledGuidanceConfig:
+    """Guidance-distilled teachers (teacher.kind flux with guidance_embeds, FLUX.1-dev): the guidance
+    scale each net gets as its guidance EMBEDDING (an input of the network, not CFG). True CFG on top
+    is the method's cfg_* scales (1 = off, the FLUX preset's default). sid_dit_method.md 1.7."""
+
+    teacher: float = 3.5  # FLUX.1-dev's default (FluxPipeline guidance_scale)
+    fake: float | None = None  # null = the teacher's: the fake net models G's output at the teacher's guidance
+    generator: float = 1.0  # SiD-DiT calls the generator with embedding 1.0, in training and sampling
 
 
 @dataclass
@@ -212,6 +228,7 @@ class Config:
     preview: PreviewConfig = field(default_factory=PreviewConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    distilled_guidance: DistilledGuidanceConfig = field(default_factory=DistilledGuidanceConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,6 +415,19 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check_enum("method.gen_weighting", m.gen_weighting, GEN_WEIGHTINGS)
     _check(0.0 < m.sigma_init <= 1.0, "method.sigma_init", m.sigma_init, "a sigma in (0, 1]")
     _check(m.sigma_logit_std > 0, "method.sigma_logit_std", m.sigma_logit_std, "a positive std")
+
+    g = cfg.distilled_guidance
+    _check_non_negative(g, "distilled_guidance", ["teacher", "generator"])
+    _check(g.fake is None or g.fake >= 0, "distilled_guidance.fake", g.fake,
+           "a value >= 0, or null (the teacher's scale)")
+    # NOTE: only a guidance-distilled teacher reads these; elsewhere a changed value would be silently ignored
+    if t.kind not in GUIDANCE_EMBED_KINDS:
+        _check(g == DistilledGuidanceConfig(), "distilled_guidance", config_to_dict(g),
+               f"the defaults for teacher.kind {t.kind!r} (only kinds {', '.join(GUIDANCE_EMBED_KINDS)} have a "
+               "guidance embedding; use method.cfg_* for classifier-free guidance)")
+    _check(t.kind != "flux" or t.t5, "teacher.t5", t.t5, "true for teacher.kind flux (T5 is FLUX's text sequence)")
+    _check(t.kind != "flux" or t.max_sequence_length <= 512, "teacher.max_sequence_length", t.max_sequence_length,
+           "at most 512 T5 tokens for teacher.kind flux (FluxPipeline's limit)")
 
     _validate_net(cfg.generator, "generator")
     _validate_net(cfg.fake, "fake")
@@ -636,7 +666,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "DeepSpeedSection", "EvalConfig", "MethodConfig",
+    "Config", "ConfigError", "DataConfig", "DeepSpeedSection", "DistilledGuidanceConfig", "EvalConfig", "MethodConfig",
     "NetConfig", "PreviewConfig", "ScheduleConfig", "TeacherConfig", "TrainConfig",
     "accumulation_steps", "add_config_args", "apply_override", "config_from_args",
     "config_from_dict", "config_to_dict", "dump_config", "list_presets", "load_config",

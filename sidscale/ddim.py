@@ -25,6 +25,23 @@ def ddim_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
     return ts.tolist()
 
 
+def sampler_start(shape: tuple[int, ...] | torch.Size, cond: Cond, uncond: Cond | None, cfg_scale: float,
+                  generator: torch.Generator | None, x_T: torch.Tensor | None) -> tuple[torch.Tensor, Cond | None]:
+    """What every multi-step sampler checks and draws first: (x_T as fp32 on the conditioning's
+    device, ``uncond`` expanded to the batch). The noise is drawn on the CPU from ``generator``, so
+    samples do not depend on the device."""
+    device = next(iter(cond.values())).device
+    if cfg_scale != 1.0 and uncond is None:
+        raise ValueError("cfg_scale != 1 needs an unconditional conditioning")
+    if uncond is not None and cond_batch_size(uncond) == 1 and shape[0] > 1:
+        uncond = {k: v.expand(shape[0], *v.shape[1:]) for k, v in uncond.items()}
+    if cond_batch_size(cond) != shape[0]:
+        raise ValueError(f"cond has batch {cond_batch_size(cond)}, shape asks for {shape[0]}")
+    if x_T is None:
+        x_T = torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+    return x_T.to(device=device, dtype=torch.float32), uncond
+
+
 @torch.no_grad()
 def ddim_sample(
     eps_fn: EpsFn,
@@ -42,16 +59,8 @@ def ddim_sample(
     The initial noise is drawn on CPU from ``generator`` (so results do not depend on the device)
     and moved to the device of the conditioning. The update runs in fp32 whatever the net's dtype.
     """
-    device = next(iter(cond.values())).device
-    if cfg_scale != 1.0 and uncond is None:
-        raise ValueError("cfg_scale != 1 needs an unconditional conditioning")
-    if uncond is not None and cond_batch_size(uncond) == 1 and shape[0] > 1:
-        uncond = {k: v.expand(shape[0], *v.shape[1:]) for k, v in uncond.items()}
-    if cond_batch_size(cond) != shape[0]:
-        raise ValueError(f"cond has batch {cond_batch_size(cond)}, shape asks for {shape[0]}")
-    if x_T is None:
-        x_T = torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
-    x = x_T.to(device=device, dtype=torch.float32)
+    x, uncond = sampler_start(shape, cond, uncond, cfg_scale, generator, x_T)
+    device = x.device
     ts = ddim_timesteps(schedule.num_train_timesteps, steps)
     x0 = x
     for i, t in enumerate(ts):

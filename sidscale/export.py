@@ -1,10 +1,11 @@
 """Export the EMA generator as a self-contained diffusers pipeline directory.
 
     EXPORT/unet/ or EXPORT/transformer/   save_pretrained of the generator (EMA weights, fp32):
-                            plain ``UNet2DConditionModel`` / ``SD3Transformer2DModel.from_pretrained``
+                            plain ``UNet2DConditionModel`` / ``SD3Transformer2DModel`` /
+                            ``FluxTransformer2DModel.from_pretrained``
     EXPORT/text_encoder*/, tokenizer*/, vae/, scheduler/
                             the teacher's frozen parts, copied (or symlinked with ``link_frozen``)
-    EXPORT/model_index.json the diffusers pipeline index (StableDiffusion[XL|3]Pipeline)
+    EXPORT/model_index.json the diffusers pipeline index (StableDiffusion[XL|3]Pipeline, FluxPipeline)
     EXPORT/sidscale.json    how to sample it: the family, K (generator_steps) and its start level
                             (t_init / sigma_init), the schedule the run trained with (VP: its full
                             alphas_cumprod), latent shape, VAE scaling / shift factor

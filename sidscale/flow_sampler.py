@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import torch
 
+from sidscale.ddim import sampler_start
 from sidscale.method.guidance import EpsFn, guided_eps
-from sidscale.models.conditioning import Cond, cond_batch_size
+from sidscale.models.conditioning import Cond
 from sidscale.schedule import FlowSchedule
 
 
@@ -52,16 +53,8 @@ def flow_sample(
     ``generator`` (results do not depend on the device) and moved to the conditioning's device; CFG
     ``v_u + cfg (v_c - v_u)`` (linear in v, so the same as CFG on x0 or eps); the update runs in fp32.
     """
-    device = next(iter(cond.values())).device
-    if cfg_scale != 1.0 and uncond is None:
-        raise ValueError("cfg_scale != 1 needs an unconditional conditioning")
-    if uncond is not None and cond_batch_size(uncond) == 1 and shape[0] > 1:
-        uncond = {k: v.expand(shape[0], *v.shape[1:]) for k, v in uncond.items()}
-    if cond_batch_size(cond) != shape[0]:
-        raise ValueError(f"cond has batch {cond_batch_size(cond)}, shape asks for {shape[0]}")
-    if x_T is None:
-        x_T = torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
-    x = x_T.to(device=device, dtype=torch.float32)
+    x, uncond = sampler_start(shape, cond, uncond, cfg_scale, generator, x_T)
+    device = x.device
     sigmas = flow_sigmas(steps, shift)
     x0 = x
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):

@@ -54,9 +54,12 @@ class ReferenceLoop:
         self.gen_net = copy.deepcopy(teacher_unet).float().requires_grad_(True)
         self.fake_net = copy.deepcopy(teacher_unet).float().requires_grad_(True)
         self.ema = [p.detach().clone() for p in self.gen_net.parameters()]
-        wrap = prediction_fn or UNetEps
-        self.teacher, self.gen, self.fake = (wrap(n, schedule) for n in
-                                             (self.teacher_net, self.gen_net, self.fake_net))
+        if prediction_fn is None:
+            def prediction_fn(net, schedule, role="generator"):  # a UNet's eps: the role changes nothing
+                return UNetEps(net, schedule)
+        self.teacher, self.gen, self.fake = (prediction_fn(n, schedule, role=r) for n, r in
+                                             ((self.teacher_net, "teacher"), (self.gen_net, "generator"),
+                                              (self.fake_net, "fake")))
         self.gen_optim = make_adam(self.gen_net.parameters(), gen_opt)
         self.fake_optim = make_adam(self.fake_net.parameters(), fake_opt)
         self.conditioner, self.schedule, self.settings = conditioner, schedule, settings

@@ -32,6 +32,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -67,7 +68,7 @@ from sidscale.distributed.runtime import (
     init_distributed,
     shutdown_distributed,
 )
-from sidscale.distributed.sharded_ema import EMALayoutError, ShardedEMA
+from sidscale.distributed.sharded_ema import EMALayoutError, ShardedEMA, ema_swapped_into
 from sidscale.distributed.teacher_partition import Placement, choose_placement, partition_teacher
 from sidscale.ema import ema_beta
 from sidscale.export import export_generator, network_from_state
@@ -120,16 +121,21 @@ def prepare_run_dir(run_dir: Path, resume: bool, lock: RunLock | None = None) ->
 
 
 def check_resumable(run_dir: Path, cfg: Config, world_size: int) -> None:
-    """Stage, precision and rank count of the newest checkpoint against this run (rank 0, before any
-    model is built): one clear message instead of an error deep inside DeepSpeed's loader."""
+    """Stage, precision and global batch of the newest checkpoint against this run (rank 0, before any
+    model is built): one clear message instead of an error deep inside DeepSpeed's loader. Another
+    number of ranks is resumed elastically (``sidscale.elastic``); that the global batch divides into
+    this world's ranks was checked by ``validate``."""
     ckpt = ckpt_lib.find_resume_checkpoint(run_dir)
     meta = ckpt_lib.read_meta(ckpt)
     stage = zero_stage(build_ds_config(cfg, world_size))
     saved = meta.get("config", {})
     problems = []
-    if int(meta["world_size"]) != world_size:
-        problems.append(f"it was written by {meta['world_size']} ranks, this job has {world_size} (resume with the "
-                        "same number of ranks)")
+    written_by = int(meta["world_size"])
+    saved_batch = saved.get("train", {}).get("global_batch")
+    if written_by != world_size and saved_batch is not None and saved_batch != cfg.train.global_batch:
+        problems.append(f"it was written by {written_by} ranks with train.global_batch={saved_batch}; resuming on "
+                        f"{world_size} ranks keeps the global batch (set train.global_batch={saved_batch}; "
+                        "micro_batch x accumulation adapts to the ranks)")
     if "zero_stage" in meta and int(meta["zero_stage"]) != stage:
         problems.append(f"it was written with ZeRO stage {meta['zero_stage']}, deepspeed.config "
                         f"{cfg.deepspeed.config} is stage {stage}")
@@ -176,12 +182,40 @@ def checkpoint_complete(run_dir: Path, step: int) -> bool:
     return comm.decide_on_rank0(ckpt_lib.is_complete, ckpt_lib.step_dir(run_dir, step))
 
 
+def prepare_elastic_resume(path: Path, world_size: int) -> tuple[int, Path | None]:
+    """(ranks that wrote ``path``, its universal copy or None when it is this job's world size).
+    A collective: rank 0 converts (``sidscale.elastic``) while the others wait; a failed conversion
+    is one error on every rank, never a hang."""
+    from sidscale import elastic
+
+    written_by = comm.decide_on_rank0(lambda: int(ckpt_lib.read_meta(path)["world_size"]))
+    if written_by == world_size:
+        return written_by, None
+    result: tuple[Path | None, str | None] = (None, None)
+    if comm.rank() == 0:
+        print(f"sidscale: elastic resume: {path} was written by {written_by} ranks, this job has {world_size}; "
+              "converting its ZeRO states to DeepSpeed's universal format (the checkpoint stays as it is)",
+              flush=True)
+        try:
+            result = (elastic.convert_to_universal(path), None)
+        except Exception as e:  # noqa: BLE001 - reported on every rank below
+            log.exception("universal conversion of %s failed", path)
+            result = (None, f"converting {path} (written by {written_by} ranks) for {world_size} ranks failed: "
+                            f"{type(e).__name__}: {e}")
+    out, error = comm.broadcast_object(result)
+    if error:
+        raise ConfigError(error + ". Resume it with the number of ranks that wrote it")
+    return written_by, out
+
+
 class Trainer:
     teacher_engine = None  # the partitioned teacher's optimizer-less ZeRO-3 engine (teacher.partitioned)
 
-    def __init__(self, cfg: Config, run_dir: Path, dist_info: DistInfo, teacher: Teacher | None = None):
+    def __init__(self, cfg: Config, run_dir: Path, dist_info: DistInfo, teacher: Teacher | None = None,
+                 load_universal: bool = False):
         """``teacher``: an already built teacher (benchmarks build real-size random-weight ones from
-        ``sidscale.models.presets``); by default it is loaded from ``cfg.teacher``."""
+        ``sidscale.models.presets``); by default it is loaded from ``cfg.teacher``.
+        ``load_universal``: the engines will load a universal checkpoint (elastic resume)."""
         self.cfg, self.run_dir, self.dist = cfg, Path(run_dir), dist_info
         # TF32 off for fp32 (the reference recipe), allowed for bf16/fp16: sidscale/precision.py says why.
         apply_precision(cfg.train.precision)
@@ -190,6 +224,8 @@ class Trainer:
         self.gas = accumulation_steps(cfg, self.world)
         self.settings = MethodSettings.from_config(cfg.method)
         self.ds_config = build_ds_config(cfg, self.world)
+        if load_universal:  # DeepSpeed reads this at load_checkpoint (engine and ZeRO optimizer)
+            self.ds_config["checkpoint"] = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
         self.zero_stage = zero_stage(self.ds_config)
         if cfg.train.compile and self.zero_stage == 3:
             raise ConfigError("train.compile = true with ZeRO-3: its parameter-gathering hooks break "
@@ -245,12 +281,13 @@ class Trainer:
 
         # prediction functions: the engine forward where the net trains, .module where it is only
         # evaluated (environment_notes.md: the engine's hooks must not run in the generator step).
+        # ``role``: a family may call each net differently (FLUX: its distilled-guidance embedding).
         wrap = self.family.prediction_fn
-        self.gen_train = wrap(self.gen_engine, self.schedule)
-        self.gen_eval = wrap(self.gen_engine.module, self.schedule)
-        self.fake_train = wrap(self.fake_engine, self.schedule)
-        self.fake_eval = wrap(self.fake_engine.module, self.schedule)
-        self.teacher_eval = wrap(self.teacher.net, self.schedule)
+        self.gen_train = wrap(self.gen_engine, self.schedule, role="generator")
+        self.gen_eval = wrap(self.gen_engine.module, self.schedule, role="generator")
+        self.fake_train = wrap(self.fake_engine, self.schedule, role="fake")
+        self.fake_eval = wrap(self.fake_engine.module, self.schedule, role="fake")
+        self.teacher_eval = wrap(self.teacher.net, self.schedule, role="teacher")
 
         self.prompts = self._build_prompt_source()
         self.step, self.images_seen = 0, 0
@@ -423,21 +460,27 @@ class Trainer:
     def _ema_shapes(self) -> list[tuple[int, ...]]:
         return [tuple(getattr(p, "ds_shape", p.shape)) for p in self.ema.params]
 
-    def resume(self, path: Path) -> None:
+    def resume(self, path: Path, universal: Path | None = None) -> None:
+        """Load checkpoint ``path``; ``universal``: its universal copy when it was written by another
+        number of ranks (``prepare_elastic_resume``; the engines were built with ``load_universal``)."""
         meta = ckpt_lib.read_meta(path)
-        if meta["world_size"] != self.world:
-            raise ConfigError(f"checkpoint {path} was written by {meta['world_size']} ranks; this run has "
-                              f"{self.world}. Resume with the same number of ranks (see README: Resume).")
+        written_by = int(meta["world_size"])
+        if (written_by != self.world) != (universal is not None):
+            raise RuntimeError(f"checkpoint {path} was written by {written_by} ranks, this run has {self.world}: "
+                               "load it through prepare_elastic_resume")
         for engine, tag in ((self.gen_engine, "generator"), (self.fake_engine, "fake")):
-            load_path, _ = engine.load_checkpoint(str(path), tag=tag)
+            load_path, _ = engine.load_checkpoint(str(universal or path), tag=tag)
             if load_path is None:
-                raise RuntimeError(f"DeepSpeed could not load {path / tag}")
-        state = torch.load(ckpt_lib.rank_file(path, self.rank), map_location="cpu", weights_only=False)
-        try:
-            self.ema.load_state_dict(state["ema"])
-        except EMALayoutError:  # a checkpoint of an older sidscale: reassemble its EMA, take this rank's part
-            self.ema.load_full(ckpt_lib.full_ema_from_checkpoint(path))
-        self.prompts.load_state_dict(state["data"])
+                raise RuntimeError(f"DeepSpeed could not load {(universal or path) / tag}")
+        if universal is None:
+            state = torch.load(ckpt_lib.rank_file(path, self.rank), map_location="cpu", weights_only=False)
+            try:
+                self.ema.load_state_dict(state["ema"])
+            except EMALayoutError:  # a checkpoint of an older sidscale: reassemble its EMA, take this rank's part
+                self.ema.load_full(ckpt_lib.full_ema_from_checkpoint(path))
+            self.prompts.load_state_dict(state["data"])
+        else:
+            state = self._load_resharded(path, meta, written_by)
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
@@ -445,6 +488,22 @@ class Trainer:
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.step, self.images_seen = int(state["step"]), int(state["images_seen"])
+
+    def _load_resharded(self, path: Path, meta: dict, written_by: int) -> dict:
+        """EMA and data cursor of a checkpoint of ``written_by`` ranks, for this rank (``sidscale.elastic``).
+        Returns old rank (this rank mod ``written_by``)'s state, whose RNG states this rank takes."""
+        from sidscale import elastic
+        from sidscale.data.stream import DataWarning
+
+        # memory-mapped: each rank copies only the overlap of the old shards with its own partition
+        states = [torch.load(ckpt_lib.rank_file(path, r), map_location="cpu", weights_only=False, mmap=True)
+                  for r in range(written_by)]
+        self.ema.load_resharded([s["ema"] for s in states], meta["ema_names"], f"checkpoint {path}")
+        with warnings.catch_warnings():
+            if not self.dist.is_main:  # one DataWarning for the job, not one per rank
+                warnings.simplefilter("ignore", DataWarning)
+            self.prompts.load_state_dict(elastic.merged_stream_state([s["data"] for s in states], self.rank))
+        return states[self.rank % written_by]
 
     # ----------------------------------------------------------------------------- outputs
     def sampling_meta(self) -> dict:
@@ -497,13 +556,28 @@ class Trainer:
         return multi_step_generate(self.family.prediction_fn(net, self.schedule), self.schedule,
                                    [n.to(self.device) for n in noises], cond, self.settings)
 
+    def ema_in_generator(self):
+        """ZeRO-3: the EMA swapped into the partitioned generator for a block, on every rank
+        (``sharded_ema.ema_swapped_into``; the previews use it instead of a whole copy on rank 0)."""
+        return ema_swapped_into(self.gen_engine, self.ema)
+
     @torch.no_grad()
     def preview(self) -> None:
+        """Rank 0 writes the preview grid. ZeRO-3: every rank generates with the EMA swapped into the
+        partitioned generator (``ema_in_generator``); else rank 0 generates with a copy (``ema_network``).
+        A partitioned teacher draws its reference samples on every rank first (its calls are collectives)."""
         if self.teacher_engine is not None:
             self._partitioned_teacher_reference()
+        prompts, seeds = self._preview_prompts()
+        if self.zero_stage == 3:
+            with self.ema_in_generator() as net:
+                x0 = self.generate_with(net, prompts, seeds)
+            if self.dist.is_main:
+                self._preview_with(x0, prompts, seeds)
+            return
         with self.ema_network() as net:
             if net is not None:
-                self._preview_with(net)
+                self._preview_with(self.generate_with(net, prompts, seeds), prompts, seeds)
 
     _preview_reference: torch.Tensor | None = None  # the teacher's preview samples (made once)
 
@@ -526,10 +600,8 @@ class Trainer:
         self._preview_reference = reference if self.dist.is_main else None
         self._teacher_reference_made = True
 
-    def _preview_with(self, net: torch.nn.Module) -> None:
+    def _preview_with(self, x0: torch.Tensor, prompts: list[str], seeds: list[int]) -> None:
         p = self.cfg.preview
-        prompts, seeds = self._preview_prompts()
-        x0 = self.generate_with(net, prompts, seeds)
         images = self.family.decode(self.teacher.vae, x0, self.teacher.scaling_factor, self.teacher.shift_factor)
         steps, cfg = self.cfg.eval.teacher_steps, self.settings.cfg_eval_real
         if self._preview_reference is None and steps > 0:
@@ -758,15 +830,22 @@ def main(argv: list[str] | None = None) -> int:
         has_checkpoint, error = comm.broadcast_object(decision)
         if error:
             raise ConfigError(error)
+        universal, written_by = None, dist_info.world_size
         if has_checkpoint:  # verified by every rank before any model is built
             path = choose_resume_checkpoint(run_dir, rank, dist_info.world_size)
-        trainer = Trainer(cfg, run_dir, dist_info)
+            written_by, universal = prepare_elastic_resume(path, dist_info.world_size)
+        trainer = Trainer(cfg, run_dir, dist_info, load_universal=universal is not None)
         if has_checkpoint:
-            trainer.resume(path)
+            trainer.resume(path, universal)
             if dist_info.is_main:
-                print(f"sidscale: resumed from {path} (step {trainer.step})", flush=True)
+                via = f", written by {written_by} ranks, resharded for {dist_info.world_size}" if universal else ""
+                print(f"sidscale: resumed from {path} (step {trainer.step}{via})", flush=True)
         if not comm.all_ranks_agree(True):
             raise RuntimeError("a rank failed during start-up")
+        if universal is not None and dist_info.is_main:
+            from sidscale.elastic import remove_universal
+
+            remove_universal(path, written_by)  # every rank has loaded it
         if dist_info.is_main:  # the run has started: only now does the directory hold its config
             dump_config(cfg, run_dir / "config.yaml")
         code = 0 if trainer.run(stop) else EXIT_REQUEUE

@@ -43,6 +43,7 @@ PRELOAD = [
     "transformers.models.clip.tokenization_clip", "webdataset", "tensorboard", "networkx", "sympy",
     "sidscale.train", "sidscale.models.teacher", "sidscale.distributed.engines", "sidscale.data.stream",
     "sidscale.data.prompts", "sidscale.data.shards", "sidscale.families.unet_vp", "sidscale.families.sd3",
+    "diffusers.models.transformers.transformer_flux", "sidscale.families.flux",
 ]
 
 _context = None

@@ -75,6 +75,8 @@ def check_stage(stage: int, out: dict) -> None:
           "data_types": {"grad_accum_dtype": "fp32"}, "steps_per_print": 10**9}
     if stage == 1:
         ds["communication_data_type"] = "fp32"
+    if stage == 3:  # the biases (5, 3 elements) stay gathered whole (persistent); the rest is partitioned
+        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 10
     net = Net()
     engine, *_ = deepspeed.initialize(model=net, optimizer=torch.optim.Adam(net.parameters(), lr=1e-3), config=ds)
     ema = ShardedEMA(engine.module, engine.optimizer)
@@ -109,7 +111,34 @@ def check_stage(stage: int, out: dict) -> None:
                                   not in (0, masters[n].numel()))
     else:
         res["full_is_none"] = full is None
+    if stage == 3:
+        res.update(check_swap(engine, ema, states, x))
     out[f"zero{stage}"] = res
+
+
+def check_swap(engine, ema, states: list, x: torch.Tensor) -> dict:
+    """ZeRO-3 previews (``ema_swapped_into``): with an EMA far from the weights (halved), inside the block
+    the partitioned module computes what a plain net holding the EMA in bf16 computes (persistent
+    parameters included), and after it what it computed before."""
+    from sidscale.distributed.sharded_ema import assemble_full, ema_swapped_into
+
+    for shard in ema.shards:
+        shard.mul_(0.5)
+    dist.all_gather_object(states, ema.state_dict())
+    shapes = [tuple(getattr(p, "ds_shape", p.shape)) for p in engine.module.parameters()]
+    full_ema = assemble_full(ema.names, shapes, states, "2-rank states")
+    plain = Net().to(torch.bfloat16)
+    plain.load_state_dict({n: v.to(torch.bfloat16) for n, v in full_ema.items()})
+    persistent = [n for n, p in engine.module.named_parameters() if getattr(p, "ds_persist", False)]
+    with torch.no_grad():
+        before = engine.module(x)
+        with ema_swapped_into(engine, ema) as module:
+            swapped = module(x)
+        after = engine.module(x)
+        want = plain(x)
+    return {"swap_equals_plain_ema": bool(torch.equal(swapped, want)),
+            "swap_restores": bool(torch.equal(after, before)),
+            "swap_differs_from_weights": not torch.equal(swapped, before), "persistent": persistent}
 
 
 def main() -> None:

@@ -224,7 +224,7 @@ def test_wrong_types(override: str, expected: str) -> None:
                             "train.precision = fp16)"),
         ("fake.grad_clip_value=-1", "fake.grad_clip_value = -1.0: expected a value >= 0 (0 = off), or null "
                                     "(1.0 when train.precision = fp16, else off)"),
-        ("teacher.kind=flux", "teacher.kind = 'flux': expected one of toy, sd, sdxl, sd3, toy_flow"),
+        ("teacher.kind=sana", "teacher.kind = 'sana': expected one of toy, sd, sdxl, sd3, toy_flow, flux"),
         ("teacher.dtype=fp8", "teacher.dtype = 'fp8': expected one of fp32, bf16, fp16"),
         ("teacher.prediction_type=x0",
          "teacher.prediction_type = 'x0': expected one of auto, epsilon, v_prediction"),

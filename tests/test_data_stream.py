@@ -233,3 +233,36 @@ def test_resolve_and_construction_errors(tmp_path, shard_dir):
         PromptStream(pattern(shard_dir), rank=0, world_size=4, batch_size=2, seed=0, num_workers=4)
     with pytest.raises(ValueError, match="rank 2"):
         PromptStream(pattern(shard_dir), rank=2, world_size=2, batch_size=2, seed=0)
+
+
+def test_elastic_merge_restarts_the_earliest_unfinished_epoch_and_sums_counters(shard_dir):
+    """Elastic resume (2 ranks -> 1 and 3): the new ranks restart at the earliest epoch ANY old rank
+    had not finished (old rank 1 is still in epoch 0 while rank 0 is in epoch 1), and the old
+    counters are carried once, on new rank 0 (the job's totals stay right)."""
+    from sidscale.elastic import merged_stream_state
+
+    def stream(rank: int, world: int) -> PromptStream:
+        return PromptStream(pattern(shard_dir), rank=rank, world_size=world, batch_size=5, seed=1, num_workers=2,
+                            resampled=False)
+
+    olds = [stream(0, 2), stream(1, 2)]
+    take(olds[0], 14)  # into epoch 1
+    take(olds[1], 4)  # still in epoch 0
+    states = [s.state_dict() for s in olds]
+    total = sum(s.stats()["samples"] for s in olds)
+    assert min(w["epoch"] for w in states[0]["workers"]) == 1
+    new = stream(0, 1)
+    with pytest.warns(DataWarning, match="start of epoch 0"):
+        new.load_state_dict(merged_stream_state(states, rank=0))
+    assert new.stats()["samples"] == total
+    seen = []
+    while new.stats()["epochs"] < 1:
+        b = next(new)
+        seen += [p for p, e in zip(b["prompts"], b["epoch"], strict=True) if e == 0]
+    new.close()
+    assert Counter(seen) == Counter(PROMPTS)  # epoch 0 again, whole, under the new split
+    other = stream(2, 3)
+    with pytest.warns(DataWarning):
+        other.load_state_dict(merged_stream_state(states, rank=2))
+    assert other.stats()["samples"] == 0 and other.stats()["epochs"] == 0
+    assert merged_stream_state([{}, {}], rank=0) == {}  # an indexed source keeps no state

@@ -125,6 +125,17 @@ def test_bf16_ema_follows_fp32_masters(dist_info, teacher_dir, tmp_path, stage):
     resumed = Trainer(cfg, tmp_path / "resumed", dist_info)
     resumed.resume(path)
     assert max_diff(resumed.ema.gather_to_main(), ema) == 0
+    if stage == 3:  # ZeRO-3 previews with the EMA swapped into the partitioned generator (no full copy)
+        prompts, seeds = ["a red circle", "a blue square"], [3, 4]
+        with torch.no_grad(), trainer.ema_unet() as unet:  # the copy, in the working dtype (bf16)
+            want = trainer.generate_with(unet.to(torch.bfloat16), prompts, seeds)
+        before = full_working_weights(trainer)
+        with torch.no_grad(), trainer.ema_in_generator() as module:
+            assert max_diff(full_working_weights(trainer), {k: v.to(torch.bfloat16) for k, v in ema.items()}) == 0
+            # every weight the forward uses is the EMA's, persistent (small, never partitioned) ones included
+            assert torch.equal(trainer.generate_with(module, prompts, seeds), want)
+        assert max_diff(full_working_weights(trainer), before) == 0
+        # and training goes on exactly as without the preview (the resumed twin below had none)
     for t in (trainer, resumed):
         t.train_step()
     assert max_diff(full_masters(resumed), full_masters(trainer)) == 0
@@ -187,7 +198,8 @@ def test_two_rank_partitions_gather_to_rank0_only(tmp_path):
     """ZeRO-1/2/3 with bf16 on 2 ranks (tests/ema_partition_worker.py): the EMA shards follow the
     optimizer's partition (parameters split across the rank boundary), rank 0's gather equals
     DeepSpeed's full masters, the shards' concatenation and the offline reassembly; rank 1
-    receives nothing during the gather, and every tensor it sends is one chunk."""
+    receives nothing during the gather, and every tensor it sends is one chunk. ZeRO-3: the EMA swapped
+    into the partitioned module (the previews' path) computes what the EMA computes, then is undone."""
     from sidscale.distributed.runtime import free_port
 
     env = {k: v for k, v in os.environ.items()
@@ -213,3 +225,7 @@ def test_two_rank_partitions_gather_to_rank0_only(tmp_path):
         assert b["calls"] and all(c["op"] == "gather" and c["list_items"] == 0 for c in b["calls"]), b["calls"]
         assert all(max(c["numel"]) <= chunk_per_rank for c in b["calls"])
         assert sum(max(c["numel"]) for c in b["calls"]) == sum(b["shard_sizes"])
+    for r in (r0, r1):  # ZeRO-3 previews: the EMA swapped into the partitioned generator, then restored
+        z3 = r["zero3"]
+        assert z3["persistent"] == ["a.bias", "b.bias"], z3
+        assert z3["swap_equals_plain_ema"] and z3["swap_restores"] and z3["swap_differs_from_weights"], z3

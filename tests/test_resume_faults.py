@@ -173,7 +173,8 @@ def test_latest_names_only_this_runs_step_dirs(fp32_reference_run, tmp_path, cap
 
 def test_failed_starts_leave_the_run_dir_as_they_found_it(tiny_toy_teacher, fp32_reference_run, tmp_path):
     """A start that fails writes no config.yaml (the corrected retry with resume=false is accepted);
-    a resume with another rank count / ZeRO stage / precision is refused before any model is built."""
+    a resume with another ZeRO stage / precision, or on another rank count with another global batch,
+    is refused before any model is built."""
     from tests.inprocess import run_main
 
     run = tmp_path / "fresh"
@@ -185,10 +186,11 @@ def test_failed_starts_leave_the_run_dir_as_they_found_it(tiny_toy_teacher, fp32
     before = sorted(p.relative_to(resumed) for p in resumed.rglob("*"))
     t0 = time.monotonic()
     proc = run_main(resumed, [f"teacher.path={tiny_toy_teacher}", "deepspeed.config=ds_configs/zero3.json",
-                              "train.precision=bf16"])
+                              "train.precision=bf16", "train.global_batch=4"])
     assert proc.returncode == 2
     msg = proc.stderr
-    assert "written by 2 ranks, this job has 1" in msg and "ZeRO stage 2" in msg and "precision=fp32" in msg, msg
+    assert "written by 2 ranks with train.global_batch=8" in msg and "ZeRO stage 2" in msg, msg
+    assert "precision=fp32" in msg, msg
     assert time.monotonic() - t0 < 30  # refused before the models were built
     assert sorted(p.relative_to(resumed) for p in resumed.rglob("*")) == before
 

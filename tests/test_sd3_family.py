@@ -24,7 +24,8 @@ def overrides(teacher, stage: int, max_steps: int = STEPS) -> list[str]:
         "train.precision=fp32", "train.global_batch=4", "train.micro_batch=1", f"train.max_steps={max_steps}",
         "train.ckpt_every=2", "train.preview_every=2", "train.log_every=1", "train.keep_last=5",
         "train.ema_halflife_kimg=0.01", "generator.lr=1e-3", "fake.lr=1e-3", "data.shards=indexed:toy",
-        "eval.num_samples=0", f"deepspeed.config=ds_configs/zero{stage}.json", "train.seed=11",
+        "eval.num_samples=0", "eval.teacher_steps=2", f"deepspeed.config=ds_configs/zero{stage}.json",
+        "train.seed=11",
     ]
 
 

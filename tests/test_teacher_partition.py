@@ -156,9 +156,9 @@ def test_plan_partitioned_teacher_saves_its_share_on_a_big_preset():
     part = plan(PlanInput(**inp, teacher_partitioned=True), micro_batch=1)
     teacher_bf16 = repl.terms["teacher_net"]
     assert teacher_bf16 / GIB == pytest.approx(15.0, abs=0.05)  # 8.06 B parameters in bf16 (method doc 5.1)
-    assert part.terms["teacher_net_partition"] + part.terms.get("teacher_net_persistent", 0) < teacher_bf16 / 7
-    saved = repl.total - part.total
-    assert 0.8 * teacher_bf16 < saved < teacher_bf16 * 7 / 8
+    assert part.terms["teacher_net"] == pytest.approx(teacher_bf16 / 8, rel=1e-6)
+    # G's and the teacher's gathers never coincide (one network runs at a time): the saving is the 7/8
+    assert repl.total - part.total == pytest.approx(teacher_bf16 * 7 / 8, rel=1e-6)
     assert part.construction_total < repl.total  # the zero.Init build never holds a full fp32 copy
 
 
@@ -204,14 +204,9 @@ def test_auto_placement_follows_the_memory_plan(tiny_toy_teacher, monkeypatch):
     ds = build_ds_config(cfg, 2)
     cpu = torch.device("cpu")
     p = sum(t.numel() for t in teacher.net.parameters())
-    # zero3.json keeps tensors of <= 1e5 elements whole on every rank: all of the tiny UNet's
-    assert max(t.numel() for t in teacher.net.parameters()) <= 100_000
-    n = placement_numbers(teacher, cfg, ds, 2, cpu)
-    assert n["replicated_teacher"] == n["partitioned_teacher"] == 4 * p
-    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     n = placement_numbers(teacher, cfg, ds, 2, cpu)
     assert n["replicated_teacher"] == 4 * p  # fp32, whole
-    assert n["partitioned_teacher"] == 4 * p / 2  # half
+    assert n["partitioned_teacher"] == 4 * -(-p // 2)  # its padded half
     assert n["replicated_model_states"] - n["partitioned_model_states"] == n["replicated_teacher"] - \
         n["partitioned_teacher"]
     assert n["activations"] and n["activations"] > 0  # measured on meta through the family's prediction function

@@ -280,7 +280,7 @@ def test_channels_last_teacher_same_output(dirs):
 TRAIN = ["train.precision=fp32", "teacher.dtype=fp32", f"teacher.resolution={RES}", "train.global_batch=4",
          "train.micro_batch=2", "train.max_steps=2", "train.log_every=1", "train.preview_every=2",
          "train.ckpt_every=2", "eval.num_samples=0", "data.num_workers=1", "generator.lr=1e-3",
-         "fake.lr=1e-3"]
+         "fake.lr=1e-3", "eval.teacher_steps=2"]
 
 
 def _loss_scalars(run_dir) -> dict[str, list[float]]:

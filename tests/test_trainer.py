@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -21,7 +22,7 @@ BASE = [
     "train.precision=fp32", "train.global_batch=8", "train.micro_batch=2", "train.preview_every=2",
     "train.log_every=1", "train.export_at_end=false", "teacher.dtype=fp32", "teacher.resolution=8",
     "data.shards=toy", "data.num_workers=1", "train.seed=3", "generator.lr=1e-2", "fake.lr=1e-2",
-    "train.ema_halflife_kimg=0.01", "eval.num_samples=0", "train.keep_last=5",
+    "train.ema_halflife_kimg=0.01", "eval.num_samples=0", "train.keep_last=5", "eval.teacher_steps=2",
 ]
 
 
@@ -37,11 +38,13 @@ def final_weights(run_dir):
 
 @pytest.mark.slow
 def test_resume_is_exact(tmp_path, tiny_toy_teacher, fp32_reference_run):
-    """Stopped at step 2 (its final checkpoint), then continued to step 6: identical to the shared
-    uninterrupted run in both engines' weights and optimizer-driven updates, the EMA and the data cursor."""
+    """The shared run's step-2 checkpoint (as a run stopped there leaves it), continued to step 6:
+    identical to the uninterrupted run in both engines' weights and optimizer-driven updates, the EMA
+    and the data cursor."""
     common = reference_overrides(tiny_toy_teacher)
     split = tmp_path / "split"
-    run_trainer(split, common + ["train.max_steps=2"])
+    shutil.copytree(fp32_reference_run / "checkpoints" / "step_00000002", split / "checkpoints" / "step_00000002")
+    (split / "checkpoints" / "latest").write_text("step_00000002\n")
     proc = run_trainer(split, common)
     assert "resumed from" in proc.stdout and "step_00000002" in proc.stdout
     assert_identical(split, fp32_reference_run)

@@ -163,7 +163,7 @@ def predicted(world: int, build: str) -> dict[str, float]:
     counts = counts_of(build_teacher("meta"), 100_000)
     inp = PlanInput("(bench)", gpus=world, zero=3, precision="bf16", teacher_dtype="bf16")
     zs = json.loads((REPO / "ds_configs" / "zero3.json").read_text())["zero_optimization"]
-    terms, *_ = static_terms(inp, counts, 0, zs)
+    terms, *_ = static_terms(inp, counts.params, 0, counts.buffers, counts.largest_module, 0, zs)
     cons = construction_terms(counts, 0, inp, terms, zero_init=build == "zero_init")
     # what exists right after deepspeed.initialize: torch Adam's states and ZeRO-3's reduction bucket
     # are allocated at the first step

@@ -33,6 +33,16 @@ Steps, in order (each a separate process, as a user would start it):
    (tiny with --cpu-smoke), plus ``--preset`` when given.
 8. ``memory_plan_<preset>``: tools/memory_plan.py --measure: the plan's peak against the measured
    peak of the real trainer; passes within ``--plan-tolerance``.
+9. ``big_plan_<preset>`` / ``big_measure_<preset>`` (only with ``--big-preset sd35_large|flux_dev``, for a
+   machine with enough GPU memory for it, e.g. 8 or 16 x 80 GB): tools/scaling_model.py --memory picks the
+   cheapest setting the plan says fits this machine (ZeRO stage, teacher placement, checkpointing, largest
+   micro-batch, previews off), then ``torchrun tools/memory_plan.py --measure`` on every GPU measures the real
+   trainer's peak there (random weights, built by the benchmark) against the prediction, within
+   ``--plan-tolerance``. Skipped with the reason when the setting needs text encoders off the GPU (the measured
+   trainer keeps them on every rank) or the preset is not in ``preset_nets`` yet:
+
+       bash tools/gpu_check.sh --only big --big-preset sd35_large    # 8 x 80 GB: ~10 min
+       bash tools/gpu_check.sh --cpu-smoke --only big --big-preset sd3_tiny   # the same steps on the CPU (~1 min)
 
 Writes bench/results/gpu_check_<host>_<date>.json (``gpu_check_cpu-smoke_...`` for the smoke run)
 after every step: {"host", "date", "mode", "ok", "seconds", "settings", "steps": [{"name", "status":
@@ -96,7 +106,7 @@ class Mode:
 GPU_MODE = Mode("gpu", "cuda", "sd15", None, micro_batch=2, accumulation=2, bench_micro_batch=4, num_workers=2,
                 timeouts={"environment": 180, "comm_check": 120, "gpu_tests": 180, "write_teacher": 400,
                           "train_checkpoint_kill": 600, "resume_train_export": 600, "sample": 300, "bench": 480,
-                          "memory_plan": 360})
+                          "memory_plan": 360, "big_measure": 900})
 SMOKE_MODE = Mode("cpu-smoke", "cpu", "tiny", None, micro_batch=2, accumulation=2, bench_micro_batch=2,
                   num_workers=1, timeouts={"default": 300})
 
@@ -227,6 +237,8 @@ class Check:
         self.teacher_dir = workdir / "teacher"
         self.run_dir = workdir / "run"
         self.logs = workdir / "logs"
+        self.big_presets: list[str] = []  # --big-preset
+        self.big_settings: dict[str, dict] = {}
 
     # ---------------------------------------------------------------- plumbing
     def env(self) -> dict[str, str]:
@@ -603,6 +615,57 @@ print(json.dumps(out))
             raise StepFailed(f"the plan predicts {ratio:.3f} x the measured peak, outside 1 +- {self.tol:g}", **numbers)
         return numbers
 
+    # ---------------------------------------------------------------- 9. the big presets (--big-preset)
+    def big_plan(self, preset: str) -> dict[str, Any]:
+        """The cheapest setting the memory plan says fits ``nproc`` GPUs of this machine's memory."""
+        cmd = self.python("tools/scaling_model.py", "--memory", "--json", "--memory-presets", preset,
+                          "--memory-gpus", str(self.nproc), str(self.nproc), "--gpu-mem-gib", str(self.gpu_mem_gib()))
+        code, text, _ = run(cmd, self.env(), self.logs / f"big_plan_{preset}.log", self.mode.timeout("memory_plan"))
+        rows = json_lines(text)
+        if code != 0 or not rows:
+            raise StepFailed(f"tools/scaling_model.py --memory exited {code}", log_tail=tail(text))
+        key = f"recommended_{self.nproc}_nopreview"
+        chosen = [r for r in rows if r.get(key)]
+        if not chosen:
+            raise Skip(f"the memory plan predicts that no setting of {preset} fits {self.nproc} x "
+                       f"{self.gpu_mem_gib():.0f} GiB")
+        r = chosen[0]
+        self.big_settings[preset] = r
+        return {"setting": {k: r[k] for k in ("zero", "teacher_partitioned", "text_encoders", "grad_checkpointing")},
+                "max_micro_batch": r[f"max_mb_{self.nproc}_nopreview"],
+                "predicted_gib_mb1": r[f"gib_mb1_{self.nproc}_nopreview"]}
+
+    def big_measure(self, preset: str) -> dict[str, Any]:
+        r = self.big_settings.get(preset)
+        if r is None:
+            raise Skip("no setting from big_plan")
+        if r["text_encoders"] != "replicated":
+            raise Skip(f"the setting that fits needs text encoders {r['text_encoders']}: the measured trainer keeps "
+                       "them on every rank")
+        mb = r[f"max_mb_{self.nproc}_nopreview"]  # on GPUs the edge of the prediction is what is checked
+        if self.mode.device == "cpu":  # the smoke run checks the plumbing, at the smoke's micro-batch
+            mb = min(mb, self.mode.bench_micro_batch)
+        extra = (["--grad-checkpointing"] if r["grad_checkpointing"] else []) + (
+            ["--teacher-partitioned"] if r["teacher_partitioned"] else [])
+        from sidscale.distributed.runtime import free_port
+
+        cmd = self.python("-m", "torch.distributed.run", f"--nproc_per_node={self.nproc}",
+                          f"--master_port={free_port()}", "tools/memory_plan.py", "--json", "--measure",
+                          "--preset", preset, "--zero", str(r["zero"]),
+                          "--micro-batch", str(mb), "--precision", "bf16", "--device", self.mode.device,
+                          "--gpu-mem-gib", str(self.gpu_mem_gib()), "--steps", "2", *extra)
+        code, text, _ = run(cmd, self.env(), self.logs / f"big_measure_{preset}.log", self.mode.timeout("big_measure"))
+        lines = [x for x in json_lines(text) if "measured" in x]
+        if code != 0 or not lines:
+            raise StepFailed(f"torchrun tools/memory_plan.py --measure exited {code}", log_tail=tail(text))
+        rec = lines[-1]
+        ratio = float(rec["predicted_over_measured"])
+        numbers = {"micro_batch": mb, "predicted_gib": rec.get("total_gib"),
+                   "measured_peak_gib": rec["measured"]["peak_gib"], "predicted_over_measured": ratio, "plan": rec}
+        if not 1 / (1 + self.tol) <= ratio <= 1 + self.tol:
+            raise StepFailed(f"the plan predicts {ratio:.3f} x the measured peak, outside 1 +- {self.tol:g}", **numbers)
+        return numbers
+
     # ---------------------------------------------------------------- collectives and GPU tests
     def comm_check(self) -> dict[str, Any]:
         """Every sidscale collective once on the real backend (NCCL on GPUs): seconds, before the big run."""
@@ -640,6 +703,9 @@ print(json.dumps(out))
         for preset in self.bench_presets:
             self.step(f"bench_{preset}", lambda p=preset: self.bench(p), needs=("environment",))
             self.step(f"memory_plan_{preset}", lambda p=preset: self.memory_plan(p), needs=("environment",))
+        for preset in self.big_presets:
+            self.step(f"big_plan_{preset}", lambda p=preset: self.big_plan(p), needs=("environment",))
+            self.step(f"big_measure_{preset}", lambda p=preset: self.big_measure(p), needs=(f"big_plan_{preset}",))
         ok = all(s["status"] != "fail" for s in self.record["steps"])
         self.record["ok"] = ok
         self.save()
@@ -679,6 +745,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bench-presets", nargs="*", default=None,
                    help="presets for the benchmark and the memory plan (default: sd15; tiny with --cpu-smoke; "
                         "plus --preset)")
+    p.add_argument("--big-preset", action="append", default=[], choices=["sd35_large", "flux_dev", "sd3_tiny"],
+                   help="also plan and measure this big preset at the setting the memory plan says fits this "
+                        "machine's GPUs (steps big_plan_*, big_measure_*; repeatable; sd3_tiny: the same steps on "
+                        "a CPU-sized preset, for --cpu-smoke)")
     p.add_argument("--plan-tolerance", type=float, default=0.25,
                    help="memory plan step passes when predicted / measured is within [1/(1+t), 1+t]")
     p.add_argument("--only", default=None,
@@ -702,6 +772,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     only = set(args.only.split(",")) if args.only else None
     check = Check(mode, out, workdir, args.nproc, bench_presets, args.plan_tolerance, only)
+    check.big_presets = list(args.big_preset)
 
     def on_term(signum, frame):  # a SIGTERM (scheduler, timeout) still writes the JSON and kills the children
         raise KeyboardInterrupt(f"signal {signum}")

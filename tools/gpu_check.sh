@@ -8,6 +8,8 @@
 #   bash tools/gpu_check.sh                   # on the GPU machine (all visible GPUs)
 #   bash tools/gpu_check.sh --cpu-smoke       # the same sequence on the CPU, tiny preset (~2 min)
 #   GPU_CHECK_WORKDIR=/scratch/x bash tools/gpu_check.sh   # where the ~32 GB of checkpoints go
+#   bash tools/gpu_check.sh --only big --big-preset sd35_large   # a big preset at the setting the memory plan
+#                                             # says fits this machine (8+ x 80 GB), measured against the plan
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PY:-}" ]; then

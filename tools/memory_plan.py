@@ -9,6 +9,10 @@ The SD3 presets (sd3_medium, sd35_medium, sd35_large: 1024 px, text encoders inc
 planned the same way:
 
     python tools/memory_plan.py --preset sd35_large --zero 3 --grad-checkpointing
+    python tools/memory_plan.py --preset sd35_large --zero 3 --grad-checkpointing --teacher-partitioned \
+        --text-encoders off
+
+The tables of the big presets (SD3.5-Large, FLUX.1-dev at 8 and 16 x 80 GB): tools/scaling_model.py --memory.
 
 --measure also runs three iterations of the real trainer at that configuration (random weights, the
 benchmark's teacher and config: sidscale/perf/setup.py) and prints the measured peak next to the
@@ -34,6 +38,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+def _recipe_cfg_scales(preset: str) -> tuple[float, float, float]:
+    """(k1, k2, k4) of the config preset whose recipe the architecture trains with: a scale of 1 runs
+    one branch, any other two (CFG's doubled batch). flux_dev: 1 (FLUX.1-dev runs on its guidance
+    embedding, no true CFG); the SD and SD3 recipes: 1.5 / 4.5."""
+    from sidscale.config import load_config
+    from sidscale.perf.setup import preset_nets
+
+    m = load_config(preset_nets(preset).config_preset(preset)).method
+    return (m.cfg_train_fake, m.cfg_eval_fake, m.cfg_eval_real)
+
+
 def main(argv: list[str] | None = None) -> int:
     # NOTE: sidscale.perf.setup does not import DeepSpeed (see the --measure note below)
     from sidscale.perf.setup import PLAN_PRESETS
@@ -49,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-mem-gib", type=float, default=80.0)
     p.add_argument("--reduce-bucket-size", type=float, default=None,
                    help="ZeRO reduce bucket size in elements (default: the ds_configs/zero{Z}.json value)")
+    p.add_argument("--teacher-partitioned", action="store_true",
+                   help="plan the frozen teacher as an optimizer-less ZeRO-3 engine (teacher.partitioned)")
+    p.add_argument("--text-encoders", default="replicated", choices=["replicated", "partitioned", "off"],
+                   help="text encoders on every GPU, ZeRO-3 partitioned, or off the GPU (CPU / precomputed)")
     p.add_argument("--json", action="store_true", help="one JSON line instead of the table")
     p.add_argument("--measure", action="store_true", help="also measure the real trainer's peak (see above)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="--measure: default cuda when available")
@@ -56,11 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accumulation", type=int, default=1, help="micro-batches per rank per optimizer step")
     p.add_argument("--grad-accum-dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="DeepSpeed's data_types.grad_accum_dtype (default: what sidscale sets, fp32 for bf16)")
-    p.add_argument("--teacher-partitioned", action="store_true",
-                   help="the frozen teacher partitioned by ZeRO-3 (teacher.partitioned=true); plan only")
     args = p.parse_args(argv)
-    if args.teacher_partitioned and args.measure:
-        p.error("--teacher-partitioned is a plan-only option (the benchmark cases replicate the teacher)")
+    if args.measure and args.text_encoders != "replicated":
+        p.error(f"--text-encoders {args.text_encoders} with --measure: the measured trainer keeps its text encoders "
+                "on every rank; plan the other placements without --measure")
     if args.measure and (args.device or "").lower() == "cpu":
         # NOTE: before any sidscale.perf import: importing DeepSpeed fixes its accelerator for good.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -79,9 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     # NOTE: the prediction is made before the measurement: a ZeRO-3 engine patches F.linear for the
     # rest of the process, which would change the meta-device activation count the plan relies on.
     result = plan(PlanInput(args.preset, args.gpus, args.zero, args.micro_batch, args.precision,
-                            args.teacher_dtype, args.grad_checkpointing, args.gpu_mem_gib, reduce_bucket_size=rbs,
+                            args.teacher_dtype, args.grad_checkpointing, args.gpu_mem_gib,
+                            cfg_scales=_recipe_cfg_scales(args.preset), reduce_bucket_size=rbs,
                             accumulation=args.accumulation, grad_accum_dtype=args.grad_accum_dtype,
-                            teacher_partitioned=args.teacher_partitioned))
+                            teacher_partitioned=args.teacher_partitioned, text_encoders=args.text_encoders))
     if args.measure and _measure_device(args) == "cpu":
         # every rank of a CPU run lives in this host's memory: refuse before building anything
         need, have = result.total * args.gpus, _host_memory_bytes()
@@ -104,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(record, sort_keys=True))
         return 0
     print(f"{args.preset}: {args.gpus} GPUs, ZeRO-{args.zero}, micro-batch {args.micro_batch}, {args.precision}, "
-          f"checkpointing {'on' if args.grad_checkpointing else 'off'}, "
-          f"teacher {'partitioned' if args.teacher_partitioned else 'replicated'}")
+          f"checkpointing {'on' if args.grad_checkpointing else 'off'}")
     for name, value in result.terms.items():
         print(f"  {name:32s} {value / GIB:9.3f} GiB")
     print(f"  {'total':32s} {result.total / GIB:9.3f} GiB of {args.gpu_mem_gib:g}")
@@ -155,7 +173,8 @@ def _measure(args, info) -> dict:
 
     case = BenchCase(args.preset, args.zero, args.precision, args.micro_batch, args.accumulation,
                      args.grad_checkpointing,
-                     args.teacher_dtype, None if args.reduce_bucket_size is None else int(args.reduce_bucket_size))
+                     args.teacher_dtype, None if args.reduce_bucket_size is None else int(args.reduce_bucket_size),
+                     teacher_partitioned=args.teacher_partitioned)
     out = measure_trainer_peak(case, info, args.steps)
     if info.world_size > 1:  # the plan is per GPU: report the rank that needed most
         peaks = torch.tensor([out["peak_bytes"], out["static_bytes"]], dtype=torch.float64, device=info.device)

@@ -6,10 +6,15 @@
     python tools/write_random_teacher.py --preset sd35_medium --out /tmp/sd35m-random    # SD3 layout, ~15 GB
     python tools/write_random_teacher.py --preset sd3_tiny --out /tmp/sd3-tiny            # CPU-sized SD3.5
     python sidscale/train.py --config sd35_medium --set teacher.path=/tmp/sd3-tiny --set teacher.resolution=256 ...
+    python tools/write_random_teacher.py --preset flux_dev --out /tmp/flux-random      # FLUX layout, ~33 GB bf16
+    python tools/write_random_teacher.py --preset flux_tiny --out /tmp/flux-tiny          # CPU-sized FLUX.1-dev
+    python sidscale/train.py --config flux_dev --set teacher.path=/tmp/flux-tiny --set teacher.resolution=256 \
+        --set teacher.max_sequence_length=64 ...
 
 For systems checks only (speed, memory, checkpoint/resume/export paths): the weights are random.
 Prints the directory's random_teacher.json (preset, kind, resolution, the config preset to train it
-with, parameter counts). SD3 presets are written in StableDiffusion3Pipeline's layout (T5 included).
+with, parameter counts). SD3 presets are written in StableDiffusion3Pipeline's layout (T5 included),
+FLUX presets in FluxPipeline's.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ FAMILY_MODULES: dict[str, str] = {
     "sdxl": "sidscale.families.unet_vp",
     "sd3": "sidscale.families.sd3",
     "toy_flow": "sidscale.families.toy_flow",
+    "flux": "sidscale.families.flux",
 }
 TEACHER_KINDS: tuple[str, ...] = tuple(FAMILY_MODULES)
 

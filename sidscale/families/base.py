@@ -18,12 +18,16 @@ from typing import Any, Protocol
 import torch
 
 # A conditioning: batch-first tensors by name (UNet: encoder_hidden_states [+ text_embeds,
-# time_ids]; SD3: encoder_hidden_states, pooled_projections). Kept a dict so the method can
+# time_ids]; SD3 and FLUX: encoder_hidden_states, pooled_projections). Kept a dict so the method can
 # concatenate [uncond; cond] and pick per sample without knowing the family.
 Cond = dict[str, torch.Tensor]
 # (x_t, noise level [B], cond) -> the family's prediction in fp32, in the schedule's convention
 # (VP: eps; flow: velocity). CFG is linear in it, and ``NoiseSchedule.to_x0`` maps it to x0.
 PredFn = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
+# What a network is used as when its prediction function is made (``ModelFamily.prediction_fn``): a
+# family may call the net differently per role (FLUX: each role's distilled-guidance embedding);
+# the others ignore it.
+ROLES: tuple[str, ...] = ("generator", "fake", "teacher")
 
 
 class NoiseSchedule(Protocol):
@@ -55,7 +59,8 @@ class Conditioner(Protocol):
 @dataclass
 class Teacher:
     """A loaded, frozen teacher. ``net`` is the denoiser network (UNet2DConditionModel,
-    SD3Transformer2DModel, ...); the trainable generator and fake net start as copies of it."""
+    SD3Transformer2DModel, FluxTransformer2DModel, ...); the trainable generator and fake net start as
+    copies of it."""
 
     path: Path
     kind: str
@@ -84,7 +89,7 @@ class ModelFamily(Protocol):
     def network_class(self) -> type: ...
     def load_teacher(self, cfg: Any, device: torch.device | str) -> Teacher: ...
     def sampling_extras(self, cfg: Any) -> dict: ...
-    def prediction_fn(self, net: torch.nn.Module, schedule: Any) -> PredFn: ...
+    def prediction_fn(self, net: torch.nn.Module, schedule: Any, role: str = "generator") -> PredFn: ...
     def schedule_from_meta(self, meta: dict, where: str) -> Any: ...
     def load_conditioner(self, directory: Path, meta: dict, dtype: torch.dtype,
                          device: torch.device | str) -> Any: ...

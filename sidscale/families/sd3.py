@@ -8,7 +8,6 @@ T5 (``sidscale/models/sd3_conditioning.py``). Presets: ``sidscale/models/sd3_pre
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -56,28 +55,18 @@ class SD3Family:
 
     def load_teacher(self, cfg, device: torch.device | str) -> Teacher:
         """Transformer, text encoders (T5 optional) and VAE of a local diffusers SD3 / SD3.5 directory."""
-        from diffusers import AutoencoderKL
-
+        from sidscale.families.dit_loading import load_transformer, load_vae, refuse_unet_levers
         from sidscale.models.sd3_conditioning import check_sd3_dir, load_sd3_conditioner
         from sidscale.models.teacher import DTYPES
 
         t = cfg.teacher
-        if t.attention != "sdpa" or t.channels_last:
-            raise ConfigError(f"teacher.attention = {t.attention!r} / teacher.channels_last = {t.channels_last}: "
-                              "these UNet levers do not apply to an SD3 transformer (it always uses SDPA); "
-                              "set teacher.attention=sdpa and teacher.channels_last=false")
+        refuse_unet_levers(t, "an SD3 transformer")
         path = Path(t.path).expanduser()
         check_sd3_dir(path, t5=t.t5)
         dtype = DTYPES[t.dtype]
-        config = json.loads((path / "transformer" / "config.json").read_text())
-        if config.get("_class_name") not in (None, "SD3Transformer2DModel"):
-            raise ConfigError(f"teacher.path {path}: transformer/config.json describes a {config.get('_class_name')}, "
-                              "not an SD3Transformer2DModel, but teacher.kind = 'sd3'")
-        net = self.network_class().from_pretrained(path / "transformer", torch_dtype=dtype, local_files_only=True)
-        net = net.to(device).requires_grad_(False).eval()
+        net = load_transformer(path, self.network_class(), t.kind, dtype, device)
         conditioner = load_sd3_conditioner(path, dtype, device, t5=t.t5, max_sequence_length=t.max_sequence_length)
-        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, local_files_only=True)
-        vae = vae.to(device).requires_grad_(False).eval()
+        vae = load_vae(path, dtype, device)
         down = 2 ** (len(vae.config.block_out_channels) - 1)
         patch, max_pos = int(net.config.patch_size), int(net.config.pos_embed_max_size or 0)
         if t.resolution % (down * patch):
@@ -91,7 +80,7 @@ class SD3Family:
         return Teacher(path, t.kind, net, conditioner, FlowSchedule(), (int(net.config.in_channels), size, size),
                        float(vae.config.scaling_factor), vae, float(vae.config.shift_factor or 0.0))
 
-    def prediction_fn(self, net: torch.nn.Module, schedule: FlowSchedule) -> SD3Velocity:
+    def prediction_fn(self, net: torch.nn.Module, schedule: FlowSchedule, role: str = "generator") -> SD3Velocity:
         return SD3Velocity(net, schedule)
 
     def sampling_extras(self, cfg) -> dict:
@@ -141,7 +130,7 @@ class SD3Family:
             x_T = torch.randn((batch, *teacher.latent_shape), generator=generator, dtype=torch.float32)
         device = next(iter(cond.values())).device
         x = x_T.to(device=device, dtype=torch.float32)
-        v_fn = self.prediction_fn(teacher.net, teacher.schedule)
+        v_fn = self.prediction_fn(teacher.net, teacher.schedule, role="teacher")
         with torch.no_grad():
             for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
                 s = torch.full((batch,), sigma, dtype=torch.float32, device=device)

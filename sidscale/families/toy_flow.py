@@ -95,7 +95,7 @@ class ToyFlowFamily:
     def sampling_extras(self, cfg) -> dict:
         return {"time_scale": TIME_SCALE}
 
-    def prediction_fn(self, net: torch.nn.Module, schedule: FlowSchedule) -> UNetVelocity:
+    def prediction_fn(self, net: torch.nn.Module, schedule: FlowSchedule, role: str = "generator") -> UNetVelocity:
         return UNetVelocity(net, schedule)
 
     def schedule_from_meta(self, meta: dict, where: str) -> FlowSchedule:
@@ -123,8 +123,8 @@ class ToyFlowFamily:
         from sidscale.models.conditioning import cond_batch_size
 
         shape = (cond_batch_size(cond), *teacher.latent_shape)
-        return flow_sample(self.prediction_fn(teacher.net, teacher.schedule), teacher.schedule, shape, cond, uncond,
-                           cfg_scale, steps, generator, x_T=x_T)
+        v_fn = self.prediction_fn(teacher.net, teacher.schedule, role="teacher")
+        return flow_sample(v_fn, teacher.schedule, shape, cond, uncond, cfg_scale, steps, generator, x_T=x_T)
 
 
 FAMILY = ToyFlowFamily()

@@ -43,7 +43,7 @@ class UNetVPFamily:
     def sampling_extras(self, cfg) -> dict:
         return {}
 
-    def prediction_fn(self, net: torch.nn.Module, schedule: VPSchedule) -> torch.nn.Module:
+    def prediction_fn(self, net: torch.nn.Module, schedule: VPSchedule, role: str = "generator") -> torch.nn.Module:
         """eps in fp32 (v-prediction teachers converted), ``timestep`` = the integer t."""
         from sidscale.models.unet_eps import UNetEps
 
@@ -82,8 +82,8 @@ class UNetVPFamily:
         from sidscale.models.conditioning import cond_batch_size
 
         shape = (cond_batch_size(cond), *teacher.latent_shape)
-        return ddim_sample(self.prediction_fn(teacher.net, teacher.schedule), teacher.schedule, shape, cond, uncond,
-                           cfg_scale, steps, generator, x_T=x_T)
+        eps_fn = self.prediction_fn(teacher.net, teacher.schedule, role="teacher")
+        return ddim_sample(eps_fn, teacher.schedule, shape, cond, uncond, cfg_scale, steps, generator, x_T=x_T)
 
 
 FAMILY = UNetVPFamily()

@@ -14,6 +14,11 @@ Speed, memory and every code path of a run are those of the real teacher; only t
   and T5, tokenizer{,_2,_3}/ = the offline CLIP tokenizer (the second one pads with "!", as SD3's)
   and the tiny offline T5 tokenizer (sidscale/models/t5_tokenizer.py; its ids fit any T5
   vocabulary)); ``teacher.kind`` sd3. ``StableDiffusion3Pipeline.from_pretrained`` loads it.
+- FLUX presets (``flux_dev`` of sidscale/models/flux_presets.py, and the CPU-sized ``flux_tiny``):
+  ``FluxPipeline``'s layout (transformer/, vae/, scheduler/ (flow, dynamic shift), text_encoder/ =
+  CLIP-L ``CLIPTextModel``, text_encoder_2/ = T5, tokenizer/ = the offline CLIP tokenizer,
+  tokenizer_2/ = the tiny offline T5 tokenizer); ``teacher.kind`` flux. ``FluxPipeline.from_pretrained``
+  loads it.
 
     write_random_teacher("/tmp/sd15-random", "sd15", dtype="bf16")   # ~2.1 GB on disk
     write_random_teacher("/tmp/sd35m-random", "sd35_medium")          # ~15 GB (T5-XXL: 8.9 GiB of it)
@@ -36,7 +41,7 @@ from typing import Any
 import torch
 
 from sidscale.models.teacher import DTYPES
-from sidscale.perf.setup import BENCH_PRESETS, SD3_PRESETS
+from sidscale.perf.setup import BENCH_PRESETS, FLUX_PRESET_NAMES, SD3_PRESETS
 
 INFO_FILE = "random_teacher.json"
 TEXT_ENCODER_FOLDERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -77,6 +82,10 @@ def text_encoder_configs(preset: str, text_layers: int | None = None) -> list[di
         from sidscale.perf.setup import dit_preset
 
         configs = [copy.deepcopy(c) for c in dit_preset(preset).text_encoders]
+    elif preset in FLUX_PRESET_NAMES:
+        from sidscale.perf.setup import flux_preset
+
+        configs = [copy.deepcopy(c) for c in flux_preset(preset).text_encoders]
     else:
         from sidscale.perf.setup import arch_preset
 
@@ -110,6 +119,17 @@ def _sd3_text_encoder(index: int, config: dict[str, Any]) -> torch.nn.Module:
                                            else CLIPTextConfig(**config))
 
 
+def _flux_text_encoder(index: int, config: dict[str, Any]) -> torch.nn.Module:
+    import transformers
+    from transformers import CLIPTextConfig, T5Config
+
+    from sidscale.models.flux_presets import FLUX_TEXT_ENCODER_CLASSES
+
+    cls_name = FLUX_TEXT_ENCODER_CLASSES[index]  # CLIP-L (FLUX reads its pooled output), T5 encoder
+    return getattr(transformers, cls_name)(T5Config(**config) if cls_name == "T5EncoderModel"
+                                           else CLIPTextConfig(**config))
+
+
 def _build_text_encoders(preset: str, text_layers: int | None, seed: int) -> Iterator[torch.nn.Module]:
     """The preset's encoders one at a time (a caller that saves and drops each holds one at most)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -117,6 +137,9 @@ def _build_text_encoders(preset: str, text_layers: int | None, seed: int) -> Ite
     for i, cfg in enumerate(text_encoder_configs(preset, text_layers)):
         if preset in SD3_PRESETS:
             yield _seeded(seed + 1 + i, lambda i=i, cfg=cfg: _sd3_text_encoder(i, cfg))
+            continue
+        if preset in FLUX_PRESET_NAMES:
+            yield _seeded(seed + 1 + i, lambda i=i, cfg=cfg: _flux_text_encoder(i, cfg))
             continue
         # SDXL's second encoder carries the pooled projection (text_embeds).
         cls = CLIPTextModelWithProjection if preset == "sdxl" and i == 1 else CLIPTextModel
@@ -132,6 +155,10 @@ def _build_vae(preset: str, seed: int) -> torch.nn.Module:
         from sidscale.perf.setup import dit_preset
 
         config = copy.deepcopy(dit_preset(preset).vae)
+    elif preset in FLUX_PRESET_NAMES:
+        from sidscale.perf.setup import flux_preset
+
+        config = copy.deepcopy(flux_preset(preset).vae)
     else:
         from sidscale.perf.setup import arch_preset
 
@@ -173,8 +200,8 @@ def write_random_teacher(out_dir: str | Path, preset: str, dtype: str = "bf16", 
     out.mkdir(parents=True, exist_ok=True)
     torch_dtype = DTYPES[dtype]
     nets = preset_nets(preset)  # the one place that knows the preset's kind of network
-    sd3 = nets.name == "sd3"
-    network = "transformer" if sd3 else "unet"
+    sd3, flux = nets.name == "sd3", nets.name == "flux"
+    network = "transformer" if sd3 or flux else "unet"
     counts: dict[str, int] = {}
 
     net = build_preset_net(preset, "cpu", seed)
@@ -188,12 +215,14 @@ def write_random_teacher(out_dir: str | Path, preset: str, dtype: str = "bf16", 
         del encoder
     _write_tokenizer(out / "tokenizer")
     if preset == "sdxl" or sd3:
-        _write_tokenizer(out / "tokenizer_2", pad_token="!")
+        _write_tokenizer(out / "tokenizer_2", pad_token="!")  # FLUX's tokenizer_2 is T5's (_write_flux_rest)
     vae = _build_vae(preset, seed)
     counts["vae"] = _count(vae)
     vae.to(torch_dtype).save_pretrained(out / "vae")
     if sd3:
         resolution = _write_sd3_rest(out, preset)
+    elif flux:
+        resolution = _write_flux_rest(out, preset)
     else:
         from diffusers import DDPMScheduler
 
@@ -242,6 +271,37 @@ def _write_sd3_rest(out: Path, preset: str) -> int:
                              "tokenizer_2": ["transformers", "CLIPTokenizer"],
                              "tokenizer_3": ["transformers", type(t5_tokenizer).__name__]}
     for folder, cls in zip(TEXT_ENCODER_FOLDERS, TEXT_ENCODER_CLASSES, strict=True):
+        index[folder] = ["transformers", cls]
+    (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+    return int(p.resolution)
+
+
+def _write_flux_rest(out: Path, preset: str) -> int:
+    """FLUX's scheduler, T5 tokenizer (tokenizer_2) and model_index.json; returns the preset's resolution."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from sidscale.models.flux_presets import FLUX_TEXT_ENCODER_CLASSES
+    from sidscale.models.t5_tokenizer import build_tiny_t5_tokenizer
+    from sidscale.perf.setup import flux_preset
+
+    p = flux_preset(preset)
+    FlowMatchEulerDiscreteScheduler(**p.scheduler).save_pretrained(out / "scheduler")
+    t5_tokenizer = build_tiny_t5_tokenizer()
+    t5_vocab = int(p.text_encoders[1]["vocab_size"])
+    if len(t5_tokenizer) > t5_vocab:  # an id past the T5 embedding table would fail at the first prompt
+        raise RuntimeError(f"the offline T5 tokenizer has {len(t5_tokenizer)} ids > {preset}'s T5 vocab_size "
+                           f"{t5_vocab}")
+    t5_tokenizer.save_pretrained(out / "tokenizer_2")
+    # NOTE: by hand, not FluxPipeline.save_pretrained: that would hold every network in memory at once
+    index: dict[str, Any] = {"_class_name": "FluxPipeline", "_diffusers_version": diffusers.__version__,
+                             "feature_extractor": [None, None], "image_encoder": [None, None],
+                             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                             "transformer": ["diffusers", "FluxTransformer2DModel"],
+                             "vae": ["diffusers", "AutoencoderKL"],
+                             "tokenizer": ["transformers", "CLIPTokenizer"],
+                             "tokenizer_2": ["transformers", type(t5_tokenizer).__name__]}
+    for folder, cls in zip(TEXT_ENCODER_FOLDERS, FLUX_TEXT_ENCODER_CLASSES, strict=False):
         index[folder] = ["transformers", cls]
     (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
     return int(p.resolution)

@@ -31,12 +31,11 @@ from pathlib import Path
 
 import torch
 
-from sidscale.models.teacher import WEIGHT_FILES, WEIGHT_INDEX_FILES, TeacherDirError
+from sidscale.models.teacher import TeacherDirError, check_teacher_dir
 
 Cond = dict[str, torch.Tensor]
 
 SD3_MAX_SEQUENCE_LENGTH_LIMIT = 512  # diffusers' check_inputs rejects more (T5's trained length)
-TOKENIZER_FILES = ("vocab.json", "tokenizer.json", "spiece.model")
 
 
 def SD3_REQUIRED_FOLDERS(t5: bool = True) -> tuple[str, ...]:  # noqa: N802 (a constant that depends on t5)
@@ -47,32 +46,9 @@ def SD3_REQUIRED_FOLDERS(t5: bool = True) -> tuple[str, ...]:  # noqa: N802 (a c
 
 def check_sd3_dir(path: Path, t5: bool = True, folders: Sequence[str] | None = None) -> None:
     """Each of ``folders`` (default: all of ``SD3_REQUIRED_FOLDERS(t5)``) is present with its config
-    and weights (same rules as ``teacher.check_teacher_dir``); errors name the folder and the
-    expected layout."""
-    path = Path(path)
-    required = SD3_REQUIRED_FOLDERS(t5)
-    layout = ", ".join(f"{d}/" for d in required)
-    what = "an SD3 teacher directory" + ("" if t5 else " used without T5 (teacher T5 off)")
-    if not path.is_dir():
-        hint = (" (the preset's placeholder: set teacher.path to your local copy)"
-                if str(path).startswith("/path/to/") else "")
-        raise TeacherDirError(f"teacher.path {path}: not a directory{hint}; {what} must contain {layout} (as "
-                              "written by diffusers' StableDiffusion3Pipeline.save_pretrained; sidscale never "
-                              "downloads from a model hub)")
-    for sub in required if folders is None else folders:
-        d = path / sub
-        if not d.is_dir():
-            raise TeacherDirError(f"teacher.path {path}: missing {sub}/; {what} must contain {layout}")
-        if sub.startswith("tokenizer"):
-            if not any((d / f).is_file() for f in TOKENIZER_FILES):
-                raise TeacherDirError(f"teacher tokenizer {d}: none of {', '.join(TOKENIZER_FILES)}")
-            continue
-        cfg_name = "scheduler_config.json" if sub == "scheduler" else "config.json"
-        if not (d / cfg_name).is_file():
-            raise TeacherDirError(f"teacher {sub} {d}: missing {cfg_name}")
-        if sub != "scheduler" and not any((d / f).is_file() for f in WEIGHT_FILES + WEIGHT_INDEX_FILES):
-            raise TeacherDirError(f"teacher {sub} {d}: no weights file (expected one of "
-                                  f"{', '.join(WEIGHT_FILES)}, or a sharded *.index.json)")
+    and weights (``teacher.check_teacher_dir``'s rules); errors name the folder and the expected layout."""
+    kind = "sd3" if t5 else "sd3 (without T5: teacher.t5 false)"
+    check_teacher_dir(Path(path), kind, tuple(SD3_REQUIRED_FOLDERS(t5) if folders is None else folders))
 
 
 def check_max_sequence_length(value: int) -> int:

@@ -11,13 +11,13 @@ Static, alive for the whole run:
   * Adam exp_avg + exp_avg_sq: 8*P/N.
 - generator EMA: fp32, sharded 1/N like the fp32 masters it averages (ShardedEMA).
 - teacher network and text encoder(s) (SD3: CLIP-L, bigG and the 4.8 B T5-XXL): replicated, in teacher.dtype;
-  or, with ``teacher_partitioned`` (teacher.partitioned, an optimizer-less ZeRO-3 engine), the teacher
-  network as tb*(P - P_persist)/N + tb*P_persist (parameters below stage3_param_persistence_threshold
-  stay whole on every rank) plus, while it runs (``gen_forward`` / ``gen_backward``), its gathered
-  layers ``teacher_gather``: the block running (measured: DeepSpeed 0.19 held one whole transformer
-  block gathered at once, tiny SD3.5 on 2 ranks), the prefetched ones and the ones kept for reuse, at
-  most max(B, min(stage3_max_live_parameters, B + prefetch bucket + reuse distance)) elements, B the
-  largest block (``NetCounts``; ``sidscale.distributed.teacher_partition``);
+  or (``teacher_partitioned``, ``text_encoders="partitioned"``) an optimizer-less ZeRO-3 engine: its padded
+  1/N partition plus, while it runs, the parameters being gathered (``zero3_gathered_params`` below);
+  ``text_encoders="off"``: encoded on the CPU or precomputed, nothing on the GPU.
+- ZeRO-3 gathered parameters (any ZeRO-3 net: G and F under ZeRO-3, a partitioned teacher or text encoder):
+  the module running plus one prefetch bucket (``stage3_prefetch_bucket_size`` elements; at most the whole
+  net), in the largest dtype; the nets run one after the other, so one such term counts
+  (sidscale/perf/scaling.py: every module gathers its parameters and releases them after use).
 - network buffers (SD3's pos_embed table, 57-227 M elements; UNets have none): not parameters, so in no
   optimizer state and not partitioned by ZeRO-3; every rank holds them whole in each net. The generator
   and fake net keep them in fp32 (build_engine's ``.float()``; DeepSpeed 0.19 casts parameters only),
@@ -47,9 +47,11 @@ net's activations:
 - ``optimizer_step``: the gradient partition and the fp32 copy of it that ``step()`` makes (4*P/N;
   none when the gradients accumulate in fp32 already). ZeRO-1 with BF16_Optimizer: its bf16
   gradients and the flat fp32 copy its boundary all-reduce makes (4 * min(P, 5e8));
-- ``preview`` (rank 0, at previews, the export and the toy evaluation): the preview network in the
+- ``preview`` (ZeRO-1/2: rank 0, at previews and the toy evaluation): the preview network in the
   teacher's dtype (tb*P) and the gather's receive buffers on the device (at most 4 * 64Mi
-  elements), nothing else of the iteration alive.
+  elements), nothing else of the iteration alive. ZeRO-3 previews swap the EMA into the partitioned
+  generator on every rank (``sharded_ema.ema_swapped_into``): one saved copy of the working partition
+  (b*P/N). ``previews=False`` (no previews, no toy evaluation) drops this phase.
 
 Gradients: the reduced partition in the accumulation dtype g (fp32 for bf16 training, else the
 training dtype), g*P/N (Z2/3; measured as ``averaged_gradients`` of a real engine), or the full
@@ -58,14 +60,15 @@ b*P (Z1: the module's own gradients). Buckets (Z1/2 with contiguous gradients, n
 ZeRO-3 differs: it allocates its flat gradient partition (b*P/N) and one bucket per engine at
 start-up and keeps them, so they are static terms there. Not modelled: ZeRO-3's gathered
 parameters with N > 1 (at most stage3_prefetch_bucket_size elements prefetched, plus the module
-running), which the single-rank measurement cannot see.
+running), which the single-rank measurement cannot see: it is the ``zero3_gathered_params`` term, a
+prediction only.
 
 Construction (``construction``, before the first iteration, not part of the training peak): the
 teacher whole in teacher.dtype (it is loaded whole, then partitioned), the text encoders, the
 generator built and the fake net being built. Its transient: the copy build
 (``copy.deepcopy(teacher).float()``, ZeRO-1/2) holds a full fp32 copy, 4*(P + buffers); the
 ``deepspeed.zero.Init`` build (ZeRO-3, ``sidscale.distributed.zero_init``) only the module being
-constructed, b * the largest module, before ZeRO-3 partitions it.
+constructed, b * the largest module, before ZeRO-3 partitions it (bench/results/cpu_zero_init_memory_*).
 
 Activations: per-sample bytes are measured with saved_tensors_hooks on a meta-device forward at
 the preset's own latent size (sidscale.perf.activations), so no scaling by resolution is needed
@@ -94,6 +97,7 @@ from sidscale.perf.activations import net_saved_bytes
 from sidscale.perf.setup import build_preset_net, build_preset_text_encoders, checkpoint_block_types
 
 GIB = 2**30
+TEXT_ENCODER_PLACEMENTS = ("replicated", "partitioned", "off")
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -111,7 +115,14 @@ class PlanInput:
     reduce_bucket_size: int | None = None  # elements; default: the ds_configs/zero{Z}.json value
     accumulation: int = 1  # micro-batches per optimizer step: >1 keeps gradients alive between them
     grad_accum_dtype: str | None = None  # default: what build_ds_config sets (fp32 for bf16, else the precision)
-    teacher_partitioned: bool = False  # teacher.partitioned: an optimizer-less ZeRO-3 teacher (module docstring)
+    teacher_partitioned: bool = False  # teacher.partitioned: the frozen teacher as an optimizer-less ZeRO-3 engine
+    text_encoders: str = "replicated"  # replicated | partitioned (ZeRO-3, no optimizer) | off (CPU / precomputed)
+    previews: bool = True  # False: eval.preview_every=0 and no toy evaluation: no ``preview`` phase on the device
+
+    def __post_init__(self) -> None:
+        if self.text_encoders not in TEXT_ENCODER_PLACEMENTS:
+            raise ValueError(f"PlanInput.text_encoders = {self.text_encoders!r}; expected one of "
+                             f"{TEXT_ENCODER_PLACEMENTS}")
 
     def accumulation_dtype(self) -> str:
         return self.grad_accum_dtype or ("fp32" if self.precision == "bf16" else self.precision)
@@ -150,14 +161,16 @@ class MemoryPlan:
 
 @dataclass(frozen=True)
 class NetCounts:
-    """Element counts of a denoiser network that the plan needs (``counts_of``)."""
+    """Element counts of a real network (``counts_of``): what the plan needs of it, from the network itself
+    instead of a preset (``sidscale.perf.placement``: teacher.partitioned = auto)."""
 
     params: int
     buffers: int  # floating-point buffers (SD3's pos_embed)
-    largest_module: int  # the most parameters one module owns directly
+    largest_module: int  # the most parameters one module owns directly (the plan's ZeRO-3 gather unit)
     persistent: int  # parameters in tensors of at most the persistence threshold (ZeRO-3 keeps them whole)
-    # the most parameters of one block (an element of a ModuleList: a transformer / UNet block), what
-    # ZeRO-3 was measured to hold gathered at once on a partitioned teacher (tiny SD3.5, 2 ranks)
+    # the most parameters of one block (an element of a ModuleList: a transformer / UNet block); measured:
+    # DeepSpeed 0.19 held one whole transformer block of a partitioned teacher gathered at once, in the
+    # checkpoint recomputation of the generator's backward (tiny SD3.5, 2 ranks, prefetch 0)
     largest_block: int = 0
 
 
@@ -175,11 +188,6 @@ def counts_of(net, persistence_threshold: int) -> NetCounts:
                      largest_block=max([largest, *blocks]))
 
 
-@lru_cache(maxsize=16)
-def preset_counts(preset: str, persistence_threshold: int) -> NetCounts:
-    return counts_of(build_preset_net(preset, "meta"), persistence_threshold)
-
-
 def teacher_zero_settings(zs: dict) -> dict:
     """The ZeRO block the partitioned teacher runs with (``teacher_partition.teacher_ds_config``)."""
     from sidscale.distributed.teacher_partition import teacher_ds_config
@@ -191,11 +199,15 @@ def teacher_zero_settings(zs: dict) -> dict:
 
 def teacher_terms(c: NetCounts, teacher_bytes: int, gpus: int, partitioned: bool,
                   zt: dict) -> tuple[dict[str, float], float]:
-    """(static bytes of the teacher network, bytes of its gathered layers while it runs), per GPU.
+    """(static bytes of the teacher network, bytes of its gathered layers while it runs), per GPU, as measured
+    on 2 ranks (tests/test_teacher_partition.py) -- finer than the plan's own teacher terms (``plan``:
+    ``teacher_net`` = its padded 1/N, ``zero3_gathered_params`` = largest module + one prefetch bucket):
 
-    ``zt``: the teacher's ZeRO block (``teacher_zero_settings``). Replicated: the whole network, no
-    gathers. Partitioned: 1/N of the non-persistent parameters plus the persistent ones, and the
-    layers in flight (module docstring)."""
+    - tensors of at most stage3_param_persistence_threshold elements stay whole on every rank;
+    - in flight: at most max(B, min(stage3_max_live_parameters, B + prefetch bucket + reuse distance))
+      elements, B the largest block (``NetCounts.largest_block``), never more than the sharded teacher.
+
+    ``zt``: the teacher's ZeRO block (``teacher_zero_settings``)."""
     tb = teacher_bytes
     if not partitioned:
         return {"teacher_net": float(tb * c.params)}, 0.0
@@ -242,6 +254,22 @@ def buffer_elements(preset: str) -> int:
     return sum(b.numel() for b in build_preset_net(preset, "meta").buffers() if b.is_floating_point())
 
 
+@lru_cache(maxsize=8)
+def largest_module_params(preset: str) -> tuple[int, int]:
+    """(denoiser, text encoders): the most parameters one module owns directly, what ZeRO-3 gathers at once."""
+    def largest(modules) -> int:
+        return max((sum(p.numel() for p in m.parameters(recurse=False)) for m in modules), default=0)
+
+    net = largest(build_preset_net(preset, "meta").modules())
+    text = max((largest(e.modules()) for e in build_preset_text_encoders(preset, "meta")), default=0)
+    return net, text
+
+
+def _partition(numel: int, n: int) -> int:
+    """Elements one rank keeps of a ZeRO-3 partitioned tensor (padded to a multiple of N)."""
+    return -(-numel // n)
+
+
 @lru_cache(maxsize=32)
 def activation_bytes_per_sample(preset: str, dtype_name: str, trainable: bool, grad_checkpointing: bool) -> float:
     """Saved bytes per sample of one forward of the preset's network at its latent size (meta device).
@@ -263,7 +291,7 @@ def checkpoint_blocks(preset: str) -> int:
 
 
 def _phases(inp: PlanInput, micro_batch: int, grads: float, buckets: float, p: int,
-            buffers: int, teacher_gather: float = 0.0) -> dict[str, dict[str, float]]:
+            buffers: int) -> dict[str, dict[str, float]]:
     """The transient bytes of each phase of one iteration (module docstring), term by term."""
     teacher_dtype = inp.teacher_dtype or inp.precision
     k1, k2, k4 = inp.cfg_scales
@@ -298,37 +326,50 @@ def _phases(inp: PlanInput, micro_batch: int, grads: float, buckets: float, p: i
                           "grads": grads, "grad_buckets": buckets},
         "gen_forward": {"activations": gen_saved + gen_recompute,
                         # from the second micro-batch on, G's accumulated gradient partition is alive
-                        "grads": grads if inp.accumulation > 1 else 0.0, "teacher_gather": teacher_gather},
-        # the backward leaves the teacher first: its layers are gathered again while G's activations live
-        "gen_backward": {"activations": gen_acts, "grads": grads, "grad_buckets": buckets,
-                         "teacher_gather": teacher_gather},
+                        "grads": grads if inp.accumulation > 1 else 0.0},
+        "gen_backward": {"activations": gen_acts, "grads": grads, "grad_buckets": buckets},
         "optimizer_step": step,
-        "preview": {"preview_net": DTYPES[teacher_dtype].itemsize * (p + buffers),
-                    "ema_gather_buffers": 4.0 * min(p, GATHER_CHUNK_ELEMENTS)},
+        # ZeRO-3 previews run the generator itself with the EMA swapped into its partitions
+        # (sharded_ema.ema_swapped_into): one saved copy of the working partition; else rank 0's copy
+        "preview": ({"saved_working_partition": DTYPES[inp.precision].itemsize * p / inp.gpus} if inp.zero == 3 else
+                    {"preview_net": DTYPES[teacher_dtype].itemsize * (p + buffers),
+                     "ema_gather_buffers": 4.0 * min(p, GATHER_CHUNK_ELEMENTS)}),
     }
 
 
-def static_terms(inp: PlanInput, counts: NetCounts, text_params: int,
-                 zs: dict) -> tuple[dict[str, float], float, float, float]:
-    """(static bytes per GPU by term, transient gradient bytes, reduction-bucket bytes, teacher gather
-    bytes) of a network with ``counts`` under ZeRO block ``zs`` (module docstring). The plan's and the
-    trainer's (``sidscale.perf.placement``) one formula."""
+def static_terms(inp: PlanInput, net_p: int, text_p: int, buf: int, largest_net: int, largest_text: int,
+                 zs: dict) -> tuple[dict[str, float], float, float]:
+    """(static bytes per GPU by term, transient gradient bytes, reduction-bucket bytes) of a denoiser of
+    ``net_p`` parameters under the ZeRO block ``zs`` (module docstring): the one formula of ``plan``
+    (preset counts) and of ``sidscale.perf.placement`` (the run's own networks)."""
     n, z = inp.gpus, inp.zero
     b = DTYPES[inp.precision].itemsize
     tb = DTYPES[inp.teacher_dtype or inp.precision].itemsize
-    net_p, buf = counts.params, counts.buffers
     terms: dict[str, float] = {}
     for name in ("generator", "fake"):
         terms[f"{name}_params"] = b * net_p / (n if z == 3 else 1)
         terms[f"{name}_fp32_master"] = 4 * net_p / n
         terms[f"{name}_adam_states"] = 8 * net_p / n
     terms["ema_fp32"] = 4 * net_p / n
-    teacher_static, teacher_gather = teacher_terms(counts, tb, n, inp.teacher_partitioned, teacher_zero_settings(zs))
-    terms.update(teacher_static)
+    terms["teacher_net"] = tb * (_partition(net_p, n) if inp.teacher_partitioned else net_p)
     if buf:  # whole on every rank, fp32 in the two engines (module docstring)
         terms["generator_buffers"] = terms["fake_buffers"] = 4.0 * buf
-        terms["teacher_buffers"] = tb * buf
-    terms["text_encoders"] = tb * text_params
+        terms["teacher_buffers"] = tb * buf  # buffers are not parameters: ZeRO-3 never partitions them
+    if inp.text_encoders == "replicated":
+        terms["text_encoders"] = tb * text_p
+    elif inp.text_encoders == "partitioned":
+        terms["text_encoders"] = tb * _partition(text_p, n)
+    gathered = []  # (elements, bytes each) of the largest module + one prefetch bucket of each ZeRO-3 net
+    prefetch = int(ds_zero_settings(3).get("stage3_prefetch_bucket_size", 50_000_000))
+    live_net = min(largest_net + prefetch, net_p)  # a prefetch cannot hold more than the whole network
+    if z == 3:
+        gathered.append(live_net * b)
+    if inp.teacher_partitioned:
+        gathered.append(live_net * tb)
+    if inp.text_encoders == "partitioned":
+        gathered.append(min(largest_text + prefetch, text_p) * tb)
+    if gathered:
+        terms["zero3_gathered_params"] = float(max(gathered))
     g = DTYPES[inp.accumulation_dtype()].itemsize
     grads = b * net_p if z == 1 else g * net_p / n
     bucket_bytes = float(inp.reduce_bucket_size or zs["reduce_bucket_size"]) * b
@@ -344,7 +385,12 @@ def static_terms(inp: PlanInput, counts: NetCounts, text_params: int,
             if zs.get("contiguous_gradients", True):
                 terms[f"{name}_grad_bucket"] = bucket_bytes
         grads = 0.0
-    return terms, grads, buckets, teacher_gather
+    return terms, grads, buckets
+
+
+@lru_cache(maxsize=8)
+def preset_counts(preset: str) -> NetCounts:
+    return counts_of(build_preset_net(preset, "meta"), 0)
 
 
 def plan(inp: PlanInput, micro_batch: int | None = None) -> MemoryPlan:
@@ -353,12 +399,15 @@ def plan(inp: PlanInput, micro_batch: int | None = None) -> MemoryPlan:
     ``micro_batch`` overrides ``inp.micro_batch`` and skips the largest-micro-batch search.
     """
     mb = inp.micro_batch if micro_batch is None else micro_batch
-    _, text_p = param_counts(inp.preset)
-    zs = ds_zero_settings(inp.zero)
-    counts = preset_counts(inp.preset, int(teacher_zero_settings(zs)["stage3_param_persistence_threshold"]))
-    terms, grads, buckets, teacher_gather = static_terms(inp, counts, text_p, zs)
-    construction = construction_terms(counts, text_p, inp, terms, zero_init=inp.zero == 3)
-    phases = _phases(inp, mb, grads, buckets, counts.params, counts.buffers, teacher_gather)
+    net_p, text_p = param_counts(inp.preset)
+    buf = buffer_elements(inp.preset)
+    largest_net, largest_text = largest_module_params(inp.preset)
+    terms, grads, buckets = static_terms(inp, net_p, text_p, buf, largest_net, largest_text,
+                                         ds_zero_settings(inp.zero))
+    construction = construction_terms(preset_counts(inp.preset), text_p, inp, terms, zero_init=inp.zero == 3)
+    phases = _phases(inp, mb, grads, buckets, net_p, buf)
+    if not inp.previews:
+        del phases["preview"]
     peak = max(phases, key=lambda k: sum(phases[k].values()))
     terms.update({f"{k} ({peak})": v for k, v in phases[peak].items() if v})
     out = MemoryPlan(inp, terms, peak_phase=peak, phases=phases, construction=construction)

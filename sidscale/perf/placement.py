@@ -97,19 +97,19 @@ def placement_numbers(teacher: Any, cfg: Any, ds_config: dict, world: int, devic
     partitioned teacher's gathered layers, the generator step's activations (None: not measurable) and
     the usable device memory."""
     zs = {"reduce_bucket_size": 500_000_000, **ds_config["zero_optimization"]}
-    threshold = int(teacher_zero_settings(zs)["stage3_param_persistence_threshold"])
-    counts = counts_of(teacher.net, threshold)
-    conditioner = teacher.conditioner
-    text_params = sum(p.numel() for p in conditioner.parameters()) if hasattr(conditioner, "parameters") else 0
+    counts = counts_of(teacher.net, int(teacher_zero_settings(zs)["stage3_param_persistence_threshold"]))
+    encoders = [teacher.conditioner] if isinstance(teacher.conditioner, torch.nn.Module) else []
+    text_params = sum(p.numel() for e in encoders for p in e.parameters())
+    largest_text = max((sum(p.numel() for p in m.parameters(recurse=False)) for e in encoders for m in e.modules()),
+                       default=0)
     out: dict = {"zero_stage": int(zs["stage"]), "world": world, "micro_batch": cfg.train.micro_batch}
     for partitioned in (False, True):
-        terms, _, _, gather = static_terms(plan_input_for_run(cfg, ds_config, world, partitioned), counts,
-                                           text_params, zs)
+        terms, _, _ = static_terms(plan_input_for_run(cfg, ds_config, world, partitioned), counts.params, text_params,
+                                   counts.buffers, counts.largest_module, largest_text, zs)
         key = "partitioned" if partitioned else "replicated"
         out[f"{key}_model_states"] = sum(terms.values())
         out[f"{key}_teacher"] = sum(v for k, v in terms.items() if k.startswith("teacher"))
-        if partitioned:
-            out["partitioned_gather"] = gather
+        out[f"{key}_gather"] = terms.get("zero3_gathered_params", 0.0)
     try:
         out["activations"] = generator_step_activation_bytes(teacher, cfg)
     except Exception as e:  # noqa: BLE001 - any failure of the meta run only removes one term
@@ -134,5 +134,5 @@ def replicated_teacher_fits(teacher: Any, cfg: Any, ds_config: dict, world: int,
               f"({USABLE_FRACTION:.0%} of the {n['device']} memory per rank); partitioned: "
               f"{n['partitioned_model_states'] / GIB:.3f} GiB model states "
               f"(teacher {n['partitioned_teacher'] / GIB:.3f}) "
-              f"+ {n['partitioned_gather'] / GIB:.3f} GiB gathered layers")
+              f"(incl. {n['partitioned_gather'] / GIB:.3f} GiB gathered layers)")
     return replicated <= n["capacity"], detail

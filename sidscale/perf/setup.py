@@ -1,7 +1,7 @@
 """Random-weight teachers at a preset's real architecture, and the trainer config of one benchmark case.
 
 The benchmark measures the real ``Trainer`` on the real network shapes; only the weights are random
-(speed and memory do not depend on them). Three presets exist only here, sized for the CPU:
+(speed and memory do not depend on them). Four presets exist only here, sized for the CPU:
 
 - ``tiny``: the tiny UNet of tests/tiny_teachers.py (4-channel 8x8 latents, 0.8M parameters) with a
   tiny CLIP text tower;
@@ -11,14 +11,19 @@ The benchmark measures the real ``Trainer`` on the real network shapes; only the
 - ``sd3_tiny``: SD3.5-Medium's MMDiT-X (joint blocks, dual attention in the first half, RMS qk-norm,
   16-channel latents, 77 CLIP + 77 T5 text tokens) at width 64, 4 blocks and 256 px (32x32 latents,
   256 image tokens): 0.7M transformer parameters, with tiny CLIP-L / CLIP-G / T5 encoders wired as
-  in SD3 (distinct widths 32 / 48 / 96: the CLIP states are zero-padded up to the T5 width).
+  in SD3 (distinct widths 32 / 48 / 96: the CLIP states are zero-padded up to the T5 width);
+- ``flux_tiny``: FLUX.1-dev's layout (double- then single-stream blocks, guidance embedding, RoPE,
+  16-channel latents packed 2x2, CLIP-L pooled + 64 T5 tokens) at width 64, 2 + 2 blocks and 256 px
+  (32x32 latents, 256 image tokens), with a tiny CLIP-L (32) and T5 (96).
 
 The UNet presets (SD1.x/2.x/XL, ``tiny``, ``mid``) have a ``UNet2DConditionModel``; the SD3 presets
 (sidscale/models/sd3_presets.py, and ``sd3_tiny``) an ``SD3Transformer2DModel`` and a flow
-schedule. What differs between the two kinds (how to build the network, its text encoders, its
-forward inputs, its latent shape, the blocks gradient checkpointing wraps, the teacher and the
-trainer config of a benchmark case) is decided in one place, ``preset_nets``; the benchmark, the
-plan and the activation measurement only call the ``*_preset_*`` functions.
+schedule; the FLUX presets (``flux_dev`` of sidscale/models/flux_presets.py, and ``flux_tiny``) a
+``FluxTransformer2DModel`` and the FLUX family's schedule. What differs between the kinds (how to
+build the network, its text encoders, its forward inputs, its latent shape, the blocks gradient
+checkpointing wraps, the teacher and the trainer config of a benchmark case) is decided in one
+place, ``preset_nets``; the benchmark, the plan and the activation measurement only call the
+``*_preset_*`` functions.
 """
 
 from __future__ import annotations
@@ -41,7 +46,9 @@ from sidscale.schedule import FlowSchedule, VPSchedule
 
 UNET_PRESETS = ("tiny", "mid", "sd15", "sd21", "sd21_768", "sdxl")
 SD3_PRESETS = ("sd3_tiny", *DIT_PRESETS)  # sd3_tiny (CPU-sized), sd3_medium, sd35_medium, sd35_large
-BENCH_PRESETS = UNET_PRESETS + SD3_PRESETS  # what the benchmark, the plan and --measure accept
+FLUX_PRESET_NAMES = ("flux_tiny", "flux_dev")  # flux_tiny (CPU-sized), FLUX.1-dev
+# what the benchmark, the plan and --measure accept
+BENCH_PRESETS = UNET_PRESETS + SD3_PRESETS + FLUX_PRESET_NAMES
 PLAN_PRESETS = BENCH_PRESETS
 TINY_LATENT = (4, 8, 8)
 REPO = Path(__file__).resolve().parents[2]
@@ -101,6 +108,38 @@ def _sd3_tiny_preset() -> DiTPreset:
     return DiTPreset("sd3_tiny", transformer, text_encoders=(clip_l, clip_g, t5), vae=vae, resolution=256)
 
 
+# flux_tiny's widths: CLIP-L (= pooled_projection_dim) and T5 (= joint_attention_dim), distinct
+FLUX_TINY_CLIP_L, FLUX_TINY_T5 = 32, 96
+
+
+@lru_cache(maxsize=1)
+def _flux_tiny_preset() -> DiTPreset:
+    from sidscale.models.flux_presets import FLUX_SCHEDULER
+    from sidscale.models.tiny import tiny_clip_text_config
+
+    width = 64
+    transformer = {
+        "patch_size": 1, "in_channels": 64, "out_channels": None, "num_layers": 2, "num_single_layers": 2,
+        "attention_head_dim": 16, "num_attention_heads": width // 16,
+        "joint_attention_dim": FLUX_TINY_T5, "pooled_projection_dim": FLUX_TINY_CLIP_L,
+        "guidance_embeds": True, "axes_dims_rope": (4, 6, 6),  # sums to the head dim, as 16 + 56 + 56 = 128
+    }
+    t5 = {"vocab_size": SD3_TINY_T5_VOCAB, "d_model": FLUX_TINY_T5, "d_kv": 16, "d_ff": 2 * FLUX_TINY_T5,
+          "num_layers": 2, "num_heads": 4, "relative_attention_num_buckets": 8, "feed_forward_proj": "gated-gelu",
+          "layer_norm_epsilon": 1e-6, "is_encoder_decoder": False, "use_cache": False,
+          "tie_word_embeddings": False, "pad_token_id": 0, "eos_token_id": 1}
+    vae = {**_sd3_tiny_preset().vae, "scaling_factor": 0.3611, "shift_factor": 0.1159}
+    return DiTPreset("flux_tiny", transformer, text_encoders=(tiny_clip_text_config(FLUX_TINY_CLIP_L), t5), vae=vae,
+                     resolution=256, kind="flux", scheduler=dict(FLUX_SCHEDULER), t5_tokens=64)
+
+
+def flux_preset(preset: str) -> DiTPreset:
+    """The ``DiTPreset`` of a FLUX preset: ``flux_dev``, or the CPU-sized ``flux_tiny``."""
+    from sidscale.models.flux_presets import get_flux_preset
+
+    return _flux_tiny_preset() if preset == "flux_tiny" else get_flux_preset(preset)
+
+
 def dit_preset(preset: str) -> DiTPreset:
     """The ``DiTPreset`` of an SD3 preset: a published one, or ``sd3_tiny``."""
     return _sd3_tiny_preset() if preset == "sd3_tiny" else get_dit_preset(preset)
@@ -119,14 +158,17 @@ class BenchCase:
     teacher_dtype: str | None = None  # default: the training precision (fp32 when training in fp32)
     reduce_bucket_size: int | None = None  # elements; default: the ds_configs/zero{zero}.json value
     compile_backend: str | None = None  # train.compile with this backend; None: eager
+    # teacher.partitioned=true (the frozen teacher as an optimizer-less ZeRO-3 engine; issue 17 item 3's key)
+    teacher_partitioned: bool = False
 
     @property
     def label(self) -> str:
         ckpt = "+ckpt" if self.grad_checkpointing else ""
         rbs = f"+rbs{self.reduce_bucket_size:.0e}".replace("+0", "") if self.reduce_bucket_size else ""
         comp = f"+compile({self.compile_backend})" if self.compile_backend else ""
+        tpart = "+teacher_zero3" if self.teacher_partitioned else ""
         return (f"{self.preset}/zero{self.zero}/{self.precision}/mb{self.micro_batch}x{self.accumulation}"
-                f"{ckpt}{rbs}{comp}")
+                f"{ckpt}{rbs}{comp}{tpart}")
 
     def ds_config_path(self) -> str:
         """ds_configs/zero{zero}.json, or a copy of it with this case's bucket sizes."""
@@ -170,7 +212,7 @@ def _bench_teacher_path(preset: str) -> Path:
 class PresetNets(Protocol):
     """What the perf tools need to know about one kind of denoiser network (see ``preset_nets``)."""
 
-    name: str  # "unet" | "sd3"
+    name: str  # "unet" | "sd3" | "flux"
 
     def build(self, preset: str, device: torch.device | str, seed: int) -> torch.nn.Module: ...
     def text_encoders(self, preset: str, device: torch.device | str, seed: int) -> list[torch.nn.Module]: ...
@@ -368,13 +410,83 @@ class _SD3Nets:
             f"teacher.max_sequence_length={p.t5_tokens}", "method.generator_steps=1"]
 
 
-_NETS: dict[str, PresetNets] = {"unet": _UNetNets(), "sd3": _SD3Nets()}
+class _FluxNets:
+    """FluxTransformer2DModel presets (FLUX.1-dev, flux_tiny): CLIP-L pooled + T5, latents packed 2x2."""
+
+    name = "flux"
+
+    def build(self, preset: str, device: torch.device | str, seed: int) -> torch.nn.Module:
+        from sidscale.models.flux_presets import build_flux_transformer_from
+
+        return build_flux_transformer_from(flux_preset(preset).transformer, device, seed)
+
+    def text_encoders(self, preset: str, device: torch.device | str, seed: int) -> list[torch.nn.Module]:
+        from sidscale.models.flux_presets import build_flux_text_encoders_from
+
+        device = torch.device(device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            return build_flux_text_encoders_from(flux_preset(preset).text_encoders, device)
+
+    def latent_shape(self, preset: str) -> tuple[int, int, int]:
+        p = flux_preset(preset)
+        return (int(p.transformer["in_channels"]) // 4, p.latent_size, p.latent_size)  # unpacked
+
+    def inputs(self, preset: str, net: torch.nn.Module, batch: int, device: Any,
+               dtype: torch.dtype) -> tuple[tuple, dict[str, Any]]:
+        from sidscale.models.flux_presets import transformer_inputs
+
+        p = flux_preset(preset)
+        kw = transformer_inputs(net.config, batch, p.latent_size, p.t5_tokens, device, dtype)
+        # x_t requires grad in the generator step (it comes from G); the text embeddings never do
+        kw["hidden_states"].requires_grad_(True)
+        return (), kw
+
+    def checkpoint_block_types(self) -> tuple[type, ...]:
+        from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+        return (FluxTransformerBlock, FluxSingleTransformerBlock)
+
+    def teacher_kind(self, preset: str) -> str:
+        return "flux"
+
+    def teacher(self, preset: str, device: torch.device | str, dtype: str, seed: int) -> Teacher:
+        from sidscale.families.flux import FluxSchedule
+        from sidscale.models.flux_conditioning import FluxConditioner
+
+        p, torch_dtype = flux_preset(preset), DTYPES[dtype]
+        net = self.build(preset, device, seed).to(torch_dtype).requires_grad_(False).eval()
+        te1, te2 = (e.to(device=device, dtype=torch_dtype) for e in self.text_encoders(preset, device, seed))
+        conditioner = FluxConditioner(_tokenizer(), _t5_tokenizer(), te1, te2,
+                                      int(net.config.joint_attention_dim), int(net.config.pooled_projection_dim),
+                                      max_sequence_length=p.t5_tokens, dtype=torch_dtype)
+        # FluxSchedule(): the distilled_guidance defaults of the flux_dev recipe (teacher and fake 3.5, G 1.0)
+        return Teacher(_bench_teacher_path(preset), "flux", net, conditioner, FluxSchedule(),
+                       self.latent_shape(preset), float(p.vae["scaling_factor"]), None,
+                       float(p.vae.get("shift_factor") or 0.0))
+
+    def config_preset(self, preset: str) -> str:
+        """The config preset with this architecture's training recipe (flux_tiny borrows FLUX.1-dev's)."""
+        return "flux_dev"
+
+    def case_config_base(self, preset: str) -> tuple[str, list[str]]:
+        p = flux_preset(preset)
+        # the flux_dev recipe (guidance embedding, no true CFG, flow schedule) with ONE generator step, so
+        # timings are comparable (see _SD3Nets.case_config_base)
+        return self.config_preset(preset), [
+            "teacher.kind=flux", f"teacher.resolution={p.resolution}", "teacher.t5=true",
+            f"teacher.max_sequence_length={p.t5_tokens}", "method.generator_steps=1"]
+
+
+_NETS: dict[str, PresetNets] = {"unet": _UNetNets(), "sd3": _SD3Nets(), "flux": _FluxNets()}
 
 
 def preset_nets(preset: str) -> PresetNets:
     """The one place that decides, per preset, which kind of denoiser network it has."""
     if preset in SD3_PRESETS:
         return _NETS["sd3"]
+    if preset in FLUX_PRESET_NAMES:
+        return _NETS["flux"]
     if preset in UNET_PRESETS:
         return _NETS["unet"]
     raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PLAN_PRESETS)}")
@@ -436,4 +548,6 @@ def case_config(case: BenchCase, world_size: int, seed: int = 0) -> Config:
     ]
     if case.compile_backend:
         overrides += ["train.compile=true", f"train.compile_backend={case.compile_backend}"]
+    if case.teacher_partitioned:  # only when asked: the key exists once the partitioned teacher is merged
+        overrides.append("teacher.partitioned=true")
     return load_config(base, overrides)

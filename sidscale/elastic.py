@@ -1,0 +1,119 @@
+"""Elastic resume: continue a checkpoint written by N ranks on M ranks (preempted jobs come back
+on fewer or more nodes).
+
+What is resharded and how:
+- **Weights and Adam states** of both engines: rank 0 converts the checkpoint's ZeRO shards into
+  DeepSpeed's *universal* checkpoint format (``deepspeed.checkpoint.ds_to_universal``: one file
+  per parameter and state, fp32 master, exp_avg, exp_avg_sq, step), under
+  ``RUN/checkpoints/universal/step_XXXXXXXX_wN/``; every rank then loads it with
+  ``checkpoint.load_universal`` set in its engines' ds_config, which slices each parameter into
+  this world size's ZeRO partition. The original checkpoint is only read: it stays intact and
+  verifiable, and the converted copy is removed once every rank has loaded it.
+- **The generator EMA** (sharded like the fp32 masters, ``sharded_ema``): each rank reads the N rank
+  files (memory-mapped: no rank materialises the full EMA) and copies the parts of the old segments
+  that fall in its new segments (``ShardedEMA.load_resharded``), checking every element is covered.
+- **Step, images seen**: from the checkpoint, unchanged.
+- **Per-sample noise**: a pure function of (seed, step, phase, global sample index), and a step covers
+  global indices 0..global_batch-1 on any world size, so it continues unchanged.
+- **Prompts**: an indexed source (``indexed:toy``) is a pure function of the global index too: exact.
+  A webdataset stream splits its shards by rank, so its order cannot continue on another split: the
+  new ranks restart their split at the start of the earliest epoch any old rank had not finished
+  (prompts of that epoch read before the preemption may be read again, at most one epoch's worth;
+  with ``data.resampled: true`` shards are drawn with replacement anyway). Its counters carry over
+  (summed onto rank 0) and a DataWarning says so.
+- **Host RNG states**: rank r takes old rank r mod N's. The method draws no noise from them.
+
+Same global batch (micro-batch x accumulation x ranks), ZeRO stage and precision as the checkpoint;
+what cannot work is refused before any model is built (``train.check_resumable``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from sidscale import checkpoint as ckpt_lib
+from sidscale.io_utils import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+UNIVERSAL = "universal"
+DONE = "converted.json"
+
+
+def universal_dir(ckpt: Path, written_by: int) -> Path:
+    """Where the universal copy of ``ckpt`` (written by ``written_by`` ranks) is made. Outside the
+    ``step_*`` names: pruning, ``latest`` and the resume candidates never see it."""
+    return ckpt_lib.checkpoints_root(Path(ckpt).parent.parent) / UNIVERSAL / f"{Path(ckpt).name}_w{written_by}"
+
+
+def convert_to_universal(ckpt: Path, workers: int | None = None) -> Path:
+    """Rank 0: both engines of ``ckpt`` in DeepSpeed's universal format (reused when a previous
+    attempt finished it). Written into a temporary directory, renamed when complete."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    ckpt = Path(ckpt)
+    meta = ckpt_lib.read_meta(ckpt)
+    out = universal_dir(ckpt, int(meta["world_size"]))
+    if (out / DONE).is_file():
+        log.info("reusing the universal copy %s", out)
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # NOTE: DeepSpeed's converter runs its passes in a process pool when given more than one
+    # worker; one worker per engine is enough for most models, more for 8B+ (the host of rank 0
+    # has the cores; the other ranks only wait).
+    workers = workers or max(1, min(8, (os.cpu_count() or 2) // 2))
+    t0 = time.perf_counter()
+    for tag in ckpt_lib.ENGINE_TAGS:
+        args = argparse.Namespace(input_folder=str(ckpt / tag), output_folder=str(tmp / tag),
+                                  num_extract_workers=workers, num_merge_workers=max(1, workers // 2),
+                                  keep_temp_folder=False, strict=True,
+                                  # sidscale's engines record no UNIVERSAL_CHECKPOINT_INFO: no tensor or
+                                  # pipeline parallelism, so the default (plain data-parallel) is right
+                                  inject_missing_state=True)
+        # its prints and per-pass progress bars (errors still raise; the time is logged below)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            ds_to_universal(args)
+    (tmp / "latest_universal").unlink(missing_ok=True)  # the converter's own marker: unused here
+    atomic_write_text(tmp / DONE, json.dumps({"source": str(ckpt), "world_size": meta["world_size"],
+                                              "seconds": round(time.perf_counter() - t0, 3)}) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    log.info("converted %s (%s ranks) to the universal format in %.1f s", ckpt, meta["world_size"],
+             time.perf_counter() - t0)
+    return out
+
+
+def remove_universal(ckpt: Path, written_by: int) -> None:
+    """Drop the converted copy once every rank has loaded it (it is as large as the optimizer states)."""
+    out = universal_dir(ckpt, written_by)
+    shutil.rmtree(out, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        out.parent.rmdir()  # only when empty
+
+
+def merged_stream_state(states: list[dict], rank: int) -> dict:
+    """The prompt-stream state rank ``rank`` of the new world loads: every old rank's worker cursors
+    (so the restart epoch is the earliest any old rank had not finished; ``PromptStream``'s layout
+    change path) with the old counters summed onto new rank 0 only, so the job's totals carry over."""
+    if not states or not all(s for s in states):  # an indexed source keeps no state
+        return {}
+    zero = {k: 0 for k in states[0]["stats_base"]}
+    base = dict(zero)
+    workers = []
+    for s in states:
+        for k, v in s["stats_base"].items():
+            base[k] = base.get(k, 0) + int(v)
+        for c in s["workers"]:
+            workers.append({**c, "stats": dict(c["stats"]) if rank == 0 else {k: 0 for k in c["stats"]}})
+    return {"version": states[0]["version"], "layout": dict(states[0]["layout"], world_size=-1), "batches": 0,
+            "workers": workers, "stats_base": base if rank == 0 else zero}
