@@ -11,7 +11,13 @@ generator's gradient through it. How (sid_dit_method.md 5.5, measured on 2 CPU r
 - the teacher is called as ``engine.module(...)`` (the same object as ``teacher.net``), never as
   ``engine(...)``: the engine's forward registers backward hooks that an optimizer-less engine cannot
   serve, and the generator's backward fails. Called through ``.module`` the generator's loss and every
-  gradient equal the replicated teacher's bit for bit (tests/test_teacher_partition.py);
+  gradient equal the replicated teacher's bit for bit (tests/test_teacher_partition.py: tiny SD3.5, CFG
+  on) -- wherever the backward sums a tensor's gradient from the same groups of consumers in both
+  placements. ZeRO-3's hooks add an autograd node at each module's inputs, which regroups a sum over
+  three or more consumers across module boundaries: measured, the tiny toy UNet's input gradient
+  (the skip connections) and FLUX without true CFG (the generator's output read directly by the
+  teacher, the fake net and the loss) then differ in the last bits (fp32 rounding), while FLUX with
+  true CFG (the teacher reads a concatenation) is bit-identical again;
 - its output is NEVER detached: the generator's gradient flows through the teacher.
 
 Every rank must call the teacher the same number of times (each call's gathers are collectives):
