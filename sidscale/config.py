@@ -41,6 +41,7 @@ DTYPES = ("fp32", "bf16", "fp16")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 ATTENTION_MODES = ("sdpa", "eager")
+TEXT_ENCODER_DEVICES = ("gpu", "cpu")
 BETA_SCHEDULES = ("scaled_linear", "linear")
 METHODS = ("sid_lsg",)
 # The built-in toy teachers (fitted once, cached under teacher.cache_dir when teacher.path is ""):
@@ -77,6 +78,9 @@ class TeacherConfig:
     # FLUX: T5 is its only text sequence (t5 must stay true); SiD-DiT and FluxPipeline use 512 tokens.
     t5: bool = True
     max_sequence_length: int = 77
+    # Where the text encoders run: gpu (on every rank's device) | cpu (host memory; only their outputs go
+    # to the device: saves T5-XXL's 9 GB per GPU, costs CPU encodes in the critical path; models/host_conditioner.py)
+    text_encoders: str = "gpu"
     # The frozen teacher network: true = partitioned across the ranks by an optimizer-less ZeRO-3
     # engine (1/N of its weights per rank, gathered layer by layer while it runs); false = a full copy
     # per rank; auto = replicated where the memory plan (sidscale/perf) says the run fits, else
@@ -387,6 +391,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check_enum("teacher.dtype", t.dtype, DTYPES)
     _check_enum("teacher.prediction_type", t.prediction_type, PREDICTION_TYPES)
     _check_enum("teacher.attention", t.attention, ATTENTION_MODES)
+    _check_enum("teacher.text_encoders", t.text_encoders, TEXT_ENCODER_DEVICES)
     _check_enum("teacher.partitioned", t.partitioned, TEACHER_PLACEMENTS)
     _check_positive(t, "teacher", ["resolution", "max_sequence_length"])
     # NOTE: SD VAEs downsample by 8; any other size cannot map to a latent grid.

@@ -78,6 +78,7 @@ from sidscale.io_utils import atomic_torch_save, atomic_write_json
 from sidscale.method.guards import register_grad_sanitizers
 from sidscale.method.sid_lsg import MethodSettings, fake_step, generator_step, multi_step_generate
 from sidscale.models.compile import compile_unets
+from sidscale.models.host_conditioner import HostConditioner
 from sidscale.models.teacher import resolve_teacher_dir
 from sidscale.noise import PHASE_FAKE, PHASE_GEN, draw_step_noise, generator_step_count, rank_sample_indices
 from sidscale.precision import apply_precision
@@ -240,6 +241,8 @@ class Trainer:
                 resolve_teacher_dir(cfg.teacher)
             comm.barrier()
             teacher = self.family.load_teacher(cfg, self.device)
+        if cfg.teacher.text_encoders == "cpu":  # weights in host memory, outputs on the device
+            teacher.conditioner = HostConditioner(teacher.conditioner, self.device)
         self.teacher: Teacher = teacher
         self.schedule = self.teacher.schedule
         check_identical_across_ranks({"teacher network": self.teacher.net,

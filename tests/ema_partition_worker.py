@@ -93,7 +93,7 @@ def check_stage(stage: int, out: dict) -> None:
         full = ema.gather_to_main(chunk_elements=CHUNK)
     res: dict = {"optimizer": type(engine.optimizer).__name__, "calls": rec.calls,
                  "shard_sizes": [s.numel() for s in ema.shards],
-                 "full_numel": sum(p.numel() for p in net.parameters())}
+                 "full_numel": sum(getattr(p, "ds_numel", p.numel()) for p in net.parameters())}
     if dist.get_rank() == 0:
         shapes = [tuple(getattr(p, "ds_shape", p.shape)) for p in engine.module.parameters()]
         offline = assemble_full(ema.names, shapes, states, "2-rank states")

@@ -186,7 +186,7 @@ def test_failed_starts_leave_the_run_dir_as_they_found_it(tiny_toy_teacher, fp32
     before = sorted(p.relative_to(resumed) for p in resumed.rglob("*"))
     t0 = time.monotonic()
     proc = run_main(resumed, [f"teacher.path={tiny_toy_teacher}", "deepspeed.config=ds_configs/zero3.json",
-                              "train.precision=bf16", "train.global_batch=4"])
+                              "train.precision=bf16", "train.global_batch=16"])
     assert proc.returncode == 2
     msg = proc.stderr
     assert "written by 2 ranks with train.global_batch=8" in msg and "ZeRO stage 2" in msg, msg

@@ -194,10 +194,11 @@ def test_memory_plan_fit_verdicts_agree_with_the_method_page(sd3_plans):
     assert sd3_plans[("sd35_medium", 2)].max_micro_batch >= 4
     assert sd3_plans[("sd35_medium", 2, 4)].total < 80 * GIB
     assert sd3_plans[("sd35_large", 2, 1)].total > 80 * GIB
-    # The page says "mb <= 2 safe" keeping 10-15 % for fragmentation, which the plan leaves out; the plan's
-    # peak up to micro-batch 3 is the preview phase (the bf16 preview network), so 3 still fits in 80 GiB.
+    # The page says "mb <= 2 safe" keeping 10-15 % for fragmentation, which the plan leaves out. ZeRO-3
+    # previews swap the EMA into the partitioned generator, so the peak is training's, not a preview copy.
     assert 1 <= sd3_plans[("sd35_large", 3)].max_micro_batch <= 3
-    assert sd3_plans[("sd35_large", 3)].total > 0.9 * 80 * GIB  # at the edge already at micro-batch 1
+    assert sd3_plans[("sd35_large", 3)].total > 0.85 * 80 * GIB  # close to the card already at micro-batch 1
+    assert sd3_plans[("sd35_large", 3)].peak_phase != "preview"
 
 
 def test_memory_plan_tool_accepts_sd3_presets(sd3_plans):

@@ -89,7 +89,9 @@ def plan_input_for_run(cfg: Any, ds_config: dict, world: int, partitioned: bool)
                      cfg_scales=(m.cfg_train_fake, m.cfg_eval_fake, m.cfg_eval_real),
                      reduce_bucket_size=zs.get("reduce_bucket_size"), accumulation=accumulation_steps(cfg, world),
                      grad_accum_dtype=(ds_config.get("data_types") or {}).get("grad_accum_dtype"),
-                     teacher_partitioned=partitioned)
+                     teacher_partitioned=partitioned,
+                     # teacher.text_encoders = cpu keeps them in host memory: nothing on the device
+                     text_encoders="off" if getattr(cfg.teacher, "text_encoders", "gpu") == "cpu" else "replicated")
 
 
 def placement_numbers(teacher: Any, cfg: Any, ds_config: dict, world: int, device: torch.device) -> dict:
