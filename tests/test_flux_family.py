@@ -30,6 +30,8 @@ def overrides(teacher, stage: int = 3, max_steps: int = STEPS) -> list[str]:
         "train.ema_halflife_kimg=0.01", "generator.lr=1e-3", "fake.lr=1e-3", "data.shards=indexed:toy",
         "eval.num_samples=0", "eval.teacher_steps=4", f"deepspeed.config=ds_configs/zero{stage}.json",
         "train.seed=11", *[f"distilled_guidance.{k}={v}" for k, v in GUIDANCE.items()],
+        # the frozen teacher partitioned across the ranks (optimizer-less ZeRO-3 engine), as at FLUX scale
+        *(["teacher.partitioned=true"] if stage == 3 else []),
     ]
 
 
@@ -42,7 +44,7 @@ def flux_teacher(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, flux_teacher):
-    """The uninterrupted 4-step ZeRO-3 run (one 2-rank launch), shared by the tests below."""
+    """The uninterrupted 4-step ZeRO-3 run with a partitioned teacher (one 2-rank launch), shared below."""
     run = tmp_path_factory.mktemp("flux-zero3") / "run"
     run_trainer(run, overrides(flux_teacher), config="flux_dev")
     return run
@@ -61,6 +63,7 @@ def test_flux_dev_trains_with_zero3_resumes_exactly_and_exports(tmp_path, flux_t
     ckpt_lib.mark_latest(split, ckpt_lib.step_dir(split, 2))
     run = run_trainer(split, overrides(flux_teacher), config="flux_dev")
     assert "resumed from" in run.stdout and "(step 2)" in run.stdout
+    assert "teacher placement: teacher.partitioned = true" in run.stderr
     assert_identical(split, full_run, STEPS)  # generator, fake, EMA and the data cursors, bit for bit
 
     ema = full_ema_from_checkpoint(find_resume_checkpoint(full_run))
