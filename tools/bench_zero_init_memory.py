@@ -133,9 +133,9 @@ def worker(args: argparse.Namespace) -> None:
     params = sum(int(getattr(p, "ds_numel", p.numel())) for p in teacher.parameters())
     Path(args.out).write_text(json.dumps({"rank": args.rank, "phases": phases, "teacher_params": params,
                                           "peak_reset_supported": can_reset}))
-    import deepspeed.comm as dist
+    from sidscale.distributed import comm
 
-    dist.barrier()
+    comm.barrier()
 
 
 def run_case(world: int, build: str, out_dir: Path) -> list[dict]:

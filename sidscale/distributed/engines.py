@@ -92,7 +92,8 @@ def build_engine(teacher_unet: torch.nn.Module, net_cfg: NetConfig, ds_config: d
     ``construct``: ``copy`` = an fp32 deep copy of the teacher on every rank, then DeepSpeed
     partitions it (ZeRO-1/2 keep the module whole anyway); ``zero_init`` = built under
     ``deepspeed.zero.Init`` and loaded slice by slice, so no rank holds a full copy (ZeRO-3 only;
-    ``sidscale.distributed.zero_init``); ``auto`` = ``zero_init`` under ZeRO-3, else ``copy``.
+    ``sidscale.distributed.zero_init``); ``auto`` = ``zero_init`` under ZeRO-3 for a diffusers network
+    (it is rebuilt from its config), else ``copy``.
     Both give the same weights bit for bit."""
     import deepspeed
 
@@ -100,7 +101,10 @@ def build_engine(teacher_unet: torch.nn.Module, net_cfg: NetConfig, ds_config: d
         raise ValueError(f"construct = {construct!r}: expected one of {CONSTRUCTIONS}")
     stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
     if construct == "auto":
-        construct = "zero_init" if stage == 3 else "copy"
+        # zero.Init rebuilds the network from its diffusers config; a plain torch module (the tests' probes)
+        # has none, and is small: it is copied
+        buildable = hasattr(teacher_unet, "from_config") and hasattr(teacher_unet, "config")
+        construct = "zero_init" if stage == 3 and buildable else "copy"
     if construct == "zero_init":
         if stage != 3:
             raise ValueError(f"construct = 'zero_init' needs zero_optimization.stage 3, the ds_config has {stage}")
