@@ -68,10 +68,11 @@ def convert_to_universal(ckpt: Path, workers: int | None = None) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    # NOTE: DeepSpeed's converter runs its passes in a process pool when given more than one
-    # worker; one worker per engine is enough for most models, more for 8B+ (the host of rank 0
-    # has the cores; the other ranks only wait).
-    workers = workers or max(1, min(8, (os.cpu_count() or 2) // 2))
+    # NOTE: one worker, in this process. With more, DeepSpeed's converter forks a process pool, and
+    # forking a rank that holds CUDA / NCCL / OpenMP threads can deadlock the children (seen here: with
+    # 2 workers, even from a fresh interpreter, the pool's children hung idle after the fork). Slower
+    # for 8B+ models, never hung; pass ``workers`` only from a process that is safe to fork.
+    workers = workers or 1
     t0 = time.perf_counter()
     for tag in ckpt_lib.ENGINE_TAGS:
         args = argparse.Namespace(input_folder=str(ckpt / tag), output_folder=str(tmp / tag),
