@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 
 UNIVERSAL = "universal"
 DONE = "converted.json"
+# How long the other ranks wait for rank 0's conversion (comm.broadcast_object_after_long_work). The
+# conversion reads and writes every fp32 master and Adam state once per pass: ~0.3 TB per engine for
+# FLUX.1-dev, hours on a slow shared filesystem.
+CONVERSION_TIMEOUT_S = 8 * 3600
 
 
 def universal_dir(ckpt: Path, written_by: int) -> Path:

@@ -185,25 +185,28 @@ def checkpoint_complete(run_dir: Path, step: int) -> bool:
 
 def prepare_elastic_resume(path: Path, world_size: int) -> tuple[int, Path | None]:
     """(ranks that wrote ``path``, its universal copy or None when it is this job's world size).
-    A collective: rank 0 converts (``sidscale.elastic``) while the others wait; a failed conversion
-    is one error on every rank, never a hang."""
+    A collective: rank 0 converts (``sidscale.elastic``) while the others wait (up to
+    ``elastic.CONVERSION_TIMEOUT_S``); a failed conversion is one error on every rank, never a hang."""
     from sidscale import elastic
 
     written_by = comm.decide_on_rank0(lambda: int(ckpt_lib.read_meta(path)["world_size"]))
     if written_by == world_size:
         return written_by, None
-    result: tuple[Path | None, str | None] = (None, None)
-    if comm.rank() == 0:
+
+    def convert() -> tuple[Path | None, str | None]:
         print(f"sidscale: elastic resume: {path} was written by {written_by} ranks, this job has {world_size}; "
               "converting its ZeRO states to DeepSpeed's universal format (the checkpoint stays as it is)",
               flush=True)
         try:
-            result = (elastic.convert_to_universal(path), None)
+            return elastic.convert_to_universal(path), None
         except Exception as e:  # noqa: BLE001 - reported on every rank below
             log.exception("universal conversion of %s failed", path)
-            result = (None, f"converting {path} (written by {written_by} ranks) for {world_size} ranks failed: "
-                            f"{type(e).__name__}: {e}")
-    out, error = comm.broadcast_object(result)
+            return None, (f"converting {path} (written by {written_by} ranks) for {world_size} ranks failed: "
+                          f"{type(e).__name__}: {e}")
+
+    # NOTE: the conversion of an 8B+ model's optimizer states can take longer than dist.timeout_s; the
+    # other ranks wait on a gloo group of its own, so no NCCL collective is pending meanwhile.
+    out, error = comm.broadcast_object_after_long_work(convert, elastic.CONVERSION_TIMEOUT_S)
     if error:
         raise ConfigError(error + ". Resume it with the number of ranks that wrote it")
     return written_by, out
@@ -303,7 +306,13 @@ class Trainer:
             return choose_placement(setting)
         from sidscale.perf.placement import replicated_teacher_fits
 
-        fits, detail = replicated_teacher_fits(self.teacher, self.cfg, self.ds_config, self.world, self.device)
+        # NOTE: runs on rank 0 inside decide_on_rank0: an exception here would leave the other ranks in
+        # the broadcast, so a plan that cannot be made means "replicated", said in the log
+        try:
+            fits, detail = replicated_teacher_fits(self.teacher, self.cfg, self.ds_config, self.world, self.device)
+        except Exception as e:  # noqa: BLE001
+            log.exception("teacher.partitioned = auto: the memory plan failed")
+            fits, detail = None, f"the memory plan failed: {type(e).__name__}: {e}"
         return choose_placement(setting, fits, detail)
 
     # ----------------------------------------------------------------------------- data
@@ -664,7 +673,10 @@ class Trainer:
         cache = Path(self.cfg.teacher.cache_dir).expanduser() / "toy-eval-cache" / (hashlib.sha256(json.dumps(
             [str(Path(self.teacher.path).resolve()), ev.num_samples, ev.teacher_steps, self.settings.cfg_eval_real],
         ).encode()).hexdigest()[:16] + ".json")
-        cached = json.loads(cache.read_text()) if cache.is_file() else None
+        try:  # rank 0 only, inside decide_on_rank0: a torn cache file is a cache miss, not an exception
+            cached = json.loads(cache.read_text()) if cache.is_file() else None
+        except (OSError, ValueError):
+            cached = None
         if cached is not None and not all(k in cached for k in self._TOY_TEACHER_KEYS):
             cached = None  # written by an older version: recompute
         return cache, cached

@@ -114,6 +114,26 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     return box[0]
 
 
+def broadcast_object_after_long_work(work: Callable[[], T], timeout_s: float) -> T:
+    """``work()`` on rank 0, its result on every rank, the others waiting up to ``timeout_s``.
+
+    For one-off work of rank 0 that can outlast ``dist.timeout_s`` (the elastic checkpoint conversion):
+    the wait runs on a gloo group of its own (CPU tensors) with its own timeout, so no NCCL collective
+    is pending while rank 0 works and the NCCL watchdog has nothing to time out. If rank 0 dies, the
+    others' wait ends when its sockets close. A collective: all ranks must call."""
+    if not is_distributed():
+        return work()
+    import datetime
+
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        box = [work() if rank() == 0 else None]
+        dist.broadcast_object_list(box, src=0, group=group, device=torch.device("cpu"))
+        return box[0]
+    finally:
+        dist.destroy_process_group(group)
+
+
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's picklable ``obj``, in rank order (a collective: all ranks must call)."""
     if not is_distributed():

@@ -159,7 +159,9 @@ class FluxFamily:
         check_flux_dir(path)
         dtype = DTYPES[t.dtype]
         net = load_transformer(path, self.network_class(), t.kind, dtype, device)
-        conditioner = load_flux_conditioner(path, dtype, device, max_sequence_length=t.max_sequence_length,
+        # teacher.text_encoders = cpu: loaded straight into host memory (the trainer moves their outputs)
+        text_device = "cpu" if t.text_encoders == "cpu" else device
+        conditioner = load_flux_conditioner(path, dtype, text_device, max_sequence_length=t.max_sequence_length,
                                             joint_attention_dim=int(net.config.joint_attention_dim),
                                             pooled_projection_dim=int(net.config.pooled_projection_dim))
         vae = load_vae(path, dtype, device)

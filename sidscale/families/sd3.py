@@ -65,7 +65,10 @@ class SD3Family:
         check_sd3_dir(path, t5=t.t5)
         dtype = DTYPES[t.dtype]
         net = load_transformer(path, self.network_class(), t.kind, dtype, device)
-        conditioner = load_sd3_conditioner(path, dtype, device, t5=t.t5, max_sequence_length=t.max_sequence_length)
+        # teacher.text_encoders = cpu: loaded straight into host memory (the trainer moves their outputs)
+        text_device = "cpu" if t.text_encoders == "cpu" else device
+        conditioner = load_sd3_conditioner(path, dtype, text_device, t5=t.t5,
+                                           max_sequence_length=t.max_sequence_length)
         vae = load_vae(path, dtype, device)
         down = 2 ** (len(vae.config.block_out_channels) - 1)
         patch, max_pos = int(net.config.patch_size), int(net.config.pos_embed_max_size or 0)

@@ -3,8 +3,10 @@
 T5-XXL is 9 GB in bf16 on every GPU of an SD3 / FLUX run; with ``cpu`` the encoders run on the host
 (as many threads as the rank's cores) and only their outputs, a few MB per micro-batch, go to the GPU.
 What it costs: the encodes of an iteration (2 phases x the accumulation rounds) run on the CPU, in the
-critical path: T5-XXL is ~2 x 4.7 G multiply-adds per token, so at 77 tokens about 0.7 TFLOP per
-prompt. What it saves: the encoders' weights on the device (the memory plan's ``text_encoders="off"``).
+critical path, with the GPU idle meanwhile: T5-XXL is ~2 x 4.7 G multiply-adds per token, so about
+0.7 TFLOP per prompt at SD3's 77 tokens and 4.8 TFLOP at FLUX's 512 (FLUX.1-dev at micro-batch 1 on
+8 GPUs: 64 encodes per rank per iteration, likely minutes on a host). Use it where memory, not time,
+is what stops the run. What it saves: the encoders' weights on the device (the memory plan's ``text_encoders="off"``).
 The outputs equal the GPU encoders' up to the CPU's own rounding.
 """
 
