@@ -603,10 +603,16 @@ print(json.dumps(out))
         cmd = self.python("tools/memory_plan.py", "--json", "--measure", "--preset", preset, "--zero", "2",
                           "--micro-batch", str(mb), "--precision", "bf16", "--device", self.mode.device,
                           "--gpu-mem-gib", str(self.gpu_mem_gib()), "--steps", "2", *extra)
-        code, text, _ = run(cmd, self.env(), self.logs / f"memory_plan_{preset}.log", self.mode.timeout("memory_plan"))
+        return self._measured_against_plan(cmd, f"memory_plan_{preset}", "memory_plan", mb,
+                                           "tools/memory_plan.py --measure")
+
+    def _measured_against_plan(self, cmd: list[str], log_name: str, timeout_key: str, mb: int,
+                               what: str) -> dict[str, Any]:
+        """Run a ``tools/memory_plan.py --measure`` command; its prediction must be within the tolerance."""
+        code, text, _ = run(cmd, self.env(), self.logs / f"{log_name}.log", self.mode.timeout(timeout_key))
         lines = [r for r in json_lines(text) if "measured" in r]
         if code != 0 or not lines:
-            raise StepFailed(f"tools/memory_plan.py --measure exited {code}", log_tail=tail(text))
+            raise StepFailed(f"{what} exited {code}", log_tail=tail(text))
         rec = lines[-1]
         ratio = float(rec["predicted_over_measured"])
         numbers = {"micro_batch": mb, "predicted_gib": rec.get("total_gib"),
@@ -654,17 +660,8 @@ print(json.dumps(out))
                           "--preset", preset, "--zero", str(r["zero"]),
                           "--micro-batch", str(mb), "--precision", "bf16", "--device", self.mode.device,
                           "--gpu-mem-gib", str(self.gpu_mem_gib()), "--steps", "2", *extra)
-        code, text, _ = run(cmd, self.env(), self.logs / f"big_measure_{preset}.log", self.mode.timeout("big_measure"))
-        lines = [x for x in json_lines(text) if "measured" in x]
-        if code != 0 or not lines:
-            raise StepFailed(f"torchrun tools/memory_plan.py --measure exited {code}", log_tail=tail(text))
-        rec = lines[-1]
-        ratio = float(rec["predicted_over_measured"])
-        numbers = {"micro_batch": mb, "predicted_gib": rec.get("total_gib"),
-                   "measured_peak_gib": rec["measured"]["peak_gib"], "predicted_over_measured": ratio, "plan": rec}
-        if not 1 / (1 + self.tol) <= ratio <= 1 + self.tol:
-            raise StepFailed(f"the plan predicts {ratio:.3f} x the measured peak, outside 1 +- {self.tol:g}", **numbers)
-        return numbers
+        return self._measured_against_plan(cmd, f"big_measure_{preset}", "big_measure", mb,
+                                           "torchrun tools/memory_plan.py --measure")
 
     # ---------------------------------------------------------------- collectives and GPU tests
     def comm_check(self) -> dict[str, Any]:
