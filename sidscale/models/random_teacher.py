@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -244,64 +244,51 @@ def write_random_teacher(out_dir: str | Path, preset: str, dtype: str = "bf16", 
 
 
 def _write_sd3_rest(out: Path, preset: str) -> int:
-    """SD3's scheduler, T5 tokenizer and model_index.json; returns the preset's resolution."""
-    import diffusers
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
+    """SD3's scheduler, T5 tokenizer (tokenizer_3) and model_index.json; returns the preset's resolution."""
     from sidscale.models.sd3_presets import TEXT_ENCODER_CLASSES
-    from sidscale.models.t5_tokenizer import build_tiny_t5_tokenizer
     from sidscale.perf.setup import dit_preset
 
-    p = dit_preset(preset)
-    FlowMatchEulerDiscreteScheduler(**p.scheduler).save_pretrained(out / "scheduler")
-    t5_tokenizer = build_tiny_t5_tokenizer()
-    t5_vocab = int(p.text_encoders[2]["vocab_size"])
-    if len(t5_tokenizer) > t5_vocab:  # an id past the T5 embedding table would fail at the first prompt
-        raise RuntimeError(f"the offline T5 tokenizer has {len(t5_tokenizer)} ids > {preset}'s T5 vocab_size "
-                           f"{t5_vocab}")
-    t5_tokenizer.save_pretrained(out / "tokenizer_3")
-    # NOTE: written by hand, not by StableDiffusion3Pipeline.save_pretrained: that would hold every
+    # NOTE: model_index.json by hand, not StableDiffusion3Pipeline.save_pretrained: that would hold every
     # network in memory at once (SD3.5-Large + T5-XXL in fp32: over 50 GB).
-    index: dict[str, Any] = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": diffusers.__version__,
-                             "feature_extractor": [None, None], "image_encoder": [None, None],
-                             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-                             "transformer": ["diffusers", "SD3Transformer2DModel"],
-                             "vae": ["diffusers", "AutoencoderKL"],
-                             "tokenizer": ["transformers", "CLIPTokenizer"],
-                             "tokenizer_2": ["transformers", "CLIPTokenizer"],
-                             "tokenizer_3": ["transformers", type(t5_tokenizer).__name__]}
-    for folder, cls in zip(TEXT_ENCODER_FOLDERS, TEXT_ENCODER_CLASSES, strict=True):
-        index[folder] = ["transformers", cls]
-    (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
-    return int(p.resolution)
+    return _write_flow_rest(out, preset, dit_preset(preset), "StableDiffusion3Pipeline", "SD3Transformer2DModel",
+                            TEXT_ENCODER_CLASSES, clip_tokenizers=2)
 
 
 def _write_flux_rest(out: Path, preset: str) -> int:
     """FLUX's scheduler, T5 tokenizer (tokenizer_2) and model_index.json; returns the preset's resolution."""
+    from sidscale.models.flux_presets import FLUX_TEXT_ENCODER_CLASSES
+    from sidscale.perf.setup import flux_preset
+
+    return _write_flow_rest(out, preset, flux_preset(preset), "FluxPipeline", "FluxTransformer2DModel",
+                            FLUX_TEXT_ENCODER_CLASSES, clip_tokenizers=1)
+
+
+def _write_flow_rest(out: Path, preset: str, p: Any, pipeline: str, transformer: str, text_classes: Sequence[str],
+                     clip_tokenizers: int) -> int:
+    """The flow-matching pipelines' scheduler, their T5 tokenizer (the folder after the CLIP tokenizers; T5 is
+    the last text encoder) and model_index.json, written by hand (a pipeline's save_pretrained would hold every
+    network in memory at once); returns the preset's resolution."""
     import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from sidscale.models.flux_presets import FLUX_TEXT_ENCODER_CLASSES
     from sidscale.models.t5_tokenizer import build_tiny_t5_tokenizer
-    from sidscale.perf.setup import flux_preset
 
-    p = flux_preset(preset)
     FlowMatchEulerDiscreteScheduler(**p.scheduler).save_pretrained(out / "scheduler")
     t5_tokenizer = build_tiny_t5_tokenizer()
-    t5_vocab = int(p.text_encoders[1]["vocab_size"])
+    t5_vocab = int(p.text_encoders[clip_tokenizers]["vocab_size"])
     if len(t5_tokenizer) > t5_vocab:  # an id past the T5 embedding table would fail at the first prompt
         raise RuntimeError(f"the offline T5 tokenizer has {len(t5_tokenizer)} ids > {preset}'s T5 vocab_size "
                            f"{t5_vocab}")
-    t5_tokenizer.save_pretrained(out / "tokenizer_2")
-    # NOTE: by hand, not FluxPipeline.save_pretrained: that would hold every network in memory at once
-    index: dict[str, Any] = {"_class_name": "FluxPipeline", "_diffusers_version": diffusers.__version__,
+    tokenizer_folders = ["tokenizer"] + [f"tokenizer_{i}" for i in range(2, clip_tokenizers + 2)]
+    t5_tokenizer.save_pretrained(out / tokenizer_folders[-1])
+    index: dict[str, Any] = {"_class_name": pipeline, "_diffusers_version": diffusers.__version__,
                              "feature_extractor": [None, None], "image_encoder": [None, None],
                              "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-                             "transformer": ["diffusers", "FluxTransformer2DModel"],
-                             "vae": ["diffusers", "AutoencoderKL"],
-                             "tokenizer": ["transformers", "CLIPTokenizer"],
-                             "tokenizer_2": ["transformers", type(t5_tokenizer).__name__]}
-    for folder, cls in zip(TEXT_ENCODER_FOLDERS, FLUX_TEXT_ENCODER_CLASSES, strict=False):
+                             "transformer": ["diffusers", transformer], "vae": ["diffusers", "AutoencoderKL"]}
+    for folder in tokenizer_folders[:-1]:
+        index[folder] = ["transformers", "CLIPTokenizer"]
+    index[tokenizer_folders[-1]] = ["transformers", type(t5_tokenizer).__name__]
+    for folder, cls in zip(TEXT_ENCODER_FOLDERS[:len(text_classes)], text_classes, strict=True):
         index[folder] = ["transformers", cls]
     (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
     return int(p.resolution)
