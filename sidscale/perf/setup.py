@@ -460,8 +460,9 @@ class _FluxNets:
         conditioner = FluxConditioner(_tokenizer(), _t5_tokenizer(), te1, te2,
                                       int(net.config.joint_attention_dim), int(net.config.pooled_projection_dim),
                                       max_sequence_length=p.t5_tokens, dtype=torch_dtype)
-        # FluxSchedule(): the distilled_guidance defaults of the flux_dev recipe (teacher and fake 3.5, G 1.0)
-        return Teacher(_bench_teacher_path(preset), "flux", net, conditioner, FluxSchedule(),
+        # the flux_dev recipe's guidance: mode official (teacher / fake embedding = each call's CFG scale), G 1.0
+        schedule = FluxSchedule(guidance={"teacher": None, "fake": None, "generator": 1.0}, mode="official")
+        return Teacher(_bench_teacher_path(preset), "flux", net, conditioner, schedule,
                        self.latent_shape(preset), float(p.vae["scaling_factor"]), None,
                        float(p.vae.get("shift_factor") or 0.0))
 
