@@ -82,7 +82,9 @@ MAX_STEPS, CKPT_EVERY, KILL_AFTER_STEP = 4, 2, 3
 MIN_STEP_S = 20  # a step is not started with less of the part's time budget left
 # --part: what one call of a lent GPU machine (<= 8 minutes) runs, the most informative first
 PARTS = ("main", "big", "all")
-DEFAULT_BIG_PRESETS = ["sd35_large", "flux_dev"]  # --part big without --big-preset
+# --part big without --big-preset: FLUX.1-dev and SD3.5-Large at their real width, tokens and text encoders,
+# cut to a few blocks (sidscale/perf/setup.py SLICES) so that the whole training setting fits one GPU
+DEFAULT_BIG_PRESETS = ["flux_dev_4l", "sd35_large_4l"]
 PART_BUDGET_S = 450.0  # --budget-s default with --part main|big: 8 minutes less the start-up and the copy back
 FAULT = f"point=after_step,step={KILL_AFTER_STEP},action=hang"
 RESUMED_RE = re.compile(r"resumed from (\S+) \(step (\d+)\)")
@@ -192,9 +194,7 @@ def tail(text: str, n: int = 4000) -> str:
 def gather_logs(logs: Path, dest: Path, per_log: int = 2_000_000) -> None:
     """Every step's log, oldest first, in ONE file (a lent machine returns at most 8 files): each under a
     header with its name; a log over ``per_log`` characters keeps its end."""
-    if not logs.is_dir():
-        return
-    parts = []
+    parts = [] if logs.is_dir() and any(logs.glob("*.log")) else ["(no step wrote a log)\n"]
     for log in sorted(logs.glob("*.log"), key=lambda f: f.stat().st_mtime):
         text = log.read_text(errors="replace")
         cut = f"[... {len(text) - per_log} characters cut ...]\n" if len(text) > per_log else ""
@@ -985,10 +985,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bench-presets", nargs="*", default=None,
                    help="presets for the benchmark and the memory plan (default: sd15; tiny with --cpu-smoke; "
                         "plus --preset)")
-    p.add_argument("--big-preset", action="append", default=[], choices=["sd35_large", "flux_dev", "sd3_tiny"],
+    p.add_argument("--big-preset", action="append", default=[],
+                   choices=["sd35_large", "flux_dev", "sd3_tiny", "flux_dev_4l", "sd35_large_4l"],
                    help="also plan and measure this big preset at the setting the memory plan says fits this "
                         "machine's GPUs (steps big_plan_*, big_measure_*; repeatable; sd3_tiny: the same steps on "
-                        "a CPU-sized preset, for --cpu-smoke)")
+                        "a CPU-sized preset, for --cpu-smoke; *_4l: a few blocks at real width, the --part big "
+                        f"default {' '.join(DEFAULT_BIG_PRESETS)})")
     p.add_argument("--plan-tolerance", type=float, default=0.25,
                    help="memory plan step passes when predicted / measured is within [1/(1+t), 1+t]")
     p.add_argument("--part", choices=PARTS, default="all",
