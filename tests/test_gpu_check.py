@@ -152,7 +152,7 @@ def test_big_preset_slices_keep_the_real_width_and_fit_one_h200():
         assert [len(getattr(small, a)) for a in attrs] == [blocks[k] for k in ("num_layers", "num_single_layers")
                                                            if k in blocks]
 
-        def outside(m):
+        def outside(m, attrs=attrs):
             return {n: p.shape for n, p in m.named_parameters() if n.split(".")[0] not in attrs}
 
         assert outside(small) == outside(big) and outside(big)

@@ -1,7 +1,17 @@
 """The GPU check: the real entry points end to end on the GPUs present, one JSON of every step's result.
 
+    bash tools/gpu_check.sh --out DIR --part main   # a lent 1-GPU machine, call 1 (<= 8 min): steps 1-8 below
+    bash tools/gpu_check.sh --out DIR --part big    # call 2: steps 9 on flux_dev_4l / sd35_large_4l, then NCCL
+                                                    # and the CUDA tests
+    bash tools/gpu_check.sh --dry-run --out DIR     # HERE, before: the GPU machine's start rehearsed (DryRun)
     bash tools/gpu_check.sh                 # on a GPU machine: SD1.5-size, NCCL, all visible GPUs (<10 min, 1 H100)
     bash tools/gpu_check.sh --cpu-smoke     # the same sequence on the CPU (tiny preset, gloo, 2 ranks, ~2 min)
+
+``--out DIR`` (a folder: a lent machine's $OUT) gets, per part, ``<prefix>_<part>.json``, ONE log
+``<prefix>_<part>.log`` with every step's log, and for the main part the preview and the sample PNGs: at
+most 8 files for main + big + dry run. With ``--part`` the steps share a time budget (``--budget-s``,
+450 s): a step gets at most what is left, none starts with under 20 s left, so the JSON and the logs are
+written before the call's hard limit.
     bash tools/gpu_check.sh --preset sd35_medium              # train SD3.5-Medium; bench + plan sd15 and it
     bash tools/gpu_check.sh --cpu-smoke --preset sd3_tiny     # the SD3 path on the CPU (SD3.5-shaped, 256 px)
 
@@ -260,6 +270,7 @@ class Check:
         self.run_dir = workdir / "run"
         self.logs = workdir / "logs"
         self.big_presets: list[str] = []  # --big-preset
+        self.train_set: list[str] = []  # --train-set: more trainer overrides (e.g. ZeRO-3 on 2 GPUs)
         self.big_settings: dict[str, dict] = {}
 
     # ---------------------------------------------------------------- plumbing
@@ -468,7 +479,7 @@ print(json.dumps(out))
             f"train.global_batch={m.micro_batch * m.accumulation * self.nproc}", f"train.max_steps={MAX_STEPS}",
             f"train.ckpt_every={CKPT_EVERY}", "train.log_every=1", f"train.preview_every={MAX_STEPS}",
             "train.keep_last=1", "train.export_at_end=true", "data.shards=toy", f"data.num_workers={m.num_workers}",
-            "preview.seeds_per_prompt=1", "eval.num_samples=0",
+            "preview.seeds_per_prompt=1", "eval.num_samples=0", *self.train_set,
         ]
         cmd = self.python("-m", "torch.distributed.run", f"--nproc_per_node={self.nproc}",
                           f"--master_port={free_port()}", "sidscale/train.py", "--config", config,
@@ -1006,6 +1017,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-site", type=Path, default=os.environ.get("GPU_CHECK_IMAGE_SITE") or None,
                    help="--dry-run: a site-packages standing for the GPU image's (torch 2.11, transformers, ...; "
                         "README 'GPU check' says how to make one)")
+    p.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="another trainer override for the main part, after the check's own (repeatable), e.g. "
+                        "deepspeed.config=ds_configs/zero3.json and teacher.partitioned=true on 2 GPUs")
     p.add_argument("--only", default=None,
                    help="comma-separated step names or prefixes (write, disk, train, resume, sample, bench, memory) "
                         "to run; the environment step always runs. With --workdir and --keep-workdir the sequence "
@@ -1043,7 +1057,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         check = Check(mode, out, workdir, args.nproc, bench_presets, args.plan_tolerance, only, part=part,
                       budget_s=budget, results_dir=results_dir)
-    check.big_presets = list(args.big_preset) or (DEFAULT_BIG_PRESETS if part == "big" else [])
+    default_big = ["sd3_tiny"] if args.cpu_smoke else DEFAULT_BIG_PRESETS  # the CPU holds no real-width layer
+    check.big_presets = list(args.big_preset) or (default_big if part == "big" else [])
+    check.train_set = list(args.train_set)
+    check.record["settings"]["train_set"] = check.train_set
 
     def on_term(signum, frame):  # a SIGTERM (scheduler, timeout) still writes the JSON and kills the children
         raise KeyboardInterrupt(f"signal {signum}")
