@@ -158,3 +158,22 @@ def test_big_preset_slices_keep_the_real_width_and_fit_one_h200():
         assert outside(small) == outside(big) and outside(big)
         res = plan(PlanInput(name, 1, 3, 1, "bf16", None, True, 139.8, teacher_partitioned=True))
         assert res.max_micro_batch >= 1, name
+
+
+def test_a_step_cut_by_the_budget_is_not_measured_but_a_failure_with_time_left_fails(tmp_path, monkeypatch):
+    import tools.gpu_check as gc
+
+    def check(budget):
+        return gc.Check(gc.SMOKE_MODE, tmp_path / "r.json", tmp_path, None, [], 0.25, None, part="main",
+                        budget_s=budget)
+
+    def fails():
+        raise gc.StepFailed("exited None")
+
+    monkeypatch.setattr(gc, "MIN_STEP_S", 0.1)
+    short, roomy = check(1.0), check(600.0)
+    short.step("cut", fails)  # started with time left, ended with the budget gone
+    roomy.step("broken", fails)
+    (cut,), (broken,) = short.record["steps"], roomy.record["steps"]
+    assert cut["status"] == "skipped" and cut["reason"].startswith("cut by the part's time budget"), cut
+    assert broken["status"] == "fail" and broken["reason"] == "exited None", broken
