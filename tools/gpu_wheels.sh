@@ -10,7 +10,8 @@
 #   PY=/path/to/python bash tools/gpu_wheels.sh   # the python that builds DeepSpeed (default .venv/bin/python)
 #
 # - DeepSpeed ships an sdist only: built here into a pure-Python wheel with no op prebuilt
-#   (DS_BUILD_OPS=0; sidscale needs none of DeepSpeed's C++/CUDA ops: plain torch Adam, no fused kernels).
+#   (DS_BUILD_OPS=0: the GPU check's settings use torch Adam and no fused kernel; an optimizer-offload
+#   config without zero_force_ds_cpu_optimizer=false would JIT-build DeepSpeedCPUAdam at first use).
 # - Everything else: `pip download --only-binary=:all: --python-version 3.12` for manylinux x86-64, no deps;
 #   the dependencies are listed by hand and checked below: every requirement of every wheel must be in
 #   the wheelhouse or on the image (IMAGE_HAS: the GPU image's package list as this workplace
