@@ -34,6 +34,11 @@ log = logging.getLogger(__name__)
 
 META = "meta.json"
 DAMAGED_META = "meta.damaged.json"
+# the damage record of a checkpoint whose files were restored and verified again (recover_restored)
+RESTORED_META = "meta.restored.json"
+# meta.json's own CRC-32 (of its other keys): a hand-edited world_size / zero_stage makes the
+# checkpoint incomplete (a fallback), never a resume that fails the same way on every retry
+META_CRC = "meta_crc32"
 LATEST = "latest"
 ENGINE_TAGS = ("generator", "fake")
 STEP_NAME = re.compile(r"step_(\d{8})")
@@ -59,12 +64,29 @@ def rank_file(ckpt: Path, rank: int) -> Path:
     return Path(ckpt) / f"rank_{rank:05d}.pt"
 
 
+def _meta_crc(meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k != META_CRC}
+    return f"{zlib.crc32(json.dumps(body, sort_keys=True).encode()):08x}"
+
+
+def write_meta(ckpt: Path, meta: dict) -> None:
+    """Write ``ckpt``'s meta.json (last, atomically: it marks the checkpoint complete) with its own CRC."""
+    from sidscale.io_utils import atomic_write_json
+
+    atomic_write_json(Path(ckpt) / META, {**meta, META_CRC: _meta_crc(meta)})
+
+
 def is_complete(ckpt: Path) -> bool:
-    """meta.json present and readable, every rank file and both engine tags present."""
+    """meta.json present, readable and unedited (its CRC, when recorded), every rank file and both
+    engine tags present."""
     try:
         meta = json.loads((Path(ckpt) / META).read_text())
         world = int(meta["world_size"])
     except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if META_CRC in meta and meta[META_CRC] != _meta_crc(meta):
+        log.warning("%s was changed after the save (its recorded CRC differs): not trusted, the checkpoint "
+                    "counts as incomplete", Path(ckpt) / META)
         return False
     if not all(rank_file(ckpt, r).is_file() and rank_file(ckpt, r).stat().st_size > 0 for r in range(world)):
         return False
@@ -151,6 +173,72 @@ def mark_latest(run_dir: Path, ckpt: Path) -> None:
     atomic_write_text(root / LATEST, Path(ckpt).name + "\n")
 
 
+def past_checkpoints(run_dir: Path) -> list[Path]:
+    """Step directories that were complete checkpoints once: meta.json (maybe edited, maybe with
+    missing files) or a set-aside ``meta.damaged.json``. A run holding any of them is never started
+    over silently (``train.prepare_run_dir``)."""
+    root = checkpoints_root(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if STEP_NAME.fullmatch(p.name) and p.is_dir()
+                  and ((p / META).exists() or (p / DAMAGED_META).exists()))
+
+
+def recover_restored(run_dir: Path) -> list[Path]:
+    """Rank 0, at start: a set-aside checkpoint (``meta.damaged.json``) newer than every complete
+    one whose recorded files all verify again (the user restored the good bytes) is complete again:
+    its meta.json comes back and the damage record is kept as ``meta.restored.json``. Files are
+    stat'ed first; only candidates with every recorded size right are checksummed. Returns them."""
+    complete = complete_checkpoints(run_dir)
+    newest = complete[-1].name if complete else ""
+    recovered = []
+    for ckpt in past_checkpoints(run_dir):
+        if ckpt.name <= newest or (ckpt / META).exists():
+            continue
+        try:
+            meta = json.loads((ckpt / DAMAGED_META).read_text())
+        except (OSError, ValueError):
+            continue
+        record = meta.pop("damaged", None)
+        recorded = meta.get("files")
+        if not recorded or not all((ckpt / f).is_file() and (ckpt / f).stat().st_size == c["size"]
+                                   for f, c in recorded.items()):
+            continue
+        if check_recorded(ckpt, recorded, sorted(recorded)):
+            continue
+        atomic_write_text(ckpt / RESTORED_META, json.dumps({"damaged": record}, indent=1) + "\n")
+        atomic_write_text(ckpt / META, json.dumps(meta, indent=1) + "\n")
+        (ckpt / DAMAGED_META).unlink()
+        log.warning("checkpoint %s was set aside as damaged; its files verify again (restored?): it is a resume "
+                    "candidate again (the old damage record is %s)", ckpt, ckpt / RESTORED_META)
+        recovered.append(ckpt)
+    return recovered
+
+
+def prepare_save_dir(ckpt: Path) -> Path | None:
+    """Rank 0, before any rank writes step directory ``ckpt``: a complete one is invalidated
+    (``invalidate``); one that was a checkpoint once but is damaged or incomplete (a file replaced by
+    a directory makes every re-save fail) is moved aside to ``step_XXXXXXXX.damaged[.N]`` (pruned like
+    the checkpoints before it) and returned; a partial save that never completed is removed."""
+    ckpt = Path(ckpt)
+    if not ckpt.exists():
+        return None
+    if is_complete(ckpt):
+        invalidate(ckpt)
+        return None
+    if not ((ckpt / META).exists() or (ckpt / DAMAGED_META).exists()):
+        shutil.rmtree(ckpt)
+        return None
+    aside, n = ckpt.with_name(ckpt.name + ".damaged"), 0
+    while aside.exists():
+        n += 1
+        aside = ckpt.with_name(f"{ckpt.name}.damaged.{n}")
+    os.replace(ckpt, aside)
+    log.warning("checkpoint directory %s was damaged or incomplete: moved aside to %s before saving that step "
+                "again", ckpt, aside)
+    return aside
+
+
 def set_aside_damaged(ckpt: Path, problems: list[str]) -> None:
     """Make a damaged checkpoint incomplete without deleting anything: ``meta.json`` becomes
     ``meta.damaged.json`` (plus the problems found), so no later resume or ``latest`` trusts it and
@@ -202,7 +290,7 @@ def checkpoint_files(ckpt: Path) -> list[str]:
     """Every file of a checkpoint except meta.json, as paths relative to it."""
     ckpt = Path(ckpt)
     return sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*")
-                  if p.is_file() and p.name not in (META, DAMAGED_META))
+                  if p.is_file() and p.name not in (META, DAMAGED_META, RESTORED_META))
 
 
 def files_to_check(files: list[str], rank: int, world_size: int) -> list[str]:
@@ -224,9 +312,14 @@ def verify_share(ckpt: Path, rank: int, world_size: int) -> list[str]:
         return [f"{Path(ckpt) / META}: unreadable ({e})"]
     if not recorded:
         return []
+    return check_recorded(ckpt, recorded, files_to_check(sorted(recorded), rank, world_size))
+
+
+def check_recorded(root: Path, recorded: dict[str, dict], files: list[str]) -> list[str]:
+    """Problems of ``files`` (paths relative to ``root``) against their ``recorded`` checksums."""
     problems = []
-    for rel in files_to_check(sorted(recorded), rank, world_size):
-        path = Path(ckpt) / rel
+    for rel in files:
+        path = Path(root) / rel
         if not path.is_file():
             problems.append(f"{path}: missing")
             continue

@@ -114,11 +114,24 @@ def prepare_run_dir(run_dir: Path, resume: bool, lock: RunLock | None = None) ->
         ckpt_lib.check_latest_marker(run_dir)
     except ckpt_lib.CheckpointError as e:
         raise RunDirError(str(e)) from None
+    ckpt_lib.recover_restored(run_dir)  # restored files make a set-aside checkpoint usable again
     has_checkpoint = ckpt_lib.find_resume_checkpoint(run_dir) is not None
+    refuse_start_over(run_dir, has_checkpoint)
     if not resume and (has_checkpoint or (run_dir / "config.yaml").exists()):
         raise RunDirError(f"--run-dir {run_dir} already holds a run and resume=false: refusing to overwrite it; "
                           "choose a new --run-dir or drop --set resume=false to continue it")
     return has_checkpoint
+
+
+def refuse_start_over(run_dir: Path, has_checkpoint: bool) -> None:
+    """A run directory whose checkpoints are all damaged or incomplete is never trained over from
+    step 0 (that would overwrite the files a user can still restore)."""
+    past = ckpt_lib.past_checkpoints(run_dir)
+    if not has_checkpoint and past:
+        raise RunDirError(
+            f"--run-dir {run_dir} holds checkpoints but none is usable ({', '.join(p.name for p in past)}: damaged "
+            f"or incomplete; see their {ckpt_lib.DAMAGED_META}). Restore their files (the next start verifies them "
+            f"again and resumes), or move {ckpt_lib.checkpoints_root(run_dir)} away to start over from step 0")
 
 
 def check_resumable(run_dir: Path, cfg: Config, world_size: int) -> None:
@@ -441,7 +454,7 @@ class Trainer:
         # for: remove it first, on rank 0 before any rank writes, so a re-save that dies half-way
         # leaves an incomplete directory, never a complete-looking mix of old and new shards.
         if self.dist.is_main:
-            ckpt_lib.invalidate(path)
+            ckpt_lib.prepare_save_dir(path)  # invalidated, or moved aside when damaged
         comm.barrier()
         # Every rank saves its engine shards, then its own client state, atomically.
         self.gen_engine.save_checkpoint(str(path), tag="generator", client_state=client, save_latest=False)
@@ -458,7 +471,7 @@ class Trainer:
         for share in comm.all_gather_object(ckpt_lib.own_checksums(path, self.rank, self.world)):
             files.update(share)
         if self.dist.is_main:
-            atomic_write_json(path / ckpt_lib.META, {
+            ckpt_lib.write_meta(path, {
                 "step": self.step, "images_seen": self.images_seen, "world_size": self.world,
                 "zero_stage": self.zero_stage, "config": config_to_dict(self.cfg),
                 "ema_names": self.ema.names, "ema_shapes": [list(s) for s in self._ema_shapes()],

@@ -1,0 +1,141 @@
+"""The job's life cycle (issue 26, items 8-16, found by an outside fault campaign): restored files
+recover a run, damaged step directories are moved aside before a re-save, every reader of a
+checkpoint verifies it, universal copies are checksummed and bound to their source, a changed
+learning rate is applied on resume, the run lock survives a deleted ``.lock``. In-process and cheap:
+synthetic checkpoints (real files, real checksums) wherever the trainer's engines are not needed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sidscale import checkpoint as ckpt_lib
+from sidscale import train
+
+
+def synthetic_checkpoint(run_dir: Path, step: int, world: int = 1, payload: bytes = b"weights") -> Path:
+    """A complete checkpoint as the trainer leaves it: engine shards, rank files, a meta.json that
+    records every file's checksum (and its own CRC)."""
+    path = ckpt_lib.step_dir(run_dir, step)
+    for tag in ckpt_lib.ENGINE_TAGS:
+        (path / tag).mkdir(parents=True)
+        for r in range(world):
+            (path / tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(payload + bytes([r, step]) * 64)
+    for r in range(world):
+        torch.save({"step": step, "rank": r}, ckpt_lib.rank_file(path, r))
+    files = {}
+    for r in range(world):
+        files.update(ckpt_lib.own_checksums(path, r, world))
+    ckpt_lib.write_meta(path, {"step": step, "images_seen": 8 * step, "world_size": world, "zero_stage": 2,
+                               "files": files})
+    ckpt_lib.mark_latest(run_dir, path)
+    assert ckpt_lib.is_complete(path)
+    return path
+
+
+def flip_byte(path: Path, at: int = 10) -> bytes:
+    data = bytearray(path.read_bytes())
+    good = bytes(data)
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return good
+
+
+# ------------------------------------------------------------------ 8: restored files recover the run
+def test_a_run_whose_checkpoints_are_all_damaged_is_never_started_over(tmp_path):
+    run = tmp_path / "run"
+    ckpts = [synthetic_checkpoint(run, s) for s in (2, 4)]
+    victims = [ckpt_lib.rank_file(c, 0) for c in ckpts]
+    good = [flip_byte(v) for v in victims]
+    for c in ckpts:  # what choose_resume_checkpoint does when every rank finds the damage
+        problems = ckpt_lib.verify_share(c, 0, 1)
+        assert problems and str(ckpt_lib.rank_file(c, 0)) in problems[0]
+        ckpt_lib.set_aside_damaged(c, problems)
+    with pytest.raises(train.RunDirError) as e:
+        train.prepare_run_dir(run, resume=True)
+    assert str(run) in str(e.value) and "step_00000002, step_00000004" in str(e.value)
+    assert "Restore their files" in str(e.value) and "move" in str(e.value)
+    # the user restores step 4's good bytes (step 2 stays damaged): the next start resumes from step 4
+    victims[1].write_bytes(good[1])
+    assert train.prepare_run_dir(run, resume=True) is True
+    assert ckpt_lib.find_resume_checkpoint(run) == ckpts[1]
+    assert ckpt_lib.verify_share(ckpts[1], 0, 1) == []
+    record = json.loads((ckpts[1] / ckpt_lib.RESTORED_META).read_text())["damaged"]
+    assert str(victims[1]) in record[0]  # the damage record is kept
+    assert (ckpts[0] / ckpt_lib.DAMAGED_META).is_file() and not (ckpts[0] / ckpt_lib.META).exists()
+
+
+def test_a_partial_first_save_is_not_a_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    (ckpt_lib.step_dir(run, 2) / "generator").mkdir(parents=True)  # killed during the very first save
+    assert train.prepare_run_dir(run, resume=True) is False
+
+
+# ------------------------------------------------------------------ 9: a file replaced by a directory
+class _Engine:
+    """Writes a shard where DeepSpeed would (save_checkpoint creates the step directory)."""
+
+    def save_checkpoint(self, save_dir, tag, **kw):
+        (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+        (Path(save_dir) / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"new shard")
+
+
+def _saving_stub(run: Path, step: int):
+    from types import SimpleNamespace
+
+    from sidscale.config import load_config
+
+    stub = SimpleNamespace(step=step, images_seen=8 * step, rank=0, world=1, zero_stage=2,
+                           dist=SimpleNamespace(is_main=True), gen_engine=_Engine(), fake_engine=_Engine(),
+                           ema=SimpleNamespace(state_dict=lambda: {}, names=[]), run_dir=run,
+                           prompts=SimpleNamespace(state_dict=lambda: {}), cfg=load_config("toy", []),
+                           _rng_state=dict, _ema_shapes=list, sampling_meta=dict)
+    return stub
+
+
+def test_a_damaged_step_directory_is_moved_aside_before_the_resave(tmp_path):
+    run = tmp_path / "run"
+    synthetic_checkpoint(run, 2)
+    ckpt = synthetic_checkpoint(run, 4)
+    victim = ckpt_lib.rank_file(ckpt, 0)
+    victim.unlink()
+    victim.mkdir()  # a file of the checkpoint replaced by a directory
+    (victim / "x").write_text("x")
+    problems = ckpt_lib.verify_share(ckpt, 0, 1)
+    assert problems == [f"{victim}: missing"]
+    ckpt_lib.set_aside_damaged(ckpt, problems)  # the fallback to step 2 happened; training redoes step 4
+    train.Trainer._save_checkpoint(_saving_stub(run, 4), ckpt)  # raised IsADirectoryError on every retry
+    assert ckpt_lib.is_complete(ckpt) and ckpt_lib.verify_share(ckpt, 0, 1) == []
+    aside = ckpt.with_name("step_00000004.damaged")
+    assert (aside / ckpt_lib.DAMAGED_META).is_file() and (aside / victim.name / "x").is_file()
+    # a second damaged re-save of the same step keeps both records
+    ckpt_lib.rank_file(ckpt, 0).unlink()
+    train.Trainer._save_checkpoint(_saving_stub(run, 4), ckpt)
+    assert ckpt.with_name("step_00000004.damaged.1").is_dir() and ckpt_lib.is_complete(ckpt)
+    # a complete one is only invalidated (re-written in place), a never-completed one removed
+    assert ckpt_lib.prepare_save_dir(ckpt_lib.step_dir(run, 2)) is None
+    assert not (ckpt_lib.step_dir(run, 2) / ckpt_lib.META).exists() and ckpt_lib.step_dir(run, 2).is_dir()
+    partial = ckpt_lib.step_dir(run, 6)
+    (partial / "generator").mkdir(parents=True)
+    assert ckpt_lib.prepare_save_dir(partial) is None and not partial.exists()
+    # the set-aside directories go with the checkpoints older than the ones kept
+    synthetic_checkpoint(run, 8)
+    ckpt_lib.prune_checkpoints(run, keep_last=1)
+    assert sorted(p.name for p in ckpt_lib.checkpoints_root(run).glob("step_*")) == ["step_00000008"]
+
+
+# ------------------------------------------------------------------ 16: an edited meta.json
+@pytest.mark.parametrize("key,value", [("world_size", 1), ("zero_stage", 3)])
+def test_an_edited_meta_json_falls_back_to_the_previous_checkpoint(tmp_path, key, value):
+    """Before: the edited checkpoint was complete, and every retry failed loading it (or was refused)."""
+    run = tmp_path / "run"
+    older = synthetic_checkpoint(run, 2, world=2)
+    newest = synthetic_checkpoint(run, 4, world=2)
+    meta = json.loads((newest / ckpt_lib.META).read_text())
+    meta[key] = value
+    (newest / ckpt_lib.META).write_text(json.dumps(meta))
+    assert not ckpt_lib.is_complete(newest)
+    assert ckpt_lib.resume_candidates(run) == [older]
