@@ -361,6 +361,12 @@ def full_ema_from_checkpoint(ckpt: Path) -> dict[str, torch.Tensor]:
     from sidscale.distributed.sharded_ema import STATE_FORMAT, assemble_full
 
     meta = read_meta(ckpt)
+    # every reader verifies what it reads (an export of a flipped rank file had wrong weights, exit 0)
+    recorded = meta.get("files") or {}
+    problems = check_recorded(ckpt, recorded, [f for f in sorted(recorded) if RANK_FILE.fullmatch(f)])
+    if problems:
+        raise CheckpointError(f"checkpoint {ckpt} is damaged: " + "; ".join(problems) + ". Restore the files, or "
+                              "use another checkpoint of the run")
     shards = [torch.load(rank_file(ckpt, r), map_location="cpu", weights_only=False)["ema"]
               for r in range(int(meta["world_size"]))]
     names, shapes = meta["ema_names"], [tuple(s) for s in meta["ema_shapes"]]

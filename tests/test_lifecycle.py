@@ -16,7 +16,8 @@ from sidscale import checkpoint as ckpt_lib
 from sidscale import train
 
 
-def synthetic_checkpoint(run_dir: Path, step: int, world: int = 1, payload: bytes = b"weights") -> Path:
+def synthetic_checkpoint(run_dir: Path, step: int, world: int = 1, payload: bytes = b"weights",
+                         extra: dict | None = None) -> Path:
     """A complete checkpoint as the trainer leaves it: engine shards, rank files, a meta.json that
     records every file's checksum (and its own CRC)."""
     path = ckpt_lib.step_dir(run_dir, step)
@@ -30,7 +31,7 @@ def synthetic_checkpoint(run_dir: Path, step: int, world: int = 1, payload: byte
     for r in range(world):
         files.update(ckpt_lib.own_checksums(path, r, world))
     ckpt_lib.write_meta(path, {"step": step, "images_seen": 8 * step, "world_size": world, "zero_stage": 2,
-                               "files": files})
+                               "files": files, **(extra or {})})
     ckpt_lib.mark_latest(run_dir, path)
     assert ckpt_lib.is_complete(path)
     return path
@@ -139,3 +140,39 @@ def test_an_edited_meta_json_falls_back_to_the_previous_checkpoint(tmp_path, key
     (newest / ckpt_lib.META).write_text(json.dumps(meta))
     assert not ckpt_lib.is_complete(newest)
     assert ckpt_lib.resume_candidates(run) == [older]
+
+
+# ------------------------------------------------------------------ 10, 16: export
+def test_export_verifies_the_rank_files_it_reads(tiny_toy_teacher, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("export_tool", Path(train.__file__).parent.parent / "tools" / "export.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    sampling = {"teacher_kind": "toy", "teacher_path": str(tiny_toy_teacher)}
+    ckpt = synthetic_checkpoint(tmp_path / "run", 2, extra={"sampling": sampling})
+    victim = ckpt_lib.rank_file(ckpt, 0)
+    flip_byte(victim, at=40)
+    assert tool.main([str(ckpt), "--out", str(tmp_path / "export")]) == 2
+    err = capsys.readouterr().err
+    assert f"{victim}: checksum of bytes 0..{ckpt_lib.CHUNK}" in err and "corrupted" in err
+    assert not (tmp_path / "export").exists()
+    with pytest.raises(ckpt_lib.CheckpointError, match="rank_00000.pt"):  # the evaluation's reader too
+        ckpt_lib.full_ema_from_checkpoint(ckpt)
+
+
+def test_an_export_killed_before_its_rename_leaves_nothing_behind(tiny_toy_teacher, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from sidscale.export import export_generator
+
+    gen = UNet2DConditionModel.from_pretrained(tiny_toy_teacher / "unet")
+    leftover = tmp_path / ".export.k1ll3d"  # the temporary directory of a killed export of tmp_path/export
+    (leftover / "unet").mkdir(parents=True)
+    (leftover / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"half")
+    unrelated = tmp_path / ".exports_of_someone_else"
+    unrelated.mkdir()
+    out = export_generator(gen.state_dict(), dict(gen.config), tmp_path / "export",
+                           {"teacher_kind": "toy", "teacher_path": str(tiny_toy_teacher)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".exports_of_someone_else", "export"]
+    assert (out / "unet" / "config.json").is_file()
