@@ -146,7 +146,8 @@ def test_an_edited_meta_json_falls_back_to_the_previous_checkpoint(tmp_path, key
 def test_export_verifies_the_rank_files_it_reads(tiny_toy_teacher, tmp_path, capsys):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("export_tool", Path(train.__file__).parent.parent / "tools" / "export.py")
+    tool_path = Path(train.__file__).parent.parent / "tools" / "export.py"
+    spec = importlib.util.spec_from_file_location("export_tool", tool_path)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     sampling = {"teacher_kind": "toy", "teacher_path": str(tiny_toy_teacher)}
