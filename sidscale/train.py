@@ -202,7 +202,7 @@ def prepare_elastic_resume(path: Path, world_size: int) -> tuple[int, Path | Non
     ``elastic.CONVERSION_TIMEOUT_S``); a failed conversion is one error on every rank, never a hang."""
     from sidscale import elastic
 
-    written_by = comm.decide_on_rank0(lambda: int(ckpt_lib.read_meta(path)["world_size"]))
+    written_by = comm.decide_on_rank0(elastic.writer_count, path, world_size)  # prunes stale universal copies
     if written_by == world_size:
         return written_by, None
 

@@ -177,3 +177,81 @@ def test_an_export_killed_before_its_rename_leaves_nothing_behind(tiny_toy_teach
                            {"teacher_kind": "toy", "teacher_path": str(tiny_toy_teacher)})
     assert sorted(p.name for p in tmp_path.iterdir()) == [".exports_of_someone_else", "export"]
     assert (out / "unet" / "config.json").is_file()
+
+
+# ------------------------------------------------------------------ 11, 12, 16: universal copies
+@pytest.fixture
+def fake_converter(monkeypatch):
+    """DeepSpeed's ds_to_universal replaced by a writer of one file per engine whose bytes are those of
+    the source shards (what matters here is what convert_to_universal does around it); ``calls`` counts
+    conversions, ``fail_after_bytes`` makes a write fail as torch.save does on a full disk."""
+    import deepspeed.checkpoint.ds_to_universal as converter
+
+    state = {"calls": 0, "fail": None}
+
+    def main(args):
+        state["calls"] += Path(args.input_folder).name == "generator"  # one per conversion
+        src = b"".join(p.read_bytes() for p in sorted(Path(args.input_folder).iterdir()))
+        out = Path(args.output_folder) / "zero" / "net.weight"
+        out.mkdir(parents=True)
+        (out / "fp32.pt").write_bytes(src)
+        if state["fail"]:
+            (out / "exp_avg.pt").write_bytes(b"x" * 4096)
+            raise state["fail"]
+        (Path(args.output_folder) / "latest_universal").write_text("x")
+
+    monkeypatch.setattr(converter, "main", main)
+    return state
+
+
+def test_universal_copies_are_verified_bound_to_their_source_and_pruned(fake_converter, tmp_path):
+    from sidscale import elastic
+
+    run = tmp_path / "run"
+    ckpt = synthetic_checkpoint(run, 4, world=2)
+    out = elastic.convert_to_universal(ckpt)
+    assert fake_converter["calls"] == 1 and out == elastic.universal_dir(ckpt, 2)
+    assert elastic.convert_to_universal(ckpt) == out and fake_converter["calls"] == 1  # reused: it verifies
+    copy = out / "generator" / "zero" / "net.weight" / "fp32.pt"
+    flip_byte(copy)  # a flipped byte in a copy left by a killed job: rebuilt, not loaded
+    elastic.convert_to_universal(ckpt)
+    assert fake_converter["calls"] == 2 and elastic.usable_copy(out, elastic.source_identity(ckpt)) is None
+    copy.write_bytes(copy.read_bytes()[:10])  # truncated: rebuilt
+    elastic.convert_to_universal(ckpt)
+    assert fake_converter["calls"] == 3
+    # a rollback, then training to the same step again: same name, another checkpoint -> a stale copy
+    shutil_rmtree(ckpt)
+    ckpt = synthetic_checkpoint(run, 4, world=2, payload=b"retrained")
+    elastic.convert_to_universal(ckpt)
+    assert fake_converter["calls"] == 4
+    assert copy.read_bytes() == b"".join(p.read_bytes() for p in sorted((ckpt / "generator").iterdir()))
+    # a copy of an older checkpoint and a partial one are pruned by the next conversion
+    stale = elastic.universal_dir(ckpt_lib.step_dir(run, 2), 2)
+    (stale.with_name(stale.name + ".tmp") / "fake").mkdir(parents=True)
+    (stale / "generator").mkdir(parents=True)
+    elastic.convert_to_universal(ckpt)
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
+    # the job continues on the rank count that wrote the checkpoint: the copy goes
+    assert elastic.writer_count(ckpt, 3) == 2 and out.is_dir()
+    assert elastic.writer_count(ckpt, 2) == 2 and not out.parent.exists()
+
+
+def shutil_rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path)
+
+
+def test_a_full_disk_during_the_conversion_names_the_directory_and_removes_the_partial_copy(
+        fake_converter, tmp_path):
+    from sidscale import elastic
+
+    ckpt = synthetic_checkpoint(tmp_path / "run", 4, world=2)
+    fake_converter["fail"] = RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4160 vs 4096")
+    with pytest.raises(elastic.UniversalConversionError) as e:
+        elastic.convert_to_universal(ckpt)
+    where = ckpt_lib.checkpoints_root(tmp_path / "run") / elastic.UNIVERSAL
+    needed = sum(f.stat().st_size for tag in ckpt_lib.ENGINE_TAGS for f in (ckpt / tag).iterdir())
+    msg = str(e.value)
+    assert f"the disk holding {where} is full" in msg and f"needs about {needed / 2**20:.0f} MiB in {where}" in msg
+    assert list(where.iterdir()) == []  # the partial .tmp copy is gone
