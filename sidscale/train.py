@@ -57,7 +57,7 @@ from sidscale.config import (
 from sidscale.data.prompts import INDEXED_PREFIX, IndexedPromptSource, StreamPromptSource
 from sidscale.distributed import comm
 from sidscale.distributed.ds_config import build_ds_config, check_precision_supported, zero_stage
-from sidscale.distributed.engines import build_engine, check_identical_across_ranks
+from sidscale.distributed.engines import apply_configured_lr, build_engine, check_identical_across_ranks
 from sidscale.distributed.preemption import EXIT_REQUEUE, StopSignal
 from sidscale.distributed.runtime import (
     EXIT_FAILURE,
@@ -497,6 +497,7 @@ class Trainer:
             load_path, _ = engine.load_checkpoint(str(universal or path), tag=tag)
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed could not load {(universal or path) / tag}")
+            apply_configured_lr(engine, getattr(self.cfg, tag).lr, f"{tag}.lr", self.dist.is_main)
         if universal is None:
             state = torch.load(ckpt_lib.rank_file(path, self.rank), map_location="cpu", weights_only=False)
             try:

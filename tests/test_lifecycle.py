@@ -255,3 +255,38 @@ def test_a_full_disk_during_the_conversion_names_the_directory_and_removes_the_p
     msg = str(e.value)
     assert f"the disk holding {where} is full" in msg and f"needs about {needed / 2**20:.0f} MiB in {where}" in msg
     assert list(where.iterdir()) == []  # the partial .tmp copy is gone
+
+
+# ------------------------------------------------------------------ 13: a changed learning rate on resume
+def test_a_changed_learning_rate_is_applied_on_resume(tiny_toy_teacher, tmp_path, caplog):
+    """DeepSpeed's load_checkpoint restores the optimizer's lr from the checkpoint; the run's
+    config.yaml / meta.json record the new one. The resumed Adam must step with the new one: its
+    first update from the same state is exactly the old run's scaled by new/old lr (Adam's step is
+    linear in lr for a given state and gradient)."""
+    from tests.inprocess import one_rank_trainer
+
+    base = [f"teacher.path={tiny_toy_teacher}", "train.precision=fp32", "teacher.dtype=fp32",
+            "teacher.resolution=8", "train.global_batch=2", "train.micro_batch=2", "data.shards=indexed:toy",
+            "eval.num_samples=0", "train.seed=3", "fake.lr=1e-2"]
+    run = tmp_path / "run"
+
+    def step_delta(trainer) -> dict[str, torch.Tensor]:
+        before = {k: v.detach().clone() for k, v in trainer.fake_engine.module.state_dict().items()}
+        trainer.train_step()
+        return {k: trainer.fake_engine.module.state_dict()[k] - v for k, v in before.items()}
+
+    with one_rank_trainer(run, base + ["generator.lr=1e-2"]) as trainer:
+        trainer.train_step()
+        path = trainer.save_checkpoint()
+        old = step_delta(trainer)
+    with one_rank_trainer(tmp_path / "resumed", base + ["fake.lr=3e-3", "generator.lr=2e-3"]) as resumed:
+        resumed.resume(path)
+        for engine, lr in ((resumed.gen_engine, 2e-3), (resumed.fake_engine, 3e-3)):
+            inner = engine.optimizer.optimizer  # the torch Adam inside the ZeRO optimizer
+            assert [g["lr"] for g in inner.param_groups] == [lr] * len(inner.param_groups)
+        new = step_delta(resumed)
+    assert "fake.lr: the checkpoint's optimizer had lr [0.01], this job sets 0.003" in caplog.text
+    moved = [k for k in old if old[k].abs().max() > 0]
+    assert moved
+    for k in moved:
+        torch.testing.assert_close(new[k], old[k] * 0.3, rtol=1e-4, atol=1e-7)  # atol: the ulp of the weights
