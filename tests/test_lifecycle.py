@@ -290,3 +290,25 @@ def test_a_changed_learning_rate_is_applied_on_resume(tiny_toy_teacher, tmp_path
     assert moved
     for k in moved:
         torch.testing.assert_close(new[k], old[k] * 0.3, rtol=1e-4, atol=1e-7)  # atol: the ulp of the weights
+
+
+# ------------------------------------------------------------------ 16: the run lock
+def test_the_run_lock_survives_a_deleted_lock_file_and_refuses_a_directory(tmp_path):
+    from sidscale.run_lock import LOCK_NAME, RunDirLockedError, RunLock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    first = RunLock(run).acquire()
+    try:
+        (run / LOCK_NAME).unlink()  # by hand, while the job runs
+        with pytest.raises(RunDirLockedError, match="deleted or replaced"):
+            RunLock(run).acquire()
+    finally:
+        first.release()
+    RunLock(run).acquire().release()  # released with the holder: a requeue may start
+    (run / LOCK_NAME).unlink()
+    (run / LOCK_NAME).mkdir()
+    with pytest.raises(RunDirLockedError, match=r"\.lock is not a regular file .* remove it"):
+        RunLock(run).acquire()
+    (run / LOCK_NAME).rmdir()  # the refused acquire left no lock behind
+    RunLock(run).acquire().release()
