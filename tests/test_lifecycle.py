@@ -312,3 +312,42 @@ def test_the_run_lock_survives_a_deleted_lock_file_and_refuses_a_directory(tmp_p
         RunLock(run).acquire()
     (run / LOCK_NAME).rmdir()  # the refused acquire left no lock behind
     RunLock(run).acquire().release()
+
+
+# ------------------------------------------------------------------ 16: malformed manifests, all-bad shards
+def _prompt_shards(tmp_path: Path) -> tuple[Path, dict]:
+    from sidscale.data.shards import write_prompt_shards
+
+    shards = tmp_path / "shards"
+    return shards / "manifest.json", write_prompt_shards(["a red circle", "a blue square"] * 4, shards, shard_size=4)
+
+
+@pytest.mark.parametrize("case", ["list", "no_shards", "empty_shards"])
+def test_a_malformed_manifest_is_one_clear_error(case, tmp_path):
+    from sidscale.config import ConfigError
+    from sidscale.data.prompts import StreamPromptSource
+
+    manifest, data = _prompt_shards(tmp_path)
+    manifest.write_text({"list": "[]", "no_shards": json.dumps({k: v for k, v in data.items() if k != "shards"}),
+                         "empty_shards": json.dumps({**data, "shards": []})}[case])
+    with pytest.raises(ConfigError) as e:  # main() prints a ConfigError once, no traceback on any rank
+        StreamPromptSource(str(manifest), rank=0, world_size=1, batch_size=2, seed=0, num_workers=0,
+                           shuffle_buffer=0, resampled=False, tokenize=None)
+    problem = "holds a JSON list, not an object" if case == "list" else "its 'shards' list is missing or empty"
+    assert f"{manifest} is not a usable prompt shard manifest ({problem})" in str(e.value)
+
+
+def test_all_bad_shards_are_one_clear_error_before_the_run_starts(tiny_toy_teacher, tmp_path):
+    from tests.inprocess import run_main
+
+    manifest, data = _prompt_shards(tmp_path)
+    for s in data["shards"]:
+        (manifest.parent / s["path"]).write_bytes(b"\x00junk" * 100)
+    run = tmp_path / "run"
+    proc = run_main(run, [f"teacher.path={tiny_toy_teacher}", "teacher.resolution=8", f"data.shards={manifest}",
+                          "train.max_steps=1", "train.global_batch=2", "train.micro_batch=2", "data.num_workers=1",
+                          "eval.num_samples=0"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("none of its 2 shards holds a readable prompt") == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]  # no config.yaml, no tb/: a retry may start fresh
