@@ -351,3 +351,20 @@ def test_all_bad_shards_are_one_clear_error_before_the_run_starts(tiny_toy_teach
     assert proc.stderr.count("none of its 2 shards holds a readable prompt") == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in run.iterdir()) == [".lock"]  # no config.yaml, no tb/: a retry may start fresh
+
+
+# ------------------------------------------------------------------ 16: a truncated text-encoder file
+def test_a_truncated_text_encoder_file_is_named(tiny_toy_teacher, tmp_path):
+    import shutil
+
+    from sidscale.config import ConfigError
+    from sidscale.models.conditioning import load_conditioner
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_toy_teacher, teacher)
+    weights = teacher / "text_encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ConfigError) as e:  # was: "SafetensorError: Error while deserializing header" alone
+        load_conditioner(teacher, "toy")
+    assert f"damaged weight file(s) {weights} ({weights.stat().st_size} bytes" in str(e.value)
+    assert load_conditioner(tiny_toy_teacher, "toy") is not None  # intact files load as before
