@@ -17,10 +17,14 @@ What is resharded and how:
   global indices 0..global_batch-1 on any world size, so it continues unchanged.
 - **Prompts**: an indexed source (``indexed:toy``) is a pure function of the global index too: exact.
   A webdataset stream splits its shards by rank, so its order cannot continue on another split: the
-  new ranks restart their split at the start of the earliest epoch any old rank had not finished
-  (prompts of that epoch read before the preemption may be read again, at most one epoch's worth;
-  with ``data.resampled: true`` shards are drawn with replacement anyway). Its counters carry over
-  (summed onto rank 0) and a DataWarning says so.
+  new ranks restart their split at the start of the earliest epoch E any old worker had not finished.
+  What the old workers read from the start of E is read again: exactly ``replayed_samples`` = C - E*N
+  (C: samples they consumed, N: samples per epoch; every epoch before E was read whole). Bound: the
+  workers read in lockstep and the slowest is still in E, so C <= K*(E+1)*b (K workers, b the largest
+  worker-epoch) and the replay is at most ``rho + E*(rho - 1)`` epochs, rho = b / (N/K) >= 1: at most
+  one epoch when the shards split evenly over ranks x workers, growing with E otherwise (11 equal
+  shards on 2 ranks: (12 + E)/11 epochs). With ``data.resampled: true`` shards are drawn with
+  replacement anyway. Its counters carry over (summed onto rank 0) and a DataWarning says so.
 - **Host RNG states**: rank r takes old rank r mod N's. The method draws no noise from them.
 
 Same global batch (micro-batch x accumulation x ranks), ZeRO stage and precision as the checkpoint;
@@ -213,3 +217,11 @@ def merged_stream_state(states: list[dict], rank: int) -> dict:
             workers.append({**c, "stats": dict(c["stats"]) if rank == 0 else {k: 0 for k in c["stats"]}})
     return {"version": states[0]["version"], "layout": dict(states[0]["layout"], world_size=-1), "batches": 0,
             "workers": workers, "stats_base": base if rank == 0 else zero}
+
+
+def replayed_samples(states: list[dict], samples_per_epoch: int) -> int:
+    """How many samples an elastic restart of epoch-mode stream ``states`` (every old rank's) reads
+    again: C - E*N (module docstring), C the samples the old workers consumed in their layout."""
+    workers = [c for s in states for c in s["workers"]]
+    restart_epoch = min(int(c["epoch"]) for c in workers)
+    return sum(int(c["stats"]["samples"]) for c in workers) - restart_epoch * samples_per_epoch

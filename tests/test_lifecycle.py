@@ -368,3 +368,46 @@ def test_a_truncated_text_encoder_file_is_named(tiny_toy_teacher, tmp_path):
         load_conditioner(teacher, "toy")
     assert f"damaged weight file(s) {weights} ({weights.stat().st_size} bytes" in str(e.value)
     assert load_conditioner(tiny_toy_teacher, "toy") is not None  # intact files load as before
+
+
+# ------------------------------------------------------------------ 15: elastic replay of webdataset prompts
+@pytest.mark.parametrize("n_shards,batches", [(11, 120), (11, 7), (12, 120)])
+def test_the_elastic_prompt_replay_is_what_the_readme_states(tmp_path, n_shards, batches):
+    """2 ranks (1 worker each) read equal shards in epoch mode in lockstep, then the job continues
+    on 1 rank. The replay counted from the batches (samples of epoch >= the restart epoch) equals
+    C - E*N, lies within rho + E*(rho - 1) epochs, and exceeds one epoch for uneven splits (the old
+    README said "at most one epoch's worth"); the new rank reads all of them again."""
+    from fractions import Fraction
+
+    from sidscale import elastic
+    from sidscale.data.shards import write_prompt_shards
+    from sidscale.data.stream import PromptStream
+
+    per_shard = 4
+    write_prompt_shards([f"prompt {i}" for i in range(n_shards * per_shard)], tmp_path / "s", shard_size=per_shard)
+    pattern = str(tmp_path / "s" / "manifest.json")
+
+    def stream(rank: int, world: int) -> PromptStream:
+        return PromptStream(pattern, rank=rank, world_size=world, batch_size=2, seed=1, num_workers=0,
+                            shuffle_buffer=0, resampled=False)
+
+    old = [stream(r, 2) for r in range(2)]
+    read = [(p, e) for _ in range(batches) for s in old for b in [next(s)]
+            for p, e in zip(b["prompts"], b["epoch"], strict=True)]
+    states = [s.state_dict() for s in old]
+    restart = min(c["epoch"] for s in states for c in s["workers"])
+    replay = [p for p, e in read if e >= restart]  # counted from what was read
+    n = n_shards * per_shard
+    assert elastic.replayed_samples(states, n) == len(replay)
+    b = -(-n_shards // 2) * per_shard  # the larger worker-epoch: ceil(shards / workers) shards
+    assert len(replay) <= 2 * (restart + 1) * b - restart * n  # K(E+1)b - EN samples
+    rho = Fraction(b, n // 2)
+    assert Fraction(len(replay), n) <= rho + restart * (rho - 1)  # the same, in epochs
+    if n_shards == 11 and batches == 120:
+        assert restart == 9 and len(replay) / n > 1.9  # more than one epoch: the old statement was false
+    if n_shards == 12:
+        assert len(replay) <= n  # even split: at most one epoch
+    new = stream(0, 1)
+    new.load_state_dict(elastic.merged_stream_state(states, 0))
+    again = [p for _ in range(n // 2) for p in next(new)["prompts"]]  # epoch `restart`, whole, on one rank
+    assert set(replay) <= set(again) and len(set(again)) == n
