@@ -7,6 +7,7 @@ synthetic checkpoints (real files, real checksums) wherever the trainer's engine
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -411,3 +412,46 @@ def test_the_elastic_prompt_replay_is_what_the_readme_states(tmp_path, n_shards,
     new.load_state_dict(elastic.merged_stream_state(states, 0))
     again = [p for _ in range(n // 2) for p in next(new)["prompts"]]  # epoch `restart`, whole, on one rank
     assert set(replay) <= set(again) and len(set(again)) == n
+
+
+# ------------------------------------------------------------------ 14: start-up
+def test_a_rank_missing_at_start_up_ends_the_others_after_the_rendezvous_timeout(tmp_path):
+    """Rank 0 of 2 whose peer died during its imports: it ends with a message after
+    SIDSCALE_RENDEZVOUS_TIMEOUT_S (3 s here), not after dist.timeout_s (600 s). The subprocess's own
+    limit only guards against a hang."""
+    import subprocess
+    import sys
+
+    from sidscale.distributed.runtime import free_port
+
+    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), SIDSCALE_RENDEZVOUS_TIMEOUT_S="3", DS_ACCELERATOR="cpu")
+    code = ("from sidscale.distributed.runtime import init_distributed\n"
+            "init_distributed(timeout_s=600)\nprint('started')\n")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("rank 0 still waited for its dead peer after 120 s (dist.timeout_s is 600)")
+    assert proc.returncode != 0 and "started" not in proc.stdout
+    assert "RendezvousError: rank 0 of 2: the process group start-up at 127.0.0.1:" in proc.stderr, proc.stderr[-3000:]
+    assert "did not complete within 3 s (SIDSCALE_RENDEZVOUS_TIMEOUT_S)" in proc.stderr
+
+
+def test_after_the_rendezvous_the_group_has_the_configured_timeout(monkeypatch):
+    import datetime
+
+    import torch.distributed as dist
+
+    from sidscale.distributed.rendezvous import RendezvousError, rendezvous_timeout_s
+    from tests.inprocess import one_rank_group
+
+    monkeypatch.setenv("SIDSCALE_RENDEZVOUS_TIMEOUT_S", "7")
+    assert rendezvous_timeout_s(600) == 7 and rendezvous_timeout_s(5) == 5
+    with one_rank_group():
+        c10d = dist.distributed_c10d
+        assert c10d._get_default_store().timeout == datetime.timedelta(seconds=600)  # dist.timeout_s default
+        assert c10d._get_default_group()._get_backend(torch.device("cpu")).options._timeout == \
+            datetime.timedelta(seconds=600)
+    monkeypatch.setenv("SIDSCALE_RENDEZVOUS_TIMEOUT_S", "soon")
+    with pytest.raises(RendezvousError, match="SIDSCALE_RENDEZVOUS_TIMEOUT_S='soon'"):
+        rendezvous_timeout_s(600)
