@@ -38,6 +38,10 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # `deepspeed sidscale/train.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__":  # before the slow imports: a stop signal during start-up is kept, not fatal
+    from sidscale import startup_signals
+
+    startup_signals.install()
 
 import numpy as np
 import torch

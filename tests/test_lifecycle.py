@@ -455,3 +455,38 @@ def test_after_the_rendezvous_the_group_has_the_configured_timeout(monkeypatch):
     monkeypatch.setenv("SIDSCALE_RENDEZVOUS_TIMEOUT_S", "soon")
     with pytest.raises(RendezvousError, match="SIDSCALE_RENDEZVOUS_TIMEOUT_S='soon'"):
         rendezvous_timeout_s(600)
+
+
+def test_a_stop_signal_during_the_imports_is_kept_not_fatal(tmp_path):
+    """SIGUSR1 while train.py is still importing (here: at the moment it imports numpy, its first
+    heavy import) used to kill the rank (the default action). Now it is recorded, and the trainer's
+    StopSignal takes it over: the job stops after its first step like for any stop request."""
+    import signal
+    import subprocess
+    import sys
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"""
+import os, runpy, signal, sys
+
+class SignalOnNumpy:
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return None
+
+sys.meta_path.insert(0, SignalOnNumpy())
+sys.argv = ["sidscale/train.py", "--help"]
+try:
+    runpy.run_path({str(Path(train.__file__))!r}, run_name="__main__")
+except SystemExit as e:
+    print("train.py exited", e.code)
+from sidscale.distributed.preemption import StopSignal
+stop = StopSignal()
+print("received", stop.received, "stop", stop.stop_requested())
+""")
+    proc = subprocess.run([sys.executable, str(driver)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"rc {proc.returncode}: {proc.stderr[-2000:]}"
+    assert "train.py exited 0" in proc.stdout
+    assert f"received [{int(signal.SIGUSR1)}] stop True" in proc.stdout, proc.stdout[-2000:]
