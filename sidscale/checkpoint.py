@@ -184,6 +184,17 @@ def past_checkpoints(run_dir: Path) -> list[Path]:
                   and ((p / META).exists() or (p / DAMAGED_META).exists()))
 
 
+def refuse_start_over(run_dir: Path, has_checkpoint: bool) -> None:
+    """A run directory whose checkpoints are all damaged or incomplete is never trained over from
+    step 0 (that would overwrite the files a user can still restore)."""
+    past = past_checkpoints(run_dir)
+    if not has_checkpoint and past:
+        raise CheckpointError(
+            f"--run-dir {run_dir} holds checkpoints but none is usable ({', '.join(p.name for p in past)}: damaged "
+            f"or incomplete; see their {DAMAGED_META}). Restore their files (the next start verifies them again "
+            f"and resumes), or move {checkpoints_root(run_dir)} away to start over from step 0")
+
+
 def recover_restored(run_dir: Path) -> list[Path]:
     """Rank 0, at start: a set-aside checkpoint (``meta.damaged.json``) newer than every complete
     one whose recorded files all verify again (the user restored the good bytes) is complete again:

@@ -116,26 +116,15 @@ def prepare_run_dir(run_dir: Path, resume: bool, lock: RunLock | None = None) ->
         lock.acquire()
     try:
         ckpt_lib.check_latest_marker(run_dir)
+        ckpt_lib.recover_restored(run_dir)  # restored files make a set-aside checkpoint usable again
+        has_checkpoint = ckpt_lib.find_resume_checkpoint(run_dir) is not None
+        ckpt_lib.refuse_start_over(run_dir, has_checkpoint)
     except ckpt_lib.CheckpointError as e:
         raise RunDirError(str(e)) from None
-    ckpt_lib.recover_restored(run_dir)  # restored files make a set-aside checkpoint usable again
-    has_checkpoint = ckpt_lib.find_resume_checkpoint(run_dir) is not None
-    refuse_start_over(run_dir, has_checkpoint)
     if not resume and (has_checkpoint or (run_dir / "config.yaml").exists()):
         raise RunDirError(f"--run-dir {run_dir} already holds a run and resume=false: refusing to overwrite it; "
                           "choose a new --run-dir or drop --set resume=false to continue it")
     return has_checkpoint
-
-
-def refuse_start_over(run_dir: Path, has_checkpoint: bool) -> None:
-    """A run directory whose checkpoints are all damaged or incomplete is never trained over from
-    step 0 (that would overwrite the files a user can still restore)."""
-    past = ckpt_lib.past_checkpoints(run_dir)
-    if not has_checkpoint and past:
-        raise RunDirError(
-            f"--run-dir {run_dir} holds checkpoints but none is usable ({', '.join(p.name for p in past)}: damaged "
-            f"or incomplete; see their {ckpt_lib.DAMAGED_META}). Restore their files (the next start verifies them "
-            f"again and resumes), or move {ckpt_lib.checkpoints_root(run_dir)} away to start over from step 0")
 
 
 def check_resumable(run_dir: Path, cfg: Config, world_size: int) -> None:
