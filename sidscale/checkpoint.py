@@ -7,6 +7,10 @@ Layout of ``RUN/checkpoints/step_XXXXXXXX/``:
                              records the size and CRC-32 of every file of the checkpoint
 ``RUN/checkpoints/latest`` names the newest complete checkpoint and is written last, atomically;
 it holds a step directory name of this run only (``step_XXXXXXXX``), never a path.
+``meta.damaged.json`` replaces meta.json of a checkpoint found damaged (``set_aside_damaged``);
+``meta.restored.json`` keeps that record once the files verify again (``recover_restored``);
+``step_XXXXXXXX.damaged[.N]/`` is a damaged step directory moved aside before a re-save
+(``prepare_save_dir``).
 
 Verification: at save, each rank checksums the files it wrote (its ZeRO shards and its rank file;
 rank 0 also the shared ones) and rank 0 records them in meta.json. At resume, each rank checks its

@@ -8,7 +8,9 @@ What is resharded and how:
   ``RUN/checkpoints/universal/step_XXXXXXXX_wN/``; every rank then loads it with
   ``checkpoint.load_universal`` set in its engines' ds_config, which slices each parameter into
   this world size's ZeRO partition. The original checkpoint is only read: it stays intact and
-  verifiable, and the converted copy is removed once every rank has loaded it.
+  verifiable, and the converted copy is removed once every rank has loaded it. ``converted.json``
+  binds a copy to its source (the SHA-256 of its meta.json) and records the CRC of each file, so a
+  copy left by a killed job is reused only when it verifies (``convert_to_universal``).
 - **The generator EMA** (sharded like the fp32 masters, ``sharded_ema``): each rank reads the N rank
   files (memory-mapped: no rank materialises the full EMA) and copies the parts of the old segments
   that fall in its new segments (``ShardedEMA.load_resharded``), checking every element is covered.
