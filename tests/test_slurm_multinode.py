@@ -1,0 +1,313 @@
+"""slurm/distill.sh on a real 2-node SLURM cluster inside this machine (tools/slurm_local/start_multi.sh).
+
+Each node is a network namespace with its own hostname and address on a bridge, and its own slurmd;
+a job with ``--nodes 2 --ntasks-per-node 2`` runs 4 CPU (gloo) ranks, 2 per node, whose traffic
+crosses the bridge. One cluster serves the whole module. Compared, bit for bit, with a 4-rank job on
+ONE node of the same cluster (same global batch, same rank order):
+1. the spanning job; per-rank logs name their node;
+2. the rendezvous comes from SLURM alone (MASTER_ADDR = first node as the other node resolves it,
+   nothing leaks from the submitting shell, GLOO_SOCKET_IFNAME = the inter-node interface);
+3. node loss: node2's ranks are SIGKILLed mid-step: the job fails fast, is not requeued, and a
+   resubmission of the same RUN_DIR resumes from the last checkpoint and ends identical;
+4. preemption: ``scancel --signal=USR1 --batch`` reaches the 4 ranks on both nodes, they stop at the
+   same step with exit 75, the job requeues itself and ends identical.
+Needs root (skipped with the reason otherwise); as root, a host where the cluster cannot be built
+(no network namespaces, no apt) FAILS with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+from sidscale.checkpoint import find_resume_checkpoint, full_ema_from_checkpoint, is_complete, read_meta, step_dir
+from tests.dist_launch import REPO, free_port
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+TOOLS = REPO / "tools" / "slurm_local"
+# Own names and subnet, so a cluster a person started with the defaults (sidmn, 10.231.0) is left alone.
+TAG, NET = "sidtest", "10.232.0"
+NODE_ADDR = {"node1": f"{NET}.11", "node2": f"{NET}.12"}
+MAX_STEPS = 6
+# global batch 8 = 4 ranks x micro-batch 2: one accumulation round, the same on 1 node and on 2.
+OVERRIDES = [
+    "train.precision=fp32", "train.global_batch=8", "train.micro_batch=2", "teacher.dtype=fp32",
+    "teacher.resolution=8", "data.shards=toy", "data.num_workers=1", "eval.num_samples=0",
+    "train.export_at_end=false", "train.seed=3", "generator.lr=1e-2", "fake.lr=1e-2",
+    "train.ema_halflife_kimg=0.01", f"train.max_steps={MAX_STEPS}", "train.ckpt_every=2", "train.keep_last=5",
+]
+# What a login shell might carry into sbatch (it exports the whole environment): must not reach the ranks.
+LEAKY_ENV = {"MASTER_ADDR": "10.99.99.99", "MASTER_PORT": "1", "RANK": "7", "WORLD_SIZE": "99", "LOCAL_RANK": "5"}
+TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+
+def _run(cmd: list[str], timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+class Cluster:
+    def __init__(self, state: Path):
+        self.state = state
+        self.env = dict(os.environ, SLURM_CONF=str(state / "etc" / "slurm.conf"))
+
+    def field(self, job: str, name: str) -> str:
+        out = _run(["scontrol", "show", "job", "-o", job], env=self.env).stdout
+        m = re.search(rf"\b{name}=(\S*)", out)
+        return m.group(1) if m else ""
+
+    def submit(self, run_dir: Path, teacher: Path, nodes: int, per_node: int, extra_env: dict | None = None,
+               nodelist: str | None = None) -> str:
+        sets = [a for o in OVERRIDES + [f"teacher.path={teacher}"] for a in ("--set", o)]
+        cmd = ["sbatch", "--parsable", "--job-name=sidscale-mn", f"--nodes={nodes}",
+               f"--ntasks-per-node={per_node}", "--gpus-per-node=0", "--cpus-per-task=1", "--oversubscribe",
+               f"--output={run_dir}.out", *([f"--nodelist={nodelist}"] if nodelist else []),
+               str(REPO / "slurm" / "distill.sh"), "toy", *sets]
+        env = dict(self.env, SIDSCALE_CPU="1", RUN_DIR=str(run_dir), PYTHON=sys.executable, OMP_NUM_THREADS="1",
+                   **(extra_env or {}))
+        env.pop("GLOO_SOCKET_IFNAME", None)
+        proc = _run(cmd, env=env, cwd=REPO)
+        assert proc.returncode == 0 and proc.stdout.strip(), f"sbatch failed: {proc.stderr}"
+        return proc.stdout.strip().split(";")[0]
+
+    def wait(self, job: str, run_dir: Path, timeout: float = 360, restarts: str | None = None) -> str:
+        """Poll until the job is in a final state (after ``restarts`` requeues if given); its state."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.field(job, "JobState")
+            if state in TERMINAL and (restarts is None or self.field(job, "Restarts") == restarts
+                                      or state != "COMPLETED"):
+                return state
+            assert time.monotonic() < deadline, f"job {job} still {state} after {timeout} s\n{job_report(run_dir)}"
+            time.sleep(0.5)
+
+    def job_processes(self, node: str, job: str) -> dict[int, int | None]:
+        """pid -> SLURM_PROCID of the trainer processes of ``job`` in ``node``'s namespace."""
+        found = {}
+        for pid in _run(["ip", "netns", "pids", f"{TAG}-{node}"]).stdout.split():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                environ = dict(item.split(b"=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                               if b"=" in item)
+            except OSError:  # gone meanwhile
+                continue
+            if b"sidscale/train.py" in cmdline and environ.get(b"SLURM_JOB_ID") == job.encode():
+                found[int(pid)] = int(environ[b"SLURM_PROCID"]) if b"SLURM_PROCID" in environ else None
+        return found
+
+
+def job_report(run_dir: Path) -> str:
+    parts = [Path(f"{run_dir}.out")] + sorted((run_dir / "logs").glob("rank*.log"))
+    return "\n".join(f"== {p}\n{p.read_text()[-2000:]}" for p in parts if p.is_file())
+
+
+def weights(run_dir: Path) -> tuple[int, dict[str, torch.Tensor]]:
+    ckpt = find_resume_checkpoint(run_dir)
+    flat = {f"{tag}.{k}": v for tag in ("generator", "fake")
+            for k, v in get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag).items()}
+    flat.update({f"ema.{k}": v for k, v in full_ema_from_checkpoint(ckpt).items()})
+    return read_meta(ckpt)["step"], flat
+
+
+def assert_identical(reference: Path, run_dir: Path) -> None:
+    ref_step, ref = weights(reference)
+    step, got = weights(run_dir)
+    assert step == ref_step == MAX_STEPS
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), f"{k} differs from the 4-rank one-node run"
+
+
+def rank_lines(run_dir: Path) -> dict[int, str]:
+    """rank -> the line distill.sh's rank prelude wrote (node, rendezvous, interface), from its log."""
+    out = {}
+    for log in sorted((run_dir / "logs").glob("rank*.log")):
+        for line in log.read_text().splitlines():
+            if m := re.match(r"distill\.sh: rank (\d+) \(local (\d+)\) on node (\S+) \[(\S+)\]", line):
+                out[int(m.group(1))] = line
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Install (if missing) and start a private 2-node cluster; stop it and remove its network at the end."""
+    if os.geteuid() != 0:
+        pytest.skip("the multi-node SLURM cluster needs root (network namespaces, a bridge, slurmd)")
+    proc = _run(["bash", str(TOOLS / "install.sh")], timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"cannot install slurm-wlm/munge/iproute2 as root: {proc.stderr.strip()[-800:]}")
+    probe = f"{TAG}-probe"
+    proc = _run(["ip", "netns", "add", probe])
+    if proc.returncode != 0:
+        pytest.fail(f"cannot create a network namespace on this host (`ip netns add` as root): {proc.stderr.strip()}"
+                    " -- the multi-node tests need one per SLURM node")
+    _run(["ip", "netns", "del", probe])
+    # Not under pytest's tmp dir: that is root-only (0700) and munged runs as user munge.
+    state = Path(tempfile.mkdtemp(prefix="sidscale-mslurm-"))
+    state.chmod(0o755)
+    env = dict(os.environ, SLURMCTLD_PORT=str(free_port()), SLURM_LOCAL_TAG=TAG, SLURM_LOCAL_NET=NET,
+               SLURM_LOCAL_NODES="2", SLURM_LOCAL_CPUS="4", SLURM_LOCAL_START_TIMEOUT="240")
+    proc = _run(["bash", str(TOOLS / "start_multi.sh"), str(state)], timeout=300, env=env)
+    if proc.returncode != 0:  # start_multi.sh has torn down what it built
+        logs = " | ".join(p.read_text()[-400:] for p in sorted((state / "log").glob("*.log")))
+        shutil.rmtree(state, ignore_errors=True)
+        pytest.fail(f"cannot start the 2-node SLURM cluster: {proc.stderr.strip()[-800:]} {logs}")
+    try:
+        yield Cluster(state)
+    finally:
+        _run(["bash", str(TOOLS / "stop_multi.sh"), str(state)], timeout=180, env=env)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("mn_runs")
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, tiny_toy_teacher, runs):
+    """The 4-rank job on ONE node (node1): the result every multi-node job must equal."""
+    run_dir = runs / "one_node"
+    return run_dir, cluster.submit(run_dir, tiny_toy_teacher, nodes=1, per_node=4, nodelist="node1")
+
+
+@pytest.fixture(scope="module")
+def spanning(cluster, tiny_toy_teacher, runs):
+    """The same job on 2 nodes x 2 ranks, submitted from a shell with stale rendezvous variables."""
+    run_dir = runs / "two_nodes"
+    return run_dir, cluster.submit(run_dir, tiny_toy_teacher, nodes=2, per_node=2, extra_env=LEAKY_ENV)
+
+
+def finished(cluster: Cluster, run: tuple[Path, str]) -> Path:
+    run_dir, job = run
+    state = cluster.wait(job, run_dir)
+    assert state == "COMPLETED", f"job {job} ended {state}\n{job_report(run_dir)}"
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def preempted(cluster, tiny_toy_teacher, runs):
+    """The 2-node job, told to stop (USR1 to the batch script, as SLURM does before the time limit) as
+    soon as its step-2 checkpoint is complete; a watcher thread sends the signal, so the job runs
+    while the node-loss test runs."""
+    run_dir = runs / "preempted"
+    job = cluster.submit(run_dir, tiny_toy_teacher, nodes=2, per_node=2)
+    sent: dict[str, object] = {}
+
+    def watch():
+        deadline = time.monotonic() + 360
+        while time.monotonic() < deadline:
+            if is_complete(step_dir(run_dir, 2)):
+                sent["rc"] = _run(["scancel", "--signal=USR1", "--batch", job], env=cluster.env).returncode
+                return
+            if cluster.field(job, "JobState") in TERMINAL:
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return run_dir, job, thread, sent
+
+
+def test_spanning_job_equals_one_node_job(cluster, reference, spanning):
+    one_node, two_nodes = finished(cluster, reference), finished(cluster, spanning)
+    lines = rank_lines(two_nodes)
+    assert sorted(lines) == [0, 1, 2, 3], job_report(two_nodes)
+    # 2 ranks per node, in block order (ranks 0-1 on the first node), each naming its own node: the
+    # hostname of its UTS namespace and SLURM's node name agree.
+    for rank, node in {0: "node1", 1: "node1", 2: "node2", 3: "node2"}.items():
+        assert f"(local {rank % 2}) on node {node} [{node}]" in lines[rank], lines[rank]
+    assert "on 2 node(s) (node[1-2]), 4 ranks" in Path(f"{two_nodes}.out").read_text()
+    assert_identical(one_node, two_nodes)
+
+
+def test_rendezvous_from_slurm_alone(cluster, spanning):
+    run_dir = finished(cluster, spanning)
+    lines = rank_lines(run_dir)
+    # Independent of distill.sh: how node2 (where ranks 2 and 3 ran) resolves node1, read inside
+    # node2's namespaces (its slurmd's network, UTS and mount namespaces).
+    slurmd = int((cluster.state / "run" / "slurmd-node2.pid").read_text())
+    resolved = _run(["nsenter", "-t", str(slurmd), "-n", "-m", "-u", "getent", "ahostsv4", "node1"]).stdout.split()
+    assert resolved and resolved[0] == NODE_ADDR["node1"], resolved
+    for rank, line in lines.items():
+        m = re.search(r"rendezvous (\S+):(\d+) \((\S*)\), GLOO_SOCKET_IFNAME=(\S*)", line)
+        assert m, line
+        addr, port, seen_as, ifname = m.groups()
+        # the first node of the allocation, at the address the other node reaches it by; no stale
+        # value from the submitting shell
+        assert addr == seen_as == resolved[0], line
+        assert addr != LEAKY_ENV["MASTER_ADDR"] and port != LEAKY_ENV["MASTER_PORT"], line
+        assert ifname == "snet0", f"rank {rank} would bind gloo to {ifname!r}, not the inter-node interface"
+    assert read_meta(find_resume_checkpoint(run_dir))["world_size"] == 4  # not the leaked WORLD_SIZE=99
+
+
+def test_node_loss_fails_fast_and_resumes_identically(cluster, tiny_toy_teacher, reference, runs, preempted):
+    run_dir = runs / "node_loss"
+    fault_dir = runs / "node_loss_fault"
+    fault_dir.mkdir()
+    # Rank 2 (node2) stops inside step 3, after the step-2 checkpoint: the others wait for it in a
+    # collective; then node2's ranks die (SIGKILL), as when the node is lost.
+    job = cluster.submit(run_dir, tiny_toy_teacher, nodes=2, per_node=2, extra_env={
+        "SIDSCALE_FAULT": "point=mid_step,step=3,rank=2,action=hang", "SIDSCALE_FAULT_DIR": str(fault_dir)})
+    deadline = time.monotonic() + 300
+    while not (fault_dir / "reached_rank2").exists():
+        assert time.monotonic() < deadline, f"rank 2 never reached step 3\n{job_report(run_dir)}"
+        assert cluster.field(job, "JobState") in ("PENDING", "RUNNING"), job_report(run_dir)
+        time.sleep(0.2)
+    victims = cluster.job_processes("node2", job)  # the ranks and their data-loader workers
+    assert sorted({rank for rank in victims.values() if rank is not None}) == [2, 3], victims
+    for pid in victims:
+        os.kill(pid, 9)
+    t_kill = time.monotonic()
+    state = cluster.wait(job, run_dir, timeout=60)  # fails the test if the job is still alive after 60 s
+    print(f"node loss: job {job} {state} {time.monotonic() - t_kill:.0f} s after node2's ranks died")
+    assert state == "FAILED", job_report(run_dir)
+    assert cluster.field(job, "ExitCode").split(":")[0] not in ("0", "75"), job_report(run_dir)
+    assert "the ranks failed (exit" in Path(f"{run_dir}.out").read_text(), job_report(run_dir)
+    # the survivors name the lost peer's connection, not a timeout
+    survivors = (run_dir / "logs" / "rank0.log").read_text() + (run_dir / "logs" / "rank1.log").read_text()
+    assert re.search(r"[Cc]onnection (closed by peer|reset)|Broken pipe", survivors), job_report(run_dir)
+    time.sleep(3)  # no requeue loop: still failed, never restarted
+    assert (cluster.field(job, "JobState"), cluster.field(job, "Restarts")) == ("FAILED", "0")
+
+    again = cluster.submit(run_dir, tiny_toy_teacher, nodes=2, per_node=2)
+    state = cluster.wait(again, run_dir)
+    assert state == "COMPLETED", job_report(run_dir)
+    rank0 = (run_dir / "logs" / "rank0.log").read_text()
+    assert re.search(r"resumed from \S+step_0*2 \(step 2\)", rank0), job_report(run_dir)
+    assert_identical(finished(cluster, reference), run_dir)
+
+
+def test_usr1_reaches_every_rank_on_both_nodes_and_requeues(cluster, reference, preempted):
+    run_dir, job, thread, sent = preempted
+    thread.join(timeout=360)
+    assert sent.get("rc") == 0, f"the USR1 was not sent (job ended before its step-2 checkpoint?)\n{job_report(run_dir)}"
+    state = cluster.wait(job, run_dir, timeout=420, restarts="1")
+    assert state == "COMPLETED" and cluster.field(job, "Restarts") == "1", job_report(run_dir)
+    batch_log = Path(f"{run_dir}.out").read_text()
+    for line in ("got SIGUSR1", "requeueing job", "attempt 2", "training finished"):
+        assert line in batch_log, batch_log
+    stops = {}
+    for rank in range(4):
+        log = (run_dir / "logs" / f"rank{rank}.log").read_text()
+        assert "received signal SIGUSR1" in log, f"rank {rank} never got the USR1\n{job_report(run_dir)}"
+        m = re.search(rf"sidscale: rank {rank} stops at step (\d+) \(exit 75, requeue\)", log)
+        assert m, job_report(run_dir)
+        stops[rank] = int(m.group(1))
+    assert len(set(stops.values())) == 1, f"the ranks stopped at different steps: {stops}"
+    stop = stops[0]
+    assert 2 <= stop < MAX_STEPS
+    rank0 = (run_dir / "logs" / "rank0.log").read_text()
+    assert re.search(rf"resumed from \S+step_0*{stop} \(step {stop}\)", rank0), job_report(run_dir)
+    assert_identical(finished(cluster, reference), run_dir)
