@@ -26,10 +26,13 @@
 #   SIDSCALE_MASTER_PORT  rendezvous port (default 20000 + job id % 20000; a MASTER_PORT exported
 #                   from the submitting shell is ignored: sbatch copies the whole environment)
 #   NCCL_* / TORCH_NCCL_* / OMP_NUM_THREADS   see "Environment of the ranks" below; all overridable
+#   GLOO_SOCKET_IFNAME  interface gloo binds to; default: chosen per node, the one that reaches MASTER_ADDR
+#                   (MASTER_ADDR itself is always the first node's NodeAddr; see "Rendezvous" below)
 #   SIDSCALE_RANK_EXIT_WAIT  seconds the other ranks get after the first one exits (default 120)
 #
 # Logs: this script's output in slurm-<job name>-<job id>.out (submit directory); one log per
-# rank in RUN_DIR/logs/rank<N>.log, appended to by every requeued attempt.
+# rank in RUN_DIR/logs/rank<N>.log, appended to by every requeued attempt, each attempt's part
+# starting with a line naming the rank's node, rendezvous address and gloo interface.
 #
 # Preemption: Slurm sends USR1 to this shell GRACE seconds before the time limit (or send it
 # yourself: scancel --signal=USR1 --batch JOBID). The shell forwards it to the srun step, srun to
