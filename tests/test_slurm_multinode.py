@@ -159,6 +159,12 @@ def cluster():
         pytest.fail(f"cannot create a network namespace on this host (`ip netns add` as root): {proc.stderr.strip()}"
                     " -- the multi-node tests need one per SLURM node")
     _run(["ip", "netns", "del", probe])
+    # A run of this file that was killed (no teardown) left its daemons and network: remove them, or
+    # the bridge name would be taken.
+    for layout in Path(tempfile.gettempdir()).glob("sidscale-mslurm-*/etc/layout"):
+        if f"TAG={TAG}\n" in layout.read_text():
+            _run(["bash", str(TOOLS / "stop_multi.sh"), str(layout.parent.parent)], timeout=180)
+            shutil.rmtree(layout.parent.parent, ignore_errors=True)
     # Not under pytest's tmp dir: that is root-only (0700) and munged runs as user munge.
     state = Path(tempfile.mkdtemp(prefix="sidscale-mslurm-"))
     state.chmod(0o755)
@@ -329,7 +335,9 @@ def test_node_loss_fails_fast_and_resumes_identically(cluster, tiny_toy_teacher,
     assert "the ranks failed (exit" in Path(f"{run_dir}.out").read_text(), job_report(run_dir)
     # the survivors name the lost peer's connection, not a timeout
     survivors = (run_dir / "logs" / "rank0.log").read_text() + (run_dir / "logs" / "rank1.log").read_text()
-    assert re.search(r"[Cc]onnection (closed by peer|reset)|Broken pipe", survivors), job_report(run_dir)
+    named = re.search(r".*([Cc]onnection (closed by peer|reset)|Broken pipe).*", survivors)
+    assert named, job_report(run_dir)
+    print(f"node loss: survivors report: {named.group(0)[:200]}")
     time.sleep(3)  # no requeue loop: still failed, never restarted
     assert (cluster.field(job, "JobState"), cluster.field(job, "Restarts")) == ("FAILED", "0")
 
