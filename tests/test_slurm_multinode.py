@@ -31,7 +31,14 @@ import pytest
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-from sidscale.checkpoint import find_resume_checkpoint, full_ema_from_checkpoint, is_complete, read_meta, step_dir
+from sidscale.checkpoint import (
+    find_resume_checkpoint,
+    full_ema_from_checkpoint,
+    is_complete,
+    rank_file,
+    read_meta,
+    step_dir,
+)
 from tests.dist_launch import REPO, free_port
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -208,13 +215,28 @@ def finished(cluster: Cluster, run: tuple[Path, str]) -> Path:
     return run_dir
 
 
+# The webdataset stream in epoch mode (data.shards=toy: the run writes its 24 toy prompts as 6 tar
+# shards of 4): shards permuted per epoch and split perm[rank::4], so ranks 0-1 read 2 shards (8
+# prompts) per epoch and ranks 2-3 one (4 prompts), whatever the permutation; together, every prompt
+# once per epoch.
+STREAM = ("data.shards=toy", "data.resampled=false")
+STREAM_EPOCH_LEN = {0: 8, 1: 8, 2: 4, 3: 4}
+
+
+@pytest.fixture(scope="module")
+def stream_reference(cluster, tiny_toy_teacher, runs):
+    """The uninterrupted 2-node job reading the webdataset stream: what the preempted job must equal."""
+    run_dir = runs / "stream_reference"
+    return run_dir, cluster.submit(run_dir, tiny_toy_teacher, nodes=2, per_node=2, overrides=STREAM)
+
+
 @pytest.fixture(scope="module")
 def preempted(cluster, tiny_toy_teacher, runs):
-    """The 2-node job, told to stop (USR1 to the batch script, as SLURM does before the time limit) as
-    soon as its step-2 checkpoint is complete; a watcher thread sends the signal, so the job runs
-    while the node-loss test runs."""
+    """The 2-node job on the webdataset stream, told to stop (USR1 to the batch script, as SLURM does
+    before the time limit) as soon as its step-2 checkpoint is complete; a watcher thread sends the
+    signal, so the job runs while the node-loss test runs."""
     run_dir = runs / "preempted"
-    job = cluster.submit(run_dir, tiny_toy_teacher, nodes=2, per_node=2)
+    job = cluster.submit(run_dir, tiny_toy_teacher, nodes=2, per_node=2, overrides=STREAM)
     sent: dict[str, object] = {}
 
     def watch():
@@ -310,7 +332,7 @@ def test_rendezvous_from_slurm_alone(cluster, spanning):
 
 
 def test_node_loss_fails_fast_and_resumes_identically(cluster, tiny_toy_teacher, reference, runs, preempted,
-                                                     elastic):
+                                                     stream_reference, elastic):
     run_dir = runs / "node_loss"
     fault_dir = runs / "node_loss_fault"
     fault_dir.mkdir()
@@ -349,7 +371,7 @@ def test_node_loss_fails_fast_and_resumes_identically(cluster, tiny_toy_teacher,
     assert_identical(finished(cluster, reference), run_dir)
 
 
-def test_usr1_reaches_every_rank_on_both_nodes_and_requeues(cluster, reference, preempted):
+def test_usr1_reaches_every_rank_on_both_nodes_and_requeues(cluster, stream_reference, preempted):
     run_dir, job, thread, sent = preempted
     thread.join(timeout=360)
     assert sent.get("rc") == 0, \
@@ -371,7 +393,34 @@ def test_usr1_reaches_every_rank_on_both_nodes_and_requeues(cluster, reference, 
     assert 2 <= stop < MAX_STEPS
     rank0 = (run_dir / "logs" / "rank0.log").read_text()
     assert re.search(rf"resumed from \S+step_0*{stop} \(step {stop}\)", rank0), job_report(run_dir)
-    assert_identical(finished(cluster, reference), run_dir)
+    assert_identical(finished(cluster, stream_reference), run_dir)
+
+
+def test_stream_shards_split_over_both_nodes_and_resume_exactly(cluster, stream_reference, preempted):
+    """The webdataset cursor of every rank after the preempted, requeued job: exactly the uninterrupted
+    job's, and at the closed-form position: 24 prompts read per rank (6 steps x 2 phases, fake and
+    generator, x micro-batch 2), in epochs of 8 or 4 prompts."""
+    run_dir, job, thread, _ = preempted
+    thread.join(timeout=360)
+    assert cluster.wait(job, run_dir, timeout=420, restarts="1") == "COMPLETED", job_report(run_dir)
+    reference = finished(cluster, stream_reference)
+    for run in (reference, run_dir):
+        for rank in range(4):
+            assert "prompt stream layout changed" not in (run / "logs" / f"rank{rank}.log").read_text()
+    got, want = {}, {}
+    for rank in range(4):
+        for states, run in ((got, run_dir), (want, reference)):
+            state = torch.load(rank_file(find_resume_checkpoint(run), rank), map_location="cpu", weights_only=False)
+            states[rank] = state["data"]
+        (cursor,) = got[rank]["workers"]  # data.num_workers = 1
+        length = STREAM_EPOCH_LEN[rank]
+        read = MAX_STEPS * 2 * 2
+        # the cursor is the position just after the last prompt read: (epoch, offset), 0 < offset <= length
+        assert 0 < cursor["offset"] <= length and cursor["epoch"] * length + cursor["offset"] == read, \
+            f"rank {rank}: cursor {cursor}, expected {read} prompts read in epochs of {length}"
+        assert cursor["stats"]["samples"] == read, cursor
+        assert got[rank]["layout"]["world_size"] == 4 and got[rank]["layout"]["resampled"] is False
+    assert got == want
 
 
 def test_elastic_two_nodes_to_one_and_back(cluster, reference, elastic):
