@@ -3,14 +3,20 @@
 Each node is a network namespace with its own hostname and address on a bridge, and its own slurmd;
 a job with ``--nodes 2 --ntasks-per-node 2`` runs 4 CPU (gloo) ranks, 2 per node, whose traffic
 crosses the bridge. One cluster serves the whole module. Compared, bit for bit, with a 4-rank job on
-ONE node of the same cluster (same global batch, same rank order):
+ONE node of the same cluster (same global batch, same rank order) unless said otherwise:
 1. the spanning job; per-rank logs name their node;
 2. the rendezvous comes from SLURM alone (MASTER_ADDR = first node as the other node resolves it,
    nothing leaks from the submitting shell, GLOO_SOCKET_IFNAME = the inter-node interface);
 3. node loss: node2's ranks are SIGKILLed mid-step: the job fails fast, is not requeued, and a
    resubmission of the same RUN_DIR resumes from the last checkpoint and ends identical;
 4. preemption: ``scancel --signal=USR1 --batch`` reaches the 4 ranks on both nodes, they stop at the
-   same step with exit 75, the job requeues itself and ends identical.
+   same step with exit 75, the job requeues itself and ends identical (to an uninterrupted 2-node job
+   on the same webdataset stream);
+5. elastic: the 2-node checkpoint resumes on 1 node, and that one on 2 nodes again, within the fp32
+   summation-order tolerance;
+6. webdataset shards in epoch mode, split over the 4 ranks of both nodes: after the requeue every
+   rank's cursor is the uninterrupted job's and the closed-form position.
+All jobs but the first two run while the node-loss test runs (fixtures started in the background).
 Needs root (skipped with the reason otherwise); as root, a host where the cluster cannot be built
 (no network namespaces, no apt) FAILS with the reason.
 """
