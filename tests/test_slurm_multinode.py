@@ -145,7 +145,7 @@ def assert_identical(reference: Path, run_dir: Path) -> None:
     assert step == ref_step == MAX_STEPS
     assert ref.keys() == got.keys()
     for k in ref:
-        assert torch.equal(ref[k], got[k]), f"{k} differs from the 4-rank one-node run"
+        assert torch.equal(ref[k], got[k]), f"{k} differs from the uninterrupted run {reference.name}"
 
 
 def rank_lines(run_dir: Path) -> dict[int, str]:
