@@ -86,13 +86,14 @@ class Cluster:
         m = re.search(rf"\b{name}=(\S*)", out)
         return m.group(1) if m else ""
 
-    def submit(self, run_dir: Path, teacher: Path, nodes: int, per_node: int, extra_env: dict | None = None,
-               nodelist: str | None = None, overrides: tuple[str, ...] = ()) -> str:
-        sets = [a for o in OVERRIDES + [f"teacher.path={teacher}", *overrides] for a in ("--set", o)]
+    def submit(self, run_dir: Path, teacher: Path | None, nodes: int, per_node: int, extra_env: dict | None = None,
+               nodelist: str | None = None, overrides: tuple[str, ...] = (), config: str = "toy") -> str:
+        base = OVERRIDES + [f"teacher.path={teacher}"] if teacher is not None else []
+        sets = [a for o in base + list(overrides) for a in ("--set", o)]
         cmd = ["sbatch", "--parsable", "--job-name=sidscale-mn", f"--nodes={nodes}",
                f"--ntasks-per-node={per_node}", "--gpus-per-node=0", "--cpus-per-task=1", "--oversubscribe",
                f"--output={run_dir}.out", *([f"--nodelist={nodelist}"] if nodelist else []),
-               str(REPO / "slurm" / "distill.sh"), "toy", *sets]
+               str(REPO / "slurm" / "distill.sh"), config, *sets]
         env = dict(self.env, SIDSCALE_CPU="1", RUN_DIR=str(run_dir), PYTHON=sys.executable, OMP_NUM_THREADS="1",
                    **(extra_env or {}))
         env.pop("GLOO_SOCKET_IFNAME", None)
@@ -377,7 +378,7 @@ def test_node_loss_fails_fast_and_resumes_identically(cluster, tiny_toy_teacher,
     assert_identical(finished(cluster, reference), run_dir)
 
 
-def test_usr1_reaches_every_rank_on_both_nodes_and_requeues(cluster, stream_reference, preempted):
+def test_usr1_reaches_every_rank_on_both_nodes_and_requeues(cluster, stream_reference, preempted, sd35):
     run_dir, job, thread, sent = preempted
     thread.join(timeout=360)
     assert sent.get("rc") == 0, \
@@ -451,3 +452,60 @@ def test_elastic_two_nodes_to_one_and_back(cluster, reference, elastic):
     worst = max((got[k] - ref[k]).abs().max().item() for k in ref)
     print(f"elastic 2 -> 1 -> 2 nodes: max abs difference {worst:.3g}")
     assert worst < 2e-6, f"2 nodes -> 1 -> 2: max abs difference {worst:.3g} from the uninterrupted job"
+
+
+SD35_STEPS = 4
+
+
+def sd35_overrides(teacher: Path, ds_config: Path, cache: Path) -> tuple[str, ...]:
+    """The SD3.5-Medium recipe on the tiny SD3.5 teacher (as tests/test_sd3_family.py), ZeRO-3 with the
+    frozen teacher partitioned over the 4 ranks of both nodes."""
+    return (f"teacher.path={teacher}", "teacher.dtype=fp32", "teacher.resolution=64", "teacher.max_sequence_length=16",
+            "train.precision=fp32", "train.global_batch=4", "train.micro_batch=1", f"train.max_steps={SD35_STEPS}",
+            "train.ckpt_every=2", "train.keep_last=5", "train.preview_every=1000", "train.ema_halflife_kimg=0.01",
+            "generator.lr=1e-3", "fake.lr=1e-3", "data.shards=indexed:toy", "data.num_workers=1",
+            "eval.num_samples=0", "train.export_at_end=false", "train.seed=11", f"deepspeed.config={ds_config}",
+            "teacher.partitioned=true", f"teacher.cache_dir={cache}")
+
+
+@pytest.fixture(scope="module")
+def sd35(cluster, runs):
+    """ZeRO-3 + partitioned tiny SD3.5 teacher on 2 nodes: the uninterrupted 4-step job, then its copy
+    cut back to the step-2 checkpoint resumed on 2 nodes; started in the background."""
+    from sidscale.models.sd3_tiny import write_tiny_sd3_teacher
+    from tests.teacher_partition_worker import write_ds_config
+
+    teacher = write_tiny_sd3_teacher(runs / "sd35_teacher", seed=0, sd35=True)
+    ds_config = write_ds_config(runs / "zero3_small.json")  # really partitions the tiny teacher's tensors
+    full, split = runs / "sd35_full", runs / "sd35_split"
+    sets = sd35_overrides(teacher, ds_config, runs / "sd35_cache")
+
+    def chain() -> list[tuple[str, str]]:
+        job = cluster.submit(full, None, nodes=2, per_node=2, overrides=sets, config="sd35_medium")
+        out = [(job, cluster.wait(job, full, timeout=480))]
+        if out[0][1] != "COMPLETED":
+            return out
+        shutil.copytree(full, split, ignore=shutil.ignore_patterns(".lock", step_dir(full, SD35_STEPS).name))
+        (split / "checkpoints" / "latest").write_text(f"{step_dir(split, 2).name}\n")
+        job = cluster.submit(split, None, nodes=2, per_node=2, overrides=sets, config="sd35_medium")
+        out.append((job, cluster.wait(job, split, timeout=480)))
+        return out
+
+    return full, split, Background(chain)
+
+
+def test_zero3_partitioned_sd35_teacher_across_nodes_resumes_exactly(sd35):
+    from tests.reference_run import assert_identical as assert_run_identical
+
+    full, split, chain = sd35
+    jobs = chain.get(timeout=900)
+    for (job, state), run in zip(jobs, (full, split), strict=False):
+        assert state == "COMPLETED", f"job {job} {state}\n{job_report(run)}"
+    assert len(jobs) == 2
+    logs = "".join((full / "logs" / f"rank{r}.log").read_text() for r in range(4))
+    assert "teacher.partitioned = true" in logs, job_report(full)
+    assert "(local 1) on node node2 [node2]" in (full / "logs" / "rank3.log").read_text()
+    rank0 = (split / "logs" / "rank0.log").read_text()
+    assert re.search(r"resumed from \S+step_0*2 \(step 2\)", rank0), job_report(split)
+    # generator, fake net, EMA and data cursors of every rank, bit for bit
+    assert_run_identical(split, full, steps=SD35_STEPS)
