@@ -15,7 +15,8 @@ ONE node of the same cluster (same global batch, same rank order) unless said ot
 5. elastic: the 2-node checkpoint resumes on 1 node, and that one on 2 nodes again, within the fp32
    summation-order tolerance;
 6. webdataset shards in epoch mode, split over the 4 ranks of both nodes: after the requeue every
-   rank's cursor is the uninterrupted job's and the closed-form position.
+   rank's cursor is the uninterrupted job's and the closed-form position;
+7. ZeRO-3 with the tiny SD3.5 teacher partitioned over both nodes resumes from step 2 bit for bit.
 All jobs but the first two run while the node-loss test runs (fixtures started in the background).
 Needs root (skipped with the reason otherwise); as root, a host where the cluster cannot be built
 (no network namespaces, no apt) FAILS with the reason.
