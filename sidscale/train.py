@@ -871,6 +871,8 @@ def main(argv: list[str] | None = None) -> int:
         if dist_info.is_main:  # the run has started: only now does the directory hold its config
             dump_config(cfg, run_dir / "config.yaml")
         code = 0 if trainer.run(stop) else EXIT_REQUEUE
+        if code == EXIT_REQUEUE:  # per rank: a multi-node job's logs show every node stopped at the same step
+            print(f"sidscale: rank {rank} stops at step {trainer.step} (exit {code}, requeue)", flush=True)
     except ConfigError as e:
         # The same on every rank (same config, decisions broadcast from rank 0): one message.
         if dist_info.is_main:

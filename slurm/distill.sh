@@ -26,10 +26,13 @@
 #   SIDSCALE_MASTER_PORT  rendezvous port (default 20000 + job id % 20000; a MASTER_PORT exported
 #                   from the submitting shell is ignored: sbatch copies the whole environment)
 #   NCCL_* / TORCH_NCCL_* / OMP_NUM_THREADS   see "Environment of the ranks" below; all overridable
+#   GLOO_SOCKET_IFNAME  interface gloo binds to; default: chosen per node, the one that reaches MASTER_ADDR
+#                   (MASTER_ADDR itself is always the first node's NodeAddr; see "Rendezvous" below)
 #   SIDSCALE_RANK_EXIT_WAIT  seconds the other ranks get after the first one exits (default 120)
 #
 # Logs: this script's output in slurm-<job name>-<job id>.out (submit directory); one log per
-# rank in RUN_DIR/logs/rank<N>.log, appended to by every requeued attempt.
+# rank in RUN_DIR/logs/rank<N>.log, appended to by every requeued attempt, each attempt's part
+# starting with a line naming the rank's node, rendezvous address and gloo interface.
 #
 # Preemption: Slurm sends USR1 to this shell GRACE seconds before the time limit (or send it
 # yourself: scancel --signal=USR1 --batch JOBID). The shell forwards it to the srun step, srun to
@@ -83,9 +86,13 @@ RUN_DIR=${RUN_DIR:-${SIDSCALE_RUNS:-runs}/${SLURM_JOB_NAME:-sidscale}-${SLURM_JO
 mkdir -p "$RUN_DIR/logs"
 RUN_DIR=$(cd "$RUN_DIR" && pwd)
 
-# ---- Rendezvous: rank 0 listens on the first node of the allocation.
+# ---- Rendezvous: rank 0 listens on the first node of the allocation, at the address Slurm itself
+# reaches that node by (its NodeAddr: the node name unless slurm.conf says otherwise), so the other
+# nodes need no name resolution of their own. Always set here: sbatch exports the submitting
+# shell's environment, and a MASTER_ADDR from there would point at the login node.
 mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
-export MASTER_ADDR=${NODES[0]}
+MASTER_NODE_ADDR=$(scontrol show node -o "${NODES[0]}" 2>/dev/null | sed -n 's/.*[[:space:]]NodeAddr=\([^[:space:]]*\).*/\1/p')
+export MASTER_ADDR=${MASTER_NODE_ADDR:-${NODES[0]}}
 export MASTER_PORT=${SIDSCALE_MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}
 # train.py takes RANK / LOCAL_RANK / WORLD_SIZE from SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS
 # only when RANK is unset; stale values exported from the submitting shell would win.
@@ -100,7 +107,11 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}
 export NCCL_ASYNC_ERROR_HANDLING=${NCCL_ASYNC_ERROR_HANDLING:-3}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 # Interconnect selection is site specific: set e.g. NCCL_SOCKET_IFNAME=ib0 or NCCL_IB_HCA=mlx5
-# in the submitting shell when NCCL picks the wrong interface.
+# in the submitting shell when NCCL picks the wrong interface (NCCL's own choice skips lo and
+# docker*, prefers ib*). gloo (the CPU ranks, and the CPU-side groups of GPU runs) binds to the
+# address its node's hostname resolves to unless GLOO_SOCKET_IFNAME names an interface: each rank
+# sets it, on its own node, to the interface that reaches MASTER_ADDR (RANK_PRELUDE below),
+# unless the submitting shell set it.
 # One OMP thread pool per rank, sized to the cores that rank was given (torch's default is all
 # cores of the node, which G ranks then oversubscribe G times).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
@@ -156,8 +167,29 @@ if [[ $GOT_TERM == 1 ]]; then exit 143; fi
 # because srun counts 75 as a bad exit: it would kill ranks still tearing down after a clean
 # exit 75 and replace 75 by their signal status (no requeue). Any exit other than 0 and 75
 # ends the job below without a requeue.
+#
+# RANK_PRELUDE runs on each rank's own node before it becomes the trainer (exec: same pid, so
+# srun's signals and the exit code are the trainer's): GLOO_SOCKET_IFNAME = the interface the
+# route to MASTER_ADDR leaves by (on the master node, the interface holding that address; never lo,
+# which the other nodes cannot reach), and one line naming the node in the rank's log.
+# shellcheck disable=SC2016  # expanded by the rank's shell
+RANK_PRELUDE='
+if [[ -z ${GLOO_SOCKET_IFNAME:-} ]] && command -v ip >/dev/null && command -v getent >/dev/null; then
+    addr=$(getent ahostsv4 "$MASTER_ADDR" 2>/dev/null | awk "NR == 1 {print \$1}")
+    dev=""
+    if [[ -n $addr ]]; then
+        dev=$(ip -o route get "$addr" 2>/dev/null | sed -n "s/.* dev \([^ ]*\).*/\1/p")
+        if [[ $dev == lo ]]; then dev=$(ip -o addr show to "$addr" 2>/dev/null | awk "NR == 1 {print \$2}"); fi
+    fi
+    if [[ -n $dev && $dev != lo ]]; then export GLOO_SOCKET_IFNAME=$dev; fi
+fi
+echo "distill.sh: rank $SLURM_PROCID (local $SLURM_LOCALID) on node $(hostname) [$SLURMD_NODENAME]," \
+     "rendezvous $MASTER_ADDR:$MASTER_PORT ($(getent ahostsv4 "$MASTER_ADDR" 2>/dev/null | awk "NR == 1 {print \$1}"))," \
+     "GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-}"
+exec "$@"'
 srun --wait="${SIDSCALE_RANK_EXIT_WAIT:-120}" --kill-on-bad-exit=0 \
      --output="$RUN_DIR/logs/rank%t.log" --open-mode=append \
+     bash -c "$RANK_PRELUDE" distill-rank \
      "$PYTHON" "$REPO/sidscale/train.py" --config "$CONFIG" --run-dir "$RUN_DIR" "$@" &
 SRUN_PID=$!
 # A signal arriving between the two lines above was recorded but not forwarded yet.

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Install a single-node SLURM (slurm-wlm: slurmctld + slurmd + client tools) and munge, for the
-# local test cluster of tests/test_slurm.py. Needs root (apt-get). Does nothing when both are present.
+# Install SLURM (slurm-wlm: slurmctld + slurmd + client tools), munge, and the namespace tools of the
+# multi-node variant (iproute2: ip; util-linux: unshare, nsenter), for the local test clusters of
+# tests/test_slurm.py and tests/test_slurm_multinode.py. Needs root (apt-get). Does nothing when all
+# are present.
 set -euo pipefail
 
 if command -v sbatch >/dev/null && command -v slurmctld >/dev/null && command -v slurmd >/dev/null \
-        && command -v munged >/dev/null; then
+        && command -v munged >/dev/null && command -v ip >/dev/null && command -v nsenter >/dev/null \
+        && command -v unshare >/dev/null; then
     exit 0
 fi
 if [[ $(id -u) -ne 0 ]]; then
@@ -13,4 +16,4 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
+apt-get install -y -qq --no-install-recommends slurm-wlm munge iproute2 util-linux >/dev/null
