@@ -139,8 +139,9 @@ class RunLogger:
             self.tb.add_scalar(k, v, step)
         if "progress/kimg" not in values:  # e.g. end-of-run evaluation scalars: keep the bar as it is
             return
-        show = {k.split("/")[-1]: f"{values[k]:.4g}" for k in ("loss/fake", "loss/gen", "perf/images_per_s")
-                if k in values}
+        # short keys: the postfix has to fit beside the bar in an ordinary terminal
+        show = {name: f"{values[k]:.4g}" for k, name in (("loss/fake", "fake"), ("loss/gen", "gen"),
+                                                          ("perf/images_per_s", "img/s")) if k in values}
         show["kimg"] = f"{values['progress/kimg']:.2f}"
         if self.bar is not None:
             # NOTE: shown now: the bar advanced to this step before its numbers were known, and with

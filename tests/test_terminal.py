@@ -210,3 +210,61 @@ def test_toy_evaluation_tags_name_what_ran():
         "eval/frechet_teacher_flow_euler_4_steps": 2.0, "eval/prompt_accuracy_teacher_flow_euler_4_steps": 0.4,
         "eval/colour_accuracy_teacher_flow_euler_4_steps": 0.6,
         "eval/frechet_exact_vs_exact": 0.1, "eval/prompt_accuracy_exact": 1.0, "eval/colour_accuracy_exact": 1.0}
+
+
+SIDSCALE_BARS = re.compile(r"^(sid-(lsg|dit)( \d+-step)?|toy evaluation: [^:|]+|fitting the [^:|]+"
+                           r"|toy teacher fit report|generating [^:|]+): +\d+%\|")  # cut at the width, if wider
+SIDSCALE_LINES = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ sidscale[\w.]*: "  # sidscale's loggers, any level
+    r"|sidscale: |exported EMA generator to |toy Frechet distance to exact samples "  # the trainer's own lines
+    r"|\+ \S+python\S* -m torch\.distributed\.run |demo finished in |toy Frechet +prompt acc\. "  # demo.py
+    r"|\d+-step student \(EMA\) |one-step student |teacher, \d+-step |exact samples \(noise floor\) |\(accuracy: "
+    r"|export: )")
+
+
+@pytest.mark.slow
+def test_a_demo_run_shows_only_sidscales_lines_and_bars(tmp_path):
+    """``tools/demo.py --family flow`` (2 ranks, K = 2) in a terminal 100 columns wide, from the start
+    to the final table: every line drawn is sidscale's own (its loggers, its prints, demo.py's table)
+    or one of its bars; the bar names SiD-DiT and K, its last line stays above the export line; the
+    toy evaluation draws its bars; its TensorBoard tags name K and the flow Euler sampler."""
+    import os
+    import sys
+
+    from sidscale.models.toy import ToyMixture
+    from sidscale.models.toy_teacher import ToyTeacherSpec, ensure_toy_teacher
+    from tests.terminal import REPO, run_in_pty
+
+    # a flow toy teacher fitted for one step: what is shown does not depend on its quality
+    teacher = ensure_toy_teacher(tmp_path / "cache", ToyTeacherSpec(
+        mixture=ToyMixture(size=8).to_dict(), fit_steps=1, batch_size=2, eval_samples=0, parameterisation="flow"))
+    run = tmp_path / "run"
+    sets = [f"teacher.path={teacher}", f"teacher.cache_dir={tmp_path / 'cache'}", "teacher.resolution=8",
+            "train.max_steps=4", "train.log_every=2", "train.preview_every=2", "train.ckpt_every=4",
+            "train.global_batch=4", "train.micro_batch=2", "method.generator_steps=2", "eval.num_samples=16",
+            "eval.teacher_steps=2"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    rc, raw = run_in_pty([sys.executable, str(REPO / "tools" / "demo.py"), "--family", "flow", "--run-dir", str(run),
+                          *[a for s in sets for a in ("--set", s)]], env=env)
+    assert rc == 0, raw
+    shown = frames(raw)
+    strangers = [f for f in shown if not (SIDSCALE_BARS.match(f) or SIDSCALE_LINES.match(f))]
+    assert not strangers, "\n".join(strangers)
+
+    training = bar_frames(raw, "sid-dit 2-step")
+    assert training and re.search(r"\| 4/4 \[.*fake=", training[-1]), training
+    screen = render(raw, COLS)
+    exported = next(i for i, line in enumerate(screen) if line.startswith("exported EMA generator to"))
+    assert [i for i, line in enumerate(screen) if line.startswith("sid-dit 2-step: 100%")] == [exported - 1], screen
+    for desc in ("toy evaluation: 2-step student", "toy evaluation: teacher flow_euler 2 steps"):
+        assert re.search(rf"100%\|.*\| 16/16 {ETA}", bar_frames(raw, desc)[-1]), desc
+    assert any(re.match(r"teacher, 2-step flow Euler cfg 1\.5 +\d", line.strip()) for line in screen), screen
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    evals = {t for t in acc.Tags()["scalars"] if t.startswith("eval/")}
+    assert {"eval/frechet_student_2_step", "eval/frechet_teacher_flow_euler_2_steps",
+            "eval/prompt_accuracy_student_2_step", "eval/frechet_exact_vs_exact"} <= evals, evals
+    assert not {t for t in evals if "one_step" in t or "ddim" in t}, evals
