@@ -39,19 +39,15 @@ class _DropMessages(logging.Filter):
         return not any(p.match(message) for p in self.patterns)
 
 
-_installed = False
-
-
 def quiet_third_party() -> None:
-    """Silence exactly the third-party messages named above, once per process (entry points call it).
+    """Silence exactly the third-party messages named above (the entry points call it; calling it again
+    changes nothing: the log filter is added once, an identical warnings filter replaces itself).
 
     Also turns off transformers' own weight loading / saving bars ("Loading weights", "Writing model
     shards"): one per rank and per encoder, they would interleave with sidscale's bars."""
-    global _installed
-    if _installed:
-        return
-    _installed = True
-    logging.getLogger(DIFFUSERS_LOGGER).addFilter(_DropMessages(_EMPTY_FP32_MODULES, _NO_ACCELERATE))
+    logger = logging.getLogger(DIFFUSERS_LOGGER)
+    if not any(isinstance(f, _DropMessages) for f in logger.filters):
+        logger.addFilter(_DropMessages(_EMPTY_FP32_MODULES, _NO_ACCELERATE))
     warnings.filterwarnings("ignore", message=_ALL_GATHER_DEPRECATION, category=FutureWarning)
     try:
         from transformers.utils import logging as transformers_logging
