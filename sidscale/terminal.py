@@ -84,6 +84,14 @@ def teacher_sampler_name(schedule: Any) -> str:
     return "flow_euler" if is_flow(schedule) else "ddim"
 
 
+SAMPLER_TITLES = {"ddim": "DDIM", "flow_euler": "flow Euler"}
+
+
+def sampler_title(name: str) -> str:
+    """``teacher_sampler_name``'s name as the terminal writes it."""
+    return SAMPLER_TITLES.get(name, name)
+
+
 def toy_eval_scalars(result: dict, generator_steps: int, sampler: str, teacher_steps: int) -> dict[str, float]:
     """TensorBoard scalars of a toy evaluation, named by what ran: ``eval/frechet_student_{K}_step``,
     ``eval/frechet_teacher_{sampler}_{S}_steps``, ``eval/frechet_exact_vs_exact`` (and the

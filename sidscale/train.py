@@ -85,7 +85,7 @@ from sidscale.precision import apply_precision
 from sidscale.run_lock import RunLock
 from sidscale.run_logger import RunLogger, peak_memory_bytes
 from sidscale.sample import seeded_generator_noises
-from sidscale.terminal import method_label, quiet_third_party, teacher_sampler_name, toy_eval_scalars
+from sidscale.terminal import method_label, quiet_third_party, sampler_title, teacher_sampler_name, toy_eval_scalars
 
 log = logging.getLogger("sidscale.train")
 
@@ -718,7 +718,8 @@ class Trainer:
                       teacher_sampler=sampler)
         atomic_write_json(self.run_dir / "toy_eval.json", result)
         self.logger.scalars(self.step, toy_eval_scalars(result, result["generator_steps"], sampler, ev.teacher_steps))
-        teacher_part = (f" | teacher {sampler} {ev.teacher_steps} steps cfg {self.settings.cfg_eval_real} "
+        teacher_part = (f" | teacher {sampler_title(sampler)} {ev.teacher_steps} steps "
+                        f"cfg {self.settings.cfg_eval_real} "
                         f"{result['frechet_teacher_ddim']:.4f} (prompt / colour accuracy "
                         f"{result['prompt_accuracy_teacher_ddim']:.0%} / {result['colour_accuracy_teacher_ddim']:.0%})"
                         if "frechet_teacher_ddim" in result else "")

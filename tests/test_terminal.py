@@ -157,7 +157,7 @@ def test_long_phases_show_a_progress_bar_with_eta_on_rank_0_only():
     raw, rank1 = raw.split("RANK 1 FROM HERE")
     for desc, total in (("fitting the eps toy teacher (once; cached)", 1), ("toy teacher fit report", 3),
                         ("generating images (rank 0's share of 7, 2 ranks)", 4),
-                        ("toy evaluation: 1-step student", 6), ("toy evaluation: teacher ddim 2 steps", 6)):
+                        ("toy evaluation: 1-step student", 6), ("toy evaluation: teacher DDIM 2 steps", 6)):
         shown = bar_frames(raw, desc)
         assert shown, (desc, frames(raw))
         assert re.search(rf"100%\|.*\| {total}/{total} {ETA}", shown[-1]), (desc, shown)
@@ -258,7 +258,7 @@ def test_a_demo_run_shows_only_sidscales_lines_and_bars(tmp_path):
     screen = render(raw, COLS)
     exported = next(i for i, line in enumerate(screen) if line.startswith("exported EMA generator to"))
     assert [i for i, line in enumerate(screen) if line.startswith("sid-dit 2-step: 100%")] == [exported - 1], screen
-    for desc in ("toy evaluation: 2-step student", "toy evaluation: teacher flow_euler 2 steps"):
+    for desc in ("toy evaluation: 2-step student", "toy evaluation: teacher flow Euler 2 steps"):
         assert re.search(rf"100%\|.*\| 16/16 {ETA}", bar_frames(raw, desc)[-1]), desc
     assert any(re.match(r"teacher, 2-step flow Euler cfg 1\.5 +\d", line.strip()) for line in screen), screen
 

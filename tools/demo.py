@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from sidscale.distributed.runtime import free_port  # noqa: E402
+from sidscale.terminal import sampler_title  # noqa: E402
 
 # The flow job: the toy preset with the flow toy teacher and SiD-DiT's generator weighting (1 - sigma
 # multiplies the loss; the generator starts from pure noise at sigma_init = 1 and the loss sigma is
@@ -99,7 +100,7 @@ def print_summary(run_dir: Path) -> None:
     # toy_eval.json names the teacher's sampler; older ones do not: the flow toy teacher's is flow Euler
     flow = (run_config(run_dir).get("teacher") or {}).get("kind") == "toy_flow"
     sampler = result.get("teacher_sampler", "flow_euler" if flow else "ddim")
-    sampler = {"ddim": "DDIM", "flow_euler": "flow Euler"}.get(sampler, sampler)
+    sampler = sampler_title(sampler)
     rows = [(f"{'one' if steps == 1 else steps}-step student (EMA)", "one_step"),
             (f"teacher, {result['teacher_steps']}-step {sampler} cfg {result['teacher_cfg']}", "teacher_ddim"),
             ("exact samples (noise floor)", "exact")]

@@ -15,7 +15,7 @@ from sidscale.families.base import Teacher
 from sidscale.method.sid_lsg import MethodSettings, multi_step_generate
 from sidscale.models.toy import ToyMixture
 from sidscale.sample import seeded_generator_noises
-from sidscale.terminal import progress, teacher_sampler_name
+from sidscale.terminal import progress, sampler_title, teacher_sampler_name
 
 
 def _accuracy(mixture: ToyMixture, x: torch.Tensor, prompts: list[str], name: str) -> dict[str, float]:
@@ -63,8 +63,9 @@ def toy_quality(
     if teacher_steps > 0:
         g = torch.Generator().manual_seed(seed + 3)
         xs = []
-        bar = progress(num_samples, f"toy evaluation: teacher {teacher_sampler_name(schedule)} {teacher_steps} steps",
-                       comm.rank() == 0, unit="img")
+        sampler = sampler_title(teacher_sampler_name(schedule))
+        bar = progress(num_samples, f"toy evaluation: teacher {sampler} {teacher_steps} steps", comm.rank() == 0,
+                       unit="img")
         for s in range(0, num_samples, batch):
             p = prompts[s:s + batch]
             xs.append(teacher.family.teacher_sampler(teacher, cond_fn.encode(p), cond_fn.empty(len(p)), teacher_cfg,
