@@ -111,7 +111,9 @@ def peak_memory_bytes(device: torch.device) -> dict[str, float]:
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, global_batch: int, enabled: bool):
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, global_batch: int, enabled: bool,
+                 desc: str = "training"):
+        """``desc``: the bar's name, the method the run uses (``sidscale.terminal.method_label``)."""
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.global_batch = global_batch
@@ -120,11 +122,11 @@ class RunLogger:
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
-        from tqdm import tqdm
+
+        from sidscale.terminal import progress
 
         self.tb = SummaryWriter(str(self.run_dir / "tb"))
-        self.bar = tqdm(total=total_steps, initial=start_step, unit="it", dynamic_ncols=True, file=sys.stdout,
-                        desc="sid-lsg", mininterval=1.0)
+        self.bar = progress(total_steps, desc, initial=start_step)
 
     def step(self, step: int, images_seen: int) -> None:
         if self.bar is not None:
@@ -137,10 +139,21 @@ class RunLogger:
             self.tb.add_scalar(k, v, step)
         if "progress/kimg" not in values:  # e.g. end-of-run evaluation scalars: keep the bar as it is
             return
-        show = {k.split("/")[-1]: f"{values[k]:.4g}" for k in ("loss/fake", "loss/gen", "perf/images_per_s")
-                if k in values}
+        # short keys: the postfix has to fit beside the bar in an ordinary terminal
+        show = {name: f"{values[k]:.4g}" for k, name in (("loss/fake", "fake"), ("loss/gen", "gen"),
+                                                          ("perf/images_per_s", "img/s")) if k in values}
         show["kimg"] = f"{values['progress/kimg']:.2f}"
-        self.bar.set_postfix(show, refresh=False)
+        if self.bar is not None:
+            # NOTE: shown now: the bar advanced to this step before its numbers were known, and with
+            # refresh=False they would first appear one step later (and the last ones only at close).
+            self.bar.set_postfix(show, refresh=True)
+
+    def end_progress(self) -> None:
+        """Training is over: the bar's last line (final step, final numbers, training time) stays above
+        what follows (export, evaluation), instead of being redrawn below each of their lines."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def preview(self, step: int, images: torch.Tensor, prompts: Sequence[str], per_prompt: int,
                 reference: torch.Tensor | None = None, headers: Sequence[str] = ("student", "teacher")) -> Path | None:
@@ -158,7 +171,10 @@ class RunLogger:
 
     def write(self, message: str) -> None:
         if self.enabled:
-            (self.bar.write if self.bar is not None else print)(message)
+            if self.bar is not None:
+                self.bar.write(message, file=sys.stdout)
+            else:
+                print(message, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -100,6 +100,9 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> int:
     from torchvision.utils import save_image
 
+    from sidscale.terminal import quiet_third_party
+
+    quiet_third_party()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="export directory (unet/ or transformer/ + sidscale.json)")
     p.add_argument("--prompt", action="append", required=True, help="repeatable")

@@ -89,6 +89,7 @@ from sidscale.precision import apply_precision
 from sidscale.run_lock import RunLock
 from sidscale.run_logger import RunLogger, peak_memory_bytes
 from sidscale.sample import seeded_generator_noises
+from sidscale.terminal import method_label, quiet_third_party, sampler_title, teacher_sampler_name, toy_eval_scalars
 
 log = logging.getLogger("sidscale.train")
 
@@ -718,12 +719,14 @@ class Trainer:
         elif "frechet_teacher_ddim" in result:
             with contextlib.suppress(OSError):  # a read-only cache dir only costs the recomputation
                 atomic_write_json(cache, {k: result[k] for k in teacher_keys})
+        sampler = teacher_sampler_name(self.schedule)
         result.update(step=self.step, num_samples=ev.num_samples, teacher_steps=ev.teacher_steps,
-                      teacher_cfg=self.settings.cfg_eval_real, generator_steps=self.settings.generator_steps)
+                      teacher_cfg=self.settings.cfg_eval_real, generator_steps=self.settings.generator_steps,
+                      teacher_sampler=sampler)
         atomic_write_json(self.run_dir / "toy_eval.json", result)
-        self.logger.scalars(self.step, {f"eval/{k}": v for k, v in result.items()
-                                        if k.startswith(("frechet", "prompt_accuracy", "colour_accuracy"))})
-        teacher_part = (f" | teacher DDIM {ev.teacher_steps} steps cfg {self.settings.cfg_eval_real} "
+        self.logger.scalars(self.step, toy_eval_scalars(result, result["generator_steps"], sampler, ev.teacher_steps))
+        teacher_part = (f" | teacher {sampler_title(sampler)} {ev.teacher_steps} steps "
+                        f"cfg {self.settings.cfg_eval_real} "
                         f"{result['frechet_teacher_ddim']:.4f} (prompt / colour accuracy "
                         f"{result['prompt_accuracy_teacher_ddim']:.0%} / {result['colour_accuracy_teacher_ddim']:.0%})"
                         if "frechet_teacher_ddim" in result else "")
@@ -764,7 +767,8 @@ class Trainer:
     def run(self, stop: StopSignal | None = None) -> bool:
         """Train to ``train.max_steps``. Returns False when stopped early by a signal (after saving)."""
         tc = self.cfg.train
-        self.logger = RunLogger(self.run_dir, tc.max_steps, self.step, tc.global_batch, self.dist.is_main)
+        self.logger = RunLogger(self.run_dir, tc.max_steps, self.step, tc.global_batch, self.dist.is_main,
+                                method_label(self.schedule, self.settings.generator_steps))
         # NOTE: per-step stats stay on their device and are summed there; the one host sync is
         # the all-reduce + .tolist() at logging steps.
         window: dict[str, torch.Tensor] = {}
@@ -791,6 +795,7 @@ class Trainer:
                         self.save_checkpoint()
                     self.logger.write(f"sidscale: stopped by signal at step {self.step}; checkpoint saved")
                     return False
+            self.logger.end_progress()
             if not checkpoint_complete(self.run_dir, self.step):
                 self.save_checkpoint()
             elif self.dist.is_main:
@@ -822,6 +827,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_third_party()
     args = parse_args(argv)
     try:
         cfg = config_from_args(args)

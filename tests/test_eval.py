@@ -459,16 +459,17 @@ def test_cli_checkpoint_two_ranks_teacher_and_tensorboard(work, run_with_export,
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_with_export / "tb"))
+    acc = EventAccumulator(str(run_with_export / "tb"))  # --out is inside the run: its tb
     acc.Reload()
-    [fid_event] = acc.Scalars("eval/fid")
+    [fid_event] = acc.Scalars("eval/sid_lsg_coco30k/n7/fid")
     assert fid_event.step == 3 and fid_event.value == pytest.approx(metrics["fid"], rel=1e-5)
-    assert acc.Scalars("eval/clip_score")[0].value == pytest.approx(metrics["clip_score"], rel=1e-5)
+    clip_tag = "eval/sid_lsg_coco30k/n7/clip_score_ViT-B-32"
+    assert acc.Scalars(clip_tag)[0].value == pytest.approx(metrics["clip_score"], rel=1e-5)
     # the same numbers against images seen (= 1000 x kimg; the fake checkpoint's meta says 4 x step)
     assert metrics["images_seen"] == 12 and metrics["kimg"] == pytest.approx(0.012)
-    [by_images] = acc.Scalars("eval_vs_images_seen/fid")
+    [by_images] = acc.Scalars("eval_vs_images_seen/sid_lsg_coco30k/n7/fid")
     assert by_images.step == 12 and by_images.value == pytest.approx(metrics["fid"], rel=1e-5)
-    assert acc.Scalars("eval_vs_images_seen/clip_score")[0].step == 12
+    assert acc.Scalars("eval_vs_images_seen/sid_lsg_coco30k/n7/clip_score_ViT-B-32")[0].step == 12
     p = metrics["protocol"]
     assert p["name"] == "sid_lsg_coco30k" and p["fid"]["fid_protocol_version"] == 2
     assert p["reference"]["ref_dir"] == str((work / "cli_ref").resolve())
@@ -717,3 +718,86 @@ def test_clear_errors(work, run_with_export, inception_standin, clip_file):
     with pytest.raises(FileNotFoundError, match="ref-stats"):
         load_stats(work / "no_stats.npz")
     assert read_prompts(prompts) == ["a red circle"]
+
+
+def _scalar_tags(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_fid_eval_tensorboard_tags_by_protocol_and_n_and_kept_out_of_the_run_unless_out_is_in_it(
+        work, run_with_export, inception_standin, cli_inputs):
+    """Evaluations of one export with another N or protocol never share a tag (a curve would join
+    incomparable numbers), and one whose --out lies outside the run writes to OUT/tb, not RUN/tb."""
+    prompts, ref_dir = cli_inputs
+    export, run_tb = run_with_export / "export", run_with_export / "tb"
+    before = _scalar_tags(run_tb) if run_tb.is_dir() else {}
+
+    outside = work / "elsewhere" / "export_n3"
+    m = run_cli(*cli_args(export, prompts, outside, inception_standin, ref_dir, "--num", "3"))
+    assert (_scalar_tags(run_tb) if run_tb.is_dir() else {}) == before  # the run's curves are untouched
+    here = _scalar_tags(outside / "tb")
+    assert here == {"eval/sid_lsg_coco30k/n3/fid": [(3, pytest.approx(m["fid"], rel=1e-6))],
+                    "eval_vs_images_seen/sid_lsg_coco30k/n3/fid": [(12, pytest.approx(m["fid"], rel=1e-6))]}
+    assert m["tensorboard"] == {"dir": str((outside / "tb").resolve()), "tags": list(here)}
+
+    for protocol, num in (("sid_lsg_coco30k", "5"), ("dmd2_coco10k_512", "5")):
+        m = run_cli(*cli_args(export, prompts, run_with_export / "eval" / f"export_{protocol}_{num}", inception_standin,
+                              ref_dir, "--num", num, "--protocol", protocol))
+        assert _scalar_tags(run_tb)[f"eval/{protocol}/n{num}/fid"] == [(3, pytest.approx(m["fid"], rel=1e-6))]
+    new = set(_scalar_tags(run_tb)) - set(before)
+    assert new == {f"{axis}/{p}/n5/fid" for axis in ("eval", "eval_vs_images_seen")
+                   for p in ("sid_lsg_coco30k", "dmd2_coco10k_512")}
+
+
+def test_metrics_json_says_images_are_bit_reproducible_at_a_fixed_batch_only(work, run_with_export,
+                                                                             inception_standin, cli_inputs):
+    prompts, ref_dir = cli_inputs
+    m = run_cli(*cli_args(run_with_export / "export", prompts, work / "repro_eval", inception_standin, ref_dir,
+                          "--num", "2", "--batch", "2", "--no-tensorboard"))
+    p = json.loads((work / "repro_eval" / "metrics.json").read_text())["protocol"]
+    assert "bit-reproducible only at the same --batch" in p["reproducibility"]
+    assert p["bit_reproducible_at"] == {"batch": 2, "device": "cpu", "dtype": "fp32", "torch": torch.__version__,
+                                        "diffusers": __import__("diffusers").__version__}
+    assert "tensorboard" not in m
+
+
+def test_plot_ticks_are_readable_and_evaluations_of_different_n_are_never_joined(work):
+    """The FID panel of values 0.2959..0.3031 had one y tick; points of N = 8 and N = 30000 were one
+    line, and the title did not say N."""
+    from sidscale.eval.curves import GRID, SERIES, EvalPoint, plot_curves
+
+    small = [EvalPoint(f"s{k}", k, 100 * k, fid, 0.30, num_images=8)
+             for k, fid in ((1.0, 0.2959), (2.0, 0.2965), (3.0, 0.2970))]
+    large = [EvalPoint(f"l{k}", k, 100 * k, fid, 0.31, num_images=30000) for k, fid in ((1.5, 0.3031), (2.5, 0.3025))]
+    out = work / "curves_n.png"
+    fid_panel, _ = plot_curves(sorted(small + large, key=lambda p: p.kimg), out, "sid_lsg_coco30k")
+    with Image.open(out) as im:
+        png = np.asarray(im.convert("RGB"))
+
+    lo, hi = fid_panel.y_range
+    assert lo <= 0.2959 and hi >= 0.3031
+    values = [v for v, _ in fid_panel.y_ticks]
+    labels = [label for _, label in fid_panel.y_ticks]
+    assert len(values) >= 3 and all(lo <= v <= hi for v in values) and len(set(labels)) == len(labels)
+    step = values[1] - values[0]
+    for v, label in fid_panel.y_ticks:
+        assert float(label) == pytest.approx(v, abs=step / 10)
+        _, py = fid_panel.to_pixel(lo, v)
+        assert any(tuple(png[py, x]) == GRID for x in range(fid_panel.box[0], fid_panel.box[2]))
+    assert len(fid_panel.x_ticks) >= 3
+
+    assert set(fid_panel.series) == {8, 30000} and "N = " not in fid_panel.title
+    def colours_near(x: int, y: int) -> set[tuple[int, ...]]:  # the 3x3 pixels around (x, y)
+        return {tuple(int(c) for c in png[y + dy, x + dx]) for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
+
+    (_, _, ax, ay), (_, _, bx, by) = fid_panel.series[8][:2]
+    assert SERIES[0] in colours_near((ax + bx) // 2, (ay + by) // 2)  # one N: joined
+    (_, _, cx, cy) = fid_panel.series[30000][0]
+    assert not colours_near((ax + cx) // 2, (ay + cy) // 2) & set(SERIES)  # kimg neighbours, different N: not joined
+
+    only, _ = plot_curves(small, work / "curves_8.png", "sid_lsg_coco30k")
+    assert only.title == "FID (sid_lsg_coco30k), N = 8"

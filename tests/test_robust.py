@@ -311,6 +311,9 @@ class _NullLogger:
     def write(self, *a):
         pass
 
+    def end_progress(self):
+        pass
+
     def close(self):
         pass
 
@@ -321,7 +324,8 @@ def _stub_trainer(run_dir: Path, step: int, max_steps: int, saves: list) -> Simp
                               ckpt_every=100, export_at_end=False),
         teacher=SimpleNamespace(kind="sd", is_toy=False), eval=SimpleNamespace(num_samples=0))
     stub = SimpleNamespace(cfg=cfg, run_dir=run_dir, step=step, images_seen=0, rank=1,
-                           dist=SimpleNamespace(is_main=False),
+                           dist=SimpleNamespace(is_main=False), schedule=None,
+                           settings=SimpleNamespace(generator_steps=1),
                            prompts=SimpleNamespace(close=lambda: None))
 
     def train_step():

@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from sidscale.distributed.runtime import free_port  # noqa: E402
+from sidscale.terminal import sampler_title  # noqa: E402
 
 # The flow job: the toy preset with the flow toy teacher and SiD-DiT's generator weighting (1 - sigma
 # multiplies the loss; the generator starts from pure noise at sigma_init = 1 and the loss sigma is
@@ -65,10 +66,41 @@ def main(argv: list[str] | None = None) -> int:
     code = subprocess.call(cmd, env=env, cwd=REPO)
     if code != 0:
         return code
-    result = json.loads((run_dir / "toy_eval.json").read_text())
     print(f"\ndemo finished in {time.time() - start:.0f} s; run directory {run_dir}")
+    print_summary(run_dir)
+    return 0
+
+
+def run_config(run_dir: Path) -> dict:
+    import yaml
+
+    path = run_dir / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def skipped_evaluation(run_dir: Path) -> str | None:
+    """Why the run has no toy evaluation to show (None: it has one)."""
+    num = (run_config(run_dir).get("eval") or {}).get("num_samples")
+    if num == 0:
+        return "eval.num_samples = 0: no toy evaluation was made, so there is no comparison table"
+    if not (run_dir / "toy_eval.json").is_file():
+        return f"{run_dir / 'toy_eval.json'} was not written, so there is no comparison table"
+    return None
+
+
+def print_summary(run_dir: Path) -> None:
+    """The comparison table of the run's toy evaluation, or one line saying why there is none."""
+    reason = skipped_evaluation(run_dir)
+    if reason is not None:
+        print(f"  {reason}")
+        print(f"  export: {run_dir / 'export'}  previews: {run_dir / 'samples'}  TensorBoard: {run_dir / 'tb'}")
+        return
+    result = json.loads((run_dir / "toy_eval.json").read_text())
     steps = result.get("generator_steps", 1)
-    sampler = "flow Euler" if args.family == "flow" else "DDIM"
+    # toy_eval.json names the teacher's sampler; older ones do not: the flow toy teacher's is flow Euler
+    flow = (run_config(run_dir).get("teacher") or {}).get("kind") == "toy_flow"
+    sampler = result.get("teacher_sampler", "flow_euler" if flow else "ddim")
+    sampler = sampler_title(sampler)
     rows = [(f"{'one' if steps == 1 else steps}-step student (EMA)", "one_step"),
             (f"teacher, {result['teacher_steps']}-step {sampler} cfg {result['teacher_cfg']}", "teacher_ddim"),
             ("exact samples (noise floor)", "exact")]
@@ -80,7 +112,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"{result[f'colour_accuracy_{key}']:12.1%}")
     print("  (accuracy: share of images nearest to a component of their own prompt / colour; chance 4.2% / 16.7%)")
     print(f"  export: {run_dir / 'export'}  previews: {run_dir / 'samples'}  TensorBoard: {run_dir / 'tb'}")
-    return 0
 
 
 if __name__ == "__main__":

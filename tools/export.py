@@ -29,6 +29,9 @@ def export_checkpoint(ckpt: Path, out: Path, link_frozen: bool = False) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sidscale.terminal import quiet_third_party
+
+    quiet_third_party()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--out", type=Path, required=True)

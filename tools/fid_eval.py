@@ -22,8 +22,9 @@ centre crop + PIL Lanczos to the protocol's size, then clean-fid (bicubic 299, T
 --ref-stats or --ref-dir (make stats once with tools/ref_stats.py --protocol NAME). CLIP score:
 open_clip on the image prepared as the protocol's code prepares it, mean cosine.
 --teacher-steps K --teacher-cfg C also evaluates the teacher's own sampler (DDIM / flow Euler).
-Writes OUT/metrics.json, and eval/fid, eval/clip_score to RUN/tb at the checkpoint's step (and
-eval_vs_images_seen/* at the images seen = 1000 x kimg).
+Writes OUT/metrics.json, and eval/PROTOCOL/nN/fid (and clip_score_MODEL) at the checkpoint's step (and
+eval_vs_images_seen/... at the images seen = 1000 x kimg) to RUN/tb when --out is inside RUN, else OUT/tb.
+Images are bit-reproducible at the same --batch, device and dtype only (metrics.json says so).
 Weights are read from local files only: nothing is downloaded.
 """
 

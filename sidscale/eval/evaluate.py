@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,6 +50,7 @@ from sidscale.eval.images import image_path
 from sidscale.eval.model_source import ModelDirError, ModelSource, resolve_model
 from sidscale.eval.protocols import DEFAULT_PROTOCOL, PROTOCOLS, EvalProtocol, ProtocolError, get_protocol
 from sidscale.io_utils import atomic_write_json
+from sidscale.terminal import quiet_third_party
 
 log = logging.getLogger("sidscale.eval")
 
@@ -81,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-timeout", type=float, default=4 * 3600.0, help="rank 0 waits this long for other ranks")
     p.add_argument("--rank", type=int, default=None, help="override RANK / SLURM_PROCID (testing)")
     p.add_argument("--world-size", type=int, default=None, help="override WORLD_SIZE / SLURM_NTASKS (testing)")
-    p.add_argument("--no-tensorboard", action="store_true", help="do not write eval/* scalars to RUN/tb")
+    p.add_argument("--no-tensorboard", action="store_true",
+                   help="do not write the eval/PROTOCOL/nN/* scalars (to RUN/tb when --out is inside RUN, else OUT/tb)")
     return p
 
 
@@ -103,15 +106,54 @@ def image_set_metrics(
     return out
 
 
-def write_tensorboard(run_dir: Path, step: int, values: dict[str, float]) -> None:
+def write_tensorboard(tb_dir: Path, step: int, values: dict[str, float]) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(run_dir / "tb"))
+    writer = SummaryWriter(str(tb_dir))
     try:
         for k, v in values.items():
             writer.add_scalar(k, v, step)
     finally:
         writer.close()
+
+
+# Generation is not batch-invariant: batched matmuls (and convolutions) may sum in another order at another
+# batch size, so an image can differ in its last bits, and after uint8 rounding in a few pixels by one
+# level. Stated in every metrics.json beside the settings that must match for identical bytes.
+REPRODUCIBILITY = ("images (and so FID / CLIP score) are bit-reproducible only at the same --batch, device, "
+                   "dtype and library versions (bit_reproducible_at); another --batch can change a few pixels "
+                   "by one level (batched-matmul rounding) and the FID in its last digits")
+
+
+def reproducibility_key(batch: int, device: str, dtype: str) -> dict:
+    """The settings that identical image bytes need (``REPRODUCIBILITY``)."""
+    import diffusers
+
+    dev = torch.device(device)
+    key = {"batch": batch, "device": dev.type, "dtype": dtype, "torch": torch.__version__,
+           "diffusers": diffusers.__version__}
+    if dev.type == "cuda":  # kernels differ between GPU models
+        key["gpu"] = torch.cuda.get_device_name(dev)
+    return key
+
+
+def tensorboard_dir(src: ModelSource, out: Path) -> Path:
+    """Where the scalars go: RUN/tb when --out lies inside the model's run (RUN/eval/NAME, what slurm/eval.sh
+    and --plot use), else OUT/tb: an evaluation kept elsewhere never lands in the run's curves."""
+    run = src.run_dir
+    if run is not None and out.resolve().is_relative_to(run.resolve()):
+        return run / "tb"
+    return out / "tb"
+
+
+def tensorboard_tags(protocol: str, num_images: int, clip_model: str | None) -> dict[str, str]:
+    """Scalar tags by protocol and N (and CLIP model): a curve never joins numbers of different
+    protocols, sample counts or CLIP networks. ``{"fid": ..., "clip_score": ...}`` (no CLIP: no tag)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", clip_model) if clip_model else None
+    tags = {"fid": f"{protocol}/n{num_images}/fid"}
+    if safe:
+        tags["clip_score"] = f"{protocol}/n{num_images}/clip_score_{safe}"
+    return tags
 
 
 def protocol_prompts(path: Path, num: int | None, protocol: EvalProtocol) -> list[str]:
@@ -212,6 +254,8 @@ def compute_and_write_metrics(
             "reference": ref_info, "clip_model": args.clip_model if scorer else None,
             "clip_weights": str(args.clip_weights) if scorer else None,
             "clip_score": "mean cosine similarity (not x100)",
+            "reproducibility": REPRODUCIBILITY,
+            "bit_reproducible_at": reproducibility_key(args.batch, device, dtype),
         },
     })
     if teacher_gen is not None:
@@ -222,22 +266,29 @@ def compute_and_write_metrics(
                   "teacher_path": src.sampling.get("teacher_path")})
         t["ddim_steps"] = args.teacher_steps  # the key before flow teachers (kept for older readers)
         metrics["teacher"] = t
+    write_tb = src.step is not None and not args.no_tensorboard
+    tags = tensorboard_tags(protocol.name, len(prompts), args.clip_model if scorer else None)
+    if write_tb:
+        tb_dir = tensorboard_dir(src, args.out)
+        metrics["tensorboard"] = {"dir": str(tb_dir.resolve()), "tags": [f"eval/{t}" for t in tags.values()]
+                                  + ([f"eval_vs_images_seen/{t}" for t in tags.values()] if images_seen is not None
+                                     else [])}
     atomic_write_json(args.out / "metrics.json", metrics)
-    if src.run_dir is not None and src.step is not None and not args.no_tensorboard:
-        scalars = {"fid": metrics["fid"]}
-        if metrics["clip_score"] is not None:
-            scalars["clip_score"] = metrics["clip_score"]
-        write_tensorboard(src.run_dir, int(src.step), {f"eval/{k}": v for k, v in scalars.items()})
+    if write_tb:
+        scalars = {tags[k]: metrics[k] for k in tags if metrics[k] is not None}
+        write_tensorboard(tb_dir, int(src.step), {f"eval/{k}": v for k, v in scalars.items()})
         if images_seen is not None:
             # TensorBoard steps are integers: the same values against images seen (= 1000 x kimg), the
             # axis that compares runs of different batch sizes
-            write_tensorboard(src.run_dir, int(images_seen),
+            write_tensorboard(tb_dir, int(images_seen),
                               {f"eval_vs_images_seen/{k}": v for k, v in scalars.items()})
+        log.info("TensorBoard scalars %s in %s", ", ".join(metrics["tensorboard"]["tags"]), tb_dir)
     return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    quiet_third_party()
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--plot" in argv:
         from sidscale.eval.curves import plot_main

@@ -23,6 +23,7 @@ import torch
 
 from sidscale.eval.images import image_path, missing_images, save_png_atomic
 from sidscale.sample import seeded_latent_noise, to_uint8
+from sidscale.terminal import progress
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +87,19 @@ def generate_images(
     sample_fn: SampleFn, prompts: Sequence[str], out_dir: Path, batch: int, rank: int = 0, world: int = 1,
     pixel_offset: float = 128.0,
 ) -> tuple[int, float]:
-    """Write this rank's missing ``out_dir/{i:06d}.png``; returns (images written, seconds spent)."""
+    """Write this rank's missing ``out_dir/{i:06d}.png``; returns (images written, seconds spent).
+    Rank 0 shows a progress bar with ETA over its own share (the ranks' shares differ by one chunk at most)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, seconds = 0, 0.0
-    for idx in chunks_for_rank(len(prompts), batch, rank, world):
-        todo = missing_images(out_dir, idx)
-        if not todo:
-            continue
+    # the chunks with missing images, found first so that the bar counts only what is generated now
+    # (its rate and ETA would otherwise include the chunks a resume skips)
+    plan = [(idx, todo) for idx in chunks_for_rank(len(prompts), batch, rank, world)
+            if (todo := missing_images(out_dir, idx))]
+    share = f" (rank 0's share of {len(prompts)}, {world} ranks)" if world > 1 else ""
+    bar = progress(sum(len(idx) for idx, _ in plan), f"generating {out_dir.name}{share}", rank == 0 and bool(plan),
+                   unit="img")
+    for idx, todo in plan:
         t0 = time.perf_counter()
         pixels = protocol_pixels(sample_fn([prompts[i] for i in idx], list(idx)).float().cpu(), pixel_offset)
         pixels = pixels.permute(0, 2, 3, 1).numpy()
@@ -102,6 +108,8 @@ def generate_images(
                 save_png_atomic(image_path(out_dir, i), np.ascontiguousarray(pixels[j]))
         written += len(todo)
         seconds += time.perf_counter() - t0
+        bar.update(len(idx))
+    bar.close()
     return written, seconds
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import torch
 
+from sidscale.distributed import comm
 from sidscale.eval.frechet import toy_frechet
 from sidscale.families.base import Teacher
 from sidscale.method.sid_lsg import MethodSettings, multi_step_generate
 from sidscale.models.toy import ToyMixture
 from sidscale.sample import seeded_generator_noises
+from sidscale.terminal import progress, sampler_title, teacher_sampler_name
 
 
 def _accuracy(mixture: ToyMixture, x: torch.Tensor, prompts: list[str], name: str) -> dict[str, float]:
@@ -33,7 +35,9 @@ def toy_quality(
 
     The Frechet distance only sees the marginal over prompts; ``prompt_accuracy_*`` (the fraction of
     samples nearest to a component of their own prompt) and ``colour_accuracy_*`` (... of their own
-    colour; ``ToyMixture.prompt_accuracy``) say whether each image follows its prompt."""
+    colour; ``ToyMixture.prompt_accuracy``) say whether each image follows its prompt.
+
+    Each sampler gets a progress bar with ETA on rank 0 (a partitioned teacher samples on every rank)."""
     prompts = [mixture.prompts[i % len(mixture.prompts)] for i in range(num_samples)]
     reference = mixture.sample(prompts, torch.Generator().manual_seed(seed + 1))
     floor = mixture.sample(prompts, torch.Generator().manual_seed(seed + 2))
@@ -44,21 +48,30 @@ def toy_quality(
         settings = settings or MethodSettings(t_init=t_init)
         gen = teacher.family.prediction_fn(generator_unet, schedule)
         xs = []
+        bar = progress(num_samples, f"toy evaluation: {settings.generator_steps}-step student", comm.rank() == 0,
+                       unit="img")
         for s in range(0, num_samples, batch):
             seeds = list(range(s, min(s + batch, num_samples)))
             noises = [n.to(device) for n in seeded_generator_noises(seeds, teacher.latent_shape,
                                                                     settings.generator_steps)]
             cond = cond_fn.encode(prompts[s:s + len(seeds)])
             xs.append(multi_step_generate(gen, schedule, noises, cond, settings).cpu())
+            bar.update(len(seeds))
+        bar.close()
         out["frechet_one_step"] = toy_frechet(torch.cat(xs), reference)
         out.update(_accuracy(mixture, torch.cat(xs), prompts, "one_step"))
     if teacher_steps > 0:
         g = torch.Generator().manual_seed(seed + 3)
         xs = []
+        sampler = sampler_title(teacher_sampler_name(schedule))
+        bar = progress(num_samples, f"toy evaluation: teacher {sampler} {teacher_steps} steps", comm.rank() == 0,
+                       unit="img")
         for s in range(0, num_samples, batch):
             p = prompts[s:s + batch]
             xs.append(teacher.family.teacher_sampler(teacher, cond_fn.encode(p), cond_fn.empty(len(p)), teacher_cfg,
                                                      teacher_steps, g).cpu())
+            bar.update(len(p))
+        bar.close()
         out["frechet_teacher_ddim"] = toy_frechet(torch.cat(xs), reference)
         out.update(_accuracy(mixture, torch.cat(xs), prompts, "teacher_ddim"))
     return out

@@ -57,6 +57,7 @@ from sidscale.models.tiny import build_tiny_text_encoder, build_tiny_unet
 from sidscale.models.tokenizer import build_clip_tokenizer
 from sidscale.models.toy import ToyMixture
 from sidscale.schedule import FlowSchedule, VPSchedule
+from sidscale.terminal import progress
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +206,10 @@ def _fit(spec: ToyTeacherSpec, out_dir: Path) -> dict[str, Any]:
     opt = torch.optim.Adam(params, lr=spec.lr)
     unet.train()
     losses: list[float] = []
+    # NOTE: a bar with ETA (rank 0 fits while the other ranks wait): minutes on a busy CPU. The loss goes
+    # into its postfix; the periodic log line is kept at debug level so it does not break the bar.
+    bar = progress(spec.fit_steps, f"fitting the {spec.parameterisation} toy teacher (once; cached)",
+                   _is_rank0())
     for step in range(spec.fit_steps):
         b = spec.batch_size
         idx = torch.randint(0, len(prompts), (b,), generator=gen)
@@ -239,8 +244,11 @@ def _fit(spec: ToyTeacherSpec, out_dir: Path) -> dict[str, Any]:
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.5f}", refresh=False)
+        bar.update(1)
         if step % 50 == 0 or step == spec.fit_steps - 1:
-            log.info("toy teacher fit step %d/%d loss %.5f", step, spec.fit_steps, loss.item())
+            log.debug("toy teacher fit step %d/%d loss %.5f", step, spec.fit_steps, loss.item())
+    bar.close()
     fit_seconds = time.perf_counter() - start
     unet.eval()
     text_encoder.requires_grad_(False).eval()
@@ -275,6 +283,12 @@ def _fit(spec: ToyTeacherSpec, out_dir: Path) -> dict[str, Any]:
     return report
 
 
+def _is_rank0() -> bool:
+    from sidscale.distributed import comm
+
+    return comm.rank() == 0
+
+
 def _schedule(spec: ToyTeacherSpec) -> VPSchedule | FlowSchedule:
     if spec.is_flow:
         return FlowSchedule()
@@ -307,9 +321,17 @@ def _evaluate(
 
     sampler = flow_sample if spec.is_flow else ddim_sample
     net_fn = unet_velocity_fn if spec.is_flow else unet_eps_fn
+    # a bar over the samplers' network calls (cfg 1: one per step): the report takes as long as the fit
+    bar = progress((3 if spec.eval_random_init else 2) * spec.eval_steps, "toy teacher fit report", _is_rank0(),
+                   unit="step")
 
     def sample(fn) -> torch.Tensor:
-        return sampler(fn, schedule, x_T.shape, cond, None, 1.0, spec.eval_steps, x_T=x_T)
+        def counted(*args):
+            out = fn(*args)
+            bar.update(1)
+            return out
+
+        return sampler(counted, schedule, x_T.shape, cond, None, 1.0, spec.eval_steps, x_T=x_T)
 
     def accuracy(x: torch.Tensor, name: str) -> dict[str, float]:
         return {f"{name}_{k}_accuracy": v for k, v in mixture.prompt_accuracy(x, labels).items()}
@@ -333,6 +355,7 @@ def _evaluate(
     if spec.eval_random_init:
         out["random_init_frechet"] = toy_frechet(sample(net_fn(build_tiny_unet(spec.seed, **unet_kw).eval())),
                                                  reference)
+    bar.close()
     return out
 
 
@@ -394,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="eps: the VP toy teacher (teacher.kind toy); flow: the rectified-flow one (toy_flow)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from sidscale.terminal import quiet_third_party
+
+    quiet_third_party()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     spec = ToyTeacherSpec(parameterisation=args.parameterisation)
     if args.fit_steps is not None:
