@@ -100,7 +100,13 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}
 export NCCL_ASYNC_ERROR_HANDLING=${NCCL_ASYNC_ERROR_HANDLING:-3}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 # Interconnect selection is site specific: set e.g. NCCL_SOCKET_IFNAME=ib0 or NCCL_IB_HCA=mlx5
-# in the submitting shell when NCCL picks the wrong interface.
+# in the submitting shell when NCCL picks the wrong interface. Besides NCCL, the ranks talk over
+# gloo (TCP) while they wait for rank 0's one-off work (export, toy evaluation, completing a
+# checkpoint, the elastic conversion) and in CPU runs; gloo takes the interface the hostname
+# resolves to, which on some sites is 127.0.1.1 or a management network that the other nodes cannot
+# reach (the wait then fails at the first export or checkpoint). Set GLOO_SOCKET_IFNAME to the
+# nodes' data interface (an exact name, e.g. ib0 or eth0; gloo has no NCCL-style prefixes or ^
+# exclusions). This script never sets either variable: what the submitting shell exports is used.
 # One OMP thread pool per rank, sized to the cores that rank was given (torch's default is all
 # cores of the node, which G ranks then oversubscribe G times).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
@@ -140,7 +146,8 @@ requeue() {
 }
 
 echo "distill.sh: job $SLURM_JOB_ID attempt $(( ${SLURM_RESTART_COUNT:-0} + 1 )) on ${#NODES[@]} node(s)" \
-     "($SLURM_JOB_NODELIST), $SLURM_NTASKS ranks, rendezvous $MASTER_ADDR:$MASTER_PORT"
+     "($SLURM_JOB_NODELIST), $SLURM_NTASKS ranks, rendezvous $MASTER_ADDR:$MASTER_PORT," \
+     "NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-<auto>} GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-<auto>}"
 echo "distill.sh: run dir $RUN_DIR; rank logs $RUN_DIR/logs/rank<N>.log"
 if [[ $GOT_USR1 == 1 ]]; then requeue; fi  # told to stop before the ranks even started
 if [[ $GOT_TERM == 1 ]]; then exit 143; fi
