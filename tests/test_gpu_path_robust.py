@@ -367,3 +367,48 @@ def test_long_work_group_is_made_once_per_process_group(monkeypatch: pytest.Monk
     assert made == [("gloo", datetime.timedelta(seconds=30))]
     monkeypatch.setattr(comm, "_world", lambda: object())  # a new process group: a new wait group
     assert comm._long_work_group(30) == 2
+
+
+# ----------------------------------------------------------------------------------- ZeRO-3 leftovers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["teacher.grad_checkpointing=true", "generator.grad_checkpointing=true",
+                                        "fake.grad_checkpointing=true"]], ids=["plain", "checkpointing"])
+def test_frozen_zero3_networks_release_their_leftovers_after_each_generator_backward(tmp_path, tiny_toy_teacher,
+                                                                                     monkeypatch, extra) -> None:
+    """ZeRO-3 generator and fake net, partitioned teacher, 2 micro-batches: after each generator
+    backward the fake net's and the teacher's coordinators are drained (DeepSpeed itself drains only
+    the generator's), and afterwards none of their parameters is left gathered."""
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    from tests.inprocess import one_rank_trainer
+
+    calls: list[tuple[int, int]] = []  # (which coordinator owner, parameters still gathered before the call)
+    real = DeepSpeedZeRoOffload.release_backward_leftovers
+
+    def spy(self):
+        gathered = sum(p.ds_status != ZeroParamStatus.NOT_AVAILABLE and not p.ds_persist
+                       for p in self.module.parameters())
+        calls.append((id(self), gathered))
+        return real(self)
+
+    monkeypatch.setattr(DeepSpeedZeRoOffload, "release_backward_leftovers", spy)
+    overrides = [f"teacher.path={tiny_toy_teacher}", "train.precision=fp32", "teacher.dtype=fp32",
+                 "train.global_batch=4", "train.micro_batch=2", "teacher.resolution=8", "data.shards=indexed:toy",
+                 "eval.num_samples=0", "deepspeed.config=ds_configs/zero3.json", "teacher.partitioned=true",
+                 *extra]
+    with one_rank_trainer(tmp_path / "run", overrides) as trainer:
+        teacher, fake = trainer.teacher_engine.optimizer, trainer.fake_engine.optimizer.parameter_offload
+        assert trainer.gas == 2
+        trainer.train_step()
+        for owner in (teacher, fake):
+            left = [p for p in owner.module.parameters()
+                    if p.ds_status != ZeroParamStatus.NOT_AVAILABLE and not p.ds_persist]
+            assert not left, f"{len(left)} parameters left gathered"
+    # the teacher never runs a backward of its own: every call is the trainer's, one per micro-batch
+    assert [c for c in calls if c[0] == id(teacher)] and len([c for c in calls if c[0] == id(teacher)]) == 2
+    # the fake net: 2 from its own backward (DeepSpeed), 2 from the generator's (the trainer)
+    assert len([c for c in calls if c[0] == id(fake)]) == 4
+    print("parameters found gathered at each release:", [g for _, g in calls])
