@@ -339,6 +339,14 @@ def test_ema_swap_waits_for_its_copies_on_cuda(monkeypatch: pytest.MonkeyPatch) 
     assert synced == [torch.device("cuda", 2)]
     sharded_ema._copies_done([torch.zeros(2)])  # CPU: nothing to wait for
     assert len(synced) == 1
+    # the swap waits after each of its two copy loops (what the partitions hold at each wait)
+    seen = []
+    monkeypatch.setattr(sharded_ema, "_copies_done", lambda flats: seen.append(flats[0].clone()))
+    flat, shard = torch.arange(6.0), torch.full((6,), -1.0)
+    engine, ema, _ = _fake_zero3(flat, shard)
+    with sharded_ema.ema_swapped_into(engine, ema):
+        assert len(seen) == 1 and torch.equal(seen[0], shard)
+    assert len(seen) == 2 and torch.equal(seen[1], torch.arange(6.0))
 
 
 # ----------------------------------------------------------------------------------- long-work waits
