@@ -5,12 +5,15 @@ appear): they tell the trainer where to fail instead. ``SIDSCALE_FAULT`` holds o
 
     point=<name>,step=<N>[,rank=<R>],action=<raise|config_error|signal|hang|slow>[,seconds=<S>]
 
+(several faults: separated by ``;``).
+
 - ``point``: where in the loop (``mid_step``: between the fake and the generator phase of the
   iteration that ends at step N; ``after_step``: after step N finished, before its checkpoint;
   ``in_save``: inside the save of step N, after the engine shards, before ``meta.json``;
   rank 0's one-off work while the other ranks wait: ``teacher_fit`` (step 0: resolving / fitting the
   toy teacher), ``prune`` (writing meta.json and pruning after the save of step N), ``export`` and
-  ``toy_eval`` (at the end, step N = the final step); ``startup``: step 0, before the Trainer is built).
+  ``toy_eval`` (at the end, step N = the final step); ``load_teacher``: step 0, as each rank loads
+  the teacher files).
 - ``rank``: only this rank (default: every rank).
 - ``action``: ``raise`` a RuntimeError; ``config_error``: raise a ConfigError (an input error seen by
   this rank only, as a teacher file missing on one node's view of NFS); ``slow``: sleep ``seconds``
@@ -32,7 +35,7 @@ from pathlib import Path
 
 ENV = "SIDSCALE_FAULT"
 DIR_ENV = "SIDSCALE_FAULT_DIR"
-POINTS = ("mid_step", "after_step", "in_save", "startup", "teacher_fit", "prune", "export", "toy_eval")
+POINTS = ("mid_step", "after_step", "in_save", "load_teacher", "teacher_fit", "prune", "export", "toy_eval")
 ACTIONS = ("raise", "config_error", "signal", "sigterm_group", "hang", "slow")
 
 
@@ -70,22 +73,26 @@ def parse(spec: str) -> Fault:
     return fault
 
 
-_cached: tuple[str | None, Fault | None] = (None, None)
+_cached: tuple[str | None, tuple[Fault, ...]] = (None, ())
 
 
-def active() -> Fault | None:
+def active() -> tuple[Fault, ...]:
+    """The configured faults: one, or several separated by ``;`` (e.g. rank 0 slowed at several points)."""
     global _cached
     spec = os.environ.get(ENV)
     if spec != _cached[0]:
-        _cached = (spec, parse(spec) if spec else None)
+        _cached = (spec, tuple(parse(s.strip()) for s in spec.split(";") if s.strip()) if spec else ())
     return _cached[1]
 
 
 def maybe_fail(point: str, step: int, rank: int) -> None:
-    """Trigger the configured fault if this is its point, step and rank."""
-    fault = active()
-    if fault is None or fault.point != point or fault.step != step or fault.rank not in (None, rank):
-        return
+    """Trigger the configured fault(s) of this point, step and rank."""
+    for fault in active():
+        if fault.point == point and fault.step == step and fault.rank in (None, rank):
+            _trigger(fault, rank)
+
+
+def _trigger(fault: Fault, rank: int) -> None:
     if fault.action == "raise":
         raise InjectedFault(f"injected fault ({fault.spec()}) on rank {rank}")
     if fault.action == "config_error":

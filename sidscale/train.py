@@ -243,6 +243,7 @@ class Trainer:
         if teacher is None:
             # The toy teacher is fitted once (rank 0), then every rank loads the same files.
             comm.broadcast_object_after_long_work(lambda: self._resolve_teacher_dir(cfg), what="preparing the teacher")
+            fault_injection.maybe_fail("load_teacher", 0, self.rank)
             teacher = self.family.load_teacher(cfg, self.device)
         if cfg.teacher.text_encoders == "cpu":  # weights in host memory, outputs on the device
             teacher.conditioner = HostConditioner(teacher.conditioner, self.device)
@@ -866,7 +867,6 @@ def main(argv: list[str] | None = None) -> int:
         if has_checkpoint:  # verified by every rank before any model is built
             path = choose_resume_checkpoint(run_dir, rank, dist_info.world_size)
             written_by, universal = prepare_elastic_resume(path, dist_info.world_size)
-        fault_injection.maybe_fail("startup", 0, rank)
         trainer = Trainer(cfg, run_dir, dist_info, load_universal=universal is not None)
         if has_checkpoint:
             trainer.resume(path, universal)

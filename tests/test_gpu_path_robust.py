@@ -420,3 +420,26 @@ def test_frozen_zero3_networks_release_their_leftovers_after_each_generator_back
     # the fake net: 2 from its own backward (DeepSpeed), 2 from the generator's (the trainer)
     assert len([c for c in calls if c[0] == id(fake)]) == 4
     print("parameters found gathered at each release:", [g for _, g in calls])
+
+
+# ----------------------------------------------------------------------------------- fault injection
+
+
+def test_fault_injection_slow_and_several_faults(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sidscale import fault_injection as fi
+
+    slept = []
+    monkeypatch.setattr(fi.time, "sleep", slept.append)
+    spec = "point=export,step=4,rank=0,action=slow,seconds=12.5; point=load_teacher,step=0,rank=1,action=config_error"
+    monkeypatch.setenv(fi.ENV, spec)
+    assert [f.spec() for f in fi.active()] == [s.strip() for s in spec.split(";")]
+    fi.maybe_fail("export", 4, 1)  # another rank
+    fi.maybe_fail("export", 3, 0)  # another step
+    assert slept == []
+    fi.maybe_fail("export", 4, 0)
+    assert slept == [12.5]
+    with pytest.raises(ConfigError, match=r"injected input error \(point=load_teacher,step=0,rank=1"):
+        fi.maybe_fail("load_teacher", 0, 1)
+    for bad in ("point=export,step=1,action=slow", "point=export,step=1,action=raise,seconds=3"):
+        with pytest.raises(ValueError, match="seconds"):
+            fi.parse(bad)
