@@ -9,7 +9,8 @@ Launch recipes (the run directory holds config.yaml, tb/, samples/, checkpoints/
     torchrun --nproc_per_node N sidscale/train.py --config toy --run-dir runs/toy
     # several nodes from a hostfile
     deepspeed --hostfile hosts.txt sidscale/train.py --config sdxl --run-dir /shared/runs/sdxl ...
-    # SLURM: one task per GPU started by srun (RANK/WORLD_SIZE come from SLURM_PROCID/SLURM_NTASKS)
+    # SLURM: one task per GPU started by srun (RANK/WORLD_SIZE come from SLURM_PROCID/SLURM_NTASKS,
+    # MASTER_ADDR/MASTER_PORT, unless set, from the first host of the node list and the job id)
     srun --ntasks-per-node 8 python sidscale/train.py --config sdxl --run-dir /shared/runs/$SLURM_JOB_ID
 
 Starting in a directory that has checkpoints resumes from RUN/checkpoints/latest.
