@@ -876,10 +876,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"sidscale: resumed from {path} (step {trainer.step}{via})", flush=True)
         if not comm.all_ranks_agree(True):
             raise RuntimeError("a rank failed during start-up")
-        if universal is not None and dist_info.is_main:
+        if universal is not None:  # every rank has loaded it; deleting a big model's copy takes a while
             from sidscale.elastic import remove_universal
 
-            remove_universal(path, written_by)  # every rank has loaded it
+            comm.broadcast_object_after_long_work(lambda: remove_universal(path, written_by),
+                                                  what="removing the universal copy of the checkpoint")
         if dist_info.is_main:  # the run has started: only now does the directory hold its config
             dump_config(cfg, run_dir / "config.yaml")
         code = 0 if trainer.run(stop) else EXIT_REQUEUE
