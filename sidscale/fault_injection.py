@@ -10,10 +10,10 @@ appear): they tell the trainer where to fail instead. ``SIDSCALE_FAULT`` holds o
 - ``point``: where in the loop (``mid_step``: between the fake and the generator phase of the
   iteration that ends at step N; ``after_step``: after step N finished, before its checkpoint;
   ``in_save``: inside the save of step N, after the engine shards, before ``meta.json``;
-  rank 0's one-off work while the other ranks wait: ``teacher_fit`` (step 0: resolving / fitting the
-  toy teacher), ``prune`` (writing meta.json and pruning after the save of step N), ``export`` and
-  ``toy_eval`` (at the end, step N = the final step); ``load_teacher``: step 0, as each rank loads
-  the teacher files).
+  around rank 0's one-off work while the other ranks wait: ``teacher_fit`` (step 0: just before rank 0
+  resolves / fits the toy teacher), ``prune`` (writing meta.json and pruning after the save of step N),
+  ``export`` and ``toy_eval`` (at the end, step N = the final step); ``load_teacher``: step 0, as each
+  rank loads the teacher files).
 - ``rank``: only this rank (default: every rank).
 - ``action``: ``raise`` a RuntimeError; ``config_error``: raise a ConfigError (an input error seen by
   this rank only, as a teacher file missing on one node's view of NFS); ``slow``: sleep ``seconds``

@@ -243,7 +243,9 @@ class Trainer:
         self.family = family_for_kind(cfg.teacher.kind)
         if teacher is None:
             # The toy teacher is fitted once (rank 0), then every rank loads the same files.
-            comm.broadcast_object_after_long_work(lambda: self._resolve_teacher_dir(cfg), what="preparing the teacher")
+            fault_injection.maybe_fail("teacher_fit", 0, self.rank)
+            comm.broadcast_object_after_long_work(lambda: resolve_teacher_dir(cfg.teacher),
+                                                  what="preparing the teacher")
             fault_injection.maybe_fail("load_teacher", 0, self.rank)
             teacher = self.family.load_teacher(cfg, self.device)
         if cfg.teacher.text_encoders == "cpu":  # weights in host memory, outputs on the device
@@ -300,10 +302,6 @@ class Trainer:
         self.prompts = self._build_prompt_source()
         self.step, self.images_seen = 0, 0
         self.logger: RunLogger | None = None
-
-    def _resolve_teacher_dir(self, cfg: Config) -> None:
-        fault_injection.maybe_fail("teacher_fit", 0, self.rank)
-        resolve_teacher_dir(cfg.teacher)
 
     def _choose_teacher_placement(self) -> Placement:
         """``teacher.partitioned`` resolved (auto: sidscale.perf.placement, from the real networks)."""

@@ -371,10 +371,10 @@ def test_long_work_group_is_made_once_per_process_group(monkeypatch: pytest.Monk
     monkeypatch.setattr(comm, "_world", lambda: world)
     monkeypatch.setattr(comm, "_long_work_groups", {})
     monkeypatch.setattr(dist, "new_group", lambda backend, timeout: made.append((backend, timeout)) or len(made))
-    assert comm._long_work_group(30) == comm._long_work_group(30) == 1
+    assert comm.long_work_group(30) == comm.long_work_group(30) == 1
     assert made == [("gloo", datetime.timedelta(seconds=30))]
     monkeypatch.setattr(comm, "_world", lambda: object())  # a new process group: a new wait group
-    assert comm._long_work_group(30) == 2
+    assert comm.long_work_group(30) == 2
 
 
 # ----------------------------------------------------------------------------------- ZeRO-3 leftovers

@@ -49,12 +49,15 @@ def test_rank0_slower_than_the_timeout_in_its_one_off_work_is_waited_for(tmp_pat
 
 
 @pytest.mark.slow
-def test_an_input_error_on_one_rank_is_printed_by_that_rank(tmp_path: Path, tiny_toy_teacher: Path) -> None:
-    fault = fault_injection.Fault(point="load_teacher", step=0, rank=1, action="config_error")
+@pytest.mark.parametrize("point", ["teacher_fit", "load_teacher"])
+def test_an_input_error_on_one_rank_is_printed_by_that_rank(tmp_path: Path, tiny_toy_teacher: Path, point) -> None:
+    """``teacher_fit``: rank 1 is gone before rank 0's first long-work wait, which must notice (the wait
+    group exists from start-up; made then, it would wait for rank 1 for its whole 24-hour limit)."""
+    fault = fault_injection.Fault(point=point, step=0, rank=1, action="config_error")
     codes: list[int] = []
     proc = run_trainer(tmp_path / "run", [*OVERRIDES, f"teacher.path={tiny_toy_teacher}", "dist.timeout_s=600"],
                        env={fault_injection.ENV: fault.spec()}, check=False, timeout=300, codes_out=codes)
-    assert "[rank 1] sidscale: error: injected input error (point=load_teacher" in proc.stderr, proc.stderr[-4000:]
+    assert f"[rank 1] sidscale: error: injected input error (point={point}" in proc.stderr, proc.stderr[-4000:]
     # rank 1 exits 2 (an input error); rank 0 does not wait for it until dist.timeout_s (killed at 300 s: -9)
     assert codes[1] == 2 and codes[0] not in (0, -9), codes
 

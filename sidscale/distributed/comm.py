@@ -133,9 +133,14 @@ def _world() -> Any:
     return dist.GroupMember.WORLD
 
 
-def _long_work_group(timeout_s: float):
+def long_work_group(timeout_s: float = LONG_WORK_TIMEOUT_S):
     """The gloo group the long-work waits use (one per timeout, made once per process group: creating
-    a group connects every pair of ranks, too costly for every checkpoint at hundreds of ranks)."""
+    a group connects every pair of ranks, too costly for every checkpoint at hundreds of ranks).
+
+    NOTE: making the group waits for every rank for up to ``timeout_s``, so a rank that died before
+    would hold the others for that long: ``runtime.init_distributed`` makes the default one at
+    start-up, right after every rank has joined, and a later wait finds a dead rank by its closed
+    sockets. A collective the first time (per timeout): all ranks must call."""
     world = _world()
     cached = _long_work_groups.get(timeout_s)
     if cached is None or cached[0] is not world:  # none yet, or made for a process group since destroyed
@@ -156,7 +161,7 @@ def broadcast_object_after_long_work(work: Callable[[], T], timeout_s: float = L
     "the export"). A collective: all ranks must call."""
     if not is_distributed() or world_size() == 1:
         return work()
-    group = _long_work_group(timeout_s)
+    group = long_work_group(timeout_s)
     box = [work() if rank() == 0 else None]
     started = time.monotonic()
     try:

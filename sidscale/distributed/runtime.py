@@ -239,7 +239,21 @@ def init_distributed(local_rank_arg: int | None = None, timeout_s: float = DEFAU
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl", verbose=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
+        if comm.world_size() > 1:
+            _make_long_work_group()
     return DistInfo(comm.rank(), comm.world_size(), local_rank, device)
+
+
+def _make_long_work_group() -> None:
+    """The gloo group of the waits for rank 0's long work, made while every rank is known to be here
+    (``comm.long_work_group``). Its full mesh of TCP connections is the first gloo traffic between
+    nodes: a wrong interface fails here, at start-up, not at the first checkpoint."""
+    try:
+        comm.long_work_group()
+    except RuntimeError as e:
+        raise RuntimeError(f"connecting the ranks' gloo group failed ({e}); gloo uses the interface this host's "
+                           "name resolves to: set GLOO_SOCKET_IFNAME to the interface the nodes reach each "
+                           "other on (e.g. ib0, eth0)") from e
 
 
 def shutdown_distributed() -> None:
