@@ -7,6 +7,10 @@ Layout of ``RUN/checkpoints/step_XXXXXXXX/``:
                              records the size and CRC-32 of every file of the checkpoint
 ``RUN/checkpoints/latest`` names the newest complete checkpoint and is written last, atomically;
 it holds a step directory name of this run only (``step_XXXXXXXX``), never a path.
+``meta.damaged.json`` replaces meta.json of a checkpoint found damaged (``set_aside_damaged``);
+``meta.restored.json`` keeps that record once the files verify again (``recover_restored``);
+``step_XXXXXXXX.damaged[.N]/`` is a damaged step directory moved aside before a re-save
+(``prepare_save_dir``).
 
 Verification: at save, each rank checksums the files it wrote (its ZeRO shards and its rank file;
 rank 0 also the shared ones) and rank 0 records them in meta.json. At resume, each rank checks its
@@ -34,6 +38,11 @@ log = logging.getLogger(__name__)
 
 META = "meta.json"
 DAMAGED_META = "meta.damaged.json"
+# the damage record of a checkpoint whose files were restored and verified again (recover_restored)
+RESTORED_META = "meta.restored.json"
+# meta.json's own CRC-32 (of its other keys): a hand-edited world_size / zero_stage makes the
+# checkpoint incomplete (a fallback), never a resume that fails the same way on every retry
+META_CRC = "meta_crc32"
 LATEST = "latest"
 ENGINE_TAGS = ("generator", "fake")
 STEP_NAME = re.compile(r"step_(\d{8})")
@@ -59,12 +68,29 @@ def rank_file(ckpt: Path, rank: int) -> Path:
     return Path(ckpt) / f"rank_{rank:05d}.pt"
 
 
+def _meta_crc(meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k != META_CRC}
+    return f"{zlib.crc32(json.dumps(body, sort_keys=True).encode()):08x}"
+
+
+def write_meta(ckpt: Path, meta: dict) -> None:
+    """Write ``ckpt``'s meta.json (last, atomically: it marks the checkpoint complete) with its own CRC."""
+    from sidscale.io_utils import atomic_write_json
+
+    atomic_write_json(Path(ckpt) / META, {**meta, META_CRC: _meta_crc(meta)})
+
+
 def is_complete(ckpt: Path) -> bool:
-    """meta.json present and readable, every rank file and both engine tags present."""
+    """meta.json present, readable and unedited (its CRC, when recorded), every rank file and both
+    engine tags present."""
     try:
         meta = json.loads((Path(ckpt) / META).read_text())
         world = int(meta["world_size"])
     except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if META_CRC in meta and meta[META_CRC] != _meta_crc(meta):
+        log.warning("%s was changed after the save (its recorded CRC differs): not trusted, the checkpoint "
+                    "counts as incomplete", Path(ckpt) / META)
         return False
     if not all(rank_file(ckpt, r).is_file() and rank_file(ckpt, r).stat().st_size > 0 for r in range(world)):
         return False
@@ -151,6 +177,83 @@ def mark_latest(run_dir: Path, ckpt: Path) -> None:
     atomic_write_text(root / LATEST, Path(ckpt).name + "\n")
 
 
+def past_checkpoints(run_dir: Path) -> list[Path]:
+    """Step directories that were complete checkpoints once: meta.json (maybe edited, maybe with
+    missing files) or a set-aside ``meta.damaged.json``. A run holding any of them is never started
+    over silently (``train.prepare_run_dir``)."""
+    root = checkpoints_root(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if STEP_NAME.fullmatch(p.name) and p.is_dir()
+                  and ((p / META).exists() or (p / DAMAGED_META).exists()))
+
+
+def refuse_start_over(run_dir: Path, has_checkpoint: bool) -> None:
+    """A run directory whose checkpoints are all damaged or incomplete is never trained over from
+    step 0 (that would overwrite the files a user can still restore)."""
+    past = past_checkpoints(run_dir)
+    if not has_checkpoint and past:
+        raise CheckpointError(
+            f"--run-dir {run_dir} holds checkpoints but none is usable ({', '.join(p.name for p in past)}: damaged "
+            f"or incomplete; see their {DAMAGED_META}). Restore their files (the next start verifies them again "
+            f"and resumes), or move {checkpoints_root(run_dir)} away to start over from step 0")
+
+
+def recover_restored(run_dir: Path) -> list[Path]:
+    """Rank 0, at start: a set-aside checkpoint (``meta.damaged.json``) newer than every complete
+    one whose recorded files all verify again (the user restored the good bytes) is complete again:
+    its meta.json comes back and the damage record is kept as ``meta.restored.json``. Files are
+    stat'ed first; only candidates with every recorded size right are checksummed. Returns them."""
+    complete = complete_checkpoints(run_dir)
+    newest = complete[-1].name if complete else ""
+    recovered = []
+    for ckpt in past_checkpoints(run_dir):
+        if ckpt.name <= newest or (ckpt / META).exists():
+            continue
+        try:
+            meta = json.loads((ckpt / DAMAGED_META).read_text())
+        except (OSError, ValueError):
+            continue
+        record = meta.pop("damaged", None)
+        recorded = meta.get("files")
+        if not recorded or not all((ckpt / f).is_file() and (ckpt / f).stat().st_size == c["size"]
+                                   for f, c in recorded.items()):
+            continue
+        if check_recorded(ckpt, recorded, sorted(recorded)):
+            continue
+        atomic_write_text(ckpt / RESTORED_META, json.dumps({"damaged": record}, indent=1) + "\n")
+        atomic_write_text(ckpt / META, json.dumps(meta, indent=1) + "\n")
+        (ckpt / DAMAGED_META).unlink()
+        log.warning("checkpoint %s was set aside as damaged; its files verify again (restored?): it is a resume "
+                    "candidate again (the old damage record is %s)", ckpt, ckpt / RESTORED_META)
+        recovered.append(ckpt)
+    return recovered
+
+
+def prepare_save_dir(ckpt: Path) -> Path | None:
+    """Rank 0, before any rank writes step directory ``ckpt``: a complete one is invalidated
+    (``invalidate``); one that was a checkpoint once but is damaged or incomplete (a file replaced by
+    a directory makes every re-save fail) is moved aside to ``step_XXXXXXXX.damaged[.N]`` (pruned like
+    the checkpoints before it) and returned; a partial save that never completed is removed."""
+    ckpt = Path(ckpt)
+    if not ckpt.exists():
+        return None
+    if is_complete(ckpt):
+        invalidate(ckpt)
+        return None
+    if not ((ckpt / META).exists() or (ckpt / DAMAGED_META).exists()):
+        shutil.rmtree(ckpt)
+        return None
+    aside, n = ckpt.with_name(ckpt.name + ".damaged"), 0
+    while aside.exists():
+        n += 1
+        aside = ckpt.with_name(f"{ckpt.name}.damaged.{n}")
+    os.replace(ckpt, aside)
+    log.warning("checkpoint directory %s was damaged or incomplete: moved aside to %s before saving that step "
+                "again", ckpt, aside)
+    return aside
+
+
 def set_aside_damaged(ckpt: Path, problems: list[str]) -> None:
     """Make a damaged checkpoint incomplete without deleting anything: ``meta.json`` becomes
     ``meta.damaged.json`` (plus the problems found), so no later resume or ``latest`` trusts it and
@@ -202,7 +305,7 @@ def checkpoint_files(ckpt: Path) -> list[str]:
     """Every file of a checkpoint except meta.json, as paths relative to it."""
     ckpt = Path(ckpt)
     return sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*")
-                  if p.is_file() and p.name not in (META, DAMAGED_META))
+                  if p.is_file() and p.name not in (META, DAMAGED_META, RESTORED_META))
 
 
 def files_to_check(files: list[str], rank: int, world_size: int) -> list[str]:
@@ -224,9 +327,14 @@ def verify_share(ckpt: Path, rank: int, world_size: int) -> list[str]:
         return [f"{Path(ckpt) / META}: unreadable ({e})"]
     if not recorded:
         return []
+    return check_recorded(ckpt, recorded, files_to_check(sorted(recorded), rank, world_size))
+
+
+def check_recorded(root: Path, recorded: dict[str, dict], files: list[str]) -> list[str]:
+    """Problems of ``files`` (paths relative to ``root``) against their ``recorded`` checksums."""
     problems = []
-    for rel in files_to_check(sorted(recorded), rank, world_size):
-        path = Path(ckpt) / rel
+    for rel in files:
+        path = Path(root) / rel
         if not path.is_file():
             problems.append(f"{path}: missing")
             continue
@@ -268,6 +376,12 @@ def full_ema_from_checkpoint(ckpt: Path) -> dict[str, torch.Tensor]:
     from sidscale.distributed.sharded_ema import STATE_FORMAT, assemble_full
 
     meta = read_meta(ckpt)
+    # every reader verifies what it reads (an export of a flipped rank file had wrong weights, exit 0)
+    recorded = meta.get("files") or {}
+    problems = check_recorded(ckpt, recorded, [f for f in sorted(recorded) if RANK_FILE.fullmatch(f)])
+    if problems:
+        raise CheckpointError(f"checkpoint {ckpt} is damaged: " + "; ".join(problems) + ". Restore the files, or "
+                              "use another checkpoint of the run")
     shards = [torch.load(rank_file(ckpt, r), map_location="cpu", weights_only=False)["ema"]
               for r in range(int(meta["world_size"]))]
     names, shapes = meta["ema_names"], [tuple(s) for s in meta["ema_shapes"]]

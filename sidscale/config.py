@@ -49,6 +49,9 @@ METHODS = ("sid_lsg",)
 TOY_KINDS = ("toy", "toy_flow")
 # Teachers with a guidance embedding: the distilled_guidance section applies (sidscale/families/flux.py).
 GUIDANCE_EMBED_KINDS = ("flux",)
+# distilled_guidance.mode: official = SiD-DiT's FLUX coupling (embedding = each call's CFG scale), per_role
+# = one fixed embedding per net (sidscale/families/flux.py)
+GUIDANCE_MODES = ("official", "per_role")
 
 
 class ConfigError(ValueError):
@@ -128,9 +131,12 @@ class MethodConfig:
 @dataclass
 class DistilledGuidanceConfig:
     """Guidance-distilled teachers (teacher.kind flux with guidance_embeds, FLUX.1-dev): the guidance
-    scale each net gets as its guidance EMBEDDING (an input of the network, not CFG). True CFG on top
-    is the method's cfg_* scales (1 = off, the FLUX preset's default). sid_dit_method.md 1.7."""
+    scale each net gets as its guidance EMBEDDING (an input of the network, not CFG).
+    mode official (the flux_dev preset, SiD-DiT's FLUX code): teacher and fake net take each call's
+    method.cfg_* scale as embedding AND as true-CFG scale (teacher / fake below are not read);
+    mode per_role: the fixed embeddings below, true CFG on top = the cfg_* scales (1 = off)."""
 
+    mode: str = "per_role"
     teacher: float = 3.5  # FLUX.1-dev's default (FluxPipeline guidance_scale)
     fake: float | None = None  # null = the teacher's: the fake net models G's output at the teacher's guidance
     generator: float = 1.0  # SiD-DiT calls the generator with embedding 1.0, in training and sampling
@@ -422,7 +428,13 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(m.sigma_logit_std > 0, "method.sigma_logit_std", m.sigma_logit_std, "a positive std")
 
     g = cfg.distilled_guidance
-    _check_non_negative(g, "distilled_guidance", ["teacher", "generator"])
+    _check_enum("distilled_guidance.mode", g.mode, GUIDANCE_MODES)
+    # NOTE: in mode official the teacher / fake embeddings are each call's cfg_* scale: a value set here
+    # would be silently ignored
+    _check(g.mode != "official" or (g.teacher == DistilledGuidanceConfig.teacher and g.fake is None),
+           "distilled_guidance", config_to_dict(g),
+           f"teacher = {DistilledGuidanceConfig.teacher} and fake = null in mode official (teacher and fake "
+           "take each call's method.cfg_* scale as their embedding); set mode per_role for fixed embeddings")
     _check(g.fake is None or g.fake >= 0, "distilled_guidance.fake", g.fake,
            "a value >= 0, or null (the teacher's scale)")
     # NOTE: only a guidance-distilled teacher reads these; elsewhere a changed value would be silently ignored

@@ -112,6 +112,9 @@ def export_generator(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     net = network_from_state(family.network_class(), network_config, ema_state)
     teacher_dir = Path(sampling["teacher_path"])
+    for stale in out_dir.parent.glob(f".{out_dir.name}.*"):  # left by an export killed before its rename
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
         net.save_pretrained(tmp / family.network_folder)

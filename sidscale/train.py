@@ -39,6 +39,10 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # `deepspeed sidscale/train.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__":  # before the slow imports: a stop signal during start-up is kept, not fatal
+    from sidscale import startup_signals
+
+    startup_signals.install()
 
 import numpy as np
 import torch
@@ -58,7 +62,7 @@ from sidscale.config import (
 from sidscale.data.prompts import INDEXED_PREFIX, IndexedPromptSource, StreamPromptSource
 from sidscale.distributed import comm
 from sidscale.distributed.ds_config import build_ds_config, check_precision_supported, zero_stage
-from sidscale.distributed.engines import build_engine, check_identical_across_ranks
+from sidscale.distributed.engines import apply_configured_lr, build_engine, check_identical_across_ranks
 from sidscale.distributed.leftovers import release_backward_leftovers
 from sidscale.distributed.preemption import EXIT_REQUEUE, StopSignal
 from sidscale.distributed.runtime import (
@@ -114,9 +118,11 @@ def prepare_run_dir(run_dir: Path, resume: bool, lock: RunLock | None = None) ->
         lock.acquire()
     try:
         ckpt_lib.check_latest_marker(run_dir)
+        ckpt_lib.recover_restored(run_dir)  # restored files make a set-aside checkpoint usable again
+        has_checkpoint = ckpt_lib.find_resume_checkpoint(run_dir) is not None
+        ckpt_lib.refuse_start_over(run_dir, has_checkpoint)
     except ckpt_lib.CheckpointError as e:
         raise RunDirError(str(e)) from None
-    has_checkpoint = ckpt_lib.find_resume_checkpoint(run_dir) is not None
     if not resume and (has_checkpoint or (run_dir / "config.yaml").exists()):
         raise RunDirError(f"--run-dir {run_dir} already holds a run and resume=false: refusing to overwrite it; "
                           "choose a new --run-dir or drop --set resume=false to continue it")
@@ -191,7 +197,7 @@ def prepare_elastic_resume(path: Path, world_size: int) -> tuple[int, Path | Non
     ``elastic.CONVERSION_TIMEOUT_S``); a failed conversion is one error on every rank, never a hang."""
     from sidscale import elastic
 
-    written_by = comm.decide_on_rank0(lambda: int(ckpt_lib.read_meta(path)["world_size"]))
+    written_by = comm.decide_on_rank0(elastic.writer_count, path, world_size)  # prunes stale universal copies
     if written_by == world_size:
         return written_by, None
 
@@ -446,7 +452,7 @@ class Trainer:
         # for: remove it first, on rank 0 before any rank writes, so a re-save that dies half-way
         # leaves an incomplete directory, never a complete-looking mix of old and new shards.
         if self.dist.is_main:
-            ckpt_lib.invalidate(path)
+            ckpt_lib.prepare_save_dir(path)  # invalidated, or moved aside when damaged
         comm.barrier()
         # Every rank saves its engine shards, then its own client state, atomically.
         self.gen_engine.save_checkpoint(str(path), tag="generator", client_state=client, save_latest=False)
@@ -464,7 +470,7 @@ class Trainer:
             files.update(share)
 
         def finish() -> None:  # rank 0; pruning old checkpoints can take minutes on a parallel filesystem
-            atomic_write_json(path / ckpt_lib.META, {
+            ckpt_lib.write_meta(path, {
                 "step": self.step, "images_seen": self.images_seen, "world_size": self.world,
                 "zero_stage": self.zero_stage, "config": config_to_dict(self.cfg),
                 "ema_names": self.ema.names, "ema_shapes": [list(s) for s in self._ema_shapes()],
@@ -492,6 +498,7 @@ class Trainer:
             load_path, _ = engine.load_checkpoint(str(universal or path), tag=tag)
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed could not load {(universal or path) / tag}")
+            apply_configured_lr(engine, getattr(self.cfg, tag).lr, f"{tag}.lr", self.dist.is_main)
         if universal is None:
             state = torch.load(ckpt_lib.rank_file(path, self.rank), map_location="cpu", weights_only=False)
             try:

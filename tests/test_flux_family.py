@@ -29,7 +29,8 @@ def overrides(teacher, stage: int = 3, max_steps: int = STEPS) -> list[str]:
         "train.ckpt_every=2", "train.preview_every=2", "train.log_every=1", "train.keep_last=5",
         "train.ema_halflife_kimg=0.01", "generator.lr=1e-3", "fake.lr=1e-3", "data.shards=indexed:toy",
         "eval.num_samples=0", "eval.teacher_steps=4", f"deepspeed.config=ds_configs/zero{stage}.json",
-        "train.seed=11", *[f"distilled_guidance.{k}={v}" for k, v in GUIDANCE.items()],
+        "train.seed=11", "distilled_guidance.mode=per_role",
+        *[f"distilled_guidance.{k}={v}" for k, v in GUIDANCE.items()],
         # the frozen teacher partitioned across the ranks (optimizer-less ZeRO-3 engine), as at FLUX scale
         *(["teacher.partitioned=true"] if stage == 3 else []),
     ]
@@ -74,7 +75,7 @@ def test_flux_dev_trains_with_zero3_resumes_exactly_and_exports(tmp_path, flux_t
     meta = json.loads((full_run / "export" / "sidscale.json").read_text())
     assert (meta["generator_steps"], meta["family"], meta["teacher_kind"]) == (4, "flux_flow", "flux")
     assert meta["schedule"] == {"type": "flow", "source": str(flux_teacher / "scheduler" / "scheduler_config.json"),
-                                "distilled_guidance": GUIDANCE}
+                                "distilled_guidance": GUIDANCE, "guidance_mode": "per_role"}
     assert (meta["latent_shape"], meta["max_sequence_length"]) == ([16, 8, 8], 16)
     assert (full_run / "samples").is_dir() and any((full_run / "samples").iterdir())  # previews ran
 
@@ -118,30 +119,49 @@ def test_export_is_a_self_contained_flux_pipeline(full_run, flux_teacher, tmp_pa
     assert images.shape == (2, 3, 64, 64)
 
 
-def test_trainer_calls_each_net_with_its_roles_guidance_and_unshifted_sigmas(flux_teacher, tmp_path):
-    """One in-process rank, ZeRO-2, K = 4: hooks on the three networks record what the trainer feeds them."""
+def _record_trainer_calls(flux_teacher, run_dir, extra: list[str]) -> dict[str, dict[str, set]]:
+    """One in-process rank, ZeRO-2, K = 4, 3 steps: hooks on the three networks record the guidance
+    embeddings, timesteps and batch sizes the trainer feeds them."""
     from sidscale.config import load_config
     from sidscale.distributed.runtime import init_distributed
     from sidscale.train import Trainer
     from tests.inprocess import single_rank_environment
 
-    cfg = load_config("flux_dev", [*overrides(flux_teacher, stage=2), "train.global_batch=1"])
+    cfg = load_config("flux_dev", [*overrides(flux_teacher, stage=2), "train.global_batch=1", *extra])
     seen: dict[str, dict[str, set]] = {}
     with single_rank_environment():
         info = init_distributed()
-        trainer = Trainer(cfg, tmp_path / "run", info)
+        trainer = Trainer(cfg, run_dir, info)
         nets = {"generator": trainer.gen_engine.module, "fake": trainer.fake_engine.module,
                 "teacher": trainer.teacher.net}
         for role, net in nets.items():
-            seen[role] = {"guidance": set(), "timestep": set()}
+            seen[role] = {"guidance": set(), "timestep": set(), "batch": set()}
 
             def record(module, args, kwargs, role=role):
                 seen[role]["guidance"].update(kwargs["guidance"].tolist())
                 seen[role]["timestep"].update(round(t, 6) for t in kwargs["timestep"].tolist())
+                seen[role]["batch"].add(kwargs["hidden_states"].shape[0])
 
             net.register_forward_pre_hook(record, with_kwargs=True)
         for _ in range(3):
             trainer.train_step()
+    return seen
+
+
+def test_trainer_official_guidance_feeds_each_calls_cfg_scale_as_the_embedding(flux_teacher, tmp_path):
+    """distilled_guidance.mode official (the preset's): fake net at k1 (fake update) and k2 (generator
+    update), teacher at k4, each with true CFG (batch 2 for micro-batch 1); generator at 1.0 without."""
+    seen = _record_trainer_calls(flux_teacher, tmp_path / "run", [
+        "distilled_guidance.mode=official", "distilled_guidance.teacher=3.5", "distilled_guidance.fake=null",
+        "method.cfg_train_fake=2.0", "method.cfg_eval_fake=3.0", "method.cfg_eval_real=4.5"])
+    assert {r: s["guidance"] for r, s in seen.items()} == {"generator": {1.5}, "fake": {2.0, 3.0},
+                                                           "teacher": {4.5}}
+    assert {r: s["batch"] for r, s in seen.items()} == {"generator": {1}, "fake": {2}, "teacher": {2}}
+
+
+def test_trainer_calls_each_net_with_its_roles_guidance_and_unshifted_sigmas(flux_teacher, tmp_path):
+    """Mode per_role: each net at its own fixed embedding, whatever the phase."""
+    seen = _record_trainer_calls(flux_teacher, tmp_path / "run", [])
     assert {r: s["guidance"] for r, s in seen.items()} == {r: {g} for r, g in GUIDANCE.items()}
     # G at its K levels 1, 0.75, 0.5, 0.25 (not shifted), teacher / fake at loss sigmas in (0, 1): timestep = sigma
     assert seen["generator"]["timestep"] <= {1.0, 0.75, 0.5, 0.25} and 1.0 in seen["generator"]["timestep"]

@@ -106,7 +106,8 @@ def test_flux_transformer_flops_match_the_hand_count(batch, t5_tokens):
 
 
 def test_flux_dev_config_preset_is_sid_dit_with_the_guidance_embedding():
-    """sid_dit_method.md 1.2-1.7: the SiD-DiT recipe, ZeRO-3, true CFG off, embedding 3.5 / 3.5 / 1.0."""
+    """sid_dit_method.md 1.2-1.7: the SiD-DiT recipe, ZeRO-3, the released FLUX code's guidance coupling
+    (mode official) at its default scales 1: teacher and fake embedding 1 without true CFG, generator 1.0."""
     import math
 
     from sidscale.config import load_config, validate
@@ -117,7 +118,8 @@ def test_flux_dev_config_preset_is_sid_dit_with_the_guidance_embedding():
     m, t = cfg.method, cfg.teacher
     assert (t.kind, t.resolution, t.max_sequence_length, t.t5) == ("flux", 1024, 512, True)
     assert (m.cfg_train_fake, m.cfg_eval_fake, m.cfg_eval_real) == (1.0, 1.0, 1.0)
-    assert guidance_from_config(cfg) == {"teacher": 3.5, "fake": 3.5, "generator": 1.0}
+    assert cfg.distilled_guidance.mode == "official"
+    assert guidance_from_config(cfg) == {"teacher": None, "fake": None, "generator": 1.0}
     assert (m.generator_steps, m.gen_weighting, m.gen_loss_scale, m.alpha, m.sigma_init) == (
         4, "one_minus_sigma", 100.0, 1.0, 1.0)
     assert (m.sigma_logit_mean, m.sigma_logit_std) == (pytest.approx(math.log(2)), 1.6)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sidscale.checkpoint import full_ema_from_checkpoint, is_complete, read_meta  # noqa: E402
+from sidscale.checkpoint import CheckpointError, full_ema_from_checkpoint, is_complete, read_meta  # noqa: E402
 from sidscale.export import export_generator, teacher_network_config  # noqa: E402
 
 
@@ -35,7 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--link", action="store_true",
                    help="symlink the teacher's text encoders / VAE instead of copying them")
     args = p.parse_args(argv)
-    print(f"exported {export_checkpoint(args.checkpoint, args.out, args.link)}")
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, args.link)
+    except CheckpointError as e:  # the rank files fail their recorded checksums
+        print(f"export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {out}")
     return 0
 
 

@@ -1,7 +1,17 @@
 """The GPU check: the real entry points end to end on the GPUs present, one JSON of every step's result.
 
+    bash tools/gpu_check.sh --out DIR --part main   # a lent 1-GPU machine, call 1 (<= 8 min): steps 1-8 below
+    bash tools/gpu_check.sh --out DIR --part big    # call 2: steps 9 on flux_dev_4l / sd35_large_4l, then NCCL
+                                                    # and the CUDA tests
+    bash tools/gpu_check.sh --dry-run --out DIR     # HERE, before: the GPU machine's start rehearsed (DryRun)
     bash tools/gpu_check.sh                 # on a GPU machine: SD1.5-size, NCCL, all visible GPUs (<10 min, 1 H100)
     bash tools/gpu_check.sh --cpu-smoke     # the same sequence on the CPU (tiny preset, gloo, 2 ranks, ~2 min)
+
+``--out DIR`` (a folder: a lent machine's $OUT) gets, per part, ``<prefix>_<part>.json``, ONE log
+``<prefix>_<part>.log`` with every step's log, and for the main part the preview and the sample PNGs: at
+most 8 files for main + big + dry run. With ``--part`` the steps share a time budget (``--budget-s``,
+450 s): a step gets at most what is left, none starts with under 20 s left, so the JSON and the logs are
+written before the call's hard limit.
     bash tools/gpu_check.sh --preset sd35_medium              # train SD3.5-Medium; bench + plan sd15 and it
     bash tools/gpu_check.sh --cpu-smoke --preset sd3_tiny     # the SD3 path on the CPU (SD3.5-shaped, 256 px)
 
@@ -79,6 +89,14 @@ from sidscale.processes import is_gone, process_tree  # noqa: E402
 
 GIB = 2**30
 MAX_STEPS, CKPT_EVERY, KILL_AFTER_STEP = 4, 2, 3
+MIN_STEP_S = 20  # a step is not started with less of the part's time budget left
+# --part: what one call of a lent GPU machine (<= 8 minutes) runs, the most informative first
+PARTS = ("main", "big", "all")
+# --part big without --big-preset: FLUX.1-dev and SD3.5-Large at their real width, tokens and text encoders,
+# cut to a few blocks (sidscale/perf/setup.py SLICES) so that the whole training setting fits one GPU
+DEFAULT_BIG_PRESETS = ["flux_dev_4l", "sd35_large_4l"]
+PART_BUDGET_S = 450.0  # --budget-s default with --part main|big: 8 minutes less the start-up and the copy back
+DRY_RUN_SETUP_S = 150.0  # --dry-run: the venv, the install and the imports, before the part's own budget
 FAULT = f"point=after_step,step={KILL_AFTER_STEP},action=hang"
 RESUMED_RE = re.compile(r"resumed from (\S+) \(step (\d+)\)")
 LOSS_RE = re.compile(r"fake=([-+0-9.einfa]+), gen=([-+0-9.einfa]+)")
@@ -184,6 +202,19 @@ def tail(text: str, n: int = 4000) -> str:
     return text[-n:]
 
 
+def gather_logs(logs: Path, dest: Path, per_log: int = 2_000_000) -> None:
+    """Every step's log, oldest first, in ONE file (a lent machine returns at most 8 files): each under a
+    header with its name; a log over ``per_log`` characters keeps its end."""
+    parts = [] if logs.is_dir() and any(logs.glob("*.log")) else ["(no step wrote a log)\n"]
+    for log in sorted(logs.glob("*.log"), key=lambda f: f.stat().st_mtime):
+        text = log.read_text(errors="replace")
+        cut = f"[... {len(text) - per_log} characters cut ...]\n" if len(text) > per_log else ""
+        parts.append(f"===== {log.name} =====\n{cut}{text[-per_log:]}\n")
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.write_text("".join(parts))
+    tmp.replace(dest)
+
+
 def logged_scalars(tb_dir: Path) -> dict[str, Any]:
     """The trainer's own TensorBoard scalars at the last logged step (loss, images/s, peak memory, NaN drops)."""
     try:
@@ -218,13 +249,15 @@ class Skip(Exception):
 
 class Check:
     def __init__(self, mode: Mode, out: Path, workdir: Path, nproc: int | None, bench_presets: list[str],
-                 plan_tolerance: float, only: set[str] | None):
+                 plan_tolerance: float, only: set[str] | None, part: str = "all", budget_s: float | None = None,
+                 results_dir: Path | None = None):
         self.mode, self.out, self.work = mode, out, workdir
         self.nproc_arg, self.bench_presets, self.tol, self.only = nproc, bench_presets, plan_tolerance, only
+        self.part, self.budget_s, self.results_dir = part, budget_s, results_dir
         self.started = time.monotonic()
         self.record: dict[str, Any] = {
             "host": socket.gethostname(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "mode": mode.name,
-            "ok": None, "seconds": None, "workdir": str(workdir),
+            "ok": None, "seconds": None, "workdir": str(workdir), "part": part, "budget_s": budget_s,
             "settings": {"train_preset": mode.train_preset, "micro_batch": mode.micro_batch,
                          "accumulation": mode.accumulation, "max_steps": MAX_STEPS, "ckpt_every": CKPT_EVERY,
                          "fault": FAULT, "bench_presets": bench_presets, "bench_micro_batch": mode.bench_micro_batch,
@@ -238,6 +271,7 @@ class Check:
         self.run_dir = workdir / "run"
         self.logs = workdir / "logs"
         self.big_presets: list[str] = []  # --big-preset
+        self.train_set: list[str] = []  # --train-set: more trainer overrides (e.g. ZeRO-3 on 2 GPUs)
         self.big_settings: dict[str, dict] = {}
 
     # ---------------------------------------------------------------- plumbing
@@ -261,12 +295,25 @@ class Check:
             return 2
         return max(1, int(self.env_info.get("cuda_device_count") or 1))
 
+    def timeout(self, step: str) -> float:
+        """The step's own limit, cut to what is left of the part's time budget (``--budget-s``): a call
+        with a hard limit (a lent GPU machine's 8 minutes) still ends with its JSON and logs written."""
+        limit = self.mode.timeout(step)
+        if self.budget_s is None:
+            return limit
+        return max(1.0, min(limit, self.budget_s - (time.monotonic() - self.started)))
+
+    def budget_left(self) -> float:
+        return float("inf") if self.budget_s is None else self.budget_s - (time.monotonic() - self.started)
+
     def save(self) -> None:
         self.record["seconds"] = round(time.monotonic() - self.started, 1)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.out.with_name(self.out.name + ".tmp")
         tmp.write_text(json.dumps(self.record, indent=1, default=str))
         tmp.replace(self.out)
+        if self.results_dir is not None:
+            gather_logs(self.logs, self.out.with_suffix(".log"))
 
     def step(self, name: str, fn: Callable[[], dict[str, Any]], needs: tuple[str, ...] = ()) -> None:
         # NOTE: the environment always runs (the other steps read the device count and memory from it).
@@ -281,6 +328,8 @@ class Check:
         try:
             if missing:
                 raise Skip(f"needs {', '.join(missing)}, which did not pass")
+            if self.budget_left() < MIN_STEP_S:
+                raise Skip(f"the part's time budget (--budget-s {self.budget_s:g}) is spent")
             entry.update(fn() or {})
             entry["status"] = "pass"
         except Skip as e:
@@ -290,6 +339,11 @@ class Check:
             entry.update(status="fail", reason=str(e))
         except Exception as e:  # a bug or an unexpected state: recorded as this step's failure
             entry.update(status="fail", reason=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-3000:])
+        if entry["status"] == "fail" and self.budget_left() < 2.0:
+            # the part's budget ran out under this step (its time limit was what was left): not measured,
+            # which is not a failure of the code under test
+            entry.update(status="skipped", reason=f"cut by the part's time budget (--budget-s {self.budget_s:g}): "
+                                                  f"{entry['reason']}")
         entry["seconds"] = round(time.monotonic() - t0, 1)
         self.results[name] = entry["status"]
         self.record["steps"].append(entry)
@@ -330,7 +384,7 @@ out["ds_accelerator"] = get_accelerator().device_name()
 print(json.dumps(out))
 """
         code, text, _ = run(self.python("-c", probe), self.env(), self.logs / "environment.log",
-                            self.mode.timeout("environment"))
+                            self.timeout("environment"))
         lines = json_lines(text)
         if code != 0 or not lines:
             raise StepFailed(f"the environment probe failed (exit {code})", log_tail=tail(text))
@@ -366,7 +420,7 @@ print(json.dumps(out))
                           str(self.teacher_dir), "--dtype", "bf16")
         if self.mode.text_layers is not None:
             cmd += ["--text-layers", str(self.mode.text_layers)]
-        code, text, _ = run(cmd, self.env(), self.logs / "write_teacher.log", self.mode.timeout("write_teacher"))
+        code, text, _ = run(cmd, self.env(), self.logs / "write_teacher.log", self.timeout("write_teacher"))
         if code != 0:
             raise StepFailed(f"tools/write_random_teacher.py exited {code}", log_tail=tail(text))
         self.teacher_info = read_info(self.teacher_dir)
@@ -431,7 +485,7 @@ print(json.dumps(out))
             f"train.global_batch={m.micro_batch * m.accumulation * self.nproc}", f"train.max_steps={MAX_STEPS}",
             f"train.ckpt_every={CKPT_EVERY}", "train.log_every=1", f"train.preview_every={MAX_STEPS}",
             "train.keep_last=1", "train.export_at_end=true", "data.shards=toy", f"data.num_workers={m.num_workers}",
-            "preview.seeds_per_prompt=1", "eval.num_samples=0",
+            "preview.seeds_per_prompt=1", "eval.num_samples=0", *self.train_set,
         ]
         cmd = self.python("-m", "torch.distributed.run", f"--nproc_per_node={self.nproc}",
                           f"--master_port={free_port()}", "sidscale/train.py", "--config", config,
@@ -446,7 +500,7 @@ print(json.dumps(out))
         env = dict(self.env(), SIDSCALE_FAULT=FAULT, SIDSCALE_FAULT_DIR=str(fault_dir))
         launch = Launch(self.train_cmd(), env, self.logs / "train_checkpoint_kill.log")
         markers = [fault_dir / f"reached_rank{r}" for r in range(self.nproc)]
-        deadline = launch.t0 + self.mode.timeout("train_checkpoint_kill")
+        deadline = launch.t0 + self.timeout("train_checkpoint_kill")
         try:
             while not all(m.is_file() for m in markers):
                 if not launch.running():
@@ -478,7 +532,7 @@ print(json.dumps(out))
         old, final = ckpt_lib.step_dir(self.run_dir, CKPT_EVERY), ckpt_lib.step_dir(self.run_dir, MAX_STEPS)
         old_bytes = dir_bytes(old)
         launch = Launch(self.train_cmd(), self.env(), self.logs / "resume_train_export.log")
-        deadline = launch.t0 + self.mode.timeout("resume_train_export")
+        deadline = launch.t0 + self.timeout("resume_train_export")
         freed_at = None
         try:
             while launch.running():
@@ -532,7 +586,7 @@ print(json.dumps(out))
         cmd = self.python("-m", "sidscale.sample", "--model", str(self.run_dir / "export"), "--prompt",
                           "a photo of an astronaut riding a horse on the moon", "--seed", "0", "--out", str(out),
                           "--device", self.mode.device)
-        code, text, seconds = run(cmd, self.env(), self.logs / "sample.log", self.mode.timeout("sample"))
+        code, text, seconds = run(cmd, self.env(), self.logs / "sample.log", self.timeout("sample"))
         if code != 0 or not out.is_file():
             raise StepFailed(f"python -m sidscale.sample exited {code}", log_tail=tail(text))
         from PIL import Image, ImageStat
@@ -555,7 +609,7 @@ print(json.dumps(out))
         cmd = self.python("tools/memory_plan.py", "--json", "--preset", preset, "--gpus", "1", "--zero", "2",
                           "--micro-batch", str(mb), "--precision", "bf16", "--gpu-mem-gib", str(self.gpu_mem_gib()),
                           *extra)
-        code, text, _ = run(cmd, self.env(), self.logs / f"plan_{preset}.log", self.mode.timeout("memory_plan"))
+        code, text, _ = run(cmd, self.env(), self.logs / f"plan_{preset}.log", self.timeout("memory_plan"))
         lines = json_lines(text)
         if code != 0 or not lines:
             return mb, None  # the bench and the measured plan step will show what is wrong
@@ -580,7 +634,7 @@ print(json.dumps(out))
         cmd = self.python("tools/bench.py", "--preset", preset, "--device", self.mode.device, "--zero", "2",
                           "--precision", "bf16", "--micro-batch", str(mb), *extra, "--steps", "3", "--warmup", "1",
                           "--baseline", "reference", "--baseline-micro-batch", "1")
-        code, text, _ = run(cmd, self.env(), self.logs / f"bench_{preset}.log", self.mode.timeout("bench"))
+        code, text, _ = run(cmd, self.env(), self.logs / f"bench_{preset}.log", self.timeout("bench"))
         lines = json_lines(text)
         keep = ("config", "s_per_iter", "samples_per_s", "ratio_vs_reference", "mfu", "achieved_tflops",
                 "device_peak_gib", "phase_s", "device_name", "net_fwd_equivalents_per_sample", "error", "detail")
@@ -609,7 +663,7 @@ print(json.dumps(out))
     def _measured_against_plan(self, cmd: list[str], log_name: str, timeout_key: str, mb: int,
                                what: str) -> dict[str, Any]:
         """Run a ``tools/memory_plan.py --measure`` command; its prediction must be within the tolerance."""
-        code, text, _ = run(cmd, self.env(), self.logs / f"{log_name}.log", self.mode.timeout(timeout_key))
+        code, text, _ = run(cmd, self.env(), self.logs / f"{log_name}.log", self.timeout(timeout_key))
         lines = [r for r in json_lines(text) if "measured" in r]
         if code != 0 or not lines:
             raise StepFailed(f"{what} exited {code}", log_tail=tail(text))
@@ -626,7 +680,7 @@ print(json.dumps(out))
         """The cheapest setting the memory plan says fits ``nproc`` GPUs of this machine's memory."""
         cmd = self.python("tools/scaling_model.py", "--memory", "--json", "--memory-presets", preset,
                           "--memory-gpus", str(self.nproc), str(self.nproc), "--gpu-mem-gib", str(self.gpu_mem_gib()))
-        code, text, _ = run(cmd, self.env(), self.logs / f"big_plan_{preset}.log", self.mode.timeout("memory_plan"))
+        code, text, _ = run(cmd, self.env(), self.logs / f"big_plan_{preset}.log", self.timeout("memory_plan"))
         rows = json_lines(text)
         if code != 0 or not rows:
             raise StepFailed(f"tools/scaling_model.py --memory exited {code}", log_tail=tail(text))
@@ -670,7 +724,7 @@ print(json.dumps(out))
 
         cmd = self.python("-m", "torch.distributed.run", f"--nproc_per_node={self.nproc}",
                           f"--master_port={free_port()}", "tools/comm_check.py")
-        code, text, _ = run(cmd, self.env(), self.logs / "comm_check.log", self.mode.timeout("comm_check"))
+        code, text, _ = run(cmd, self.env(), self.logs / "comm_check.log", self.timeout("comm_check"))
         lines = [r for r in json_lines(text) if "checks" in r]
         if code != 0 or not lines or not lines[-1].get("ok"):
             raise StepFailed(f"tools/comm_check.py exited {code}", log_tail=tail(text))
@@ -681,7 +735,7 @@ print(json.dumps(out))
         if self.mode.device != "cuda":
             raise Skip("the gpu tests need CUDA")
         cmd = self.python("-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests")
-        code, text, _ = run(cmd, self.env(), self.logs / "gpu_tests.log", self.mode.timeout("gpu_tests"))
+        code, text, _ = run(cmd, self.env(), self.logs / "gpu_tests.log", self.timeout("gpu_tests"))
         summary = [line for line in text.splitlines() if " passed" in line or " failed" in line or " error" in line]
         if code != 0 or " skipped" in (summary[-1] if summary else ""):
             raise StepFailed(f"pytest -m gpu exited {code}", log_tail=tail(text))
@@ -690,8 +744,36 @@ print(json.dumps(out))
     # ---------------------------------------------------------------- all
     def run_all(self) -> bool:
         self.step("environment", self.environment)
-        self.step("comm_check", self.comm_check, needs=("environment",))
-        self.step("gpu_tests", self.gpu_tests, needs=("comm_check",))
+        if self.part == "all":
+            self.step("comm_check", self.comm_check, needs=("environment",))
+            self.step("gpu_tests", self.gpu_tests, needs=("comm_check",))
+        if self.part in ("all", "main"):
+            self.run_main()
+        if self.part in ("all", "big"):
+            for preset in self.big_presets:
+                self.step(f"big_plan_{preset}", lambda p=preset: self.big_plan(p), needs=("environment",))
+                self.step(f"big_measure_{preset}", lambda p=preset: self.big_measure(p),
+                          needs=(f"big_plan_{preset}",))
+        if self.part == "big":  # one GPU: NCCL with itself and the CUDA tests, the least news, last
+            self.step("comm_check", self.comm_check, needs=("environment",))
+            self.step("gpu_tests", self.gpu_tests, needs=("comm_check",))
+        ok = all(s["status"] != "fail" for s in self.record["steps"])
+        self.record["ok"] = ok
+        self.save()
+        self.copy_images()
+        return ok
+
+    def copy_images(self) -> None:
+        """With an output folder: the preview and the sample beside the JSON (what a reader looks at)."""
+        if self.results_dir is None:
+            return
+        stem = self.out.stem
+        for src, name in ((self.run_dir / "samples" / f"step_{MAX_STEPS:08d}.png", f"{stem}_preview.png"),
+                          (self.work / "sample.png", f"{stem}_sample.png")):
+            if src.is_file():
+                shutil.copyfile(src, self.results_dir / name)
+
+    def run_main(self) -> None:
         self.step("write_teacher", self.write_teacher, needs=("environment",))
         self.step("disk_space", self.disk_space, needs=("write_teacher",))
         self.step("train_checkpoint_kill", self.train_checkpoint_kill, needs=("disk_space",))
@@ -700,13 +782,6 @@ print(json.dumps(out))
         for preset in self.bench_presets:
             self.step(f"bench_{preset}", lambda p=preset: self.bench(p), needs=("environment",))
             self.step(f"memory_plan_{preset}", lambda p=preset: self.memory_plan(p), needs=("environment",))
-        for preset in self.big_presets:
-            self.step(f"big_plan_{preset}", lambda p=preset: self.big_plan(p), needs=("environment",))
-            self.step(f"big_measure_{preset}", lambda p=preset: self.big_measure(p), needs=(f"big_plan_{preset}",))
-        ok = all(s["status"] != "fail" for s in self.record["steps"])
-        self.record["ok"] = ok
-        self.save()
-        return ok
 
 
 def with_train_preset(mode: Mode, preset: str) -> Mode:
@@ -718,6 +793,191 @@ def with_train_preset(mode: Mode, preset: str) -> Mode:
     if preset in DIT_PRESETS:
         timeouts["write_teacher"] = max(1200.0, mode.timeout("write_teacher"))
     return dataclasses.replace(mode, train_preset=preset, timeouts=timeouts)
+
+
+# ------------------------------------------------------------------------------------------ the dry run
+# what sidscale imports from outside the standard library and torch; each must import in the GPU-like env
+THIRD_PARTY = ("deepspeed", "diffusers", "transformers", "webdataset", "open_clip", "cleanfid", "safetensors",
+               "tensorboard", "yaml", "numpy", "scipy", "PIL", "tqdm", "packaging")
+IMPORT_PROBE = r"""
+import importlib, json, pkgutil, sys, time
+t0 = time.monotonic()
+import torch
+out = {"python": sys.version.split()[0], "executable": sys.executable, "torch": torch.__version__, "modules": 0}
+third = sys.argv[1].split(",")
+for name in third:
+    mod = importlib.import_module(name)
+    out[name] = getattr(mod, "__version__", "?")
+import sidscale
+failed = {}
+for info in pkgutil.walk_packages(sidscale.__path__, "sidscale."):
+    try:
+        importlib.import_module(info.name)
+        out["modules"] += 1
+    except Exception as e:
+        failed[info.name] = f"{type(e).__name__}: {e}"
+# the classes the families build, and DeepSpeed's accelerator (cpu here, cuda there)
+from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel  # noqa
+from transformers import CLIPTextModel, T5EncoderModel  # noqa
+from deepspeed.accelerator import get_accelerator
+out["ds_accelerator"] = get_accelerator().device_name()
+out["sidscale_from"] = sidscale.__file__
+out["failed"] = failed
+out["seconds"] = round(time.monotonic() - t0, 1)
+print(json.dumps(out))
+"""
+REQUIREMENTS_PROBE = r"""
+import json, sys
+from importlib.metadata import distribution, distributions, PackageNotFoundError
+from packaging.requirements import Requirement
+target = sys.argv[1]
+problems, names = [], []
+for dist in distributions(path=[target]):
+    names.append(f"{dist.metadata['Name']}=={dist.version}")
+    for line in dist.requires or []:
+        req = Requirement(line)
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        try:
+            have = distribution(req.name).version
+        except PackageNotFoundError:
+            problems.append(f"{dist.metadata['Name']} needs {req}: not installed")
+            continue
+        if not req.specifier.contains(have, prereleases=True):
+            problems.append(f"{dist.metadata['Name']} needs {req}: found {have}")
+print(json.dumps({"installed": sorted(names), "problems": problems}))
+"""
+
+
+def find_python312() -> tuple[str, str]:
+    """A Python 3.12 interpreter (the GPU image's version) and how it was found; else this one."""
+    candidates: list[tuple[str, str]] = []
+    if uv := shutil.which("uv"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            found = subprocess.run([uv, "python", "find", "3.12"], capture_output=True, text=True, timeout=60)
+            if found.returncode == 0 and found.stdout.strip():
+                candidates.append((found.stdout.strip(), "uv python find 3.12"))
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    candidates += [(str(p), "pyenv") for p in sorted(pyenv.glob("3.12*/bin/python3.12"), reverse=True)]
+    if on_path := shutil.which("python3.12"):
+        candidates.append((on_path, "python3.12 on PATH"))
+    for exe, how in candidates:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            probe = subprocess.run([exe, "-c", "import sys, venv; print(sys.version_info[:2] == (3, 12))"],
+                                   capture_output=True, text=True, timeout=60)
+            if probe.stdout.strip() == "True":
+                return exe, how
+    return sys.executable, f"this Python {sys.version.split()[0]} (no Python 3.12 found)"
+
+
+class DryRun(Check):
+    """The GPU machine's start rehearsed HERE: a fresh venv of Python 3.12 (as the image's), the GPU image's
+    packages from ``--image-site`` (a site-packages with its torch 2.11, transformers, ...; without one the
+    steps that need torch are skipped), the wheelhouse installed with no index into an empty target by the
+    same code the GPU run uses (tools/gpu_check.sh), every requirement and import checked, then the main
+    part on the CPU (tiny preset, gloo) in that environment: the sequence of a lent machine's first call."""
+
+    def __init__(self, *args: Any, image_site: Path | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.image_site = image_site
+        self.venv = self.work / "venv"
+        self.target = self.work / "site"
+        self.venv_python = self.venv / "bin" / "python"
+
+    def venv_env(self, with_target: bool = True) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+        env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu",
+                   OMP_NUM_THREADS="1", PY=str(self.venv_python))
+        env["PYTHONPATH"] = os.pathsep.join([str(self.target), str(REPO)] if with_target else [str(REPO)])
+        return env
+
+    def make_venv(self) -> dict[str, Any]:
+        exe, how = find_python312()
+        shutil.rmtree(self.venv, ignore_errors=True)
+        code, text, seconds = run([exe, "-m", "venv", str(self.venv)], self.venv_env(False),
+                                  self.logs / "dry_venv.log", self.timeout("default"))
+        if code != 0:
+            raise StepFailed(f"{exe} -m venv exited {code}", log_tail=tail(text))
+        version = subprocess.run([str(self.venv_python), "-c", "import sys; print(sys.version.split()[0])"],
+                                 capture_output=True, text=True, timeout=60).stdout.strip()
+        return {"python": exe, "found_by": how, "version": version, "seconds": round(seconds, 1)}
+
+    def image(self) -> dict[str, Any]:
+        if self.image_site is None:
+            raise Skip("no --image-site (GPU_CHECK_IMAGE_SITE): the GPU image's torch is not here, so the steps "
+                       "that import it are skipped")
+        site = next((self.venv / "lib").glob("python3*/site-packages"))
+        # a .pth line puts the image's packages after the venv's own: as the image's site on the GPU machine
+        (site / "_gpu_image.pth").write_text(f"{self.image_site}\n")
+        probe = "import json, torch, transformers; print(json.dumps({'torch': torch.__version__, " \
+                "'transformers': transformers.__version__, 'deepspeed_missing': " \
+                "__import__('importlib.util').util.find_spec('deepspeed') is None}))"
+        code, text, _ = run([str(self.venv_python), "-c", probe], self.venv_env(False), self.logs / "dry_image.log",
+                            self.timeout("default"))
+        lines = json_lines(text)
+        if code != 0 or not lines:
+            raise StepFailed(f"the image site {self.image_site} does not import torch", log_tail=tail(text))
+        if not lines[-1]["deepspeed_missing"]:
+            raise StepFailed(f"the image site {self.image_site} has deepspeed: it would hide the wheelhouse's")
+        return {"image_site": str(self.image_site), **lines[-1]}
+
+    def install_wheels(self) -> dict[str, Any]:
+        shutil.rmtree(self.target, ignore_errors=True)
+        cmd = ["bash", "tools/gpu_check.sh", "--install-wheels", str(self.target)]
+        code, text, seconds = run(cmd, self.venv_env(False), self.logs / "dry_install.log", self.timeout("default"))
+        if code != 0:
+            raise StepFailed(f"installing the wheelhouse with --no-index exited {code}", log_tail=tail(text))
+        probe = [str(self.venv_python), "-c", REQUIREMENTS_PROBE, str(self.target)]
+        code, text, _ = run(probe, self.venv_env(), self.logs / "dry_requirements.log", self.timeout("default"))
+        lines = json_lines(text)
+        if code != 0 or not lines:
+            raise StepFailed(f"the requirements probe exited {code}", log_tail=tail(text))
+        numbers = {"seconds": round(seconds, 1), "installed": lines[-1]["installed"],
+                   "target_mib": round(dir_bytes(self.target) / 2**20, 1)}
+        if lines[-1]["problems"]:
+            raise StepFailed("unmet requirements: " + "; ".join(lines[-1]["problems"]), **numbers)
+        return numbers
+
+    def imports(self) -> dict[str, Any]:
+        cmd = [str(self.venv_python), "-c", IMPORT_PROBE, ",".join(THIRD_PARTY)]
+        code, text, _ = run(cmd, self.venv_env(), self.logs / "dry_imports.log", self.timeout("default"))
+        lines = json_lines(text)
+        if code != 0 or not lines:
+            raise StepFailed(f"the import probe exited {code}", log_tail=tail(text))
+        info = lines[-1]
+        if info["failed"]:
+            raise StepFailed(f"sidscale modules that do not import: {sorted(info['failed'])}", **info)
+        if not str(info["deepspeed"]) or not info["sidscale_from"].startswith(str(REPO)):
+            raise StepFailed("deepspeed or sidscale came from the wrong place", **info)
+        return info
+
+    def cpu_main(self) -> dict[str, Any]:
+        """The main part as a lent machine's first call runs it (tools/gpu_check.sh ... --part main), on
+        the CPU with the tiny preset, in the venv with the wheelhouse."""
+        folder = self.results_dir or self.work / "cpu_main_out"
+        out = folder / "cpu_main.json"  # the name the child gives its JSON in an output folder
+        budget = min(PART_BUDGET_S, self.budget_left() - 15)  # what a lent machine's call gives the part
+        cmd = [str(self.venv_python), "tools/gpu_check.py", "--cpu-smoke", "--part", "main", "--out", str(folder),
+               "--workdir", str(self.work / "cpu_main"), "--budget-s", f"{budget:.0f}"]
+        code, text, seconds = run(cmd, self.venv_env(), self.logs / "dry_cpu_main.log", budget + 10)
+        record = json.loads(out.read_text()) if out.is_file() else {}
+        steps = {s["name"]: s["status"] for s in record.get("steps", [])}
+        numbers = {"seconds": round(seconds, 1), "steps": steps, "torch": record.get("environment", {}).get("torch")}
+        if code != 0 or not steps or any(v != "pass" for v in steps.values()):
+            raise StepFailed(f"the main part on the CPU exited {code}", log_tail=tail(text), **numbers)
+        return numbers
+
+    def run_all(self) -> bool:
+        self.step("dry_venv", self.make_venv)
+        self.step("dry_image", self.image, needs=("dry_venv",))
+        self.step("dry_install", self.install_wheels, needs=("dry_venv",))
+        self.step("dry_imports", self.imports, needs=("dry_image", "dry_install"))
+        self.step("dry_cpu_main", self.cpu_main, needs=("dry_imports",))
+        ok = all(s["status"] != "fail" for s in self.record["steps"])
+        # NOTE: a dry run that skipped the torch steps proved less: say so, in the verdict too
+        self.record["ok"] = ok and all(s["status"] == "pass" for s in self.record["steps"])
+        self.save()
+        return self.record["ok"]
 
 
 def default_out(mode: Mode) -> Path:
@@ -742,12 +1002,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bench-presets", nargs="*", default=None,
                    help="presets for the benchmark and the memory plan (default: sd15; tiny with --cpu-smoke; "
                         "plus --preset)")
-    p.add_argument("--big-preset", action="append", default=[], choices=["sd35_large", "flux_dev", "sd3_tiny"],
+    p.add_argument("--big-preset", action="append", default=[],
+                   choices=["sd35_large", "flux_dev", "sd3_tiny", "flux_dev_4l", "sd35_large_4l"],
                    help="also plan and measure this big preset at the setting the memory plan says fits this "
                         "machine's GPUs (steps big_plan_*, big_measure_*; repeatable; sd3_tiny: the same steps on "
-                        "a CPU-sized preset, for --cpu-smoke)")
+                        "a CPU-sized preset, for --cpu-smoke; *_4l: a few blocks at real width, the --part big "
+                        f"default {' '.join(DEFAULT_BIG_PRESETS)})")
     p.add_argument("--plan-tolerance", type=float, default=0.25,
                    help="memory plan step passes when predicted / measured is within [1/(1+t), 1+t]")
+    p.add_argument("--part", choices=PARTS, default="all",
+                   help="main: SD1.5-size main() end to end, bench and memory plan; big: the big presets' memory "
+                        "check, then NCCL and the CUDA tests; all: everything (default). With main or big the "
+                        f"steps share a time budget (--budget-s, default {PART_BUDGET_S:g} s)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="stop starting steps, and cut the running one, when this many seconds have passed (the "
+                        "JSON and logs are written all the same)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="here, not on the GPU: a fresh Python 3.12 venv, the wheelhouse (.gpu_wheels) installed "
+                        "with --no-index into an empty target, every import, then --part main on the CPU in it")
+    p.add_argument("--image-site", type=Path, default=os.environ.get("GPU_CHECK_IMAGE_SITE") or None,
+                   help="--dry-run: a site-packages standing for the GPU image's (torch 2.11, transformers, ...; "
+                        "README 'GPU check' says how to make one)")
+    p.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="another trainer override for the main part, after the check's own (repeatable), e.g. "
+                        "deepspeed.config=ds_configs/zero3.json and teacher.partitioned=true on 2 GPUs")
     p.add_argument("--only", default=None,
                    help="comma-separated step names or prefixes (write, disk, train, resume, sample, bench, memory) "
                         "to run; the environment step always runs. With --workdir and --keep-workdir the sequence "
@@ -763,13 +1041,33 @@ def main(argv: list[str] | None = None) -> int:
         mode = with_train_preset(mode, args.preset)
         if args.bench_presets is None and args.preset not in bench_presets:
             bench_presets = [*bench_presets, args.preset]
-    out = (args.out or default_out(mode)).resolve()
+    part = "dry-run" if args.dry_run else args.part
+    default_budget = {"all": None, "dry-run": PART_BUDGET_S + DRY_RUN_SETUP_S}.get(part, PART_BUDGET_S)
+    budget = args.budget_s if args.budget_s is not None else default_budget
+    results_dir = None
+    if args.out is not None and (args.out.is_dir() or args.out.suffix != ".json"):
+        # a folder (a lent machine's $OUT): one JSON and one log per part, the preview and the sample
+        results_dir = args.out.resolve()
+        results_dir.mkdir(parents=True, exist_ok=True)
+        prefix = "gpu_check" if mode.device == "cuda" and not args.dry_run else "cpu"
+        out = results_dir / f"{prefix}_{part}.json"
+    else:
+        out = (args.out or default_out(mode)).resolve()
     made_workdir = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="sidscale-gpu-check-")) if made_workdir else args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     only = set(args.only.split(",")) if args.only else None
-    check = Check(mode, out, workdir, args.nproc, bench_presets, args.plan_tolerance, only)
-    check.big_presets = list(args.big_preset)
+    if args.dry_run:
+        check: Check = DryRun(SMOKE_MODE, out, workdir, args.nproc, bench_presets, args.plan_tolerance, only,
+                              part=part, budget_s=budget, results_dir=results_dir,
+                              image_site=args.image_site.resolve() if args.image_site else None)
+    else:
+        check = Check(mode, out, workdir, args.nproc, bench_presets, args.plan_tolerance, only, part=part,
+                      budget_s=budget, results_dir=results_dir)
+    default_big = ["sd3_tiny"] if args.cpu_smoke else DEFAULT_BIG_PRESETS  # the CPU holds no real-width layer
+    check.big_presets = list(args.big_preset) or (default_big if part == "big" else [])
+    check.train_set = list(args.train_set)
+    check.record["settings"]["train_set"] = check.train_set
 
     def on_term(signum, frame):  # a SIGTERM (scheduler, timeout) still writes the JSON and kills the children
         raise KeyboardInterrupt(f"signal {signum}")

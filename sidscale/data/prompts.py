@@ -50,11 +50,21 @@ class StreamPromptSource:
 
     def __init__(self, shards: str, *, rank: int, world_size: int, batch_size: int, seed: int, num_workers: int,
                  shuffle_buffer: int, resampled: bool, tokenize: Callable[[list[str]], torch.Tensor] | None):
-        from sidscale.data.stream import PromptStream
+        from sidscale.config import ConfigError
+        from sidscale.data.stream import PromptStream, first_prompt
 
-        self.stream = PromptStream(shards, rank=rank, world_size=world_size, batch_size=batch_size, seed=seed,
-                                   num_workers=num_workers, shuffle_buffer=shuffle_buffer, resampled=resampled,
-                                   tokenize=tokenize)
+        try:
+            self.stream = PromptStream(shards, rank=rank, world_size=world_size, batch_size=batch_size, seed=seed,
+                                       num_workers=num_workers, shuffle_buffer=shuffle_buffer, resampled=resampled,
+                                       tokenize=tokenize)
+        except (ValueError, FileNotFoundError) as e:  # the same on every rank: one message, before the run starts
+            raise ConfigError(f"data.shards={shards!r}: {e}") from None
+        # every shard corrupt / empty: said now, before config.yaml and tb/ are written, not by every
+        # rank's loader after the run started (reads only up to the first good prompt)
+        if first_prompt(self.stream.plan.shards) is None:
+            raise ConfigError(f"data.shards={shards!r}: none of its {len(self.stream.plan.shards)} shards holds a "
+                              f"readable prompt (each is corrupt, empty or has no .txt members; first: "
+                              f"{self.stream.plan.shards[0]})")
 
     def batch(self, step: int, phase: int, indices: Sequence[int]) -> tuple[list[str], torch.Tensor | None]:
         b = next(self.stream)

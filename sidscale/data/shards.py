@@ -287,6 +287,19 @@ def load_manifest(path: str | os.PathLike) -> dict[str, Any]:
         # NOTE: a ConfigError: every rank finds the same, and main() prints it once (rank 0).
         raise ConfigError(f"prompt shard manifest {path} is not valid JSON ({e}): truncated or corrupt; "
                           "rewrite it with tools/make_prompt_shards.py (the shards it lists are unchanged)") from None
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{path}: not a prompt shard manifest (format={manifest.get('format')!r})")
+    problem = None
+    if not isinstance(manifest, dict):
+        problem = f"holds a JSON {type(manifest).__name__}, not an object"
+    elif manifest.get("format") != MANIFEST_FORMAT:
+        problem = f"format={manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}"
+    elif not isinstance(manifest.get("shards"), list) or not manifest["shards"]:
+        problem = "its 'shards' list is missing or empty"
+    elif not all(isinstance(s, dict) and isinstance(s.get("path"), str) for s in manifest["shards"]):
+        problem = "an entry of its 'shards' list has no 'path'"
+    if problem is not None:
+        from sidscale.config import ConfigError
+
+        # the same on every rank: one message (main() prints a ConfigError once), no traceback per rank
+        raise ConfigError(f"{path} is not a usable prompt shard manifest ({problem}); write it with "
+                          "tools/make_prompt_shards.py")
     return manifest

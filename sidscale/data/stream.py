@@ -57,7 +57,7 @@ import random
 import signal
 import tarfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,6 +197,17 @@ def read_shard(path: str, counters: _Counters) -> Iterator[tuple[str, str]]:
     if any(skipped.values()):
         detail = ", ".join(f"{k}={v}" for k, v in skipped.items() if v)
         warnings.warn(f"shard {path}: skipped samples ({detail})", DataWarning, stacklevel=2)
+
+
+def first_prompt(paths: Sequence[str]) -> str | None:
+    """The first readable prompt of ``paths`` in order (None: every shard is bad), without warnings."""
+    counters = _Counters({})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        for path in paths:
+            for _key, prompt in read_shard(path, counters):
+                return prompt
+    return None
 
 
 def shuffled(items: Iterator[Any], bufsize: int, rng: random.Random) -> Iterator[Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 
 import torch
 
@@ -182,3 +183,18 @@ def check_identical_across_ranks(modules: dict[str, torch.nn.Module]) -> None:
             detail = ", ".join(f"rank {r}: {v[:12]}" for r, v in ranks.items())
             raise RuntimeError(f"the {name} weights differ between ranks ({detail}); every rank must load the same "
                                "teacher files")
+
+
+def apply_configured_lr(engine, lr: float, key: str, report: bool = True) -> list[float]:
+    """Give ``engine``'s optimizer the configured learning rate after ``load_checkpoint``, which restores
+    the param groups (their lr included) from the checkpoint: a run resumed with another ``key`` (e.g.
+    ``generator.lr``) trains with the new value that config.yaml and meta.json record. Returns the
+    checkpoint's value(s); ``report``: say so when they differ (rank 0)."""
+    groups = engine.optimizer.param_groups
+    saved = sorted({float(g["lr"]) for g in groups})
+    for g in groups:
+        g["lr"] = float(lr)
+    if report and saved != [float(lr)]:
+        logging.getLogger(__name__).warning("%s: the checkpoint's optimizer had lr %s, this job sets %g: applied "
+                                            "from the resumed step on", key, saved, lr)
+    return saved

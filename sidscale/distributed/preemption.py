@@ -20,7 +20,11 @@ EXIT_REQUEUE = 75  # EX_TEMPFAIL: "stopped early on request, run me again" (slur
 
 class StopSignal:
     def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)):
-        self.received: list[int] = []
+        from sidscale import startup_signals
+
+        self.received: list[int] = startup_signals.take()  # signals that came during start-up
+        if self.received:
+            print("sidscale: a stop signal came during start-up; stopping after the first step", flush=True)
         self._previous = {}
         for s in signals:
             try:

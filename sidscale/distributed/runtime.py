@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import socket
@@ -15,6 +14,7 @@ import torch
 
 from sidscale.config import DistConfig
 from sidscale.distributed import comm
+from sidscale.distributed.rendezvous import init_with_rendezvous_timeout
 
 # The DeepSpeed versions sidscale was tested with. sidscale relies on DeepSpeed internals (the
 # shared-memory op builder patched below, ZeRO-3's ``ds_tensor`` / ``ds_numel`` / ``ds_shape``
@@ -236,9 +236,9 @@ def init_distributed(local_rank_arg: int | None = None, timeout_s: float = DEFAU
         ordinal = cuda_ordinal(local_rank, torch.cuda.device_count())
         get_accelerator().set_device(ordinal)
         device = torch.device(get_accelerator().device_name(ordinal))
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl", verbose=False,
-                                   timeout=datetime.timedelta(seconds=timeout_s))
+    if not torch.distributed.is_initialized():  # a short rendezvous first: sidscale.distributed.rendezvous
+        init_with_rendezvous_timeout(lambda t: deepspeed.init_distributed(
+            dist_backend="gloo" if on_cpu else "nccl", verbose=False, timeout=t), timeout_s)
         if comm.world_size() > 1:
             _make_long_work_group()
     return DistInfo(comm.rank(), comm.world_size(), local_rank, device)

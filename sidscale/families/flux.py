@@ -11,12 +11,22 @@ ids ``(0, row, col)`` and unpacks its output, exactly as ``FluxPipeline._pack_la
 (``sidscale/models/flux_conditioning.py``), text ids = zeros [L, 3].
 
 Distilled guidance (the ``distilled_guidance`` config section): FLUX.1-dev takes a guidance scale
-as an input embedding. Each net is called with its own scale, bound when its prediction function
-is made (``prediction_fn(net, schedule, role)``): teacher ``distilled_guidance.teacher`` (3.5,
-BFL's default), fake net ``distilled_guidance.fake`` (null = the teacher's: the fake net models
-the generator's distribution at the teacher's guidance), generator ``distilled_guidance.generator``
-(1.0, as SiD-DiT). True CFG on top is the method's ``cfg_*`` scales with E("") as the negative
-prompt; the flux_dev preset sets them to 1 (off: FLUX.1-dev is run without true CFG).
+as an input embedding. Two ways to set it (``distilled_guidance.mode``):
+
+* ``official`` (the flux_dev preset): as SiD-DiT's released FLUX code. Teacher and fake net get the
+  guidance scale of the CALL as their embedding, and true CFG with E("") at that same scale: the
+  fake update calls the fake net at ``method.cfg_train_fake`` (k1), the generator update calls the
+  fake net at ``cfg_eval_fake`` (k2) and the teacher at ``cfg_eval_real`` (k4). A scale of 1 or 0
+  runs the conditional branch only, with embedding 1 or 0 (0 is NOT "unconditional" here, unlike
+  ``guided_eps``'s generic CFG). The generator gets ``distilled_guidance.generator`` (1.0: SiD-DiT
+  never overrides it) and no CFG. ``FluxGuidedVelocity.guided`` does this; ``guided_eps`` hands
+  the call to it.
+* ``per_role``: each net has a fixed embedding, bound when its prediction function is made
+  (``prediction_fn(net, schedule, role)``): teacher ``distilled_guidance.teacher`` (3.5, BFL's
+  default), fake net ``distilled_guidance.fake`` (null = the teacher's: the fake net models the
+  generator's distribution at the teacher's guidance), generator ``distilled_guidance.generator``.
+  True CFG on top is the method's ``cfg_*`` scales with E("") as the negative prompt (1: off), kept
+  apart from the embedding.
 
 Noise levels. FLUX's scheduler shifts its sampling sigmas by a resolution-dependent ``mu``
 (``use_dynamic_shifting``). A shift only changes WHERE along sigma a sampler places its steps; the
@@ -37,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from sidscale.config import ConfigError
+from sidscale.config import GUIDANCE_MODES, ConfigError
 from sidscale.families.base import ROLES, Teacher
 from sidscale.schedule import FlowSchedule
 
@@ -79,24 +89,38 @@ def latent_image_ids(h_tokens: int, w_tokens: int, device: torch.device | str, d
 # --------------------------------------------------------------------------------------------- schedule
 @dataclass
 class FluxSchedule(FlowSchedule):
-    """``FlowSchedule`` (the same noise, levels and conversions) plus the distilled-guidance scale each
-    role's network is called with. It travels with the schedule because the schedule is what every
-    caller of ``prediction_fn`` already holds (trainer, sampler, teacher sampler, benchmark)."""
+    """``FlowSchedule`` (the same noise, levels and conversions) plus how each role's network gets its
+    guidance embedding (module docstring): ``mode`` per_role with one scale per role, or official with
+    the generator's scale only (teacher and fake None: their embedding is the scale of each call). It
+    travels with the schedule because the schedule is what every caller of ``prediction_fn`` already
+    holds (trainer, sampler, teacher sampler, benchmark)."""
 
-    guidance: dict[str, float] = field(default_factory=lambda: {"teacher": 3.5, "fake": 3.5, "generator": 1.0})
+    guidance: dict[str, float | None] = field(default_factory=lambda: {"teacher": 3.5, "fake": 3.5, "generator": 1.0})
+    mode: str = "per_role"
 
     def __post_init__(self) -> None:
+        if self.mode not in GUIDANCE_MODES:
+            raise ValueError(f"FluxSchedule.mode {self.mode!r}: expected one of {', '.join(GUIDANCE_MODES)}")
         if set(self.guidance) != set(ROLES):
             raise ValueError(f"FluxSchedule.guidance: expected one scale per role {ROLES}, got {self.guidance!r}")
-        self.guidance = {r: float(self.guidance[r]) for r in ROLES}
+        coupled = ("teacher", "fake") if self.mode == "official" else ()
+        for role in ROLES:
+            value = self.guidance[role]
+            if (value is None) != (role in coupled):
+                raise ValueError(f"FluxSchedule.guidance[{role!r}] = {value!r} in mode {self.mode}: expected "
+                                 + ("None (the call's CFG scale is the embedding)" if role in coupled else "a scale"))
+        self.guidance = {r: None if self.guidance[r] is None else float(self.guidance[r]) for r in ROLES}
 
     def meta(self, source: str) -> dict:
-        return {**super().meta(source), "distilled_guidance": dict(self.guidance)}
+        return {**super().meta(source), "distilled_guidance": dict(self.guidance), "guidance_mode": self.mode}
 
 
-def guidance_from_config(cfg) -> dict[str, float]:
-    """Per-role guidance embedding scales of the ``distilled_guidance`` section (fake null = teacher's)."""
+def guidance_from_config(cfg) -> dict[str, float | None]:
+    """The ``distilled_guidance`` section as ``FluxSchedule.guidance``: per_role, one scale per role (fake
+    null = the teacher's); official, the generator's only (teacher and fake follow each call's scale)."""
     g = cfg.distilled_guidance
+    if g.mode == "official":
+        return {"teacher": None, "fake": None, "generator": g.generator}
     return {"teacher": g.teacher, "fake": g.teacher if g.fake is None else g.fake, "generator": g.generator}
 
 
@@ -115,12 +139,17 @@ class FluxVelocity(torch.nn.Module):
         self.time_scale = time_scale
 
     def forward(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.velocity(x_t, sigma, cond, self.guidance)
+
+    def velocity(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor],
+                 guidance_scale: float | None) -> torch.Tensor:
+        """The network's velocity with guidance embedding ``guidance_scale`` (None: no embedding input)."""
         dtype = next(self.net.parameters()).dtype
         b, _, h, w = x_t.shape
         text = cond["encoder_hidden_states"]
         guidance = None
-        if self.guidance is not None:
-            guidance = torch.full((b,), float(self.guidance), dtype=torch.float32, device=x_t.device)
+        if guidance_scale is not None:
+            guidance = torch.full((b,), float(guidance_scale), dtype=torch.float32, device=x_t.device)
         out = self.net(hidden_states=pack_latents(x_t.to(dtype)), encoder_hidden_states=text.to(dtype),
                        pooled_projections=cond["pooled_projections"].to(dtype),
                        timestep=sigma.float() * self.time_scale, guidance=guidance,
@@ -128,6 +157,32 @@ class FluxVelocity(torch.nn.Module):
                        txt_ids=torch.zeros(text.shape[1], 3, device=x_t.device, dtype=dtype),
                        return_dict=False)[0]
         return unpack_latents(out, h, w).float()
+
+
+class FluxGuidedVelocity(FluxVelocity):
+    """Teacher / fake net in guidance mode ``official`` (SiD-DiT's FLUX code): the guidance scale ``s`` of
+    each call is both the guidance embedding and the true-CFG scale. ``guided_eps`` hands the call here
+    (``guided``); a bare forward has no scale to use, so it refuses."""
+
+    def __init__(self, net: torch.nn.Module, schedule: FlowSchedule | None = None, time_scale: float = TIME_SCALE):
+        super().__init__(net, schedule, None, time_scale)
+
+    def forward(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise RuntimeError("a FLUX teacher / fake net in distilled_guidance.mode official takes its guidance "
+                           "embedding from the CFG scale of the call: call it through guided_eps")
+
+    def guided(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor],
+               uncond: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+        """``v(cond; g=s)`` when s is 1 or 0 (one conditional call; 0 is an embedding of 0, not the
+        unconditional branch), else ``v(u; g=s) + s (v(c; g=s) - v(u; g=s))`` in one call of batch 2B."""
+        from sidscale.models.conditioning import cat_conds
+
+        scale = float(scale)
+        if scale in (0.0, 1.0):
+            return self.velocity(x_t, sigma, cond, scale)
+        both = self.velocity(torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), cat_conds([uncond, cond]), scale)
+        v_uncond, v_cond = both.chunk(2)
+        return v_uncond + scale * (v_cond - v_uncond)
 
 
 def _network_config(net: torch.nn.Module):
@@ -178,7 +233,8 @@ class FluxFamily:
             log.info("FLUX teacher without a guidance embedding (guidance_embeds=false): the distilled_guidance "
                      "scales are not used")
         size = t.resolution // down
-        return Teacher(path, t.kind, net, conditioner, FluxSchedule(guidance=guidance), (channels, size, size),
+        schedule = FluxSchedule(guidance=guidance, mode=cfg.distilled_guidance.mode)
+        return Teacher(path, t.kind, net, conditioner, schedule, (channels, size, size),
                        float(vae.config.scaling_factor), vae, float(vae.config.shift_factor or 0.0))
 
     def prediction_fn(self, net: torch.nn.Module, schedule: FluxSchedule, role: str = "generator") -> FluxVelocity:
@@ -188,18 +244,27 @@ class FluxFamily:
         if not isinstance(schedule, FluxSchedule):
             raise TypeError(f"the FLUX family needs a FluxSchedule (it carries the per-role guidance), got "
                             f"{type(schedule).__name__}")
-        guidance = schedule.guidance[role] if _network_config(net).guidance_embeds else None
-        return FluxVelocity(net, schedule, guidance)
+        if not _network_config(net).guidance_embeds:
+            return FluxVelocity(net, schedule, None)
+        if schedule.mode == "official" and role != "generator":
+            return FluxGuidedVelocity(net, schedule)
+        return FluxVelocity(net, schedule, schedule.guidance[role])
 
     def sampling_extras(self, cfg) -> dict:
         return {"max_sequence_length": int(cfg.teacher.max_sequence_length), "time_scale": TIME_SCALE}
 
     def schedule_from_meta(self, meta: dict, where: str) -> FluxSchedule:
-        guidance = meta.get("schedule", {}).get("distilled_guidance")
+        schedule = meta.get("schedule", {})
+        guidance = schedule.get("distilled_guidance")
         if not isinstance(guidance, dict):
             raise ValueError(f"{where}: schedule.distilled_guidance is missing (a FLUX export records the guidance "
                              "embedding scale of each net)")
-        return FluxSchedule(guidance=guidance)
+        # exports written before the official mode existed are per_role
+        mode = schedule.get("guidance_mode", "per_role")
+        try:
+            return FluxSchedule(guidance=guidance, mode=mode)
+        except ValueError as e:
+            raise ValueError(f"{where}: schedule: {e}") from None
 
     def load_conditioner(self, directory: Path, meta: dict, dtype: torch.dtype, device: torch.device | str):
         from sidscale.models.flux_conditioning import load_flux_conditioner

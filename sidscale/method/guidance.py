@@ -20,7 +20,12 @@ def guided_eps(
 
     NOTE: scale == 1 runs only the conditional call (it is exactly eps(cond)); any other scale
     runs one call of batch 2B so the network sees both branches in a single pass.
+    A prediction function with a ``guided`` method couples its own inputs to the scale (FLUX's
+    official guidance mode also feeds the scale as the guidance embedding) and does the whole call.
     """
+    guided = getattr(eps_fn, "guided", None)
+    if guided is not None:
+        return guided(x_t, t, cond, uncond, scale)
     if scale == 1.0:
         return eps_fn(x_t, t, cond)
     both = eps_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_conds([uncond, cond]))

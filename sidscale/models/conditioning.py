@@ -172,10 +172,12 @@ def load_conditioner(teacher_dir: str | Path, kind: str, dtype: torch.dtype = to
     """
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    from sidscale.models.pretrained import load_pretrained
+
     path = Path(teacher_dir)
 
     def encoder(cls, sub: str) -> torch.nn.Module:
-        return cls.from_pretrained(path / sub, torch_dtype=dtype, local_files_only=True).to(device)
+        return load_pretrained(cls, path / sub, torch_dtype=dtype, local_files_only=True).to(device)
 
     tok = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
     te = encoder(CLIPTextModel, "text_encoder")

@@ -134,12 +134,14 @@ def load_flux_conditioner(path: Path, dtype: torch.dtype, device: torch.device |
     """The frozen text side of a local diffusers FLUX directory (``local_files_only``)."""
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+    from sidscale.models.pretrained import load_pretrained
+
     path = Path(path)
     max_sequence_length = check_flux_max_sequence_length(max_sequence_length)
     check_flux_dir(path, FLUX_TEXT_FOLDERS)
 
     def encoder(cls, sub: str) -> torch.nn.Module:
-        return cls.from_pretrained(path / sub, dtype=dtype, local_files_only=True).to(device)
+        return load_pretrained(cls, path / sub, dtype=dtype, local_files_only=True).to(device)
 
     tok1 = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
     tok2 = T5TokenizerFast.from_pretrained(path / "tokenizer_2", local_files_only=True)

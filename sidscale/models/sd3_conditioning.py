@@ -208,6 +208,8 @@ def load_sd3_conditioner(path: Path, dtype: torch.dtype, device: torch.device | 
     """
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
+    from sidscale.models.pretrained import load_pretrained
+
     path = Path(path)
     max_sequence_length = check_max_sequence_length(max_sequence_length)
     text = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
@@ -215,7 +217,7 @@ def load_sd3_conditioner(path: Path, dtype: torch.dtype, device: torch.device | 
     joint = joint_attention_dim_from_dir(path)
 
     def encoder(cls, sub: str) -> torch.nn.Module:
-        return cls.from_pretrained(path / sub, dtype=dtype, local_files_only=True).to(device)
+        return load_pretrained(cls, path / sub, dtype=dtype, local_files_only=True).to(device)
 
     tok1 = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
     tok2 = CLIPTokenizer.from_pretrained(path / "tokenizer_2", local_files_only=True)

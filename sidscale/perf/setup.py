@@ -45,8 +45,14 @@ from sidscale.models.teacher import DTYPES, Teacher, set_attention
 from sidscale.schedule import FlowSchedule, VPSchedule
 
 UNET_PRESETS = ("tiny", "mid", "sd15", "sd21", "sd21_768", "sdxl")
-SD3_PRESETS = ("sd3_tiny", *DIT_PRESETS)  # sd3_tiny (CPU-sized), sd3_medium, sd35_medium, sd35_large
-FLUX_PRESET_NAMES = ("flux_tiny", "flux_dev")  # flux_tiny (CPU-sized), FLUX.1-dev
+# Big presets cut to a few blocks at their REAL width, tokens and text encoders (what one GPU can measure
+# of a model it cannot hold: tools/gpu_check.py --part big): name -> (preset, transformer overrides)
+SLICES: dict[str, tuple[str, dict[str, int]]] = {
+    "sd35_large_4l": ("sd35_large", {"num_layers": 4}),
+    "flux_dev_4l": ("flux_dev", {"num_layers": 2, "num_single_layers": 4}),
+}
+SD3_PRESETS = ("sd3_tiny", *DIT_PRESETS, "sd35_large_4l")  # sd3_tiny (CPU-sized), sd3_medium, sd35_medium, sd35_large
+FLUX_PRESET_NAMES = ("flux_tiny", "flux_dev", "flux_dev_4l")  # flux_tiny (CPU-sized), FLUX.1-dev
 # what the benchmark, the plan and --measure accept
 BENCH_PRESETS = UNET_PRESETS + SD3_PRESETS + FLUX_PRESET_NAMES
 PLAN_PRESETS = BENCH_PRESETS
@@ -133,15 +139,24 @@ def _flux_tiny_preset() -> DiTPreset:
                      resolution=256, kind="flux", scheduler=dict(FLUX_SCHEDULER), t5_tokens=64)
 
 
+def _slice(preset: str, full: DiTPreset) -> DiTPreset:
+    base, blocks = SLICES[preset]
+    return replace(full, name=preset, transformer={**copy.deepcopy(full.transformer), **blocks}, published={})
+
+
 def flux_preset(preset: str) -> DiTPreset:
-    """The ``DiTPreset`` of a FLUX preset: ``flux_dev``, or the CPU-sized ``flux_tiny``."""
+    """The ``DiTPreset`` of a FLUX preset: ``flux_dev``, the CPU-sized ``flux_tiny``, or a slice."""
     from sidscale.models.flux_presets import get_flux_preset
 
+    if preset in SLICES:
+        return _slice(preset, get_flux_preset(SLICES[preset][0]))
     return _flux_tiny_preset() if preset == "flux_tiny" else get_flux_preset(preset)
 
 
 def dit_preset(preset: str) -> DiTPreset:
-    """The ``DiTPreset`` of an SD3 preset: a published one, or ``sd3_tiny``."""
+    """The ``DiTPreset`` of an SD3 preset: a published one, ``sd3_tiny``, or a slice."""
+    if preset in SLICES:
+        return _slice(preset, get_dit_preset(SLICES[preset][0]))
     return _sd3_tiny_preset() if preset == "sd3_tiny" else get_dit_preset(preset)
 
 
@@ -317,7 +332,7 @@ class _UNetNets:
 
 
 # The trainer config whose recipe a CPU-sized SD3 preset borrows (the published ones have their own).
-_SD3_CONFIG = {"sd3_tiny": "sd35_medium"}
+_SD3_CONFIG = {"sd3_tiny": "sd35_medium", "sd35_large_4l": "sd35_large"}
 
 
 def build_dit_transformer(p: DiTPreset, device: torch.device | str = "meta",
@@ -460,8 +475,9 @@ class _FluxNets:
         conditioner = FluxConditioner(_tokenizer(), _t5_tokenizer(), te1, te2,
                                       int(net.config.joint_attention_dim), int(net.config.pooled_projection_dim),
                                       max_sequence_length=p.t5_tokens, dtype=torch_dtype)
-        # FluxSchedule(): the distilled_guidance defaults of the flux_dev recipe (teacher and fake 3.5, G 1.0)
-        return Teacher(_bench_teacher_path(preset), "flux", net, conditioner, FluxSchedule(),
+        # the flux_dev recipe's guidance: mode official (teacher / fake embedding = each call's CFG scale), G 1.0
+        schedule = FluxSchedule(guidance={"teacher": None, "fake": None, "generator": 1.0}, mode="official")
+        return Teacher(_bench_teacher_path(preset), "flux", net, conditioner, schedule,
                        self.latent_shape(preset), float(p.vae["scaling_factor"]), None,
                        float(p.vae.get("shift_factor") or 0.0))
 
