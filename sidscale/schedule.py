@@ -16,7 +16,7 @@ generator's K levels and the per-sample draw of the loss level, both from ``Meth
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -46,6 +46,10 @@ class VPSchedule:
 
     alphas_cumprod: torch.Tensor
     prediction_type: str = "epsilon"
+    # ``alphas_cumprod`` on each device it was asked on. NOTE: a host-to-device copy per call is a
+    # blocking pageable copy and a stream sync, several times per micro-batch, which stops the CPU
+    # from running ahead of the GPU (ZeRO-3's parameter hooks rely on it running ahead).
+    _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
@@ -69,11 +73,23 @@ class VPSchedule:
 
     def coefficients(self, t: torch.Tensor | int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sqrt(abar_t), sqrt(1 - abar_t)) broadcastable against ``like`` (batch first), in fp32."""
-        abar = self.alphas_cumprod.to(like.device)
+        abar = self._table(like.device)
         t = torch.as_tensor(t, device=like.device, dtype=torch.long)
         a = abar[t]
         shape = (-1,) + (1,) * (like.dim() - 1) if a.dim() == 1 else ()
         return a.sqrt().reshape(shape), (1.0 - a).sqrt().reshape(shape)
+
+    def _table(self, device: torch.device) -> torch.Tensor:
+        src = self.alphas_cumprod
+        if src.device == device:
+            return src
+        key = (device, id(src), src._version)  # a replaced or modified table is copied again
+        table = self._tables.get(key)
+        if table is None:
+            for stale in [k for k in self._tables if k[0] == device]:
+                del self._tables[stale]
+            table = self._tables[key] = src.to(device)
+        return table
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
         a, s = self.coefficients(t, x0)

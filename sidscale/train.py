@@ -9,7 +9,8 @@ Launch recipes (the run directory holds config.yaml, tb/, samples/, checkpoints/
     torchrun --nproc_per_node N sidscale/train.py --config toy --run-dir runs/toy
     # several nodes from a hostfile
     deepspeed --hostfile hosts.txt sidscale/train.py --config sdxl --run-dir /shared/runs/sdxl ...
-    # SLURM: one task per GPU started by srun (RANK/WORLD_SIZE come from SLURM_PROCID/SLURM_NTASKS)
+    # SLURM: one task per GPU started by srun (RANK/WORLD_SIZE come from SLURM_PROCID/SLURM_NTASKS,
+    # MASTER_ADDR/MASTER_PORT, unless set, from the first host of the node list and the job id)
     srun --ntasks-per-node 8 python sidscale/train.py --config sdxl --run-dir /shared/runs/$SLURM_JOB_ID
 
 Starting in a directory that has checkpoints resumes from RUN/checkpoints/latest.
@@ -62,11 +63,12 @@ from sidscale.data.prompts import INDEXED_PREFIX, IndexedPromptSource, StreamPro
 from sidscale.distributed import comm
 from sidscale.distributed.ds_config import build_ds_config, check_precision_supported, zero_stage
 from sidscale.distributed.engines import apply_configured_lr, build_engine, check_identical_across_ranks
+from sidscale.distributed.leftovers import release_backward_leftovers
 from sidscale.distributed.preemption import EXIT_REQUEUE, StopSignal
 from sidscale.distributed.runtime import (
     EXIT_FAILURE,
-    DeepSpeedVersionError,
     DistInfo,
+    StartupError,
     exit_now,
     fail_fast,
     init_distributed,
@@ -213,7 +215,8 @@ def prepare_elastic_resume(path: Path, world_size: int) -> tuple[int, Path | Non
 
     # NOTE: the conversion of an 8B+ model's optimizer states can take longer than dist.timeout_s; the
     # other ranks wait on a gloo group of its own, so no NCCL collective is pending meanwhile.
-    out, error = comm.broadcast_object_after_long_work(convert, elastic.CONVERSION_TIMEOUT_S)
+    out, error = comm.broadcast_object_after_long_work(convert, elastic.CONVERSION_TIMEOUT_S,
+                                                       what="converting the checkpoint for elastic resume")
     if error:
         raise ConfigError(error + ". Resume it with the number of ranks that wrote it")
     return written_by, out
@@ -247,9 +250,10 @@ class Trainer:
         self.family = family_for_kind(cfg.teacher.kind)
         if teacher is None:
             # The toy teacher is fitted once (rank 0), then every rank loads the same files.
-            if self.dist.is_main:
-                resolve_teacher_dir(cfg.teacher)
-            comm.barrier()
+            fault_injection.maybe_fail("teacher_fit", 0, self.rank)
+            comm.broadcast_object_after_long_work(lambda: resolve_teacher_dir(cfg.teacher),
+                                                  what="preparing the teacher")
+            fault_injection.maybe_fail("load_teacher", 0, self.rank)
             teacher = self.family.load_teacher(cfg, self.device)
         if cfg.teacher.text_encoders == "cpu":  # weights in host memory, outputs on the device
             teacher.conditioner = HostConditioner(teacher.conditioner, self.device)
@@ -397,6 +401,7 @@ class Trainer:
                     loss, st = generator_step(self.gen_train, self.fake_eval, self.teacher_eval, self.schedule,
                                               noise, cond, uncond, self.settings, loss_normaliser=self.micro, k=steps_k)
                     self.gen_engine.backward(loss)
+                    release_backward_leftovers(self.fake_engine, self.teacher_engine)
                     self.gen_engine.step()
                     for k, v in st.items():
                         stats[k] = stats[k] + v.float() / (1 if k.startswith("dropped") else self.gas)
@@ -464,7 +469,8 @@ class Trainer:
         files: dict[str, dict] = {}
         for share in comm.all_gather_object(ckpt_lib.own_checksums(path, self.rank, self.world)):
             files.update(share)
-        if self.dist.is_main:
+
+        def finish() -> None:  # rank 0; pruning old checkpoints can take minutes on a parallel filesystem
             ckpt_lib.write_meta(path, {
                 "step": self.step, "images_seen": self.images_seen, "world_size": self.world,
                 "zero_stage": self.zero_stage, "config": config_to_dict(self.cfg),
@@ -472,8 +478,10 @@ class Trainer:
                 "sampling": self.sampling_meta(), "files": files,
             })
             ckpt_lib.mark_latest(self.run_dir, path)
+            fault_injection.maybe_fail("prune", self.step, self.rank)
             ckpt_lib.prune_checkpoints(self.run_dir, self.cfg.train.keep_last)
-        comm.barrier()
+
+        comm.broadcast_object_after_long_work(finish, what=f"completing checkpoint {path.name} and pruning old ones")
         return path
 
     def _ema_shapes(self) -> list[tuple[int, ...]]:
@@ -648,10 +656,14 @@ class Trainer:
 
     def export(self) -> Path | None:
         full = self.ema.gather_to_main()
-        if not self.dist.is_main:
-            return None
-        return export_generator(full, dict(self.teacher.net.config), self.run_dir / "export", self.sampling_meta(),
-                                link_frozen=self.cfg.train.export_link_frozen)
+
+        def write() -> Path:  # rank 0; a FLUX export writes tens of GB
+            fault_injection.maybe_fail("export", self.step, self.rank)
+            return export_generator(full, dict(self.teacher.net.config), self.run_dir / "export",
+                                    self.sampling_meta(), link_frozen=self.cfg.train.export_link_frozen)
+
+        out = comm.broadcast_object_after_long_work(write, what="the export")
+        return out if self.dist.is_main else None
 
     def toy_evaluation(self) -> dict | None:
         """One-step student vs the teacher's DDIM sampler, both against exact mixture samples."""
@@ -668,7 +680,12 @@ class Trainer:
                                               ev.num_samples, ev.teacher_steps, self.settings.cfg_eval_real,
                                               self.settings.t_init, settings=self.settings)
         with self.ema_network() as net:
-            return None if net is None else self._toy_evaluation_with(net, teacher_numbers)
+            def evaluate() -> dict:  # rank 0 (minutes on a busy CPU machine)
+                fault_injection.maybe_fail("toy_eval", self.step, self.rank)
+                return self._toy_evaluation_with(net, teacher_numbers)
+
+            result = comm.broadcast_object_after_long_work(evaluate, what="the toy evaluation")
+        return result if self.dist.is_main else None
 
     _TOY_TEACHER_KEYS = ("frechet_teacher_ddim", "prompt_accuracy_teacher_ddim", "colour_accuracy_teacher_ddim")
 
@@ -838,7 +855,7 @@ def main(argv: list[str] | None = None) -> int:
     run_lock = RunLock(Path(args.run_dir).expanduser())  # rank 0 takes it in prepare_run_dir
     try:
         dist_info = init_distributed(args.local_rank, timeout_s=cfg.dist.timeout_s)
-    except DeepSpeedVersionError as e:
+    except StartupError as e:  # an old DeepSpeed, no usable GPU
         print(f"sidscale: error: {e}", file=sys.stderr)
         return 2
     rank = dist_info.rank
@@ -870,19 +887,21 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"sidscale: resumed from {path} (step {trainer.step}{via})", flush=True)
         if not comm.all_ranks_agree(True):
             raise RuntimeError("a rank failed during start-up")
-        if universal is not None and dist_info.is_main:
+        if universal is not None:  # every rank has loaded it; deleting a big model's copy takes a while
             from sidscale.elastic import remove_universal
 
-            remove_universal(path, written_by)  # every rank has loaded it
+            comm.broadcast_object_after_long_work(lambda: remove_universal(path, written_by),
+                                                  what="removing the universal copy of the checkpoint")
         if dist_info.is_main:  # the run has started: only now does the directory hold its config
             dump_config(cfg, run_dir / "config.yaml")
         code = 0 if trainer.run(stop) else EXIT_REQUEUE
         if code == EXIT_REQUEUE:  # per rank: a multi-node job's logs show every node stopped at the same step
             print(f"sidscale: rank {rank} stops at step {trainer.step} (exit {code}, requeue)", flush=True)
     except ConfigError as e:
-        # The same on every rank (same config, decisions broadcast from rank 0): one message.
-        if dist_info.is_main:
-            print(f"sidscale: error: {e}", file=sys.stderr)
+        # Printed by every rank that has one: most are the same everywhere (same config, decisions
+        # broadcast from rank 0), but a teacher file missing on one node's view of a shared filesystem
+        # is seen by that node's ranks only, and would otherwise end the job without a word.
+        print(f"{'' if dist_info.is_main else f'[rank {rank}] '}sidscale: error: {e}", file=sys.stderr, flush=True)
         exit_now(2)
     except CheckpointSaveError as e:
         print(f"sidscale: error: {e}", file=sys.stderr, flush=True)

@@ -112,6 +112,8 @@ export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 # address its node's hostname resolves to unless GLOO_SOCKET_IFNAME names an interface: each rank
 # sets it, on its own node, to the interface that reaches MASTER_ADDR (RANK_PRELUDE below),
 # unless the submitting shell set it.
+# gloo also carries the waits for rank 0's one-off work (export, toy evaluation, completing a
+# checkpoint, the elastic conversion): a wrong interface fails at start-up, where its group is made.
 # One OMP thread pool per rank, sized to the cores that rank was given (torch's default is all
 # cores of the node, which G ranks then oversubscribe G times).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
@@ -151,7 +153,8 @@ requeue() {
 }
 
 echo "distill.sh: job $SLURM_JOB_ID attempt $(( ${SLURM_RESTART_COUNT:-0} + 1 )) on ${#NODES[@]} node(s)" \
-     "($SLURM_JOB_NODELIST), $SLURM_NTASKS ranks, rendezvous $MASTER_ADDR:$MASTER_PORT"
+     "($SLURM_JOB_NODELIST), $SLURM_NTASKS ranks, rendezvous $MASTER_ADDR:$MASTER_PORT," \
+     "NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-<auto>} GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-<auto>}"
 echo "distill.sh: run dir $RUN_DIR; rank logs $RUN_DIR/logs/rank<N>.log"
 if [[ $GOT_USR1 == 1 ]]; then requeue; fi  # told to stop before the ranks even started
 if [[ $GOT_TERM == 1 ]]; then exit 143; fi

@@ -94,15 +94,18 @@ def _rank_main(argv: list[str], env: dict[str, str], out_path: str, err_path: st
 
 
 def run_trainer(run_dir: Path, overrides: list[str], nproc: int = 2, config: str = "toy",
-                timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+                timeout: float = 600, check: bool = True, env: dict[str, str] | None = None,
+                codes_out: list[int] | None = None) -> subprocess.CompletedProcess:
     """``sidscale/train.py`` on ``nproc`` ranks. stdout / stderr: every rank's, rank 0's first;
-    returncode: the first non-zero exit code of a rank, else 0."""
+    returncode: the first non-zero exit code of a rank, else 0. ``env``: added to each rank's
+    environment (e.g. ``SIDSCALE_FAULT``); ``codes_out``: receives every rank's exit code (-9: killed
+    at ``timeout``)."""
     argv = ["--config", config, "--run-dir", str(run_dir)]
     for o in overrides:
         argv += ["--set", o]
     port = str(free_port())
     base = dict(HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-                WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+                WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **(env or {}))
     ctx = _fork_context()
     with tempfile.TemporaryDirectory(prefix="sidscale-launch-") as logs:
         paths = [(str(Path(logs) / f"{r}.out"), str(Path(logs) / f"{r}.err")) for r in range(nproc)]
@@ -120,6 +123,8 @@ def run_trainer(run_dir: Path, overrides: list[str], nproc: int = 2, config: str
         codes = [p.exitcode if p not in timed_out else -9 for p in procs]
         stdout = "".join(Path(o).read_text(errors="replace") for o, _ in paths if Path(o).is_file())
         stderr = "".join(Path(e).read_text(errors="replace") for _, e in paths if Path(e).is_file())
+    if codes_out is not None:
+        codes_out.extend(codes)
     code = next((c for c in codes if c != 0), 0)
     proc = subprocess.CompletedProcess(["sidscale/train.py", *argv], code, stdout, stderr)
     if check and code != 0:

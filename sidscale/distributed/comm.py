@@ -25,6 +25,8 @@ group, so single-process tools and unit tests run unchanged.
 
 from __future__ import annotations
 
+import datetime
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -114,24 +116,66 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     return box[0]
 
 
-def broadcast_object_after_long_work(work: Callable[[], T], timeout_s: float) -> T:
+# How long the other ranks wait for rank 0's one-off work (export, toy evaluation, checkpoint pruning,
+# the toy teacher's fit). Not dist.timeout_s: that bounds collectives between working ranks, and this
+# work has no bound of its own (a FLUX export copies tens of GB; a busy CPU machine evaluates slowly).
+LONG_WORK_TIMEOUT_S = 24 * 3600
+
+
+class LongWorkWaitError(RuntimeError):
+    """A rank's wait for rank 0's long work failed: rank 0 died, or ran past the wait's limit."""
+
+
+_long_work_groups: dict[float, tuple[Any, Any]] = {}  # timeout -> (the world it belongs to, its gloo group)
+
+
+def _world() -> Any:
+    return dist.GroupMember.WORLD
+
+
+def long_work_group(timeout_s: float = LONG_WORK_TIMEOUT_S):
+    """The gloo group the long-work waits use (one per timeout, made once per process group: creating
+    a group connects every pair of ranks, too costly for every checkpoint at hundreds of ranks).
+
+    NOTE: making the group waits for every rank for up to ``timeout_s``, so a rank that died before
+    would hold the others for that long: ``runtime.init_distributed`` makes the default one at
+    start-up, right after every rank has joined, and a later wait finds a dead rank by its closed
+    sockets. A collective the first time (per timeout): all ranks must call."""
+    world = _world()
+    cached = _long_work_groups.get(timeout_s)
+    if cached is None or cached[0] is not world:  # none yet, or made for a process group since destroyed
+        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        _long_work_groups[timeout_s] = cached = (world, group)
+    return cached[1]
+
+
+def broadcast_object_after_long_work(work: Callable[[], T], timeout_s: float = LONG_WORK_TIMEOUT_S,
+                                     what: str = "its long work") -> T:
     """``work()`` on rank 0, its result on every rank, the others waiting up to ``timeout_s``.
 
-    For one-off work of rank 0 that can outlast ``dist.timeout_s`` (the elastic checkpoint conversion):
-    the wait runs on a gloo group of its own (CPU tensors) with its own timeout, so no NCCL collective
-    is pending while rank 0 works and the NCCL watchdog has nothing to time out. If rank 0 dies, the
-    others' wait ends when its sockets close. A collective: all ranks must call."""
-    if not is_distributed():
+    For rank 0's one-off work that can outlast ``dist.timeout_s`` (the elastic checkpoint conversion,
+    the export, the toy evaluation, checkpoint pruning, the toy teacher's fit): the wait runs on a
+    gloo group of its own (CPU tensors) with its own timeout, so no NCCL collective is pending while
+    rank 0 works and the NCCL watchdog has nothing to time out. If rank 0 dies, the others' wait ends
+    when its sockets close. A failed wait raises ``LongWorkWaitError`` naming ``what`` (a phrase:
+    "the export"). A collective: all ranks must call."""
+    if not is_distributed() or world_size() == 1:
         return work()
-    import datetime
-
-    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    group = long_work_group(timeout_s)
+    box = [work() if rank() == 0 else None]
+    started = time.monotonic()
     try:
-        box = [work() if rank() == 0 else None]
         dist.broadcast_object_list(box, src=0, group=group, device=torch.device("cpu"))
-        return box[0]
-    finally:
-        dist.destroy_process_group(group)
+    except RuntimeError as e:  # gloo: a timeout or a closed connection
+        if rank() == 0:
+            raise
+        waited = time.monotonic() - started
+        cause = ("rank 0 ran past the limit" if waited >= 0.9 * timeout_s else
+                 "rank 0 stopped before finishing: its own output says why")
+        reason = (str(e).splitlines() or [""])[0][:200]
+        raise LongWorkWaitError(f"rank {rank()} waited {waited:.0f} s (limit {timeout_s:.0f} s) for rank 0 to finish "
+                                f"{what}: {cause} ({type(e).__name__}: {reason})") from e
+    return box[0]
 
 
 def all_gather_object(obj: Any) -> list[Any]:

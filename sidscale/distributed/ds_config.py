@@ -116,6 +116,17 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
         raise ConfigError(
             f"deepspeed.config {path}: zero_optimization.stage = {stage!r}; expected one of {SUPPORTED_STAGES}"
         )
+    hpz = zero.get("zero_hpz_partition_size", 1) if isinstance(zero, dict) else 1
+    if hpz not in (None, 1):
+        # NOTE: DeepSpeed builds hpZ's secondary partitions from the zero.Init weights and refreshes them
+        # only after an optimizer step: sidscale's partition loading (zero.Init, the partitioned teacher,
+        # resume) and the EMA swap write the primary partition only, so the gathers would read stale
+        # (random-init, or training-instead-of-EMA) weights.
+        raise ConfigError(
+            f"deepspeed.config {path}: zero_optimization.zero_hpz_partition_size = {hpz!r} is not supported "
+            "(hpZ's secondary partitions would keep stale weights after sidscale loads or swaps the primary "
+            "ones); remove it or set it to 1"
+        )
     out = copy.deepcopy(user)
     out.update(owned)
     out.update(_precision_block(cfg.train.precision, user))

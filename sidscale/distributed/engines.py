@@ -124,12 +124,52 @@ def build_engine(teacher_unet: torch.nn.Module, net_cfg: NetConfig, ds_config: d
     return engine
 
 
-def module_fingerprint(module: torch.nn.Module) -> str:
-    """A hash of every parameter and buffer, byte for byte."""
+_DIGEST_CHUNK = 1 << 24  # 32-bit words per step: bounds the int64 temporaries at 128 MiB each
+_MULT_A, _MULT_B = 0x9E3779B97F4A7C15 - (1 << 64), 0x632BE59BD9B4E019  # odd 64-bit constants (as int64)
+
+
+def tensor_digest(t: torch.Tensor) -> torch.Tensor:
+    """Three int64 checksums of ``t``'s bytes, computed where ``t`` lives (no copy to the host).
+
+    The bytes are read as 32-bit words w_i and summed exactly in 64-bit wrap-around arithmetic:
+    sum(w_i), sum(w_i m_i) and sum((w_i xor i) m'_i) with odd multipliers m_i = (i A + B) | 1 and
+    m'_i from i's bits. Integer sums are exact, so every rank and every chunking gets the same digest.
+    A change of any single word changes the second sum (d m_i != 0 mod 2^64 for 0 < |d| < 2^33, m_i
+    odd), and so does an exchange of two words ((a - b)(m_i - m_j) = (a - b)(i - j) A, nonzero mod 2^64)."""
+    raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    pad = (-raw.numel()) % 4
+    if pad:
+        raw = torch.cat([raw, raw.new_zeros(pad)])
+    words = raw.view(torch.int32)
+    acc = torch.zeros(3, dtype=torch.int64, device=t.device)
+    for lo in range(0, words.numel(), _DIGEST_CHUNK):
+        w = words[lo:lo + _DIGEST_CHUNK].to(torch.int64)
+        idx = torch.arange(lo, lo + w.numel(), dtype=torch.int64, device=t.device)
+        m = (idx * _MULT_A + _MULT_B) | 1
+        m2 = ((idx ^ (idx >> 7)) * _MULT_B) | 1
+        acc += torch.stack([w.sum(), (w * m).sum(), ((w ^ idx) * m2).sum()])
+    return acc
+
+
+def module_fingerprint(module: torch.nn.Module, reduce_on_device: bool | None = None) -> str:
+    """A hash of every parameter and buffer (names, dtypes, shapes and bytes).
+
+    NOTE: tensors on an accelerator are reduced where they live (``tensor_digest``); only three numbers
+    per tensor reach the host, in one copy per device. Copying a FLUX teacher with its T5 (~67 GB as
+    fp32) to the host to hash it took minutes per start. Host tensors (text encoders kept on the CPU)
+    are hashed as they are, without a float copy. ``reduce_on_device``: force one way (tests)."""
+    named = list(module.named_parameters()) + list(module.named_buffers())
     h = hashlib.sha256()
-    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        h.update(name.encode())
-        h.update(t.detach().float().contiguous().cpu().numpy().tobytes())
+    digests: dict[str, list[torch.Tensor]] = {}
+    for name, t in named:
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        on_device = t.device.type != "cpu" if reduce_on_device is None else reduce_on_device
+        if on_device:
+            digests.setdefault(t.device.type, []).append(tensor_digest(t))  # never the index: ranks differ
+        else:
+            h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for kind in sorted(digests):
+        h.update(f"{kind}:{torch.stack(digests[kind]).cpu().tolist()}".encode())
     return h.hexdigest()
 
 

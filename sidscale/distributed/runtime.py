@@ -26,8 +26,46 @@ DEFAULT_TIMEOUT_S = DistConfig().timeout_s
 EXIT_FAILURE = 1  # any uncaught error on any rank; distinct from EXIT_REQUEUE (75), which SLURM requeues
 
 
-class DeepSpeedVersionError(RuntimeError):
+class StartupError(RuntimeError):
+    """The environment cannot run this job (printed as one line, exit code 2)."""
+
+
+class DeepSpeedVersionError(StartupError):
     pass
+
+
+class NoGPUError(StartupError):
+    pass
+
+
+# The oldest Linux NVIDIA driver each CUDA major release runs on (NVIDIA's CUDA compatibility
+# tables; 12.x and 13.x rely on minor-version compatibility within the major release).
+_MIN_DRIVER = {11: "450.80", 12: "525.60", 13: "580"}
+
+
+def check_not_silently_on_cpu(accelerator_name: str) -> None:
+    """Refuse DeepSpeed's CPU accelerator unless ``DS_ACCELERATOR=cpu`` asked for it.
+
+    Without a usable GPU (a driver too old for torch's CUDA build, an empty ``CUDA_VISIBLE_DEVICES``)
+    DeepSpeed falls back to its CPU accelerator with one warning, and the job then trains on gloo
+    about a thousand times slower; on a cluster that looks like a hang, not an error."""
+    if accelerator_name != "cpu" or os.environ.get("DS_ACCELERATOR", "").strip().lower() == "cpu":
+        return
+    cuda = torch.version.cuda
+    if cuda is None:
+        build = f"torch {torch.__version__} is a CPU-only build (install a CUDA build of torch)"
+    else:
+        major = int(cuda.split(".")[0])
+        driver = _MIN_DRIVER.get(major)
+        need = (f"which needs NVIDIA driver >= {driver} (nvidia-smi shows the driver version)" if driver
+                else "check that the NVIDIA driver supports it (nvidia-smi)")
+        build = f"torch {torch.__version__} is built for CUDA {cuda}, {need}"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    shown = "" if visible is None else f"; CUDA_VISIBLE_DEVICES={visible!r}"
+    raise NoGPUError(
+        f"no usable GPU: torch.cuda.is_available() is {torch.cuda.is_available()}, so DeepSpeed picked its CPU "
+        f"accelerator. {build}{shown}. Training on the CPU is about 1000x slower; to run on the CPU on "
+        "purpose set DS_ACCELERATOR=cpu (slurm/distill.sh: SIDSCALE_CPU=1)")
 
 
 def check_deepspeed_version(installed: str | None = None) -> str:
@@ -80,13 +118,79 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def expand_nodelist(nodelist: str) -> list[str]:
+    """SLURM's compressed host list expanded, in order: ``"node[01-03],gpu7"`` -> node01 node02 node03 gpu7.
+
+    Handles comma-separated entries, bracket groups of numbers and zero-padded ranges
+    (``[1,3-5]``), and several groups in one name (``rack[1-2]-n[1-2]``, expanded left to right)."""
+    hosts: list[str] = []
+    depth, start = 0, 0
+    for i, c in enumerate(nodelist + ","):
+        if c == "[":
+            depth += 1
+        elif c == "]":
+            depth -= 1
+        elif c == "," and depth == 0:
+            entry = nodelist[start:i].strip()
+            if entry:
+                hosts += _expand_host(entry, nodelist)
+            start = i + 1
+        if depth < 0 or depth > 1:
+            raise ValueError(f"SLURM node list {nodelist!r}: unbalanced brackets")
+    if depth != 0:
+        raise ValueError(f"SLURM node list {nodelist!r}: unbalanced brackets")
+    return hosts
+
+
+def _expand_host(entry: str, nodelist: str) -> list[str]:
+    open_at = entry.find("[")
+    if open_at < 0:
+        return [entry]
+    close_at = entry.index("]", open_at)
+    prefix, body, rest = entry[:open_at], entry[open_at + 1:close_at], entry[close_at + 1:]
+    numbers: list[str] = []
+    for part in body.split(","):
+        lo, _, hi = part.strip().partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            raise ValueError(f"SLURM node list {nodelist!r}: cannot read the range {part!r}")
+        width = len(lo)
+        numbers += [str(n).zfill(width) for n in range(int(lo), int(hi or lo) + 1)]
+    return [prefix + n + tail for n in numbers for tail in _expand_host(rest, nodelist)]
+
+
+# MASTER_PORT under a bare srun: one port per job (slurm/distill.sh uses the same formula), so two jobs
+# sharing a first node collide only when their ids are 20000 apart.
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 20000
+
+
 def _env_from_slurm() -> None:
-    """Under ``srun`` without a launcher, map SLURM's variables onto torch's."""
+    """Under ``srun`` without a launcher, map SLURM's variables onto torch's: rank, local rank, world
+    size, and (when absent) the rendezvous: MASTER_ADDR = the job's first host, MASTER_PORT from the
+    job id. A user's MASTER_ADDR / MASTER_PORT win."""
     if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
         return
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
     os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
+    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST") \
+        or os.environ.get("SLURM_NODELIST")
+    if "MASTER_ADDR" not in os.environ and nodelist:
+        os.environ["MASTER_ADDR"] = expand_nodelist(nodelist)[0]
+    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_JOBID")
+    if "MASTER_PORT" not in os.environ and job and job.isdigit():
+        os.environ["MASTER_PORT"] = str(SLURM_PORT_BASE + int(job) % SLURM_PORT_SPAN)
+
+
+def cuda_ordinal(local_rank: int, device_count: int) -> int:
+    """The CUDA device this rank uses: its local rank, or ``local_rank % device_count`` when the site
+    binds fewer GPUs to each task than there are local ranks (``--gpu-bind``, ``--gpus-per-task``:
+    each task sees its own GPU as device 0)."""
+    if device_count <= 0 or local_rank < device_count:
+        return local_rank
+    ordinal = local_rank % device_count
+    logging.getLogger(__name__).info("LOCAL_RANK %d sees %d CUDA device(s): using device %d", local_rank,
+                                     device_count, ordinal)
+    return ordinal
 
 
 def init_distributed(local_rank_arg: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
@@ -112,6 +216,7 @@ def init_distributed(local_rank_arg: int | None = None, timeout_s: float = DEFAU
     if local_rank_arg is not None and "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(local_rank_arg)
     on_cpu = get_accelerator().device_name() == "cpu"
+    check_not_silently_on_cpu(get_accelerator().device_name())
     if on_cpu:
         # NOTE: DeepSpeed JIT-builds a shared-memory allreduce op (~35 s) on CPU at start-up;
         # training does not use it, so skip the build.
@@ -128,12 +233,27 @@ def init_distributed(local_rank_arg: int | None = None, timeout_s: float = DEFAU
         # Before the process group exists: NCCL's barrier and the object collectives
         # (broadcast_object_list, all_gather_object) use torch.cuda.current_device(), and without
         # set_device every rank would talk through GPU 0.
-        get_accelerator().set_device(local_rank)
-        device = torch.device(get_accelerator().device_name(local_rank))
+        ordinal = cuda_ordinal(local_rank, torch.cuda.device_count())
+        get_accelerator().set_device(ordinal)
+        device = torch.device(get_accelerator().device_name(ordinal))
     if not torch.distributed.is_initialized():  # a short rendezvous first: sidscale.distributed.rendezvous
         init_with_rendezvous_timeout(lambda t: deepspeed.init_distributed(
             dist_backend="gloo" if on_cpu else "nccl", verbose=False, timeout=t), timeout_s)
+        if comm.world_size() > 1:
+            _make_long_work_group()
     return DistInfo(comm.rank(), comm.world_size(), local_rank, device)
+
+
+def _make_long_work_group() -> None:
+    """The gloo group of the waits for rank 0's long work, made while every rank is known to be here
+    (``comm.long_work_group``). Its full mesh of TCP connections is the first gloo traffic between
+    nodes: a wrong interface fails here, at start-up, not at the first checkpoint."""
+    try:
+        comm.long_work_group()
+    except RuntimeError as e:
+        raise RuntimeError(f"connecting the ranks' gloo group failed ({e}); gloo uses the interface this host's "
+                           "name resolves to: set GLOO_SOCKET_IFNAME to the interface the nodes reach each "
+                           "other on (e.g. ib0, eth0)") from e
 
 
 def shutdown_distributed() -> None:
@@ -175,10 +295,12 @@ def fail_fast(exc: BaseException, rank: int, code: int = EXIT_FAILURE) -> NoRetu
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     prefixed = "".join(f"[rank {rank}] {line}\n" for line in text.splitlines())
     summary = (str(exc).splitlines() or [""])[0][:200]
+    # A failed wait for rank 0's long work says itself what it waited for (comm.LongWorkWaitError).
+    hint = ("" if isinstance(exc, comm.LongWorkWaitError) else
+            " If this is a communication error, another rank probably failed first: look for its traceback.")
     try:
         sys.stderr.write(prefixed)
         sys.stderr.write(f"sidscale: rank {rank} failed ({type(exc).__name__}: {summary}); exiting with code {code} "
-                         "without waiting for the other ranks. If this is a communication error, another rank "
-                         "probably failed first: look for its traceback.\n")
+                         f"without waiting for the other ranks.{hint}\n")
     finally:
         exit_now(code)

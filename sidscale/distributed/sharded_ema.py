@@ -255,19 +255,31 @@ def ema_swapped_into(engine, ema: ShardedEMA) -> Iterator[torch.nn.Module]:
     with torch.no_grad():
         for flat, shard in zip(flats, ema.shards, strict=True):
             flat.copy_(shard)
+    _copies_done(flats)
     training = engine.module.training
     engine.module.eval()
     try:
         yield engine.module
     finally:
+        # Local work only: on the error path (an OOM or a bug on one rank) a collective here would wait
+        # for peers that are not coming and turn a fast failure into a hang of dist.timeout_s.
         engine.module.train(training)
         engine.empty_partition_cache()
         with torch.no_grad():
             for flat, keep in zip(flats, saved, strict=True):
                 flat.copy_(keep)
+        _copies_done(flats)
         del saved
-        if opt.persistent_parameters:
-            opt.persistent_parameters[0].all_gather(opt.persistent_parameters)
+    # Normal exit only (every rank got here): the persistent parameters gathered again, as after a step.
+    if opt.persistent_parameters:
+        opt.persistent_parameters[0].all_gather(opt.persistent_parameters)
+
+
+def _copies_done(flats: Sequence[torch.Tensor]) -> None:
+    """Wait for the partition copies. NOTE: they run on the current stream while DeepSpeed's parameter
+    gathers read the partitions on a stream of their own, with no dependency between the two."""
+    if flats and flats[0].device.type == "cuda":
+        torch.cuda.current_stream(flats[0].device).synchronize()
 
 
 class _GroupIndex:
