@@ -775,10 +775,11 @@ class Trainer:
                               time.perf_counter() - window_start, window_steps)
                     window.clear()
                     window_steps, window_start = 0, time.perf_counter()
+                # NOTE: save first: a preview that fails (out of memory) must not lose the steps since the last save
+                if self.step % tc.ckpt_every == 0 or (self.step == tc.max_steps and self.step % tc.preview_every == 0):
+                    self.save_checkpoint()
                 if self.step % tc.preview_every == 0:
                     self.preview()
-                if self.step % tc.ckpt_every == 0 and self.step < tc.max_steps:
-                    self.save_checkpoint()
                 if stop is not None and self.step < tc.max_steps and stop.stop_requested():
                     if not checkpoint_complete(self.run_dir, self.step):
                         self.save_checkpoint()
