@@ -147,3 +147,57 @@ def test_preview_phase_peak_against_the_plan(tmp_path, flux_tiny_teacher):
     assert measured <= predicted + host_images, (measured / 2**20, predicted / 2**20)
     assert predicted + host_images <= 1.5 * measured, (measured / 2**20, predicted / 2**20)
     assert grids == [((images, 3, 256, 256), (images, 3, 256, 256))]  # student and teacher reference
+
+
+# ------------------------------------------------------------------ one budget (issue 22, finding 3)
+
+def test_one_budget_for_the_micro_batch_search_and_auto_placement(monkeypatch, tiny_toy_teacher):
+    from sidscale.config import load_config
+    from sidscale.distributed.ds_config import build_ds_config
+    from sidscale.models.teacher import load_teacher
+    from sidscale.perf import placement
+    from sidscale.perf.memory_plan import GIB, GPU_RESERVE_GIB, PlanInput, budget_bytes, max_micro_batch, plan
+
+    assert GPU_RESERVE_GIB == 2.0  # CUDA context 0.5 + NCCL buffers 1.0 + cuBLAS / cuDNN workspaces 0.5
+    assert budget_bytes(80.0, 0.9) == (72.0 - 2.0) * GIB
+    # the search: a card whose budget at 0.9 lies between the plans of micro-batch 2 and 3
+    base = PlanInput("tiny", gpus=1, zero=2, precision="fp32", previews=False)
+    t2, t3 = (plan(base, micro_batch=m).total / GIB for m in (2, 3))
+    card = ((t2 + t3) / 2 + GPU_RESERVE_GIB) / 0.9
+    assert max_micro_batch(PlanInput(**{**base.__dict__, "gpu_mem_gib": card})) == 2
+    # the whole card with no reserve (the old search) would have taken more
+    assert t3 <= card
+    # auto placement: the same fraction, from train.memory_fraction; a GPU also loses the reserve
+    monkeypatch.setattr(placement, "device_capacity_bytes", lambda device: 80 * GIB)
+    assert placement.usable_bytes(torch.device("cuda"), 0.5) == (40.0 - 2.0) * GIB
+    assert placement.usable_bytes(torch.device("cpu"), 0.5) == 40.0 * GIB
+    cfg = load_config("toy", [f"teacher.path={tiny_toy_teacher}", "teacher.dtype=fp32", "teacher.resolution=8",
+                              "train.precision=fp32", "train.global_batch=2", "train.micro_batch=1",
+                              "train.memory_fraction=0.5"])
+    ds = build_ds_config(cfg, 2)
+    assert placement.plan_input_for_run(cfg, ds, 2, False).budget_fraction == 0.5
+    n = placement.placement_numbers(load_teacher(cfg.teacher), cfg, ds, 2, torch.device("cpu"))
+    assert n["capacity"] == 40.0 * GIB
+
+
+def test_memory_fraction_is_validated():
+    from sidscale.config import ConfigError, load_config, validate
+
+    for bad in ("0", "1.5", "-0.1"):
+        with pytest.raises(ConfigError, match="train.memory_fraction"):
+            validate(load_config("toy", [f"train.memory_fraction={bad}"]))
+
+
+def test_distill_sh_sets_expandable_segments_unless_the_user_did():
+    """slurm/distill.sh exports PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (fragmentation under ZeRO-3's
+    variable-size gathers), keeping a value the user exported."""
+    import subprocess
+    from pathlib import Path
+
+    script = (Path(__file__).resolve().parent.parent / "slurm" / "distill.sh").read_text()
+    line = next(x for x in script.splitlines() if "PYTORCH_CUDA_ALLOC_CONF" in x and "export" in x)
+    for env, want in (({}, "expandable_segments:True"), ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"},
+                                                         "max_split_size_mb:512")):
+        out = subprocess.run(["bash", "-c", f"set -euo pipefail; {line}; echo \"$PYTORCH_CUDA_ALLOC_CONF\""],
+                             env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == want
