@@ -105,10 +105,11 @@ class ModelFamily(Protocol):
 
 
 # Images per VAE decode of a preview and of the teacher's reference. NOTE: a decode's transient grows with
-# the images it decodes at once: FLUX's at 1024 px costs about 2.4 GiB per image in bf16, so a preview
-# batch of 8 in one call would not fit beside training's static memory on an 80 GB card; the memory
-# plan's ``preview`` phase (sidscale.perf.memory_plan) counts one chunk.
-PREVIEW_DECODE_CHUNK = 2
+# the images it decodes at once: FLUX's and SD3's VAE at 1024 px cost about 2.4 GiB per image in bf16, so a
+# preview batch of 8 in one call would not fit beside training's static memory on an 80 GB card; one at a
+# time keeps the preview below the training step's peak (the memory plan's ``preview`` phase counts one
+# chunk; sidscale.perf.memory_plan). Eight calls instead of one cost nothing next to the sampling.
+PREVIEW_DECODE_CHUNK = 1
 
 
 def decode_in_chunks(family: ModelFamily, vae: torch.nn.Module | None, latents: torch.Tensor, scaling_factor: float,
