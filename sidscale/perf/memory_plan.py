@@ -138,7 +138,7 @@ NCCL_BUFFERS_GIB = 1.0
 GPU_WORKSPACES_GIB = 0.5
 GPU_RESERVE_GIB = CUDA_CONTEXT_GIB + NCCL_BUFFERS_GIB + GPU_WORKSPACES_GIB
 # fraction of (card - reserve) the plan may fill: the rest is the caching allocator's fragmentation under
-# ZeRO-3's variable-size gathers (sid_dit_method's guidance: keep 10-15 % free); train.memory_fraction
+# ZeRO-3's variable-size gathers (the usual advice for DeepSpeed runs: keep 10-15 % free); train.memory_fraction
 DEFAULT_BUDGET_FRACTION = 0.9
 # The GPUs each config preset is sized for, as its yaml header and the README say: (GPUs, GiB per GPU).
 # tests/test_preview_memory.py checks that every preset's default leaves >= 10 % of each card free.
@@ -298,6 +298,7 @@ def construction_terms(c: NetCounts, text_params: int, inp: PlanInput, trained_s
     # teacher.text_encoders = cpu (plan: off) loads them straight to the host
     text = 0.0 if inp.text_encoders == "off" else float(tb * text_params)
     out = {"teacher_whole": float(tb * (c.params + c.buffers)), "text_encoders": text,
+           "vae": float(trained_static.get("vae", 0.0)),
            # torch Adam's states appear at the first step(), not at deepspeed.initialize
            "generator_built": sum(v for k, v in trained_static.items()
                                   if k.startswith("generator") and k != "generator_adam_states")}
