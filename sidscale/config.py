@@ -179,6 +179,9 @@ class TrainConfig:
     # first (tools/bench.py --compile); the first iterations pay the compilation. ZeRO-1/2 only.
     compile: bool = False
     compile_backend: str = "inductor"  # a torch.compile backend: inductor | aot_eager | eager
+    # share of each device the memory plan may fill (teacher.partitioned=auto, tools/memory_plan.py): the rest
+    # is the caching allocator's fragmentation; a GPU also keeps a fixed reserve (sidscale/perf/memory_plan.py)
+    memory_fraction: float = 0.9
 
 
 @dataclass
@@ -453,6 +456,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check_positive(tr, "train", ["global_batch", "micro_batch", "max_steps", "ema_halflife_kimg",
                                   "log_every", "preview_every", "ckpt_every", "keep_last"])
     _check_non_negative(tr, "train", ["ema_rampup_ratio"])
+    _check(0.0 < tr.memory_fraction <= 1.0, "train.memory_fraction", tr.memory_fraction, "a fraction in (0, 1]")
     # NOTE: numpy seeds must fit in uint32; torch would take more, but one range for both.
     _check(0 <= tr.seed < 2**32, "train.seed", tr.seed, "an int in [0, 2**32)")
     _check_enum("train.precision", tr.precision, DTYPES)

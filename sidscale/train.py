@@ -79,7 +79,7 @@ from sidscale.distributed.teacher_partition import Placement, choose_placement, 
 from sidscale.ema import ema_beta
 from sidscale.export import export_generator, network_from_state
 from sidscale.families import family_for_kind
-from sidscale.families.base import Teacher
+from sidscale.families.base import Teacher, decode_in_chunks
 from sidscale.io_utils import atomic_torch_save, atomic_write_json
 from sidscale.method.guards import register_grad_sanitizers
 from sidscale.method.sid_lsg import MethodSettings, fake_step, generator_step, multi_step_generate
@@ -630,7 +630,8 @@ class Trainer:
 
     def _preview_with(self, x0: torch.Tensor, prompts: list[str], seeds: list[int]) -> None:
         p = self.cfg.preview
-        images = self.family.decode(self.teacher.vae, x0, self.teacher.scaling_factor, self.teacher.shift_factor)
+        t = self.teacher
+        images = decode_in_chunks(self.family, t.vae, x0, t.scaling_factor, t.shift_factor)
         steps, cfg = self.cfg.eval.teacher_steps, self.settings.cfg_eval_real
         if self._preview_reference is None and steps > 0:
             # a fixed reference for the eye: the teacher's multi-step sample of the same prompt and seed
@@ -650,8 +651,8 @@ class Trainer:
             p, sd = prompts[s:s + chunk], seeds[s:s + chunk]
             x0 = self.family.teacher_sampler(self.teacher, c.encode(p), c.empty(len(p)), cfg, steps,
                                              x_T=seeded_generator_noises(sd, self.teacher.latent_shape, 1)[0])
-            out.append(self.family.decode(self.teacher.vae, x0, self.teacher.scaling_factor,
-                                          self.teacher.shift_factor).cpu())
+            out.append(decode_in_chunks(self.family, self.teacher.vae, x0, self.teacher.scaling_factor,
+                                        self.teacher.shift_factor))
         return torch.cat(out)
 
     def export(self) -> Path | None:
@@ -803,10 +804,11 @@ class Trainer:
                               time.perf_counter() - window_start, window_steps)
                     window.clear()
                     window_steps, window_start = 0, time.perf_counter()
+                # NOTE: save first: a preview that fails (out of memory) must not lose the steps since the last save
+                if self.step % tc.ckpt_every == 0 or (self.step == tc.max_steps and self.step % tc.preview_every == 0):
+                    self.save_checkpoint()
                 if self.step % tc.preview_every == 0:
                     self.preview()
-                if self.step % tc.ckpt_every == 0 and self.step < tc.max_steps:
-                    self.save_checkpoint()
                 if stop is not None and self.step < tc.max_steps and stop.stop_requested():
                     if not checkpoint_complete(self.run_dir, self.step):
                         self.save_checkpoint()

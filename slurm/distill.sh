@@ -106,6 +106,9 @@ unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}
 export NCCL_ASYNC_ERROR_HANDLING=${NCCL_ASYNC_ERROR_HANDLING:-3}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+# ZeRO-3 gathers and frees parameters of many sizes every step; expandable segments let the caching
+# allocator grow blocks in place instead of fragmenting the card (the memory plan budgets 90 %).
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 # Interconnect selection is site specific: set e.g. NCCL_SOCKET_IFNAME=ib0 or NCCL_IB_HCA=mlx5
 # in the submitting shell when NCCL picks the wrong interface (NCCL's own choice skips lo and
 # docker*, prefers ib*). gloo (the CPU ranks, and the CPU-side groups of GPU runs) binds to the

@@ -194,11 +194,13 @@ def test_memory_plan_fit_verdicts_agree_with_the_method_page(sd3_plans):
     assert sd3_plans[("sd35_medium", 2)].max_micro_batch >= 4
     assert sd3_plans[("sd35_medium", 2, 4)].total < 80 * GIB
     assert sd3_plans[("sd35_large", 2, 1)].total > 80 * GIB
-    # The page says "mb <= 2 safe" keeping 10-15 % for fragmentation, which the plan leaves out. ZeRO-3
-    # previews swap the EMA into the partitioned generator, so the peak is training's, not a preview copy.
-    assert 1 <= sd3_plans[("sd35_large", 3)].max_micro_batch <= 3
-    assert sd3_plans[("sd35_large", 3)].total > 0.85 * 80 * GIB  # close to the card already at micro-batch 1
-    assert sd3_plans[("sd35_large", 3)].peak_phase != "preview"
+    # The page says "mb <= 2 safe" keeping 10-15 % for fragmentation: the plan's budget keeps it now (90 % of
+    # the card less 2 GiB outside the allocator), so with the teacher replicated only small micro-batches fit.
+    # ZeRO-3 previews swap the EMA into the partitioned generator and decode one image at a time, so the peak
+    # is training's.
+    large = sd3_plans[("sd35_large", 3)]
+    assert 1 <= large.max_micro_batch <= 2 and 0.8 * 80 * GIB < large.total <= large.budget
+    assert large.peak_phase != "preview"
 
 
 def test_memory_plan_tool_accepts_sd3_presets(sd3_plans):

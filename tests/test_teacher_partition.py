@@ -140,11 +140,16 @@ def test_plan_counts_the_teacher_placement():
     assert gather == 2 * (60_000 + 100_000)  # the running block plus one prefetch bucket
     _, gather = teacher_terms(c, 2, 8, True, {**zt, "stage3_prefetch_bucket_size": 10**9})
     assert gather == 2 * 990_000  # never more than the whole sharded teacher
-    # construction: the copy build holds a full fp32 copy, the zero.Init build one module
+    # construction: the copy build holds a full fp32 copy; the zero.Init build peaks in the fake engine's
+    # initialize_optimizer_states (bf16 + fp32 partitions + the temporary fp32 gradient buffer of its sub-group),
+    # above the one module (80 000 bytes) it held whole before partitioning it
     inp = PlanInput("tiny", gpus=8, zero=3, precision="bf16", teacher_dtype="bf16")
-    copy_build = construction_terms(c, 0, inp, {"generator_params": 1.0}, zero_init=False)
+    copy_build = construction_terms(c, 0, inp, {"generator_params": 1.0, "generator_adam_states": 9.0},
+                                    zero_init=False)
     init_build = construction_terms(c, 0, inp, {"generator_params": 1.0}, zero_init=True)
-    assert copy_build["fake_fp32_copy"] == 4_000_000 and init_build["fake_module_under_construction"] == 80_000
+    assert copy_build["fake_fp32_copy"] == 4_000_000 and copy_build["generator_built"] == 1.0  # Adam is lazy
+    assert (init_build["fake_params"], init_build["fake_fp32_master"],
+            init_build["fake_fp32_grad_buffer_at_init"]) == (2 * 125_000, 4 * 125_000, 4 * 125_000)
     assert copy_build["teacher_whole"] == init_build["teacher_whole"] == 2_000_000
 
 

@@ -158,7 +158,13 @@ def run_case(world: int, build: str, out_dir: Path) -> list[dict]:
 
 def predicted(world: int, build: str) -> dict[str, float]:
     """The memory plan's terms for this network (MiB; no text encoders in this benchmark)."""
-    from sidscale.perf.memory_plan import PlanInput, construction_terms, counts_of, static_terms
+    from sidscale.perf.memory_plan import (
+        PlanInput,
+        construction_terms,
+        counts_of,
+        static_terms,
+        zero_init_module_transient,
+    )
 
     counts = counts_of(build_teacher("meta"), 100_000)
     inp = PlanInput("(bench)", gpus=world, zero=3, precision="bf16", teacher_dtype="bf16")
@@ -168,7 +174,8 @@ def predicted(world: int, build: str) -> dict[str, float]:
     # what exists right after deepspeed.initialize: torch Adam's states and ZeRO-3's reduction bucket
     # are allocated at the first step
     at_start = sum(terms[f"generator_{k}"] for k in ("params", "fp32_master", "grads"))
-    transient = cons.get("fake_fp32_copy", cons.get("fake_module_under_construction", 0.0))
+    # what this benchmark measures while a net is built: the copy build's fp32 copy, or zero.Init's module
+    transient = cons.get("fake_fp32_copy", zero_init_module_transient(counts, "bf16"))
     from sidscale.distributed.teacher_partition import teacher_ds_config
     from sidscale.perf.memory_plan import teacher_terms
 

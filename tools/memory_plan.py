@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="plan the frozen teacher as an optimizer-less ZeRO-3 engine (teacher.partitioned)")
     p.add_argument("--text-encoders", default="replicated", choices=["replicated", "partitioned", "off"],
                    help="text encoders on every GPU, ZeRO-3 partitioned, or off the GPU (CPU / precomputed)")
+    p.add_argument("--budget-fraction", type=float, default=None,
+                   help="share of the card the plan may fill after the reserve (train.memory_fraction; default 0.9)")
     p.add_argument("--json", action="store_true", help="one JSON line instead of the table")
     p.add_argument("--measure", action="store_true", help="also measure the real trainer's peak (see above)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="--measure: default cuda when available")
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         # NOTE: before any sidscale.perf import: importing DeepSpeed fixes its accelerator for good.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-    from sidscale.perf.memory_plan import GIB, PlanInput, plan
+    from sidscale.perf.memory_plan import DEFAULT_BUDGET_FRACTION, GIB, GPU_RESERVE_GIB, PlanInput, plan
 
     measured, info = None, None
     if args.measure:
@@ -100,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                             args.teacher_dtype, args.grad_checkpointing, args.gpu_mem_gib,
                             cfg_scales=_recipe_cfg_scales(args.preset), reduce_bucket_size=rbs,
                             accumulation=args.accumulation, grad_accum_dtype=args.grad_accum_dtype,
-                            teacher_partitioned=args.teacher_partitioned, text_encoders=args.text_encoders))
+                            teacher_partitioned=args.teacher_partitioned, text_encoders=args.text_encoders,
+                            budget_fraction=args.budget_fraction or DEFAULT_BUDGET_FRACTION))
     if args.measure and _measure_device(args) == "cpu":
         # every rank of a CPU run lives in this host's memory: refuse before building anything
         need, have = result.total * args.gpus, _host_memory_bytes()
@@ -127,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in result.terms.items():
         print(f"  {name:32s} {value / GIB:9.3f} GiB")
     print(f"  {'total':32s} {result.total / GIB:9.3f} GiB of {args.gpu_mem_gib:g}")
-    print(f"  largest micro-batch that fits: {result.max_micro_batch}")
+    print(f"  budget: {result.budget / GIB:.1f} GiB ({result.inputs.budget_fraction:.0%} of the card less "
+          f"{GPU_RESERVE_GIB:g} GiB outside the allocator); free at the peak: {result.free_fraction:.1%}")
+    print(f"  largest micro-batch that fits the budget: {result.max_micro_batch}")
     print(f"  construction peak (teacher whole, G built, F being built): {result.construction_total / GIB:.3f} GiB")
     if measured is not None:
         print(f"  measured peak ({measured['device']}, largest rank) {measured['peak_bytes'] / GIB:9.3f} GiB; "

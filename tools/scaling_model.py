@@ -81,13 +81,13 @@ def scaling_table(args: argparse.Namespace) -> list[dict]:
 
 def fits(preset: str, row: dict, gpu_mem_gib: float) -> str:
     """Whether the memory plan fits the row's setting (previews off): "yes", "text enc. off" or "no"."""
-    from sidscale.perf.memory_plan import PlanInput, plan
+    from sidscale.perf.memory_plan import PlanInput, budget_bytes, plan
 
     for text, answer in (("replicated", "yes"), ("off", "text enc. off")):
         inp = PlanInput(preset, row["gpus"], row["zero"], row["micro_batch"], "bf16", None, row["grad_checkpointing"],
                         gpu_mem_gib, cfg_scales=tuple(row["cfg_scales"]),
                         teacher_partitioned=row["teacher_partitioned"], text_encoders=text, previews=False)
-        if plan(inp, micro_batch=row["micro_batch"]).total <= gpu_mem_gib * 2**30:
+        if plan(inp, micro_batch=row["micro_batch"]).total <= budget_bytes(gpu_mem_gib):
             return answer
     return "no"
 
@@ -114,7 +114,8 @@ def assumptions(args: argparse.Namespace) -> str:
             f"{args.gpus_per_node} GPUs and {args.inter_gbps:g} GB/s per GPU across nodes; overlap {args.overlap:g}; "
             f"checkpoint every {args.ckpt_every} iterations at {args.storage_gbps:g} GB/s per node; "
             "ZeRO-3 gathers without parameter reuse (an upper bound); no latency term. 'fits': the memory plan at "
-            "this micro-batch, previews off (yes / only with the text encoders off the GPU / no).")
+            "this micro-batch, previews off, within the budget (90 % of the card less a 2 GiB reserve outside the "
+            "allocator; yes / only with the text encoders off the GPU / no).")
 
 
 def scaling_markdown(rows: list[dict], args: argparse.Namespace) -> str:
@@ -183,7 +184,9 @@ def memory_markdown(rows: list[dict], args: argparse.Namespace) -> str:
            "bf16 preview network; ZeRO-3: the EMA is swapped into the partitioned generator) / without "
            "(eval.preview_every=0, no toy evaluation); largest micro-batch that fits, "
            "with / without previews; * = recommended (the cheapest setting that fits, order in "
-           "tools/scaling_model.py).", "",
+           "tools/scaling_model.py). Fits = within the budget: 90 % of the card less a 2 GiB reserve outside "
+           "PyTorch's allocator (sidscale/perf/memory_plan.py: budget_bytes), i.e. >= 10 % of the card left free.",
+           "",
            f"| preset | ckpt | ZeRO | teacher | text encoders | GiB at mb 1, {g1} GPUs | largest mb, {g1} GPUs "
            f"| GiB at mb 1, {g2} GPUs | largest mb, {g2} GPUs |",
            "|---|---|---|---|---|---|---|---|---|"]

@@ -102,3 +102,18 @@ class ModelFamily(Protocol):
     def teacher_sampler(self, teacher: Teacher, cond: Cond, uncond: Cond | None, cfg_scale: float, steps: int,
                         generator: torch.Generator | None = None, x_T: torch.Tensor | None = None
                         ) -> torch.Tensor: ...
+
+
+# Images per VAE decode of a preview and of the teacher's reference. NOTE: a decode's transient grows with
+# the images it decodes at once: FLUX's and SD3's VAE at 1024 px cost about 2.4 GiB per image in bf16, so a
+# preview batch of 8 in one call would not fit beside training's static memory on an 80 GB card; one at a
+# time keeps the preview below the training step's peak (the memory plan's ``preview`` phase counts one
+# chunk; sidscale.perf.memory_plan). Eight calls instead of one cost nothing next to the sampling.
+PREVIEW_DECODE_CHUNK = 1
+
+
+def decode_in_chunks(family: ModelFamily, vae: torch.nn.Module | None, latents: torch.Tensor, scaling_factor: float,
+                     shift_factor: float, chunk: int = PREVIEW_DECODE_CHUNK) -> torch.Tensor:
+    """``family.decode`` of ``latents`` ``chunk`` images at a time, the images moved to the CPU as they come."""
+    return torch.cat([family.decode(vae, latents[s:s + chunk], scaling_factor, shift_factor).cpu()
+                      for s in range(0, latents.shape[0], chunk)])

@@ -15,11 +15,14 @@ meta SDPA through the CPU flash op (it has meta and autograd kernels) so meta ma
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sidscale.perf.setup import build_preset_net, preset_net_inputs
 
@@ -60,6 +63,62 @@ def saved_tensor_bytes(fn, params: list[torch.nn.Parameter] | None = None) -> in
         out = fn()
     del out
     return sum(seen.values())
+
+
+class LiveBytes(TorchDispatchMode):
+    """Within the block: the bytes of the storages the ops create that are still alive (``live``) and their
+    largest sum (``peak``). Works on any device, ``meta`` included: a storage is counted when an op first
+    returns it (not when it is a view of, or the same as, an input) and uncounted when it is freed
+    (a weak reference to the storage, whose Python object lives exactly as long as the storage)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live, self.peak = 0, 0
+        self._refs: dict[int, weakref.ref] = {}
+
+    def _free(self, key: int, n: int) -> None:
+        if self._refs.pop(key, None) is not None:
+            self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in pytree.tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            st = t.untyped_storage()
+            key = st._cdata
+            if key in inputs or key in self._refs:
+                continue
+            n = st.nbytes()
+            self._refs[key] = weakref.ref(st, lambda _, key=key, n=n: self._free(key, n))
+            self.live += n
+            self.peak = max(self.peak, self.live)
+        return out
+
+
+def nograd_forward_peak_bytes(preset: str, net: torch.nn.Module, batch: int, dtype: torch.dtype) -> int:
+    """Peak bytes of the tensors a no-grad forward of the preset's ``net`` makes (a preview, a teacher sample),
+    above its weights and inputs; on ``meta`` with the flash-attention memory of a GPU."""
+    args, kw = preset_net_inputs(preset, net, batch, next(net.parameters()).device, dtype)
+    net.eval()
+    original = F.scaled_dot_product_attention
+
+    def sdpa(query, key, value, *a, **k):
+        # NOTE: the meta kernel of the CPU flash op materialises the [N, N] scores in a temporary, which a
+        # GPU's flash kernel never does: a flash forward allocates its output (and a small log-sum-exp)
+        if query.device.type != "meta":
+            return original(query, key, value, *a, **k)
+        return query.new_empty(*query.shape[:-1], value.shape[-1])
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        with torch.no_grad(), LiveBytes() as live:
+            out = net(*args, **kw, return_dict=False)[0]
+            del out
+    finally:
+        F.scaled_dot_product_attention = original
+    return live.peak
 
 
 def unet_inputs(unet: torch.nn.Module, batch: int, size: int, device: Any, dtype: torch.dtype) -> tuple:

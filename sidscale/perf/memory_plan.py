@@ -51,7 +51,13 @@ net's activations:
   teacher's dtype (tb*P) and the gather's receive buffers on the device (at most 4 * 64Mi
   elements), nothing else of the iteration alive. ZeRO-3 previews swap the EMA into the partitioned
   generator on every rank (``sharded_ema.ema_swapped_into``): one saved copy of the working partition
-  (b*P/N). ``previews=False`` (no previews, no toy evaluation) drops this phase.
+  (b*P/N). On top, the largest of three steps that run one after the other: the generator's no-grad
+  forward on the whole preview batch, the VAE decode of ``PREVIEW_DECODE_CHUNK`` images (measured,
+  ``vae_decode_cost``, plus their fp32 output) and the teacher's reference (its no-grad
+  forward on half the preview batch, doubled by CFG). A no-grad forward's peak is measured on meta by
+  following every storage the ops create until it is freed (``nograd_bytes_per_sample``).
+  ``previews=False`` (no previews, no toy evaluation) drops this phase.
+- the VAE's weights (tb * its parameters) stay on every rank for the whole run: a static term.
 
 Gradients: the reduced partition in the accumulation dtype g (fp32 for bf16 training, else the
 training dtype), g*P/N (Z2/3; measured as ``averaged_gradients`` of a real engine), or the full
@@ -65,10 +71,21 @@ prediction only.
 
 Construction (``construction``, before the first iteration, not part of the training peak): the
 teacher whole in teacher.dtype (it is loaded whole, then partitioned), the text encoders, the
-generator built and the fake net being built. Its transient: the copy build
-(``copy.deepcopy(teacher).float()``, ZeRO-1/2) holds a full fp32 copy, 4*(P + buffers); the
-``deepspeed.zero.Init`` build (ZeRO-3, ``sidscale.distributed.zero_init``) only the module being
-constructed, b * the largest module, before ZeRO-3 partitions it (bench/results/cpu_zero_init_memory_*).
+generator built and the fake net being built. ``deepspeed.initialize`` allocates an engine's fp32
+master partition and (ZeRO-3) its gradient partition and reduction bucket; torch Adam creates its
+states lazily at the first ``step()`` (DeepSpeed 0.19.8 ``runtime/zero/stage3.py``:
+``_setup_for_real_optimizer``, ``initialize_optimizer_states``), so the built generator counts no
+Adam states. The copy build (``copy.deepcopy(teacher).float()``, ZeRO-1/2) holds a full fp32 copy,
+4*(P + buffers), while the fake net is built. The ``deepspeed.zero.Init`` build (ZeRO-3,
+``sidscale.distributed.zero_init``) peaks inside the fake engine's ``initialize_optimizer_states``:
+its bf16 and fp32 partitions plus a temporary fp32 gradient buffer of its largest optimizer
+sub-group (4 * min(P/N, sub_group_size)); the module under construction before ZeRO-3 partitions it
+(b * the largest module, bench/results/cpu_zero_init_memory_*) is smaller, at an earlier moment.
+
+Budget: a plan fits a GPU when its total <= ``budget_fraction`` x the card - ``GPU_RESERVE_GIB`` (the
+memory outside the PyTorch allocator, constants below); the fraction (default 0.9, config key
+``train.memory_fraction``) covers the caching allocator's fragmentation. The micro-batch search and
+``teacher.partitioned = auto`` (``sidscale.perf.placement``) use the same ``budget_bytes``.
 
 Activations: per-sample bytes are measured with saved_tensors_hooks on a meta-device forward at
 the preset's own latent size (sidscale.perf.activations), so no scaling by resolution is needed
@@ -92,13 +109,51 @@ from pathlib import Path
 import torch
 
 from sidscale.distributed.sharded_ema import GATHER_CHUNK_ELEMENTS
+from sidscale.families.base import PREVIEW_DECODE_CHUNK
 from sidscale.models.teacher import DTYPES
 from sidscale.perf.activations import net_saved_bytes
-from sidscale.perf.setup import build_preset_net, build_preset_text_encoders, checkpoint_block_types
+from sidscale.perf.setup import (
+    build_preset_net,
+    build_preset_text_encoders,
+    checkpoint_block_types,
+    latent_shape,
+    preset_vae_config,
+)
 
 GIB = 2**30
 TEXT_ENCODER_PLACEMENTS = ("replicated", "partitioned", "off")
 REPO = Path(__file__).resolve().parents[2]
+
+# Memory of a GPU that the PyTorch caching allocator never hands to a tensor, so no plan term (nor
+# torch.cuda.max_memory_allocated) sees it; taken off the card before budgeting (``budget_bytes``).
+# - the CUDA context with torch's and NCCL's kernels loaded: about 0.5 GiB per process on CUDA 12 with
+#   lazy module loading (what nvidia-smi shows for a process that has made one tensor);
+CUDA_CONTEXT_GIB = 0.5
+# - NCCL's buffers: NCCL_BUFFSIZE (NCCL's default 4 MiB) per channel, per peer, send and receive, per
+#   communicator (ZeRO's groups and the partitioned teacher's), plus NVLS buffers on NVSwitch machines;
+#   NCCL allocates them with cudaMalloc, outside the caching allocator;
+NCCL_BUFFERS_GIB = 1.0
+# - cuBLAS / cuBLASLt workspaces (torch's default on Hopper: 32 MiB per handle and stream) and cuDNN's
+#   convolution workspaces of the VAE decode, which cuDNN sizes to the algorithm it picks.
+GPU_WORKSPACES_GIB = 0.5
+GPU_RESERVE_GIB = CUDA_CONTEXT_GIB + NCCL_BUFFERS_GIB + GPU_WORKSPACES_GIB
+# fraction of (card - reserve) the plan may fill: the rest is the caching allocator's fragmentation under
+# ZeRO-3's variable-size gathers (the usual advice for DeepSpeed runs: keep 10-15 % free); train.memory_fraction
+DEFAULT_BUDGET_FRACTION = 0.9
+# The GPUs each config preset is sized for, as its yaml header and the README say: (GPUs, GiB per GPU).
+# tests/test_preview_memory.py checks that every preset's default leaves >= 10 % of each card free.
+PRESET_HARDWARE = {"sd15": (8, 40.0), "sd21": (8, 40.0), "sd21_768": (8, 40.0), "sdxl": (8, 40.0),
+                   "sd3_medium": (8, 80.0), "sd35_medium": (8, 80.0), "sd35_large": (8, 80.0),
+                   "flux_dev": (8, 80.0)}
+
+
+def budget_bytes(gpu_mem_gib: float, fraction: float = DEFAULT_BUDGET_FRACTION,
+                 reserve_gib: float = GPU_RESERVE_GIB) -> float:
+    """Bytes of tensors a plan may predict on a device of ``gpu_mem_gib``: the fraction of the card less the
+    reserve outside the allocator (module docstring). ``fraction`` must be in (0, 1]."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"memory budget fraction = {fraction!r}: expected a number in (0, 1]")
+    return fraction * gpu_mem_gib * GIB - reserve_gib * GIB
 
 
 @dataclass(frozen=True)
@@ -118,6 +173,9 @@ class PlanInput:
     teacher_partitioned: bool = False  # teacher.partitioned: the frozen teacher as an optimizer-less ZeRO-3 engine
     text_encoders: str = "replicated"  # replicated | partitioned (ZeRO-3, no optimizer) | off (CPU / precomputed)
     previews: bool = True  # False: eval.preview_every=0 and no toy evaluation: no ``preview`` phase on the device
+    preview_images: int = 8  # preview.prompts x preview.seeds_per_prompt (the presets: 4 x 2)
+    teacher_reference: bool = True  # eval.teacher_steps > 0: the preview draws the teacher's reference once
+    budget_fraction: float = DEFAULT_BUDGET_FRACTION  # train.memory_fraction (``budget_bytes``)
 
     def __post_init__(self) -> None:
         if self.text_encoders not in TEXT_ENCODER_PLACEMENTS:
@@ -149,13 +207,24 @@ class MemoryPlan:
     def construction_total(self) -> float:
         return sum(self.construction.values())
 
+    @property
+    def budget(self) -> float:
+        """Bytes of tensors this plan may reach on its GPU (``budget_bytes``)."""
+        return budget_bytes(self.inputs.gpu_mem_gib, self.inputs.budget_fraction)
+
+    @property
+    def free_fraction(self) -> float:
+        """Share of the card left free at the peak, after the reserve outside the allocator."""
+        return 1.0 - (self.total / GIB + GPU_RESERVE_GIB) / self.inputs.gpu_mem_gib
+
     def to_dict(self) -> dict:
         d = {"inputs": {**self.inputs.__dict__, "cfg_scales": list(self.inputs.cfg_scales)},
              "terms_gib": {k: v / GIB for k, v in self.terms.items()}, "total_gib": self.total / GIB,
              "max_micro_batch": self.max_micro_batch, "peak_phase": self.peak_phase,
              "phase_transient_gib": {k: sum(v.values()) / GIB for k, v in self.phases.items()},
              "construction_gib": {k: v / GIB for k, v in self.construction.items()},
-             "construction_total_gib": self.construction_total / GIB}
+             "construction_total_gib": self.construction_total / GIB,
+             "budget_gib": self.budget / GIB, "reserve_gib": GPU_RESERVE_GIB, "free_fraction": self.free_fraction}
         return d
 
 
@@ -226,13 +295,28 @@ def construction_terms(c: NetCounts, text_params: int, inp: PlanInput, trained_s
     """Bytes per GPU at the construction peak: while the fake net is built (module docstring)."""
     tb = DTYPES[inp.teacher_dtype or inp.precision].itemsize
     b = DTYPES[inp.precision].itemsize
-    out = {"teacher_whole": float(tb * (c.params + c.buffers)), "text_encoders": float(tb * text_params),
-           "generator_built": sum(v for k, v in trained_static.items() if k.startswith("generator"))}
+    # teacher.text_encoders = cpu (plan: off) loads them straight to the host
+    text = 0.0 if inp.text_encoders == "off" else float(tb * text_params)
+    out = {"teacher_whole": float(tb * (c.params + c.buffers)), "text_encoders": text,
+           "vae": float(trained_static.get("vae", 0.0)),
+           # torch Adam's states appear at the first step(), not at deepspeed.initialize
+           "generator_built": sum(v for k, v in trained_static.items()
+                                  if k.startswith("generator") and k != "generator_adam_states")}
     if zero_init:
-        out["fake_module_under_construction"] = float(b * c.largest_module + 4 * c.buffers)
+        # the peak: inside the fake engine's initialize_optimizer_states (module docstring)
+        sub_group = int(ds_zero_settings(3).get("sub_group_size", 1_000_000_000))
+        out["fake_params"] = float(b * _partition(c.params, inp.gpus) + 4 * c.buffers)
+        out["fake_fp32_master"] = float(4 * _partition(c.params, inp.gpus))
+        out["fake_fp32_grad_buffer_at_init"] = float(4 * min(_partition(c.params, inp.gpus), sub_group))
     else:
         out["fake_fp32_copy"] = float(4 * (c.params + c.buffers))
     return out
+
+
+def zero_init_module_transient(c: NetCounts, precision: str) -> float:
+    """Bytes of the module a ``deepspeed.zero.Init`` build holds whole before partitioning it (the
+    largest module, in the training dtype; the buffers in fp32)."""
+    return float(DTYPES[precision].itemsize * c.largest_module + 4 * c.buffers)
 
 
 def ds_zero_settings(zero: int) -> dict:
@@ -290,6 +374,106 @@ def checkpoint_blocks(preset: str) -> int:
     return sum(isinstance(m, types) for m in build_preset_net(preset, "meta").modules())
 
 
+# latent sides of the decodes measured on the CPU: big enough that every stage's tensors scale with the pixels
+# (FLUX's VAE in bf16: the same bytes per pixel at 8x8 and 16x16 latents), small enough to take a second
+_DECODE_PROBE_LATENTS = (8, 16)
+
+
+@lru_cache(maxsize=16)
+def nograd_bytes_per_sample(preset: str, dtype_name: str) -> float:
+    """Peak transient bytes per sample of a no-grad forward of the preset's network (a preview, a teacher
+    sample), on meta (``sidscale.perf.activations.nograd_forward_peak_bytes``). Linear in the batch:
+    batch 2 measured 2.00 x batch 1 for flux_dev, sd35_large and sdxl, so one sample is measured."""
+    from sidscale.perf.activations import nograd_forward_peak_bytes
+
+    net = build_preset_net(preset, "meta").to(DTYPES[dtype_name]).requires_grad_(False)
+    return float(nograd_forward_peak_bytes(preset, net, 1, DTYPES[dtype_name]))
+
+
+def _vae_key(config: dict) -> str:
+    """The decode's memory depends on the architecture only, not on scaling / shift factors."""
+    return json.dumps({k: v for k, v in config.items() if k not in ("scaling_factor", "shift_factor")},
+                      sort_keys=True)
+
+
+@lru_cache(maxsize=8)
+def vae_params(config_key: str) -> int:
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoencoderKL(**json.loads(config_key)).parameters())
+
+
+@lru_cache(maxsize=8)
+def vae_decode_cost(config_key: str, dtype_name: str) -> tuple[float, float]:
+    """(bytes per output pixel, bytes per image) of one image's ``vae.decode`` peak: the CPU allocator's trace
+    (sidscale.perf.measured_memory) of decodes at two small latent sizes, a line through them. Every tensor
+    of a convolutional decoder scales with the pixels (the mid-block attention too, with the GPU's
+    memory-efficient kernels); the per-image part is what does not (small VAEs' norms and time embeddings)."""
+    from diffusers import AutoencoderKL
+
+    from sidscale.perf.measured_memory import cpu_allocation_trace
+
+    config = json.loads(config_key)
+    with torch.device("meta"):
+        vae = AutoencoderKL(**config)
+    vae = vae.to_empty(device="cpu").to(DTYPES[dtype_name]).requires_grad_(False)
+    for t in vae.parameters():  # the memory does not depend on the values; zeros keep the kernels on their fast path
+        t.zero_()
+    factor = 2 ** (len(config.get("block_out_channels", [64])) - 1)
+    points = []
+    for s in _DECODE_PROBE_LATENTS:
+        z = torch.zeros(1, int(config.get("latent_channels", 4)), s, s, dtype=DTYPES[dtype_name])
+        with torch.no_grad(), cpu_allocation_trace() as trace:
+            vae.decode(z)
+        points.append(((s * factor) ** 2, trace.peak_bytes()))
+    (p0, b0), (p1, b1) = points
+    per_pixel = (b1 - b0) / (p1 - p0)
+    return per_pixel, max(0.0, b1 - per_pixel * p1)
+
+
+def decode_dtype(config: dict, teacher_dtype: str) -> str:
+    """What the decode runs in (sidscale.models.teacher.decode_precision): an fp16 VAE with
+    ``force_upcast`` (diffusers' default) decodes in fp32, the others in their own dtype."""
+    return "fp32" if teacher_dtype == "fp16" and config.get("force_upcast", True) else teacher_dtype
+
+
+def preview_decode_bytes(preset: str, teacher_dtype: str, images: int) -> float:
+    """Transient bytes of decoding ``images`` preview images of ``preset`` in one call: the decode's
+    peak plus the fp32 images it returns (an fp16 VAE upcast to fp32 also holds an fp32 copy of its weights)."""
+    config = preset_vae_config(preset)
+    dtype = decode_dtype(config, teacher_dtype)
+    _, h, w = latent_shape(preset)
+    factor = 2 ** (len(config.get("block_out_channels", [64])) - 1)
+    pixels = h * factor * w * factor
+    upcast = 2.0 * vae_params(_vae_key(config)) if dtype != teacher_dtype else 0.0
+    per_pixel, per_image = vae_decode_cost(_vae_key(config), dtype)
+    return images * (pixels * (per_pixel + 3 * 4) + per_image) + upcast
+
+
+def _preview_phase(inp: PlanInput, micro_batch: int, p: int, buffers: int,
+                   one_block: dict[str, float]) -> dict[str, float]:
+    """The ``preview`` phase's terms (module docstring). ``one_block``: per-sample peak bytes of a no-grad
+    forward (``nograd_bytes_per_sample``), by dtype name."""
+    teacher_dtype = inp.teacher_dtype or inp.precision
+    if inp.zero == 3:  # the EMA swapped into the partitioned generator (sharded_ema.ema_swapped_into)
+        out = {"saved_working_partition": DTYPES[inp.precision].itemsize * p / inp.gpus}
+        gen_dtype = inp.precision
+    else:  # rank 0's copy of the EMA generator in the teacher's dtype
+        out = {"preview_net": DTYPES[teacher_dtype].itemsize * (p + buffers),
+               "ema_gather_buffers": 4.0 * min(p, GATHER_CHUNK_ELEMENTS)}
+        gen_dtype = teacher_dtype
+    n = max(1, inp.preview_images)
+    steps = {"preview_generation": n * one_block[gen_dtype],
+             "preview_decode": preview_decode_bytes(inp.preset, teacher_dtype, min(n, PREVIEW_DECODE_CHUNK))}
+    if inp.teacher_reference:  # Trainer._teacher_samples: chunks of half the preview, CFG doubles them
+        chunk = max(micro_batch, n // 2)
+        steps["teacher_reference"] = (2 * chunk if inp.cfg_scales[2] != 1.0 else chunk) * one_block[teacher_dtype]
+    largest = max(steps, key=steps.get)  # one after the other: only the largest is alive at the peak
+    out.update({k: (v if k == largest else 0.0) for k, v in steps.items()})
+    return out
+
+
 def _phases(inp: PlanInput, micro_batch: int, grads: float, buckets: float, p: int,
             buffers: int) -> dict[str, dict[str, float]]:
     """The transient bytes of each phase of one iteration (module docstring), term by term."""
@@ -329,16 +513,13 @@ def _phases(inp: PlanInput, micro_batch: int, grads: float, buckets: float, p: i
                         "grads": grads if inp.accumulation > 1 else 0.0},
         "gen_backward": {"activations": gen_acts, "grads": grads, "grad_buckets": buckets},
         "optimizer_step": step,
-        # ZeRO-3 previews run the generator itself with the EMA swapped into its partitions
-        # (sharded_ema.ema_swapped_into): one saved copy of the working partition; else rank 0's copy
-        "preview": ({"saved_working_partition": DTYPES[inp.precision].itemsize * p / inp.gpus} if inp.zero == 3 else
-                    {"preview_net": DTYPES[teacher_dtype].itemsize * (p + buffers),
-                     "ema_gather_buffers": 4.0 * min(p, GATHER_CHUNK_ELEMENTS)}),
+        "preview": _preview_phase(inp, micro_batch, p, buffers,
+                                  {d: nograd_bytes_per_sample(inp.preset, d) for d in {inp.precision, teacher_dtype}}),
     }
 
 
 def static_terms(inp: PlanInput, net_p: int, text_p: int, buf: int, largest_net: int, largest_text: int,
-                 zs: dict) -> tuple[dict[str, float], float, float]:
+                 zs: dict, vae_p: int = 0) -> tuple[dict[str, float], float, float]:
     """(static bytes per GPU by term, transient gradient bytes, reduction-bucket bytes) of a denoiser of
     ``net_p`` parameters under the ZeRO block ``zs`` (module docstring): the one formula of ``plan``
     (preset counts) and of ``sidscale.perf.placement`` (the run's own networks)."""
@@ -355,6 +536,8 @@ def static_terms(inp: PlanInput, net_p: int, text_p: int, buf: int, largest_net:
     if buf:  # whole on every rank, fp32 in the two engines (module docstring)
         terms["generator_buffers"] = terms["fake_buffers"] = 4.0 * buf
         terms["teacher_buffers"] = tb * buf  # buffers are not parameters: ZeRO-3 never partitions them
+    if vae_p:  # the VAE stays on every rank (sidscale.models.teacher: loaded to the device)
+        terms["vae"] = float(tb * vae_p)
     if inp.text_encoders == "replicated":
         terms["text_encoders"] = tb * text_p
     elif inp.text_encoders == "partitioned":
@@ -402,8 +585,9 @@ def plan(inp: PlanInput, micro_batch: int | None = None) -> MemoryPlan:
     net_p, text_p = param_counts(inp.preset)
     buf = buffer_elements(inp.preset)
     largest_net, largest_text = largest_module_params(inp.preset)
+    vae_p = vae_params(_vae_key(preset_vae_config(inp.preset)))
     terms, grads, buckets = static_terms(inp, net_p, text_p, buf, largest_net, largest_text,
-                                         ds_zero_settings(inp.zero))
+                                         ds_zero_settings(inp.zero), vae_p)
     construction = construction_terms(preset_counts(inp.preset), text_p, inp, terms, zero_init=inp.zero == 3)
     phases = _phases(inp, mb, grads, buckets, net_p, buf)
     if not inp.previews:
@@ -416,8 +600,9 @@ def plan(inp: PlanInput, micro_batch: int | None = None) -> MemoryPlan:
 
 
 def max_micro_batch(inp: PlanInput, limit: int = 1024) -> int:
-    """Largest micro-batch whose predicted total fits ``gpu_mem_gib`` (0: not even 1)."""
-    budget = inp.gpu_mem_gib * GIB
+    """Largest micro-batch whose predicted total fits the budget of ``gpu_mem_gib`` (``budget_bytes``;
+    0: not even 1)."""
+    budget = budget_bytes(inp.gpu_mem_gib, inp.budget_fraction)
     best, mb = 0, 1
     while mb <= limit and plan(inp, mb).total <= budget:
         best, mb = mb, mb + 1

@@ -20,11 +20,28 @@ from typing import Any
 
 import torch
 
-from sidscale.perf.memory_plan import GIB, PlanInput, counts_of, static_terms, teacher_zero_settings
+from sidscale.perf.memory_plan import (
+    DEFAULT_BUDGET_FRACTION,
+    GIB,
+    PlanInput,
+    budget_bytes,
+    counts_of,
+    static_terms,
+    teacher_zero_settings,
+)
 
-# fraction of the device memory the plan may fill: allocator fragmentation and the buffers the plan
-# does not model (sid_dit_method.md 5.4: add 10-15 %)
-USABLE_FRACTION = 0.9
+# the default fraction of the device memory the plan may fill (train.memory_fraction; the same budget as
+# the micro-batch search: sidscale.perf.memory_plan.budget_bytes)
+USABLE_FRACTION = DEFAULT_BUDGET_FRACTION
+
+
+def usable_bytes(device: torch.device, fraction: float = DEFAULT_BUDGET_FRACTION) -> float:
+    """What the plan may fill on ``device``: a GPU's budget (its fraction less the reserve outside the
+    allocator, ``budget_bytes``); on the CPU the fraction of this rank's share of host memory."""
+    capacity = device_capacity_bytes(device)
+    if device.type == "cuda":
+        return budget_bytes(capacity / GIB, fraction)
+    return capacity * fraction
 
 
 def device_capacity_bytes(device: torch.device) -> int:
@@ -90,8 +107,34 @@ def plan_input_for_run(cfg: Any, ds_config: dict, world: int, partitioned: bool)
                      reduce_bucket_size=zs.get("reduce_bucket_size"), accumulation=accumulation_steps(cfg, world),
                      grad_accum_dtype=(ds_config.get("data_types") or {}).get("grad_accum_dtype"),
                      teacher_partitioned=partitioned,
+                     budget_fraction=float(getattr(cfg.train, "memory_fraction", 0.9)),
                      # teacher.text_encoders = cpu keeps them in host memory: nothing on the device
-                     text_encoders="off" if getattr(cfg.teacher, "text_encoders", "gpu") == "cpu" else "replicated")
+                     text_encoders="off" if getattr(cfg.teacher, "text_encoders", "gpu") == "cpu" else "replicated",
+                     previews=cfg.train.preview_every <= cfg.train.max_steps or cfg.eval.num_samples > 0,
+                     preview_images=len(cfg.preview.prompts) * cfg.preview.seeds_per_prompt,
+                     teacher_reference=cfg.eval.teacher_steps > 0)
+
+
+def config_preset_plan(config: str, gpus: int, gpu_mem_gib: float, overrides: list[str] | None = None):
+    """The memory plan (``sidscale.perf.memory_plan.plan``) of config preset ``config``'s defaults on ``gpus``
+    GPUs of ``gpu_mem_gib`` GiB, its network the architecture preset of the same name. ``teacher.partitioned
+    = auto`` is resolved as the trainer does: replicated when that plan fits the budget."""
+    import dataclasses
+
+    from sidscale.config import load_config
+    from sidscale.distributed.ds_config import build_ds_config
+    from sidscale.perf.memory_plan import plan
+
+    cfg = load_config(config, overrides or [])
+    ds = build_ds_config(cfg, gpus)
+    setting = cfg.teacher.partitioned
+    for partitioned in ((False, True) if setting == "auto" else (setting == "true",)):
+        inp = dataclasses.replace(plan_input_for_run(cfg, ds, gpus, partitioned), preset=config,
+                                  gpu_mem_gib=gpu_mem_gib)
+        result = plan(inp, micro_batch=inp.micro_batch)
+        if result.total <= result.budget:
+            break
+    return result
 
 
 def placement_numbers(teacher: Any, cfg: Any, ds_config: dict, world: int, device: torch.device) -> dict:
@@ -116,7 +159,8 @@ def placement_numbers(teacher: Any, cfg: Any, ds_config: dict, world: int, devic
         out["activations"] = generator_step_activation_bytes(teacher, cfg)
     except Exception as e:  # noqa: BLE001 - any failure of the meta run only removes one term
         out["activations"], out["activations_error"] = None, f"{type(e).__name__}: {e}"
-    out["capacity"] = device_capacity_bytes(device) * USABLE_FRACTION
+    out["fraction"] = float(getattr(cfg.train, "memory_fraction", DEFAULT_BUDGET_FRACTION))
+    out["capacity"] = usable_bytes(device, out["fraction"])
     out["device"] = device.type
     return out
 
@@ -133,7 +177,8 @@ def replicated_teacher_fits(teacher: Any, cfg: Any, ds_config: dict, world: int,
               f"{n['replicated_model_states'] / GIB:.3f} GiB model states "
               f"(teacher {n['replicated_teacher'] / GIB:.3f}) "
               f"+ {act_text} = {replicated / GIB:.3f} GiB vs {n['capacity'] / GIB:.1f} GiB usable "
-              f"({USABLE_FRACTION:.0%} of the {n['device']} memory per rank); partitioned: "
+              f"({n['fraction']:.0%} of the {n['device']} memory per rank"
+              f"{', less the GPU reserve' if n['device'] == 'cuda' else ''}); partitioned: "
               f"{n['partitioned_model_states'] / GIB:.3f} GiB model states "
               f"(teacher {n['partitioned_teacher'] / GIB:.3f}) "
               f"(incl. {n['partitioned_gather'] / GIB:.3f} GiB gathered layers)")

@@ -540,6 +540,17 @@ def checkpoint_block_types(preset: str) -> tuple[type, ...]:
     return preset_nets(preset).checkpoint_block_types()
 
 
+def preset_vae_config(preset: str) -> dict[str, Any]:
+    """The ``AutoencoderKL`` config of the preset's teacher (what sidscale.models.random_teacher writes)."""
+    if preset == "tiny":
+        from sidscale.models.random_teacher import TINY_VAE
+
+        return dict(TINY_VAE)
+    kind = preset_nets(preset).name
+    p = dit_preset(preset) if kind == "sd3" else flux_preset(preset) if kind == "flux" else arch_preset(preset)
+    return copy.deepcopy(p.vae)
+
+
 def build_preset_teacher(preset: str, device: torch.device | str, dtype: str = "fp32", seed: int = 0) -> Teacher:
     """A frozen random-weight teacher (network + text encoders, no VAE: training never decodes).
 
