@@ -206,7 +206,7 @@ def test_distill_sh_never_overrides_the_users_socket_interfaces() -> None:
         indent = len(lines[i]) - len(lines[i].lstrip())
         guard = next(lines[j] for j in range(i - 1, -1, -1)  # the enclosing block's `if`
                      if lines[j].lstrip().startswith("if ") and len(lines[j]) - len(lines[j].lstrip()) < indent)
-        assert "-z ${GLOO_SOCKET_IFNAME:-}" in guard, f"GLOO_SOCKET_IFNAME set without checking the user's value: {lines[i]}"
+        assert "-z ${GLOO_SOCKET_IFNAME:-}" in guard, f"set without checking the user's value: {lines[i]}"
     for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
         assert var in text.split("set -euo pipefail")[1], f"{var} is not documented where the ranks' env is set"
 
