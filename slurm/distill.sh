@@ -177,9 +177,14 @@ if [[ $GOT_TERM == 1 ]]; then exit 143; fi
 # RANK_PRELUDE runs on each rank's own node before it becomes the trainer (exec: same pid, so
 # srun's signals and the exit code are the trainer's): GLOO_SOCKET_IFNAME = the interface the
 # route to MASTER_ADDR leaves by (on the master node, the interface holding that address; never lo,
-# which the other nodes cannot reach), and one line naming the node in the rank's log.
+# which the other nodes cannot reach), and one line naming the node in the rank's log. A SIGUSR1 /
+# SIGTERM arriving meanwhile would kill the rank (bash's default action): it is recorded and handed
+# to the trainer in SIDSCALE_STARTUP_SIGNALS (sidscale/startup_signals.py), which stops after its first step.
 # shellcheck disable=SC2016  # expanded by the rank's shell
 RANK_PRELUDE='
+startup_signals=""
+trap "startup_signals+=\" USR1\"" USR1
+trap "startup_signals+=\" TERM\"" TERM
 if [[ -z ${GLOO_SOCKET_IFNAME:-} ]] && command -v ip >/dev/null && command -v getent >/dev/null; then
     addr=$(getent ahostsv4 "$MASTER_ADDR" 2>/dev/null | awk "NR == 1 {print \$1}")
     dev=""
@@ -192,6 +197,7 @@ fi
 echo "distill.sh: rank $SLURM_PROCID (local $SLURM_LOCALID) on node $(hostname) [$SLURMD_NODENAME]," \
      "rendezvous $MASTER_ADDR:$MASTER_PORT ($(getent ahostsv4 "$MASTER_ADDR" 2>/dev/null | awk "NR == 1 {print \$1}"))," \
      "GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-}"
+export SIDSCALE_STARTUP_SIGNALS=${startup_signals# }
 exec "$@"'
 srun --wait="${SIDSCALE_RANK_EXIT_WAIT:-120}" --kill-on-bad-exit=0 \
      --output="$RUN_DIR/logs/rank%t.log" --open-mode=append \

@@ -490,3 +490,29 @@ print("received", stop.received, "stop", stop.stop_requested())
     assert proc.returncode == 0, f"rc {proc.returncode}: {proc.stderr[-2000:]}"
     assert "train.py exited 0" in proc.stdout
     assert f"received [{int(signal.SIGUSR1)}] stop True" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_a_stop_signal_in_the_per_rank_shell_of_distill_sh_reaches_the_trainer(tmp_path):
+    """slurm/distill.sh's per-rank shell (RANK_PRELUDE) runs before it execs the trainer; a SIGUSR1
+    there used to kill the rank (bash's default action). It is recorded and handed over in
+    SIDSCALE_STARTUP_SIGNALS, and startup_signals.install() records it for StopSignal."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    text = (Path(train.__file__).resolve().parents[1] / "slurm" / "distill.sh").read_text()
+    prelude = re.search(r"^RANK_PRELUDE='\n(.*?)'$", text, re.S | re.M).group(1)
+    # the signal arrives right after the traps (the first lines), before the interface choice and the exec
+    lines = prelude.splitlines()
+    after_traps = max(i for i, line in enumerate(lines) if line.startswith("trap ")) + 1 if any(
+        line.startswith("trap ") for line in lines) else 0
+    lines.insert(after_traps, "kill -USR1 $$")
+    child = ("from sidscale import startup_signals; startup_signals.install(); "
+             "print('pending', startup_signals.take())")
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT="29500", SLURM_PROCID="0",
+               SLURM_LOCALID="0", SLURMD_NODENAME="n1", GLOO_SOCKET_IFNAME="lo")
+    proc = subprocess.run(["bash", "-c", "\n".join(lines), "distill-rank", sys.executable, "-c", child],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, f"the rank's shell died: rc {proc.returncode} {proc.stderr[-1000:]}"
+    assert f"pending [{int(signal.SIGUSR1)}]" in proc.stdout, proc.stdout
