@@ -432,6 +432,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
 
     g = cfg.distilled_guidance
     _check_enum("distilled_guidance.mode", g.mode, GUIDANCE_MODES)
+    _check_non_negative(g, "distilled_guidance", ["teacher", "generator"])
     # NOTE: in mode official the teacher / fake embeddings are each call's cfg_* scale: a value set here
     # would be silently ignored
     _check(g.mode != "official" or (g.teacher == DistilledGuidanceConfig.teacher and g.fake is None),

@@ -31,10 +31,13 @@ def pipe(flux_dir):
 
 
 def flux_cfg(flux_dir, *extra):
+    """flux_dev with the per-role guidance embedding (teacher 3.5, fake = teacher's, G 1.0), which these
+    tests compare with FluxPipeline; the preset's official coupling is tests/test_flux_guidance.py's."""
     from sidscale.config import load_config
 
     return load_config("flux_dev", [f"teacher.path={flux_dir}", "teacher.dtype=fp32", "teacher.resolution=64",
-                                    f"teacher.max_sequence_length={SEQ}", *extra])
+                                    f"teacher.max_sequence_length={SEQ}", "distilled_guidance.mode=per_role",
+                                    "distilled_guidance.teacher=3.5", *extra])
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sidscale import checkpoint as ckpt_lib
 from sidscale.config import load_config
 from sidscale.ema import ema_beta
 from tests.dist_launch import REPO
@@ -122,6 +123,10 @@ def test_bf16_ema_follows_fp32_masters(dist_info, teacher_dir, tmp_path, stage):
     client["ema"] = {"zero3": stage == 3, "world_size": 1, "rank": 0,
                      "shards": [offline[n].reshape(-1).clone() for n in trainer.ema.names]}
     torch.save(client, rank_file)
+    # ...and recorded in meta.json, as the writer of such a checkpoint would have (resume verifies it)
+    meta = ckpt_lib.read_meta(path)
+    meta["files"]["rank_00000.pt"] = ckpt_lib.file_checksum(rank_file)
+    ckpt_lib.write_meta(path, {k: v for k, v in meta.items() if k != ckpt_lib.META_CRC})
     resumed = Trainer(cfg, tmp_path / "resumed", dist_info)
     resumed.resume(path)
     assert max_diff(resumed.ema.gather_to_main(), ema) == 0

@@ -149,6 +149,19 @@ def long_work_group(timeout_s: float = LONG_WORK_TIMEOUT_S):
     return cached[1]
 
 
+def release_long_work_groups() -> None:
+    """Tear the long-work groups down in step on every rank (a clean end only: a collective).
+
+    Each group is first met in a barrier, so no rank closes its sockets while a peer still has an
+    operation on them, then destroyed here, not left to the interpreter's exit (this module's cache
+    would otherwise keep it alive past ``destroy_process_group``)."""
+    for world, group in list(_long_work_groups.values()):
+        if world is _world():
+            dist.barrier(group=group)
+            dist.destroy_process_group(group)
+    _long_work_groups.clear()
+
+
 def broadcast_object_after_long_work(work: Callable[[], T], timeout_s: float = LONG_WORK_TIMEOUT_S,
                                      what: str = "its long work") -> T:
     """``work()`` on rank 0, its result on every rank, the others waiting up to ``timeout_s``.

@@ -262,6 +262,7 @@ def shutdown_distributed() -> None:
     NOTE: without the barrier, about one exit in five aborted on gloo (environment_notes.md). On an
     error path the barrier would wait for ranks that never come: use ``exit_now`` there."""
     if comm.is_distributed():
+        comm.release_long_work_groups()
         comm.barrier()
         torch.distributed.destroy_process_group()
 
