@@ -199,7 +199,9 @@ def test_memory_plan_fit_verdicts_agree_with_the_method_page(sd3_plans):
     # ZeRO-3 previews swap the EMA into the partitioned generator and decode one image at a time, so the peak
     # is training's.
     large = sd3_plans[("sd35_large", 3)]
-    assert 1 <= large.max_micro_batch <= 2 and 0.8 * 80 * GIB < large.total <= large.budget
+    detail = (f"max mb {large.max_micro_batch}, {large.total / GIB:.3f} of {large.budget / GIB:.3f} GiB, peak "
+              f"{large.peak_phase}: " + ", ".join(f"{k} {v / GIB:.3f}" for k, v in sorted(large.terms.items())))
+    assert 1 <= large.max_micro_batch <= 2 and 0.8 * 80 * GIB < large.total <= large.budget, detail
     assert large.peak_phase != "preview"
 
 
@@ -216,3 +218,26 @@ def test_memory_plan_tool_accepts_sd3_presets(sd3_plans):
     assert rec["max_micro_batch"] == expected.max_micro_batch and rec["peak_phase"] == expected.peak_phase
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
         memory_plan_main(["--preset", "sd35_large", "--measure"])
+
+
+def test_activation_measurement_ignores_a_zero3_linear_left_in_the_process():
+    """An in-process ZeRO-3 engine leaves DeepSpeed's memory-efficient F.linear wrapper in place for good;
+    the plan's meta measurement uses torch's own, so a plan does not depend on what the process ran before."""
+    import torch
+    import torch.nn.functional as F
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+    from sidscale.perf.activations import net_saved_bytes
+    from sidscale.perf.setup import build_preset_net
+
+    # frozen weights, as the teacher and the fake net in the generator step (the wrapper saved 36 % more here)
+    net = build_preset_net("sd3_tiny", "meta").to(torch.bfloat16).requires_grad_(False)
+    before = net_saved_bytes("sd3_tiny", net, 2, torch.bfloat16, False)
+    saved = F.linear
+    F.linear = zero3_linear_wrap
+    try:
+        during = net_saved_bytes("sd3_tiny", net, 2, torch.bfloat16, False)
+        assert F.linear is zero3_linear_wrap  # restored to what the process had
+    finally:
+        F.linear = saved
+    assert during == before
