@@ -36,17 +36,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from sidscale.checkpoint import (
     find_resume_checkpoint,
-    full_ema_from_checkpoint,
     is_complete,
     rank_file,
     read_meta,
     step_dir,
 )
 from tests.dist_launch import REPO, free_port
+from tests.test_slurm import job_report, weights
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -126,19 +125,6 @@ class Cluster:
             if b"sidscale/train.py" in cmdline and environ.get(b"SLURM_JOB_ID") == job.encode():
                 found[int(pid)] = int(environ[b"SLURM_PROCID"]) if b"SLURM_PROCID" in environ else None
         return found
-
-
-def job_report(run_dir: Path) -> str:
-    parts = [Path(f"{run_dir}.out")] + sorted((run_dir / "logs").glob("rank*.log"))
-    return "\n".join(f"== {p}\n{p.read_text()[-2000:]}" for p in parts if p.is_file())
-
-
-def weights(run_dir: Path) -> tuple[int, dict[str, torch.Tensor]]:
-    ckpt = find_resume_checkpoint(run_dir)
-    flat = {f"{tag}.{k}": v for tag in ("generator", "fake")
-            for k, v in get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag).items()}
-    flat.update({f"ema.{k}": v for k, v in full_ema_from_checkpoint(ckpt).items()})
-    return read_meta(ckpt)["step"], flat
 
 
 def assert_identical(reference: Path, run_dir: Path) -> None:

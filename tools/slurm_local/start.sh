@@ -12,6 +12,8 @@
 # from DIR are kept, with the config they were started with. Needs root (slurmd runs jobs as
 # any user) and tools/slurm_local/install.sh.
 set -euo pipefail
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 DIR=${1:-${SLURM_LOCAL_DIR:-/tmp/sidscale-slurm}}
 CTLD_PORT=${SLURMCTLD_PORT:-6817}
@@ -72,22 +74,7 @@ SlurmctldPidFile=$DIR/run/slurmctld.pid
 SlurmdPidFile=$DIR/run/slurmd.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$DIR/log/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-MpiDefault=none
-MailProg=/bin/true
-ReturnToService=2
-JobRequeue=1
-# Look at pending jobs (e.g. a requeued one whose begin time has passed) every 2 s, not 60 s.
-SchedulerParameters=sched_interval=2
-# Keep finished jobs visible to scontrol for 5 minutes (no accounting database here).
-MinJobAge=300
-# SIGTERM -> SIGKILL delay on cancel / time limit: the trainer needs it to finish a save.
-KillWait=30
+$(slurm_conf_common)
 NodeName=localhost NodeHostname=localhost NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
 # OverSubscribe=YES: jobs submitted with --oversubscribe may share cores (the tests run two
 # small jobs at once on a 2-core machine); other jobs get whole cores as usual.

@@ -20,6 +20,8 @@
 # node names resolve to their bridge addresses there, as a cluster's DNS would (nothing is written to
 # the machine's own /etc/hosts). Each node's interface is called snet0. Needs root.
 set -euo pipefail
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 DIR=${1:-${SLURM_LOCAL_DIR:-/tmp/sidscale-mslurm}}
 NODES=${SLURM_LOCAL_NODES:-2}
@@ -117,19 +119,7 @@ SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$DIR/log/slurmd-%n.log
 # The nodes declare SLURM_LOCAL_CPUS CPUs whatever the machine has (they all share its cores).
 SlurmdParameters=config_overrides
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-MpiDefault=none
-MailProg=/bin/true
-ReturnToService=2
-JobRequeue=1
-SchedulerParameters=sched_interval=2
-MinJobAge=300
-KillWait=30
+$(slurm_conf_common)
 CONF
 for k in $(seq 1 "$NODES"); do
     echo "NodeName=node$k NodeHostname=node$k NodeAddr=$NET.$((10 + k)) CPUs=$NODE_CPUS RealMemory=$MEM_MB State=UNKNOWN" >> "$CONF"

@@ -3,24 +3,12 @@
 # slurmd, slurmctld and munged, each by its pid file (nothing else on the machine is touched).
 # Keeps DIR (logs, state).
 set -euo pipefail
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 DIR=${1:-${SLURM_LOCAL_DIR:-/tmp/sidscale-slurm}}
 [[ -d $DIR ]] || exit 0
 
-stop() {  # stop PIDFILE: TERM, wait up to 10 s, then KILL
-    local pidfile=$1 pid
-    [[ -s $pidfile ]] || return 0
-    pid=$(cat "$pidfile")
-    if kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid" 2>/dev/null || true
-        for _ in $(seq 1 100); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    rm -f "$pidfile"
-}
 
 # Jobs still running would outlive the daemons (their slurmstepd and ranks): cancel them first.
 export SLURM_CONF=$DIR/etc/slurm.conf
@@ -36,6 +24,6 @@ if [[ -f $SLURM_CONF ]] && [[ -s $DIR/run/slurmctld.pid ]] && kill -0 "$(cat "$D
 fi
 
 # slurmd first, so that it does not report to a controller that is gone; munge last.
-stop "$DIR/run/slurmd.pid"
-stop "$DIR/run/slurmctld.pid"
-stop "$DIR/munge/munged.pid"
+stop_pidfile "$DIR/run/slurmd.pid"
+stop_pidfile "$DIR/run/slurmctld.pid"
+stop_pidfile "$DIR/munge/munged.pid"

@@ -4,6 +4,8 @@
 # stop slurmctld and munged, delete the namespaces, veths, bridge and /etc/netns entries. Touches
 # nothing else on the machine. Keeps DIR (logs, state). Safe to run twice, or after a failed start.
 set -uo pipefail
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 DIR=${1:-${SLURM_LOCAL_DIR:-/tmp/sidscale-mslurm}}
 NODES=${SLURM_LOCAL_NODES:-2}
@@ -14,20 +16,6 @@ if [[ -f $DIR/etc/layout ]]; then
     source "$DIR/etc/layout"
 fi
 
-stop() {  # stop PIDFILE: TERM, wait up to 10 s, then KILL
-    local pidfile=$1 pid
-    [[ -s $pidfile ]] || { rm -f "$pidfile"; return 0; }
-    pid=$(cat "$pidfile")
-    if kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid" 2>/dev/null || true
-        for _ in $(seq 1 100); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    rm -f "$pidfile"
-}
 
 if [[ -d $DIR ]]; then
     export SLURM_CONF=$DIR/etc/slurm.conf
@@ -41,7 +29,7 @@ if [[ -d $DIR ]]; then
             done
         fi
     fi
-    for k in $(seq 1 "$NODES"); do stop "$DIR/run/slurmd-node$k.pid"; done
+    for k in $(seq 1 "$NODES"); do stop_pidfile "$DIR/run/slurmd-node$k.pid"; done
 fi
 # Whatever still runs inside a node (a job step of a cancelled job, a rank) goes with its node.
 for k in $(seq 1 "$NODES"); do
@@ -51,8 +39,8 @@ for k in $(seq 1 "$NODES"); do
     [[ ${#pids[@]} -gt 0 ]] && kill -KILL "${pids[@]}" 2>/dev/null
 done
 if [[ -d $DIR ]]; then
-    stop "$DIR/run/slurmctld.pid"
-    stop "$DIR/munge/munged.pid"
+    stop_pidfile "$DIR/run/slurmctld.pid"
+    stop_pidfile "$DIR/munge/munged.pid"
 fi
 for k in $(seq 1 "$NODES"); do
     ns=$TAG-node$k
