@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from sidscale.io_utils import atomic_write_text
+from sidscale.core.io import atomic_write_text
+from sidscale.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,6 @@ STEP_NAME = re.compile(r"step_(\d{8})")
 SHARD_OWNER = re.compile(r"zero_pp_rank_(\d+)_")
 RANK_FILE = re.compile(r"rank_(\d{5})\.pt")
 CHUNK = 16 << 20
-
-
-class CheckpointError(RuntimeError):
-    """No usable checkpoint, or a ``latest`` marker that cannot be trusted; names the files."""
 
 
 def checkpoints_root(run_dir: Path) -> Path:
@@ -75,7 +72,7 @@ def _meta_crc(meta: dict) -> str:
 
 def write_meta(ckpt: Path, meta: dict) -> None:
     """Write ``ckpt``'s meta.json (last, atomically: it marks the checkpoint complete) with its own CRC."""
-    from sidscale.io_utils import atomic_write_json
+    from sidscale.core.io import atomic_write_json
 
     atomic_write_json(Path(ckpt) / META, {**meta, META_CRC: _meta_crc(meta)})
 

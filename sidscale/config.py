@@ -30,8 +30,9 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from sidscale.core.io import atomic_write_text
+from sidscale.errors import ConfigError  # noqa: F401 (re-exported: the config layer's error)
 from sidscale.families import TEACHER_KINDS  # one list of kinds: the family registry
-from sidscale.io_utils import atomic_write_text
 from sidscale.method.losses import GEN_WEIGHTINGS
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
@@ -52,10 +53,6 @@ GUIDANCE_EMBED_KINDS = ("flux",)
 # distilled_guidance.mode: official = SiD-DiT's FLUX coupling (embedding = each call's CFG scale), per_role
 # = one fixed embedding per net (sidscale/families/flux.py)
 GUIDANCE_MODES = ("official", "per_role")
-
-
-class ConfigError(ValueError):
-    """A problem with the run configuration, phrased for the person who wrote it."""
 
 
 # --------------------------------------------------------------------------------------------

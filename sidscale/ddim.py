@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from sidscale.core.schedule import VPSchedule
 from sidscale.method.guidance import EpsFn, guided_eps
 from sidscale.models.conditioning import Cond, cond_batch_size
-from sidscale.schedule import VPSchedule
 
 
 def ddim_timesteps(num_train_timesteps: int, steps: int) -> list[int]:

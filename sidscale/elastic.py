@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 
 from sidscale import checkpoint as ckpt_lib
-from sidscale.io_utils import atomic_write_text
+from sidscale.core.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from sidscale.io_utils import atomic_write_json
-from sidscale.schedule import VPSchedule, make_alphas_cumprod, schedule_from_meta
+from sidscale.core.io import atomic_write_json
+from sidscale.core.schedule import VPSchedule, make_alphas_cumprod, schedule_from_meta
 
 EXPORT_META = "sidscale.json"
 log = logging.getLogger(__name__)

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import torch
 
+from sidscale.core.schedule import FlowSchedule
 from sidscale.ddim import sampler_start
 from sidscale.method.guidance import EpsFn, guided_eps
 from sidscale.models.conditioning import Cond
-from sidscale.schedule import FlowSchedule
 
 
 def flow_sigmas(steps: int, shift: float = 1.0) -> list[float]:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from sidscale.io_utils import atomic_write_bytes
+from sidscale.core.io import atomic_write_bytes
 
 PREVIEW_MIN_PX = 128  # small images (the toy's 16 px) are upscaled, nearest, to at least this
 TILE_PAD, BLOCK_GAP, TEXT_PAD = 4, 16, 4

@@ -66,7 +66,7 @@ def progress(total: int, desc: str, enabled: bool = True, unit: str = "it", **kw
 
 
 def is_flow(schedule: Any) -> bool:
-    from sidscale.schedule import FlowSchedule
+    from sidscale.core.schedule import FlowSchedule
 
     return isinstance(schedule, FlowSchedule)
 

@@ -48,7 +48,6 @@ import numpy as np
 import torch
 
 from sidscale import checkpoint as ckpt_lib
-from sidscale import fault_injection
 from sidscale.config import (
     Config,
     ConfigError,
@@ -59,6 +58,9 @@ from sidscale.config import (
     dump_config,
     validate,
 )
+from sidscale.core.io import atomic_torch_save, atomic_write_json
+from sidscale.core.noise import PHASE_FAKE, PHASE_GEN, draw_step_noise, generator_step_count, rank_sample_indices
+from sidscale.core.precision import apply_precision
 from sidscale.data.prompts import INDEXED_PREFIX, IndexedPromptSource, StreamPromptSource
 from sidscale.distributed import comm
 from sidscale.distributed.ds_config import build_ds_config, check_precision_supported, zero_stage
@@ -77,31 +79,22 @@ from sidscale.distributed.runtime import (
 from sidscale.distributed.sharded_ema import EMALayoutError, ShardedEMA, ema_swapped_into
 from sidscale.distributed.teacher_partition import Placement, choose_placement, partition_teacher
 from sidscale.ema import ema_beta
+from sidscale.errors import CheckpointSaveError, RunDirError
 from sidscale.export import export_generator, network_from_state
 from sidscale.families import family_for_kind
 from sidscale.families.base import Teacher, decode_in_chunks
-from sidscale.io_utils import atomic_torch_save, atomic_write_json
 from sidscale.method.guards import register_grad_sanitizers
 from sidscale.method.sid_lsg import MethodSettings, fake_step, generator_step, multi_step_generate
 from sidscale.models.compile import compile_unets
 from sidscale.models.host_conditioner import HostConditioner
 from sidscale.models.teacher import resolve_teacher_dir
-from sidscale.noise import PHASE_FAKE, PHASE_GEN, draw_step_noise, generator_step_count, rank_sample_indices
-from sidscale.precision import apply_precision
 from sidscale.run_lock import RunLock
 from sidscale.run_logger import RunLogger, peak_memory_bytes
 from sidscale.sample import seeded_generator_noises
 from sidscale.terminal import method_label, quiet_third_party, sampler_title, teacher_sampler_name, toy_eval_scalars
+from sidscale.testing import fault_injection
 
 log = logging.getLogger("sidscale.train")
-
-
-class RunDirError(ConfigError):
-    pass
-
-
-class CheckpointSaveError(RuntimeError):
-    pass
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, lock: RunLock | None = None) -> bool:
@@ -231,7 +224,7 @@ class Trainer:
         ``sidscale.models.presets``); by default it is loaded from ``cfg.teacher``.
         ``load_universal``: the engines will load a universal checkpoint (elastic resume)."""
         self.cfg, self.run_dir, self.dist = cfg, Path(run_dir), dist_info
-        # TF32 off for fp32 (the reference recipe), allowed for bf16/fp16: sidscale/precision.py says why.
+        # TF32 off for fp32 (the reference recipe), allowed for bf16/fp16: sidscale/core/precision.py says why.
         apply_precision(cfg.train.precision)
         self.world, self.rank, self.device = dist_info.world_size, dist_info.rank, dist_info.device
         self.micro = cfg.train.micro_batch

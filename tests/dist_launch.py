@@ -24,9 +24,9 @@ import time
 import traceback
 from pathlib import Path
 
-from sidscale import fault_injection
 from sidscale.distributed.runtime import free_port
-from sidscale.processes import is_gone, process_tree
+from sidscale.testing import fault_injection
+from sidscale.testing.processes import is_gone, process_tree
 from tests.inprocess import RENDEZVOUS_KEYS
 
 REPO = Path(__file__).resolve().parent.parent

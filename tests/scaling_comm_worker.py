@@ -48,8 +48,8 @@ def main(out_dir: Path, cases: list[str], warmup: int) -> None:
     import deepspeed.comm as dscomm
     from deepspeed.comm.comm import comms_logger
 
+    from sidscale.bench import bench
     from sidscale.distributed.runtime import init_distributed, shutdown_distributed
-    from sidscale.perf import bench
     from sidscale.perf.setup import BenchCase
 
     info = init_distributed()

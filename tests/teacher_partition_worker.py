@@ -44,9 +44,9 @@ def generator_gradients(trainer, detach_teacher: bool = False) -> dict:
     """The generator step of ``Trainer.train_step`` (first micro-batch) up to the backward; full grads."""
     from deepspeed.utils import safe_get_full_grad
 
+    from sidscale.core.noise import PHASE_GEN
     from sidscale.distributed.teacher_partition import GatherProbe
     from sidscale.method.sid_lsg import generator_step
-    from sidscale.noise import PHASE_GEN
 
     teacher_eval = trainer.teacher_eval
     if detach_teacher:  # the control: what a detached teacher output would give

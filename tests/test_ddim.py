@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
+from sidscale.core.schedule import VPSchedule
 from sidscale.ddim import ddim_sample, ddim_timesteps
-from sidscale.schedule import VPSchedule
 
 SCHEDULE = VPSchedule.from_settings()
 

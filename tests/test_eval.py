@@ -540,9 +540,9 @@ def sd3_export(work) -> tuple[Path, Path]:
     trainer writes (``Trainer.sampling_meta``) for teacher.resolution = 64."""
     from diffusers import SD3Transformer2DModel
 
+    from sidscale.core.schedule import FlowSchedule
     from sidscale.export import export_generator
     from sidscale.models.sd3_tiny import write_tiny_sd3_teacher
-    from sidscale.schedule import FlowSchedule
 
     teacher = write_tiny_sd3_teacher(work / "sd3_teacher", seed=0, sd35=True)
     net = SD3Transformer2DModel.from_pretrained(teacher / "transformer")

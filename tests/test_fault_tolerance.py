@@ -5,7 +5,7 @@ last complete checkpoint and ends bit-identical (fp32) to one uninterrupted run.
 (c) a corrupt ``latest`` marker; (d) the disk filling up during a save; (e) SIGUSR1 (SLURM's
 "time is nearly up") to one rank.
 
-Every fault happens at a point the test chooses (``sidscale.fault_injection``: the trainer stops
+Every fault happens at a point the test chooses (``sidscale.testing.fault_injection``: the trainer stops
 there and waits to be killed, or signals itself), never at a time that races the trainer, so each
 test checks one exact expected outcome. All are compared with the one shared uninterrupted run
 (``conftest.fp32_reference_run``).
@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-from sidscale import fault_injection
 from sidscale.checkpoint import (
     LATEST,
     checkpoints_root,
@@ -35,6 +34,7 @@ from sidscale.checkpoint import (
     step_dir,
 )
 from sidscale.distributed.preemption import EXIT_REQUEUE
+from sidscale.testing import fault_injection
 from tests.dist_launch import Launch, run_trainer
 from tests.reference_run import assert_identical
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from sidscale.config import TeacherConfig
+from sidscale.core.schedule import FlowSchedule
 from sidscale.eval.frechet import toy_frechet
 from sidscale.flow_sampler import flow_sample, flow_sigmas
 from sidscale.models.toy import ToyMixture
-from sidscale.schedule import FlowSchedule
 
 FLOW = FlowSchedule()
 MIX = ToyMixture(size=8)

@@ -16,11 +16,11 @@ import torch
 from safetensors import safe_open
 
 from sidscale.config import TeacherConfig
+from sidscale.core.schedule import VPSchedule
 from sidscale.models.random_teacher import read_info, write_random_teacher
 from sidscale.models.teacher import load_teacher
 from sidscale.models.tokenizer import CLIP_VOCAB_SIZE
 from sidscale.perf.setup import build_preset_unet, latent_shape
-from sidscale.schedule import VPSchedule
 from tests.dist_launch import REPO
 
 

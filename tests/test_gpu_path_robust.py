@@ -234,7 +234,7 @@ class _CrossDeviceCopies(TorchDispatchMode):
 
 def test_vp_schedule_copies_its_table_to_a_device_once() -> None:
     """``meta`` stands in for the GPU: every call used to copy ``alphas_cumprod`` host-to-device."""
-    from sidscale.schedule import VPSchedule
+    from sidscale.core.schedule import VPSchedule
 
     sched = VPSchedule.from_settings()
     like = torch.empty(4, 4, 8, 8, device="meta")
@@ -436,7 +436,7 @@ def test_frozen_zero3_networks_release_their_leftovers_after_each_generator_back
 
 
 def test_fault_injection_slow_and_several_faults(monkeypatch: pytest.MonkeyPatch) -> None:
-    from sidscale import fault_injection as fi
+    from sidscale.testing import fault_injection as fi
 
     slept = []
     monkeypatch.setattr(fi.time, "sleep", slept.append)

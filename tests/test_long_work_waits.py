@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from sidscale import fault_injection
+from sidscale.testing import fault_injection
 from tests.dist_launch import run_trainer
 
 TIMEOUT_S = 10  # dist.timeout_s, the smallest the config accepts

@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
+from sidscale.core.noise import draw_step_noise, rank_sample_indices, uniform_timesteps
+from sidscale.core.schedule import VPSchedule
 from sidscale.ema import ema_beta, update_ema_
 from sidscale.method import MethodSettings, StepNoise, fake_step, generator_step, guided_eps
 from sidscale.method.guards import sanitize_grad, sanitize_grads_
 from sidscale.method.sid_lsg import apply_prompt_dropout
-from sidscale.noise import draw_step_noise, rank_sample_indices, uniform_timesteps
-from sidscale.schedule import VPSchedule
 
 C, H, W = 2, 2, 2
 D = C * H * W

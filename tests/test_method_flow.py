@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
+from sidscale.core.noise import draw_step_noise, generator_step_count, uniform_timesteps
+from sidscale.core.schedule import FlowSchedule, VPSchedule
 from sidscale.method import MethodSettings, StepNoise, fake_step, generate, generator_step
-from sidscale.noise import draw_step_noise, generator_step_count, uniform_timesteps
-from sidscale.schedule import FlowSchedule, VPSchedule
 
 C, H, W = 2, 2, 2
 D = C * H * W

@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
+from sidscale.core.schedule import VPSchedule
 from sidscale.method import MethodSettings, StepNoise, fake_step
-from sidscale.schedule import VPSchedule
 
 B, C, H, W = 4, 2, 2, 2
 D = C * H * W
@@ -88,7 +88,7 @@ def test_fake_step_nan_sample_leaves_other_gradients_exact(cfg_scale):
 
 @pytest.fixture
 def restore_math_flags():
-    from sidscale.precision import current_settings, restore_settings
+    from sidscale.core.precision import current_settings, restore_settings
 
     saved = current_settings()
     yield
@@ -146,7 +146,7 @@ def test_trainer_low_precision_allows_tf32(restore_math_flags, tmp_path, precisi
 
 def test_fp16_defaults_and_overrides():
     from sidscale.config import NetConfig, load_config
-    from sidscale.precision import adam_eps, grad_clip_value
+    from sidscale.core.precision import adam_eps, grad_clip_value
 
     assert (adam_eps(NetConfig(), "fp16"), grad_clip_value(NetConfig(), "fp16")) == (1e-6, 1.0)
     for precision in ("fp32", "bf16"):

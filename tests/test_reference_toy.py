@@ -16,7 +16,7 @@ from sidscale.method.sid_lsg import MethodSettings
 from sidscale.models.teacher import load_teacher
 from sidscale.models.toy import ToyMixture
 from sidscale.models.toy_teacher import ToyTeacherSpec, ensure_toy_teacher, load_toy_mixture
-from sidscale.reference import OptimSettings, ReferenceLoop
+from sidscale.testing.reference import OptimSettings, ReferenceLoop
 
 STEPS = 20
 SAMPLES = 600

@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from sidscale import checkpoint as ckpt_lib
-from sidscale import fault_injection
 from sidscale.distributed.preemption import EXIT_REQUEUE
+from sidscale.testing import fault_injection
 from tests.dist_launch import Launch, run_trainer
 from tests.reference_run import assert_identical
 

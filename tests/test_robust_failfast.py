@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from sidscale import fault_injection
 from sidscale.distributed.preemption import EXIT_REQUEUE
+from sidscale.testing import fault_injection
 from tests.dist_launch import Launch
 
 BOUND_S = 60  # from the first rank's exit to the last one's
@@ -54,5 +54,6 @@ def test_an_exception_on_one_rank_ends_every_rank_quickly(tmp_path: Path, tiny_t
     assert all(c > 0 and c != EXIT_REQUEUE for c in codes), f"exit codes {codes}:\n{output()}"
     rank1 = (launch.log_dir / "rank1.out").read_text(errors="replace")
     assert "[rank 1] Traceback (most recent call last):" in rank1, output()
-    assert "[rank 1] sidscale.fault_injection.InjectedFault: injected fault (point=mid_step,step=2" in rank1, output()
+    assert ("[rank 1] sidscale.testing.fault_injection.InjectedFault: injected fault (point=mid_step,step=2"
+            in rank1), output()
     assert "sidscale: rank 1 failed (InjectedFault" in rank1

@@ -1,4 +1,4 @@
-"""The scaling model (sidscale/perf/scaling.py): its byte counts against a real 2-rank run, the ring formulas
+"""The scaling model (sidscale/bench/scaling.py): its byte counts against a real 2-rank run, the ring formulas
 against a simulated ring, its FLOP count against FlopCounterMode on a real iteration, and consistency checks;
 the memory plan's partitioned teacher / text encoder terms in closed form."""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sidscale.perf.scaling import (
+from sidscale.bench.scaling import (
     NetProfile,
     Setup,
     forward_equivalents_per_sample,
@@ -173,13 +173,13 @@ def test_flop_model_matches_a_counted_iteration():
     the rule misses (measured: the iteration is 1-3% above the rule)."""
     import torch
 
+    from sidscale.bench.bench import net_forward_flops_per_sample
     from sidscale.data.prompts import IndexedPromptSource
     from sidscale.method.sid_lsg import MethodSettings
     from sidscale.models.toy import ToyMixture
-    from sidscale.perf.bench import net_forward_flops_per_sample
     from sidscale.perf.flops import count_flops
     from sidscale.perf.setup import BenchCase, build_preset_teacher, case_config
-    from sidscale.reference import OptimSettings, ReferenceLoop
+    from sidscale.testing.reference import OptimSettings, ReferenceLoop
 
     cfg = case_config(BenchCase("tiny", precision="fp32"), 1)
     teacher = build_preset_teacher("tiny", "cpu", "fp32", 0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from sidscale.schedule import VPSchedule
+from sidscale.core.schedule import VPSchedule
 
 
 @pytest.fixture(scope="module")

@@ -143,8 +143,8 @@ def test_sd3_presets_carry_sid_dit_settings(name, zero):
 
 def test_sd3_teacher_loads_with_clear_errors(sd3_teacher):
     from sidscale.config import ConfigError, load_config
+    from sidscale.core.schedule import FlowSchedule
     from sidscale.families import family_for_kind
-    from sidscale.schedule import FlowSchedule
 
     family = family_for_kind("sd3")
 

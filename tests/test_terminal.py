@@ -106,7 +106,7 @@ def test_third_party_messages_are_silenced_once_in_one_place_and_nothing_else():
 
 
 def test_the_training_bar_names_the_method_the_run_uses():
-    from sidscale.schedule import FlowSchedule, VPSchedule
+    from sidscale.core.schedule import FlowSchedule, VPSchedule
     from sidscale.terminal import method_label, teacher_sampler_name
 
     vp = VPSchedule.from_settings(1000, 0.00085, 0.012, "scaled_linear", "epsilon")

@@ -6,10 +6,10 @@ import threading
 import pytest
 import torch
 
+from sidscale.core.schedule import VPSchedule
 from sidscale.models import toy_teacher
 from sidscale.models.toy import ToyMixture
 from sidscale.models.toy_teacher import ToyTeacherSpec, ensure_toy_teacher, load_toy_mixture
-from sidscale.schedule import VPSchedule
 
 SCHEDULE = VPSchedule.from_settings()
 SMALL = dict(

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from sidscale.config import ConfigError, TeacherConfig, load_config, validate
+from sidscale.core.schedule import FlowSchedule, VPSchedule
 from sidscale.families.toy_flow import UNetVelocity
 from sidscale.models.toy import ToyMixture
 from sidscale.models.toy_teacher import ToyTeacherSpec
-from sidscale.schedule import FlowSchedule, VPSchedule
 
 FLOW = FlowSchedule()
 MIX = ToyMixture(size=8)

@@ -57,8 +57,8 @@ def test_resume_is_exact(tmp_path, tiny_toy_teacher, fp32_reference_run):
 def test_export_loads_in_plain_diffusers_and_samples(tmp_path, teacher_dir):
     from diffusers import UNet2DConditionModel
 
+    from sidscale.core.schedule import VPSchedule
     from sidscale.sample import OneStepPipeline, seeded_latent_noise
-    from sidscale.schedule import VPSchedule
 
     run_trainer(tmp_path / "run", BASE + [f"teacher.path={teacher_dir}", "train.max_steps=2",
                                           "train.ckpt_every=100", "train.export_at_end=true",

@@ -18,7 +18,7 @@ from sidscale.data.prompts import IndexedPromptSource
 from sidscale.method.sid_lsg import MethodSettings
 from sidscale.models.teacher import load_teacher
 from sidscale.models.toy_teacher import load_toy_mixture
-from sidscale.reference import OptimSettings, ReferenceLoop
+from sidscale.testing.reference import OptimSettings, ReferenceLoop
 from tests.dist_launch import run_trainer
 
 STEPS = 3
@@ -111,7 +111,7 @@ def test_deepspeed_matches_reference(two_rank_runs, reference_weights, stage):
 def test_k_step_generator_matches_reference(tmp_path, teacher_dir):
     """K = 4 (each step trains step k of 4, k from (seed, step) on every rank): ZeRO-2 on 2 ranks
     equals the plain loop, which draws the same k and the same fresh per-step noises."""
-    from sidscale.noise import generator_step_count
+    from sidscale.core.noise import generator_step_count
 
     assert {generator_step_count(5, s, 4) for s in range(STEPS)} != {1}  # exercises k > 1
     want = reference_run(teacher_dir, MethodSettings(generator_steps=4))

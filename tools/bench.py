@@ -78,9 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     import torch
 
+    from sidscale.bench import bench
     from sidscale.distributed import comm
     from sidscale.distributed.runtime import init_distributed, shutdown_distributed
-    from sidscale.perf import bench
     from sidscale.perf.setup import BenchCase
 
     dist_info = init_distributed(args.local_rank)

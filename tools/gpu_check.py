@@ -85,7 +85,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sidscale.processes import is_gone, process_tree  # noqa: E402
+from sidscale.testing.processes import is_gone, process_tree  # noqa: E402
 
 GIB = 2**30
 MAX_STEPS, CKPT_EVERY, KILL_AFTER_STEP = 4, 2, 3

@@ -5,7 +5,7 @@
     python tools/scaling_model.py --memory                 # SD3.5-Large and FLUX.1-dev on 8 and 16 x 80 GB
     python tools/scaling_model.py --bytes --presets sd35_large --gpus 64   # bytes per collective class
 
-The model (bytes per ZeRO stage per iteration, ring costs, FLOPs, overlap) is sidscale/perf/scaling.py; its
+The model (bytes per ZeRO stage per iteration, ring costs, FLOPs, overlap) is sidscale/bench/scaling.py; its
 byte counts are checked against a real 2-rank run in tests/test_scaling.py. The memory plan is
 sidscale/perf/memory_plan.py. Each preset trains with its config preset's recipe (global batch, micro-batch,
 checkpointing, generator steps, CFG); the micro-batch is lowered when the global batch has fewer samples than
@@ -46,7 +46,7 @@ def recipe(preset: str) -> dict:
 
 def base_setups(preset: str, args: argparse.Namespace) -> list:
     """The preset's recipe under each of its placements (or the --zero / --teacher-partitioned one)."""
-    from sidscale.perf.scaling import Setup
+    from sidscale.bench.scaling import Setup
 
     r = recipe(preset)
     placements = PLACEMENTS.get(preset, [(2, False)])
@@ -63,7 +63,7 @@ def base_setups(preset: str, args: argparse.Namespace) -> list:
 
 
 def scaling_table(args: argparse.Namespace) -> list[dict]:
-    from sidscale.perf.scaling import iteration_cost, preset_profile
+    from sidscale.bench.scaling import iteration_cost, preset_profile
 
     rows = []
     for preset in args.presets:
@@ -109,7 +109,7 @@ def _scaling_row(preset: str, profile, base, g: int, iteration_cost) -> dict:
 
 
 def assumptions(args: argparse.Namespace) -> str:
-    return (f"PREDICTIONS (sidscale/perf/scaling.py), not measurements: {args.peak_tflops:g} TFLOP/s peak x MFU "
+    return (f"PREDICTIONS (sidscale/bench/scaling.py), not measurements: {args.peak_tflops:g} TFLOP/s peak x MFU "
             f"{args.mfu:g}; ring collectives at {args.intra_gbps:g} GB/s per GPU inside a node of "
             f"{args.gpus_per_node} GPUs and {args.inter_gbps:g} GB/s per GPU across nodes; overlap {args.overlap:g}; "
             f"checkpoint every {args.ckpt_every} iterations at {args.storage_gbps:g} GB/s per node; "
@@ -211,7 +211,7 @@ def memory_markdown(rows: list[dict], args: argparse.Namespace) -> str:
 
 
 def bytes_table(args: argparse.Namespace) -> str:
-    from sidscale.perf.scaling import iteration_cost, preset_profile
+    from sidscale.bench.scaling import iteration_cost, preset_profile
 
     out = ["| preset | setting | GPUs | class | collective | GB per rank (logged) | GB on the wire per rank |",
            "|---|---|---|---|---|---|---|"]

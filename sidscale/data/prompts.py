@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from sidscale.noise import sample_seed
+from sidscale.core.noise import sample_seed
 
 INDEXED_PREFIX = "indexed:"
 

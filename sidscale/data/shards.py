@@ -33,7 +33,7 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
-from sidscale.io_utils import atomic_write_bytes, fsync_dir
+from sidscale.core.io import atomic_write_bytes, fsync_dir
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "sidscale-prompt-shards/1"

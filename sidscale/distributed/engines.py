@@ -13,8 +13,8 @@ import logging
 import torch
 
 from sidscale.config import NetConfig
+from sidscale.core.precision import adam_eps, grad_clip_value
 from sidscale.distributed import comm
-from sidscale.precision import adam_eps, grad_clip_value
 
 
 def ds_precision(ds_config: dict) -> str:
@@ -88,7 +88,7 @@ CONSTRUCTIONS = ("auto", "copy", "zero_init")
 def build_engine(teacher_unet: torch.nn.Module, net_cfg: NetConfig, ds_config: dict, construct: str = "auto"):
     """A trainable copy of the teacher wrapped in a DeepSpeed engine (DeepSpeed casts it to
     bf16/fp16 per ds_config and keeps fp32 master weights in the optimizer). The optimizer follows
-    the precision's rules: Adam eps and gradient value clipping (``sidscale.precision``).
+    the precision's rules: Adam eps and gradient value clipping (``sidscale.core.precision``).
 
     ``construct``: ``copy`` = an fp32 deep copy of the teacher on every rank, then DeepSpeed
     partitions it (ZeRO-1/2 keep the module whole anyway); ``zero_init`` = built under

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sidscale.core.io import atomic_write_json
 from sidscale.eval.clip_score import DEFAULT_CLIP_MODEL, ClipScorer, check_clip_file, clip_score_files
 from sidscale.eval.fid import (
     EvalWeightsError,
@@ -49,7 +50,6 @@ from sidscale.eval.generate import (
 from sidscale.eval.images import image_path
 from sidscale.eval.model_source import ModelDirError, ModelSource, resolve_model
 from sidscale.eval.protocols import DEFAULT_PROTOCOL, PROTOCOLS, EvalProtocol, ProtocolError, get_protocol
-from sidscale.io_utils import atomic_write_json
 from sidscale.terminal import quiet_third_party
 
 log = logging.getLogger("sidscale.eval")

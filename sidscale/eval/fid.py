@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sidscale.core.io import atomic_write_bytes
 from sidscale.eval.frechet import feature_statistics, frechet_distance
 from sidscale.eval.images import protocol_resize, sid_dit_fid_resize
 from sidscale.eval.protocols import DEFAULT_PROTOCOL, EvalProtocol, get_protocol
-from sidscale.io_utils import atomic_write_bytes
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"

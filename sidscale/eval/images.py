@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sidscale.io_utils import atomic_write_bytes
+from sidscale.core.io import atomic_write_bytes
 
 FID_SIZE = 256  # the protocol's centre-crop + Lanczos size, applied to generated AND reference images
 PNG_TRAILER = b"IEND\xaeB`\x82"  # the IEND chunk (type + CRC) that ends every complete PNG

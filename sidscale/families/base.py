@@ -17,10 +17,11 @@ from typing import Any, Protocol
 
 import torch
 
+from sidscale.core.cond import Cond
+
 # A conditioning: batch-first tensors by name (UNet: encoder_hidden_states [+ text_embeds,
 # time_ids]; SD3 and FLUX: encoder_hidden_states, pooled_projections). Kept a dict so the method can
 # concatenate [uncond; cond] and pick per sample without knowing the family.
-Cond = dict[str, torch.Tensor]
 # (x_t, noise level [B], cond) -> the family's prediction in fp32, in the schedule's convention
 # (VP: eps; flow: velocity). CFG is linear in it, and ``NoiseSchedule.to_x0`` maps it to x0.
 PredFn = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
@@ -31,7 +32,7 @@ ROLES: tuple[str, ...] = ("generator", "fake", "teacher")
 
 
 class NoiseSchedule(Protocol):
-    """The one schedule interface of the method (VPSchedule, FlowSchedule in sidscale/schedule.py)."""
+    """The one schedule interface of the method (VPSchedule, FlowSchedule in sidscale/core/schedule.py)."""
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
     def noise_only(self, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...

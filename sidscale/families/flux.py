@@ -48,8 +48,8 @@ from pathlib import Path
 import torch
 
 from sidscale.config import GUIDANCE_MODES, ConfigError
+from sidscale.core.schedule import FlowSchedule
 from sidscale.families.base import ROLES, Teacher
-from sidscale.schedule import FlowSchedule
 
 log = logging.getLogger("sidscale.train")
 # FluxTransformer2DModel reads timestep = sigma in [0, 1] (it scales by 1000 internally)

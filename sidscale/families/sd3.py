@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from sidscale.config import ConfigError
+from sidscale.core.schedule import FlowSchedule
 from sidscale.families.base import Teacher
-from sidscale.schedule import FlowSchedule
 
 log = logging.getLogger("sidscale.train")
 # SD3's transformer reads timestep = 1000 sigma (SiD-DiT: time_scale 1000 unless a "sprint" model)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from sidscale.core.schedule import FlowSchedule
 from sidscale.families.base import Teacher
 from sidscale.models.conditioning import Cond, unet_kwargs
-from sidscale.schedule import FlowSchedule
 
 # The UNet reads timestep = TIME_SCALE * sigma, as SD3's transformer (sid_dit_method.md 1.1); the flow
 # toy teacher is fitted with this constant (sidscale/models/toy_teacher.py imports it).

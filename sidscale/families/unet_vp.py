@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
+from sidscale.core.schedule import VPSchedule
 from sidscale.families.base import Teacher
-from sidscale.schedule import VPSchedule
 
 log = logging.getLogger("sidscale.train")
 
@@ -29,8 +29,8 @@ class UNetVPFamily:
 
     def load_teacher(self, cfg, device: torch.device | str) -> Teacher:
         """The teacher of ``cfg.teacher``; warns when ``cfg.schedule`` differs from its scheduler."""
+        from sidscale.core.schedule import make_alphas_cumprod
         from sidscale.models.teacher import load_teacher
-        from sidscale.schedule import make_alphas_cumprod
 
         teacher = load_teacher(cfg.teacher, device)
         sc = cfg.schedule

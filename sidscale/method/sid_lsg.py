@@ -3,7 +3,7 @@ generator step, on networks and tensors only.
 
 No DeepSpeed, no data, no I/O, no model family here: the caller passes prediction functions
 (``guidance.EpsFn``: eps for a VP teacher, velocity for a flow teacher), the ``NoiseSchedule``
-that converts their predictions to x0 (``sidscale.schedule``), the noise of the step
+that converts their predictions to x0 (``sidscale.core.schedule``), the noise of the step
 (``StepNoise``) and the conditionings, and gets back a scalar loss to backpropagate plus
 detached statistics for logging. The normaliser of the loss is the per-rank batch, given by the
 caller (``loss_normaliser``), so micro-batch sums add up to the method page's "summed over latent
@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 
+from sidscale.core.cond import Cond, where_cond
+from sidscale.core.noise import StepNoise
 from sidscale.method.guards import finite_samples, masked_sum
 from sidscale.method.guidance import EpsFn, guided_eps
 from sidscale.method.losses import GEN_WEIGHTINGS, at_least_fp32, fake_score_loss, sid_generator_loss
-from sidscale.models.conditioning import Cond, where_cond
 
 NoiseSchedule = Any  # sidscale.families.base.NoiseSchedule (VPSchedule, FlowSchedule)
 
@@ -64,25 +65,6 @@ class MethodSettings:
     @property
     def uses_prompt_dropout(self) -> bool:
         return self.prompt_dropout > 0 and (self.cfg_train_fake != 1.0 or self.cfg_eval_fake != 1.0)
-
-
-@dataclass
-class StepNoise:
-    """Everything random in one phase of one iteration, per sample."""
-
-    z: torch.Tensor  # generator input noise [B, C, H, W]
-    eps: torch.Tensor  # forward-process noise [B, C, H, W]
-    t: torch.Tensor  # timesteps [B], long
-    drop: torch.Tensor  # prompt dropout mask [B], bool (used by the fake step only)
-    # the fresh noises of generator steps 2..K [B, K-1, C, H, W]; None for a one-step generator
-    z_more: torch.Tensor | None = None
-
-    def generator_noises(self, steps: int) -> list[torch.Tensor]:
-        """The noise injected at each of the first ``steps`` generator steps (step 1: ``z``)."""
-        if steps > 1 and (self.z_more is None or self.z_more.shape[1] < steps - 1):
-            raise ValueError(f"{steps} generator steps need {steps - 1} extra noises, have "
-                             f"{0 if self.z_more is None else self.z_more.shape[1]}")
-        return [self.z] + [self.z_more[:, i] for i in range(steps - 1)]
 
 
 def generate(gen: EpsFn, schedule: NoiseSchedule, noises: Sequence[torch.Tensor], cond: Cond,

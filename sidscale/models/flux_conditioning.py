@@ -22,9 +22,8 @@ from pathlib import Path
 
 import torch
 
+from sidscale.core.cond import Cond
 from sidscale.models.teacher import TeacherDirError, check_teacher_dir
-
-Cond = dict[str, torch.Tensor]
 
 FLUX_MAX_SEQUENCE_LENGTH_LIMIT = 512  # FluxPipeline.check_inputs rejects more (T5's trained length)
 FLUX_TEXT_FOLDERS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sidscale.io_utils import atomic_write_text
+from sidscale.core.io import atomic_write_text
 
 CLIP_L_WIDTH, T5_WIDTH = 16, 48
 TRANSFORMER_HEADS, TRANSFORMER_HEAD_DIM = 2, 16  # inner width 32

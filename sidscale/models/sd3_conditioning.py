@@ -31,9 +31,8 @@ from pathlib import Path
 
 import torch
 
+from sidscale.core.cond import Cond
 from sidscale.models.teacher import TeacherDirError, check_teacher_dir
-
-Cond = dict[str, torch.Tensor]
 
 SD3_MAX_SEQUENCE_LENGTH_LIMIT = 512  # diffusers' check_inputs rejects more (T5's trained length)
 

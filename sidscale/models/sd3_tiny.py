@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sidscale.io_utils import atomic_write_text
+from sidscale.core.io import atomic_write_text
 
 CLIP_L_WIDTH, CLIP_G_WIDTH, T5_WIDTH = 16, 24, 48
 TRANSFORMER_HEADS, TRANSFORMER_HEAD_DIM = 2, 8  # inner width 16

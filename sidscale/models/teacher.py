@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from sidscale.config import ATTENTION_MODES, ConfigError, TeacherConfig
+from sidscale.core.schedule import VPSchedule
+from sidscale.errors import TeacherDirError
 from sidscale.families.base import Teacher
 from sidscale.models.conditioning import load_conditioner
-from sidscale.schedule import VPSchedule
 
 __all__ = ["Teacher", "TeacherDirError", "load_teacher", "check_teacher_dir", "resolve_teacher_dir",
            "decode_latents", "decode_precision", "schedule_from_dir", "DTYPES", "REQUIRED"]
@@ -39,10 +40,6 @@ WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.
 # NOTE: sharded checkpoints (large text encoders) ship an index instead of one weights file.
 WEIGHT_INDEX_FILES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json",
                       "pytorch_model.bin.index.json")
-
-
-class TeacherDirError(ConfigError):
-    pass
 
 
 def resolve_teacher_dir(cfg: TeacherConfig) -> Path:

@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from sidscale.io_utils import atomic_write_text
+from sidscale.core.io import atomic_write_text
 
 CLIP_VOCAB_SIZE = 49408
 NUM_MERGES = CLIP_VOCAB_SIZE - 2 * 256 - 2  # 48,894

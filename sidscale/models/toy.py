@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from sidscale.schedule import FlowSchedule, VPSchedule
+from sidscale.core.schedule import FlowSchedule, VPSchedule
 
 Schedule = VPSchedule | FlowSchedule  # t: an integer timestep (VP) or a sigma in [0, 1] (flow)
 

@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from sidscale.core.schedule import FlowSchedule, VPSchedule
 from sidscale.ddim import ddim_sample
 from sidscale.eval.frechet import toy_frechet
 from sidscale.families.toy_flow import TIME_SCALE  # the fit writes the timestep the family reads
@@ -56,7 +57,6 @@ from sidscale.models.conditioning import ClipConditioner, Cond, unet_kwargs
 from sidscale.models.tiny import build_tiny_text_encoder, build_tiny_unet
 from sidscale.models.tokenizer import build_clip_tokenizer
 from sidscale.models.toy import ToyMixture
-from sidscale.schedule import FlowSchedule, VPSchedule
 from sidscale.terminal import progress
 
 log = logging.getLogger(__name__)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from sidscale.core.schedule import VPSchedule
 from sidscale.models.conditioning import Cond, unet_kwargs
-from sidscale.schedule import VPSchedule
 
 
 class UNetEps(torch.nn.Module):

@@ -77,7 +77,7 @@ def measure_trainer_peak(case: BenchCase, dist_info, steps: int = 2) -> dict[str
     Returns ``{"peak_bytes", "static_bytes"}``: the peak, and what stays allocated between
     iterations (parameters, master weights, optimizer states, EMA, teacher).
     """
-    from sidscale.perf.bench import trainer_runner
+    from sidscale.bench.bench import trainer_runner
 
     device = dist_info.device
     if device.type == "cuda":

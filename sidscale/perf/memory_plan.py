@@ -17,7 +17,7 @@ Static, alive for the whole run:
 - ZeRO-3 gathered parameters (any ZeRO-3 net: G and F under ZeRO-3, a partitioned teacher or text encoder):
   the module running plus one prefetch bucket (``stage3_prefetch_bucket_size`` elements; at most the whole
   net), in the largest dtype; the nets run one after the other, so one such term counts
-  (sidscale/perf/scaling.py: every module gathers its parameters and releases them after use).
+  (sidscale/bench/scaling.py: every module gathers its parameters and releases them after use).
 - network buffers (SD3's pos_embed table, 57-227 M elements; UNets have none): not parameters, so in no
   optimizer state and not partitioned by ZeRO-3; every rank holds them whole in each net. The generator
   and fake net keep them in fp32 (build_engine's ``.float()``; DeepSpeed 0.19 casts parameters only),

@@ -39,10 +39,10 @@ from typing import Any, Protocol
 import torch
 
 from sidscale.config import Config, load_config
+from sidscale.core.schedule import FlowSchedule, VPSchedule
 from sidscale.models.conditioning import ClipConditioner, SdxlConditioner
 from sidscale.models.sd3_presets import DIT_PRESETS, TEXT_ENCODER_CLASSES, DiTPreset, get_dit_preset
 from sidscale.models.teacher import DTYPES, Teacher, set_attention
-from sidscale.schedule import FlowSchedule, VPSchedule
 
 UNET_PRESETS = ("tiny", "mid", "sd15", "sd21", "sd21_768", "sdxl")
 # Big presets cut to a few blocks at their REAL width, tokens and text encoders (what one GPU can measure

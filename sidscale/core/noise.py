@@ -10,13 +10,31 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from sidscale.method.sid_lsg import StepNoise
-
 # draws one sample's loss noise level (shape [1]) from its generator: NoiseSchedule.draw_loss_level
 LevelDraw = Callable[[torch.Generator], torch.Tensor]
+
+@dataclass
+class StepNoise:
+    """Everything random in one phase of one iteration, per sample."""
+
+    z: torch.Tensor  # generator input noise [B, C, H, W]
+    eps: torch.Tensor  # forward-process noise [B, C, H, W]
+    t: torch.Tensor  # timesteps [B], long
+    drop: torch.Tensor  # prompt dropout mask [B], bool (used by the fake step only)
+    # the fresh noises of generator steps 2..K [B, K-1, C, H, W]; None for a one-step generator
+    z_more: torch.Tensor | None = None
+
+    def generator_noises(self, steps: int) -> list[torch.Tensor]:
+        """The noise injected at each of the first ``steps`` generator steps (step 1: ``z``)."""
+        if steps > 1 and (self.z_more is None or self.z_more.shape[1] < steps - 1):
+            raise ValueError(f"{steps} generator steps need {steps - 1} extra noises, have "
+                             f"{0 if self.z_more is None else self.z_more.shape[1]}")
+        return [self.z] + [self.z_more[:, i] for i in range(steps - 1)]
+
 
 PHASE_FAKE = 0
 PHASE_GEN = 1

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
+from sidscale.core.precision import adam_eps, precision_context, uses_tf32
 from sidscale.perf.flops import count_flops, gpu_peak_tflops, matmul_precision, mfu
 from sidscale.perf.setup import BenchCase, build_preset_teacher, case_config
-from sidscale.precision import adam_eps, precision_context, uses_tf32
 
 
 def sync(device: torch.device) -> None:
@@ -109,7 +109,7 @@ def reference_runner(preset: str, device: torch.device, batch: int, seed: int = 
     from sidscale.data.prompts import IndexedPromptSource
     from sidscale.method.sid_lsg import MethodSettings
     from sidscale.models.toy import ToyMixture
-    from sidscale.reference import OptimSettings, ReferenceLoop
+    from sidscale.testing.reference import OptimSettings, ReferenceLoop
 
     cfg = case_config(BenchCase(preset, precision="fp32"), 1, seed)
     teacher = build_preset_teacher(preset, device, "fp32", seed)
@@ -133,7 +133,7 @@ def reference_runner(preset: str, device: torch.device, batch: int, seed: int = 
     del teacher  # the loop holds its own fp32 copies
 
     def step() -> dict[str, float]:
-        # The reference recipe runs true fp32: no TF32 in matmuls or convolutions (sidscale/precision.py).
+        # The reference recipe runs true fp32: no TF32 in matmuls or convolutions (sidscale/core/precision.py).
         with precision_context("fp32"):
             loop.step()
         return {}

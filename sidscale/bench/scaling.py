@@ -148,7 +148,7 @@ def _requires_grad(output) -> bool:
 @lru_cache(maxsize=16)
 def preset_profile(preset: str) -> NetProfile:
     """The ``NetProfile`` of any preset ``sidscale.perf.setup.preset_nets`` knows (built on meta)."""
-    from sidscale.perf.bench import net_forward_flops_per_sample
+    from sidscale.bench.bench import net_forward_flops_per_sample
     from sidscale.perf.setup import build_preset_net, checkpoint_block_types, preset_net_inputs
 
     net = build_preset_net(preset, "meta")

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
+from sidscale.core.noise import PHASE_FAKE, PHASE_GEN, draw_step_noise, generator_step_count
 from sidscale.ema import ema_beta, update_ema_
 from sidscale.method.guards import sanitize_grads_
 from sidscale.method.sid_lsg import MethodSettings, fake_step, generator_step
 from sidscale.models.unet_eps import UNetEps
-from sidscale.noise import PHASE_FAKE, PHASE_GEN, draw_step_noise, generator_step_count
 
 # (step, phase, global sample indices) -> prompts
 PromptFn = Callable[[int, int, Sequence[int]], list[str]]

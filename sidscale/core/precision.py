@@ -11,7 +11,7 @@
     fp16  TF32 ALLOWED, for the same reason (fp16 also keeps 10 mantissa bits).
 
 The Trainer applies them at start (``Trainer.__init__``); the benchmark's trainer and reference
-runners go through the same functions (``sidscale.perf.bench``). For bf16/fp16 only the CUDA
+runners go through the same functions (``sidscale.bench.bench``). For bf16/fp16 only the CUDA
 flags are set: ``torch.set_float32_matmul_precision("high")`` would also switch oneDNN's CPU
 matmuls to reduced precision, which is not wanted for the CPU tests' fp32 comparisons.
 """
