@@ -1,0 +1,181 @@
+"""Checks of the values of a run configuration (their types are already right by construction).
+
+``validate`` raises ``ConfigError`` on the first impossible value, naming the key path, the value and
+what was expected. The generic checks come first; the rules of one teacher family come last, in
+``family_rules``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from sidscale.config.schema import TOY_KINDS, Config, DistilledGuidanceConfig, NetConfig
+from sidscale.errors import ConfigError
+from sidscale.families import TEACHER_KINDS  # one list of kinds: the family registry
+from sidscale.method.losses import GEN_WEIGHTINGS
+
+DTYPES = ("fp32", "bf16", "fp16")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
+ATTENTION_MODES = ("sdpa", "eager")
+TEXT_ENCODER_DEVICES = ("gpu", "cpu")
+BETA_SCHEDULES = ("scaled_linear", "linear")
+METHODS = ("sid_lsg",)
+TEACHER_PLACEMENTS = ("auto", "true", "false")
+# Teachers with a guidance embedding: the distilled_guidance section applies (sidscale/families/flux.py).
+GUIDANCE_EMBED_KINDS = ("flux",)
+# distilled_guidance.mode: official = SiD-DiT's FLUX coupling (embedding = each call's CFG scale), per_role
+# = one fixed embedding per net (sidscale/families/flux.py)
+GUIDANCE_MODES = ("official", "per_role")
+
+
+def _check(ok: bool, path: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{path} = {value!r}: expected {expected}")
+
+
+def _check_enum(path: str, value: str, allowed: Sequence[str]) -> None:
+    _check(value in allowed, path, value, f"one of {', '.join(allowed)}")
+
+
+def _check_positive(section: Any, prefix: str, names: Sequence[str]) -> None:
+    for name in names:
+        _check(getattr(section, name) > 0, f"{prefix}.{name}", getattr(section, name), "a positive value")
+
+
+def _check_non_negative(section: Any, prefix: str, names: Sequence[str]) -> None:
+    for name in names:
+        value = getattr(section, name)
+        _check(value >= 0, f"{prefix}.{name}", value, "a value >= 0")
+
+
+def _validate_net(net: NetConfig, prefix: str) -> None:
+    _check_non_negative(net, prefix, ["lr", "weight_decay"])
+    _check(net.eps is None or net.eps > 0, f"{prefix}.eps", net.eps,
+           "a positive value, or null (1e-8; 1e-6 when train.precision = fp16)")
+    _check(net.grad_clip_value is None or net.grad_clip_value >= 0, f"{prefix}.grad_clip_value",
+           net.grad_clip_value, "a value >= 0 (0 = off), or null (1.0 when train.precision = fp16, else off)")
+    for i, beta in enumerate(net.betas):
+        _check(0.0 <= beta < 1.0, f"{prefix}.betas[{i}]", beta, "a value in [0, 1)")
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Raise ConfigError on the first impossible value; with ``world_size``, also check batching."""
+    t = cfg.teacher
+    _check_enum("teacher.kind", t.kind, TEACHER_KINDS)
+    _check(t.cache_dir != "", "teacher.cache_dir", t.cache_dir, "a directory path")
+    _check_enum("teacher.dtype", t.dtype, DTYPES)
+    _check_enum("teacher.prediction_type", t.prediction_type, PREDICTION_TYPES)
+    _check_enum("teacher.attention", t.attention, ATTENTION_MODES)
+    _check_enum("teacher.text_encoders", t.text_encoders, TEXT_ENCODER_DEVICES)
+    _check_enum("teacher.partitioned", t.partitioned, TEACHER_PLACEMENTS)
+    _check_positive(t, "teacher", ["resolution", "max_sequence_length"])
+
+    s = cfg.schedule
+    _check_positive(s, "schedule", ["num_train_timesteps", "beta_start"])
+    _check(s.beta_start < s.beta_end < 1.0, "schedule.beta_end", s.beta_end,
+           f"a value in (beta_start={s.beta_start}, 1)")
+    _check_enum("schedule.beta_schedule", s.beta_schedule, BETA_SCHEDULES)
+
+    m, n_t = cfg.method, cfg.schedule.num_train_timesteps
+    _check_enum("method.name", m.name, METHODS)
+    _check_non_negative(m, "method", ["cfg_train_fake", "cfg_eval_fake", "cfg_eval_real", "alpha",
+                                      "fake_loss_scale", "gen_loss_scale"])
+    _check(0 <= m.t_init < n_t, "method.t_init", m.t_init, f"a timestep in [0, {n_t})")
+    _check(0 <= m.t_min < n_t, "method.t_min", m.t_min, f"a timestep in [0, {n_t})")
+    # NOTE: t_max is exclusive (t ~ UniformInt{t_min .. t_max-1}), so t_max == T is still valid.
+    _check(0 < m.t_max <= n_t, "method.t_max", m.t_max, f"an exclusive bound in (0, {n_t}]")
+    _check(m.t_min < m.t_max, "method.t_min", m.t_min, f"a value below method.t_max={m.t_max}")
+    _check(0.0 <= m.prompt_dropout < 1.0, "method.prompt_dropout", m.prompt_dropout, "a value in [0, 1)")
+    # NOTE: VP steps t_i = int(t_init (1 - i/K)) must stay distinct and >= 1 step apart.
+    _check(1 <= m.generator_steps <= max(1, m.t_init), "method.generator_steps", m.generator_steps,
+           f"an int in [1, method.t_init={m.t_init}]")
+    _check_enum("method.gen_weighting", m.gen_weighting, GEN_WEIGHTINGS)
+    _check(0.0 < m.sigma_init <= 1.0, "method.sigma_init", m.sigma_init, "a sigma in (0, 1]")
+    _check(m.sigma_logit_std > 0, "method.sigma_logit_std", m.sigma_logit_std, "a positive std")
+
+    _validate_net(cfg.generator, "generator")
+    _validate_net(cfg.fake, "fake")
+
+    tr = cfg.train
+    _check_positive(tr, "train", ["global_batch", "micro_batch", "max_steps", "ema_halflife_kimg",
+                                  "log_every", "preview_every", "ckpt_every", "keep_last"])
+    _check_non_negative(tr, "train", ["ema_rampup_ratio"])
+    _check(0.0 < tr.memory_fraction <= 1.0, "train.memory_fraction", tr.memory_fraction, "a fraction in (0, 1]")
+    # NOTE: numpy seeds must fit in uint32; torch would take more, but one range for both.
+    _check(0 <= tr.seed < 2**32, "train.seed", tr.seed, "an int in [0, 2**32)")
+    _check_enum("train.precision", tr.precision, DTYPES)
+    _check_enum("train.compile_backend", tr.compile_backend, COMPILE_BACKENDS)
+    # NOTE: ZeRO-3's gather/release hooks on the partitioned teacher's modules break compiled graphs.
+    _check(not (tr.compile and t.partitioned == "true"), "train.compile", tr.compile,
+           "false with teacher.partitioned = true (ZeRO-3's parameter hooks break torch.compile's graphs); "
+           "set teacher.partitioned=false or train.compile=false")
+    _check(tr.global_batch % tr.micro_batch == 0, "train.global_batch", tr.global_batch,
+           f"a multiple of train.micro_batch={tr.micro_batch}")
+
+    _check_non_negative(cfg.data, "data", ["num_workers", "shuffle_buffer"])
+    _check(cfg.deepspeed.config != "", "deepspeed.config", cfg.deepspeed.config, "a JSON file path")
+    _check(len(cfg.preview.prompts) > 0, "preview.prompts", cfg.preview.prompts, "at least one prompt")
+    _check_positive(cfg.preview, "preview", ["seeds_per_prompt"])
+    # 0 switches the toy evaluation (or its teacher half) off; a Frechet distance needs >= 2 samples.
+    _check_non_negative(cfg.eval, "eval", ["teacher_steps"])
+    _check(cfg.eval.num_samples == 0 or cfg.eval.num_samples >= 2, "eval.num_samples", cfg.eval.num_samples,
+           "0 (no toy evaluation) or at least 2")
+
+    # NOTE: a few seconds would already trip on an ordinary checkpoint save or a rank's slower start-up.
+    _check(cfg.dist.timeout_s >= 10, "dist.timeout_s", cfg.dist.timeout_s,
+           "seconds >= 10 (default 600, NCCL's own; raise it for slow checkpoint filesystems)")
+
+    family_rules(cfg)
+
+    if world_size is not None:
+        accumulation_steps(cfg, world_size)
+
+
+def accumulation_steps(cfg: Config, world_size: int) -> int:
+    """Micro-batches each rank accumulates per optimizer step: global / (micro * world)."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError(f"world_size = {world_size!r}: expected a positive int")
+    g, mb = cfg.train.global_batch, cfg.train.micro_batch
+    if g % (mb * world_size) != 0:
+        raise ConfigError(
+            f"train.global_batch = {g} is not divisible by train.micro_batch ({mb}) x world_size "
+            f"({world_size}) = {mb * world_size}: pick a global_batch that is a multiple of "
+            f"{mb * world_size}, or change micro_batch / the number of ranks"
+        )
+    return g // (mb * world_size)
+
+
+# at merge: replaced by families.family_for_kind(cfg.teacher.kind).validate(cfg)
+def family_rules(cfg: Config) -> None:
+    """The rules that depend on ``teacher.kind`` (``validate`` has already checked the kind itself)."""
+    t = cfg.teacher
+    # built-in teachers (toy kinds) need no directory; every other family loads one
+    _check(t.is_toy or t.path != "", "teacher.path", t.path,
+           f"a local diffusers directory (only kinds {' / '.join(TOY_KINDS)} have a built-in teacher; "
+           f"kind is {t.kind!r})")
+    # NOTE: SD VAEs downsample by 8; any other size cannot map to a latent grid.
+    _check(t.is_toy or t.resolution % 8 == 0, "teacher.resolution", t.resolution,
+           f"a multiple of 8 for kind {t.kind!r}")
+
+    g = cfg.distilled_guidance
+    _check_enum("distilled_guidance.mode", g.mode, GUIDANCE_MODES)
+    _check_non_negative(g, "distilled_guidance", ["teacher", "generator"])
+    # NOTE: in mode official the teacher / fake embeddings are each call's cfg_* scale: a value set here
+    # would be silently ignored
+    _check(g.mode != "official" or (g.teacher == DistilledGuidanceConfig.teacher and g.fake is None),
+           "distilled_guidance", dataclasses.asdict(g),
+           f"teacher = {DistilledGuidanceConfig.teacher} and fake = null in mode official (teacher and fake "
+           "take each call's method.cfg_* scale as their embedding); set mode per_role for fixed embeddings")
+    _check(g.fake is None or g.fake >= 0, "distilled_guidance.fake", g.fake,
+           "a value >= 0, or null (the teacher's scale)")
+    # NOTE: only a guidance-distilled teacher reads these; elsewhere a changed value would be silently ignored
+    if t.kind not in GUIDANCE_EMBED_KINDS:
+        _check(g == DistilledGuidanceConfig(), "distilled_guidance", dataclasses.asdict(g),
+               f"the defaults for teacher.kind {t.kind!r} (only kinds {', '.join(GUIDANCE_EMBED_KINDS)} have a "
+               "guidance embedding; use method.cfg_* for classifier-free guidance)")
+    _check(t.kind != "flux" or t.t5, "teacher.t5", t.t5, "true for teacher.kind flux (T5 is FLUX's text sequence)")
+    _check(t.kind != "flux" or t.max_sequence_length <= 512, "teacher.max_sequence_length", t.max_sequence_length,
+           "at most 512 T5 tokens for teacher.kind flux (FluxPipeline's limit)")
