@@ -7,7 +7,10 @@ states and data cursor, meta.json with its checksums), the ``latest`` marker, th
 shards, the teacher it distilled, and in expected.json the digests of the checkpoint that the same
 run reached at step STEPS without interruption.
 
-The test goes through the public surface only: the trainer's command line (run in-process), config
+test_pre_refactor_checkpoint_resumes_bit_for_bit resumes that checkpoint and must end at those
+digests; test_a_fresh_run_writes_the_pre_refactor_checkpoint runs the same job from step 0 and must
+write the same step-SAVE_AT checkpoint and reach the same digests (the save side of the format).
+The tests go through the public surface only: the trainer's command line (run in-process), config
 keys, the run directory layout and the files on disk (read with plain ``torch.load`` / safetensors),
 never sidscale's internal modules, which the redesign moves.
 """
@@ -24,8 +27,10 @@ import torch
 
 ASSET = Path(__file__).resolve().parent / "assets" / "pre_refactor_checkpoint"
 SAVE_AT, STEPS = 2, 4
-# CPU kernels may sum in another order with another thread count: the run is recorded and replayed
-# on one thread (the trainer sets none itself; tests/inprocess.py restores the count after the run).
+# CPU kernels sum in another order with another thread count (measured: the same run on 2 threads
+# ends at other bits), so the run is recorded and replayed on one thread (the trainer sets no count
+# itself; tests/inprocess.py restores the count after the run). Another CPU's kernels (other vector
+# instructions) may round differently still: expected.json says where it was recorded.
 THREADS = 1
 
 
@@ -104,10 +109,44 @@ def checkpoint_digests(ckpt: Path, export: Path | None = None) -> dict[str, obje
     return out
 
 
-# ------------------------------------------------------------------------------ the test
-def test_pre_refactor_checkpoint_resumes_bit_for_bit(tmp_path):
+# ------------------------------------------------------------------------------ the tests
+def train(run_dir: Path, teacher: Path, cache: Path) -> str:
+    """``sidscale/train.py --config toy --run-dir RUN --set ...`` in-process on THREADS threads; its stdout."""
     from tests.inprocess import run_main
 
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        proc = run_main(run_dir, run_overrides(teacher, cache))
+    finally:
+        torch.set_num_threads(before)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    assert "prompt stream layout changed" not in proc.stderr  # a data cursor taken as it is, never restarted
+    return proc.stdout
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    """The steps whose losses the run logged to RUN/tb/ (train.log_every=1: every step it trained)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    return [e.step for e in events.Scalars("loss/fake")]
+
+
+def assert_digests(got: dict, want: dict, what: str) -> None:
+    different = sorted(k for k in want.keys() | got.keys() if got.get(k) != want.get(k))
+    written_by = json.loads((ASSET / "expected.json").read_text())["written_by"]
+    assert not different, (
+        f"{what} differs from the pre-redesign run in {different}: "
+        + "; ".join(f"{k}: got {got.get(k)!r}, want {want.get(k)!r}" for k in different)
+        + f" (recorded with {written_by}, {THREADS} thread(s); this is torch {torch.__version__})")
+
+
+def test_pre_refactor_checkpoint_resumes_bit_for_bit(tmp_path):
+    """The asset's step-SAVE_AT checkpoint, resumed by today's trainer and trained to step STEPS, ends
+    where the pre-redesign run ended without interruption: both engines' weights and Adam states, the
+    EMA, the export, the data cursor and the counters, bit for bit."""
     expected = json.loads((ASSET / "expected.json").read_text())
     assert (expected["save_at"], expected["steps"]) == (SAVE_AT, STEPS)
     run_dir = tmp_path / "run"
@@ -116,18 +155,12 @@ def test_pre_refactor_checkpoint_resumes_bit_for_bit(tmp_path):
     saved = run_dir / "checkpoints" / f"step_{SAVE_AT:08d}"
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", saved.name]
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
-        proc = run_main(run_dir, run_overrides(teacher, tmp_path / "cache"))
-    finally:
-        torch.set_num_threads(before)
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    stdout = train(run_dir, teacher, tmp_path / "cache")
 
-    # a resume, not a fresh start: from the asset's checkpoint at its step, and only the steps after it
-    assert f"resumed from {saved} (step {SAVE_AT})" in proc.stdout, proc.stdout
-    assert "prompt stream layout changed" not in proc.stderr  # the data cursor was taken as it is
-    assert not (run_dir / "checkpoints" / "step_00000000").exists()
+    # a resume, not a fresh start (which would end at the same digests): from the asset's checkpoint
+    # at its step, training only the steps after it
+    assert f"resumed from {saved} (step {SAVE_AT})" in stdout, stdout
+    assert logged_steps(run_dir) == list(range(SAVE_AT + 1, STEPS + 1))
     final = run_dir / "checkpoints" / f"step_{STEPS:08d}"
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == final.name
 
@@ -144,10 +177,22 @@ def test_pre_refactor_checkpoint_resumes_bit_for_bit(tmp_path):
     torch.empty((), dtype=torch.int64).random_(generator=g)
     assert torch.equal(now["torch"], g.get_state()), "torch's RNG state is not the restored one after one draw"
 
-    got = checkpoint_digests(final, run_dir / "export")
-    want = expected["digests"]
-    different = sorted(k for k in want.keys() | got.keys() if got.get(k) != want.get(k))
-    assert not different, (
-        f"the continuation from the pre-redesign checkpoint differs from the uninterrupted run in {different}: "
-        + "; ".join(f"{k}: got {got.get(k)!r}, want {want.get(k)!r}" for k in different)
-        + f" (recorded with {expected['written_by']}; torch {torch.__version__})")
+    assert_digests(checkpoint_digests(final, run_dir / "export"), expected["digests"],
+                   f"the continuation of the pre-redesign checkpoint to step {STEPS}")
+
+
+def test_a_fresh_run_writes_the_pre_refactor_checkpoint(tmp_path):
+    """Today's trainer, run from step 0 with the asset's settings, writes at step SAVE_AT the checkpoint
+    the pre-redesign code wrote (same files, same contents where they are deterministic) and reaches
+    the recorded step-STEPS states: the save side of the format and the numerics are unchanged too."""
+    run_dir = tmp_path / "run"
+    train(run_dir, ASSET / "teacher", tmp_path / "cache")
+    assert logged_steps(run_dir) == list(range(1, STEPS + 1))
+
+    old = ASSET / "run" / "checkpoints" / f"step_{SAVE_AT:08d}"
+    new = run_dir / "checkpoints" / f"step_{SAVE_AT:08d}"
+    assert sorted(str(p.relative_to(new)) for p in new.rglob("*")) == \
+        sorted(str(p.relative_to(old)) for p in old.rglob("*"))
+    assert_digests(checkpoint_digests(new), checkpoint_digests(old), f"the step-{SAVE_AT} checkpoint")
+    assert_digests(checkpoint_digests(run_dir / "checkpoints" / f"step_{STEPS:08d}", run_dir / "export"),
+                   json.loads((ASSET / "expected.json").read_text())["digests"], f"the run at step {STEPS}")
