@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ASSET = Path(__file__).resolve().parent / "assets" / "pre_refactor_checkpoint"
+# tests/assets/, found from wherever under tests/ this file is moved to
+ASSET = next(d / "assets" / "pre_refactor_checkpoint" for d in Path(__file__).resolve().parents
+             if (d / "assets" / "pre_refactor_checkpoint").is_dir())
 SAVE_AT, STEPS = 2, 4
 # CPU kernels sum in another order with another thread count (measured: the same run on 2 threads
 # ends at other bits), so the run is recorded and replayed on one thread (the trainer sets no count
@@ -186,7 +188,7 @@ def test_a_fresh_run_writes_the_pre_refactor_checkpoint(tmp_path):
     the pre-redesign code wrote (same files, same contents where they are deterministic) and reaches
     the recorded step-STEPS states: the save side of the format and the numerics are unchanged too."""
     run_dir = tmp_path / "run"
-    train(run_dir, ASSET / "teacher", tmp_path / "cache")
+    train(run_dir, shutil.copytree(ASSET / "teacher", tmp_path / "teacher"), tmp_path / "cache")
     assert logged_steps(run_dir) == list(range(1, STEPS + 1))
 
     old = ASSET / "run" / "checkpoints" / f"step_{SAVE_AT:08d}"
