@@ -142,7 +142,8 @@ def assert_digests(got: dict, want: dict, what: str) -> None:
     assert not different, (
         f"{what} differs from the pre-redesign run in {different}: "
         + "; ".join(f"{k}: got {got.get(k)!r}, want {want.get(k)!r}" for k in different)
-        + f" (recorded with {written_by}, {THREADS} thread(s); this is torch {torch.__version__})")
+        + f" (recorded with {written_by}, {THREADS} thread(s); this is torch {torch.__version__} on "
+        f"{torch.backends.cpu.get_cpu_capability()})")
 
 
 def test_pre_refactor_checkpoint_resumes_bit_for_bit(tmp_path):

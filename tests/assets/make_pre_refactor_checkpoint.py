@@ -147,6 +147,7 @@ def main() -> None:
         expected = {
             "written_by": {"sidscale_commit": commit, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
                            "python": platform.python_version(), "machine": platform.machine(),
+                           "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                            "torch_threads": THREADS},
             "save_at": SAVE_AT, "steps": STEPS,
             "overrides": run_overrides(Path("<teacher>"), Path("<cache>")),
