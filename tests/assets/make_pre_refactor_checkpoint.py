@@ -11,9 +11,13 @@ step 0 to ``STEPS`` with a checkpoint every ``SAVE_AT`` steps, and keeps of that
 resume needs: the checkpoint of step ``SAVE_AT``, the ``latest`` marker and the run's prompt shards.
 expected.json records the digests of the run's final checkpoint (tests/test_pre_refactor_checkpoint.py
 says what they cover) and its settings. ``--check`` runs it again into a temporary directory and
-compares the digests with expected.json instead of writing (the run is deterministic).
+compares the digests with expected.json instead of writing (the run is deterministic on one CPU kind).
+``--record-tensors`` runs it again the same way and, only when every digest equals expected.json's
+(the same bits as the recorded run: safe with any code, on a CPU of the recorded capability), writes
+the tensors of those digests to expected_tensors.pt, which tests on other CPUs compare with.
 
-Never re-run it after the redesign: the asset's whole point is that it was written by the old code.
+Never re-run it to write the asset after the redesign: the asset's whole point is that it was
+written by the old code.
 """
 
 from __future__ import annotations
@@ -35,10 +39,12 @@ if str(REPO) not in sys.path:
 
 from tests.test_pre_refactor_checkpoint import (  # noqa: E402
     ASSET,
+    REFERENCE,
     SAVE_AT,
     STEPS,
     THREADS,
     checkpoint_digests,
+    checkpoint_states,
     run_overrides,
 )
 
@@ -119,7 +125,10 @@ def uninterrupted_run(teacher: Path, run_dir: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="re-run and compare with expected.json, write nothing")
+    ap.add_argument("--record-tensors", action="store_true",
+                    help="re-run; when the digests equal expected.json's, write their tensors to expected_tensors.pt")
     args = ap.parse_args()
+    args.check = args.check or args.record_tensors
     import deepspeed
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,6 +143,10 @@ def main() -> None:
             want = json.loads((ASSET / "expected.json").read_text())["digests"]
             bad = sorted(k for k in want.keys() | digests.keys() if want.get(k) != digests.get(k))
             print("deterministic: same digests as expected.json" if not bad else f"DIFFERENT: {bad}")
+            if args.record_tensors and not bad:
+                torch.save(checkpoint_states(run_dir / "checkpoints" / f"step_{STEPS:08d}", run_dir / "export"),
+                           REFERENCE)
+                print(f"wrote {REFERENCE} ({REFERENCE.stat().st_size / 2**20:.2f} MiB)")
             sys.exit(1 if bad else 0)
         if ASSET.exists():
             shutil.rmtree(ASSET)
