@@ -17,10 +17,10 @@ from safetensors import safe_open
 
 from sidscale.config import TeacherConfig
 from sidscale.core.schedule import VPSchedule
-from sidscale.models.random_teacher import read_info, write_random_teacher
-from sidscale.models.teacher import load_teacher
-from sidscale.models.tokenizer import CLIP_VOCAB_SIZE
+from sidscale.families.shared.tokenizers import CLIP_VOCAB_SIZE
+from sidscale.families.unet_vp.loading import load_teacher
 from sidscale.perf.setup import build_preset_unet, latent_shape
+from sidscale.testing.random_teacher import read_info, write_random_teacher
 from tests.dist_launch import REPO
 
 

@@ -101,7 +101,7 @@ def test_sd3_tiny_bench_counts_the_forward_and_exactly_the_method_network_calls(
 
 @pytest.fixture(scope="module")
 def sd3_tiny_dir(tmp_path_factory):
-    from sidscale.models.random_teacher import write_random_teacher
+    from sidscale.testing.random_teacher import write_random_teacher
 
     path = tmp_path_factory.mktemp("random-sd3") / "teacher"
     with torch.random.fork_rng(devices=[]):
@@ -114,8 +114,8 @@ def test_random_sd3_tiny_teacher_loads_through_the_family_and_diffusers(sd3_tiny
 
     from sidscale.config import load_config
     from sidscale.families import family_for_kind
-    from sidscale.models.random_teacher import read_info
     from sidscale.perf.setup import build_preset_net, dit_preset
+    from sidscale.testing.random_teacher import read_info
 
     path, info = sd3_tiny_dir
     assert read_info(path) == info

@@ -175,8 +175,8 @@ def test_flop_model_matches_a_counted_iteration():
 
     from sidscale.bench.bench import net_forward_flops_per_sample
     from sidscale.data.prompts import IndexedPromptSource
+    from sidscale.families.toy.mixture import ToyMixture
     from sidscale.method.sid_lsg import MethodSettings
-    from sidscale.models.toy import ToyMixture
     from sidscale.perf.flops import count_flops
     from sidscale.perf.setup import BenchCase, build_preset_teacher, case_config
     from sidscale.testing.reference import OptimSettings, ReferenceLoop

@@ -13,8 +13,7 @@ import json
 
 import pytest
 
-from sidscale.models.presets import count_parameters
-from sidscale.models.sd3_presets import (
+from sidscale.families.sd3.presets import (
     DIT_PRESETS,
     build_sd3_text_encoders,
     build_sd3_transformer,
@@ -22,6 +21,7 @@ from sidscale.models.sd3_presets import (
     get_dit_preset,
     transformer_forward_flops,
 )
+from sidscale.families.unet_vp.presets import count_parameters
 
 GIB = 2**30
 # sid_dit_method.md table 5.1: (billions of parameters, millions of pos_embed buffer elements, bf16 GiB)

@@ -5,11 +5,11 @@ import threading
 
 import pytest
 import torch
+from sidscale.models import toy_teacher
 
 from sidscale.core.schedule import VPSchedule
-from sidscale.models import toy_teacher
-from sidscale.models.toy import ToyMixture
-from sidscale.models.toy_teacher import ToyTeacherSpec, ensure_toy_teacher, load_toy_mixture
+from sidscale.families.toy.fit import ToyTeacherSpec, ensure_toy_teacher, load_toy_mixture
+from sidscale.families.toy.mixture import ToyMixture
 
 SCHEDULE = VPSchedule.from_settings()
 SMALL = dict(

@@ -414,7 +414,7 @@ print(json.dumps(out))
 
     # ---------------------------------------------------------------- 2-3. teacher and disk
     def write_teacher(self) -> dict[str, Any]:
-        from sidscale.models.random_teacher import read_info
+        from sidscale.testing.random_teacher import read_info
 
         cmd = self.python("tools/write_random_teacher.py", "--preset", self.mode.train_preset, "--out",
                           str(self.teacher_dir), "--dtype", "bf16")
@@ -429,7 +429,7 @@ print(json.dumps(out))
     def teacher(self) -> dict[str, Any]:
         """The teacher's random_teacher.json (written by this run, or by an earlier one in --workdir)."""
         if not self.teacher_info:
-            from sidscale.models.random_teacher import read_info
+            from sidscale.testing.random_teacher import read_info
 
             self.teacher_info = read_info(self.teacher_dir)
         return self.teacher_info
@@ -787,7 +787,7 @@ print(json.dumps(out))
 def with_train_preset(mode: Mode, preset: str) -> Mode:
     """``mode`` training ``preset``. A published SD3 preset writes ~15-27 GB of random weights (the
     transformer and T5-XXL built on the CPU): its write step gets more time."""
-    from sidscale.models.sd3_presets import DIT_PRESETS
+    from sidscale.families.sd3.presets import DIT_PRESETS
 
     timeouts = dict(mode.timeouts)
     if preset in DIT_PRESETS:
@@ -1034,7 +1034,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = SMOKE_MODE if args.cpu_smoke else GPU_MODE
     bench_presets = args.bench_presets if args.bench_presets is not None else (["tiny"] if args.cpu_smoke else ["sd15"])
     if args.preset is not None:
-        from sidscale.models.random_teacher import PRESETS
+        from sidscale.testing.random_teacher import PRESETS
 
         if args.preset not in PRESETS:
             p.error(f"--preset {args.preset!r}: expected one of {', '.join(PRESETS)}")

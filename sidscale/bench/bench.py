@@ -107,8 +107,8 @@ def reference_runner(preset: str, device: torch.device, batch: int, seed: int = 
     import dataclasses
 
     from sidscale.data.prompts import IndexedPromptSource
+    from sidscale.families.toy.mixture import ToyMixture
     from sidscale.method.sid_lsg import MethodSettings
-    from sidscale.models.toy import ToyMixture
     from sidscale.testing.reference import OptimSettings, ReferenceLoop
 
     cfg = case_config(BenchCase(preset, precision="fp32"), 1, seed)

@@ -12,12 +12,12 @@ from sidscale.families.base import ModelFamily
 
 # teacher.kind -> the adapter module that serves it (imported on first use: diffusers is heavy)
 FAMILY_MODULES: dict[str, str] = {
-    "toy": "sidscale.families.unet_vp",
-    "sd": "sidscale.families.unet_vp",
-    "sdxl": "sidscale.families.unet_vp",
-    "sd3": "sidscale.families.sd3",
-    "toy_flow": "sidscale.families.toy_flow",
-    "flux": "sidscale.families.flux",
+    "toy": "sidscale.families.unet_vp.adapter",
+    "sd": "sidscale.families.unet_vp.adapter",
+    "sdxl": "sidscale.families.unet_vp.adapter",
+    "sd3": "sidscale.families.sd3.adapter",
+    "toy_flow": "sidscale.families.toy.adapter",
+    "flux": "sidscale.families.flux.adapter",
 }
 TEACHER_KINDS: tuple[str, ...] = tuple(FAMILY_MODULES)
 

@@ -110,7 +110,7 @@ import torch
 
 from sidscale.distributed.sharded_ema import GATHER_CHUNK_ELEMENTS
 from sidscale.families.base import PREVIEW_DECODE_CHUNK
-from sidscale.models.teacher import DTYPES
+from sidscale.families.shared.diffusers_dir import DTYPES
 from sidscale.perf.activations import net_saved_bytes
 from sidscale.perf.setup import (
     build_preset_net,
@@ -536,7 +536,7 @@ def static_terms(inp: PlanInput, net_p: int, text_p: int, buf: int, largest_net:
     if buf:  # whole on every rank, fp32 in the two engines (module docstring)
         terms["generator_buffers"] = terms["fake_buffers"] = 4.0 * buf
         terms["teacher_buffers"] = tb * buf  # buffers are not parameters: ZeRO-3 never partitions them
-    if vae_p:  # the VAE stays on every rank (sidscale.models.teacher: loaded to the device)
+    if vae_p:  # the VAE stays on every rank (sidscale.families.unet_vp.loading: loaded to the device)
         terms["vae"] = float(tb * vae_p)
     if inp.text_encoders == "replicated":
         terms["text_encoders"] = tb * text_p

@@ -3,7 +3,7 @@
 The benchmark measures the real ``Trainer`` on the real network shapes; only the weights are random
 (speed and memory do not depend on them). Four presets exist only here, sized for the CPU:
 
-- ``tiny``: the tiny UNet of tests/tiny_teachers.py (4-channel 8x8 latents, 0.8M parameters) with a
+- ``tiny``: the tiny UNet of sidscale/families/unet_vp/tiny.py (4-channel 8x8 latents, 0.8M parameters) with a
   tiny CLIP text tower;
 - ``mid``: SD1.5's topology (same block types, attention layout and 77-token cross-attention) at a
   fifth of its width and 256 px (32x32 latents): 35M parameters, big enough that parameters,
@@ -17,8 +17,8 @@ The benchmark measures the real ``Trainer`` on the real network shapes; only the
   (32x32 latents, 256 image tokens), with a tiny CLIP-L (32) and T5 (96).
 
 The UNet presets (SD1.x/2.x/XL, ``tiny``, ``mid``) have a ``UNet2DConditionModel``; the SD3 presets
-(sidscale/models/sd3_presets.py, and ``sd3_tiny``) an ``SD3Transformer2DModel`` and a flow
-schedule; the FLUX presets (``flux_dev`` of sidscale/models/flux_presets.py, and ``flux_tiny``) a
+(sidscale/families/sd3/presets.py, and ``sd3_tiny``) an ``SD3Transformer2DModel`` and a flow
+schedule; the FLUX presets (``flux_dev`` of sidscale/families/flux/presets.py, and ``flux_tiny``) a
 ``FluxTransformer2DModel`` and the FLUX family's schedule. What differs between the kinds (how to
 build the network, its text encoders, its forward inputs, its latent shape, the blocks gradient
 checkpointing wraps, the teacher and the trainer config of a benchmark case) is decided in one
@@ -40,9 +40,11 @@ import torch
 
 from sidscale.config import Config, load_config
 from sidscale.core.schedule import FlowSchedule, VPSchedule
-from sidscale.models.conditioning import ClipConditioner, SdxlConditioner
-from sidscale.models.sd3_presets import DIT_PRESETS, TEXT_ENCODER_CLASSES, DiTPreset, get_dit_preset
-from sidscale.models.teacher import DTYPES, Teacher, set_attention
+from sidscale.families.base import Teacher
+from sidscale.families.sd3.presets import DIT_PRESETS, TEXT_ENCODER_CLASSES, DiTPreset, get_dit_preset
+from sidscale.families.shared.clip import ClipConditioner, SdxlConditioner
+from sidscale.families.shared.diffusers_dir import DTYPES
+from sidscale.families.unet_vp.loading import set_attention
 
 UNET_PRESETS = ("tiny", "mid", "sd15", "sd21", "sd21_768", "sdxl")
 # Big presets cut to a few blocks at their REAL width, tokens and text encoders (what one GPU can measure
@@ -61,7 +63,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _mid_preset():
-    from sidscale.models.presets import CLIP_L_TEXT, get_preset
+    from sidscale.families.unet_vp.presets import CLIP_L_TEXT, get_preset
 
     sd15 = get_preset("sd15")
     unet = {**sd15.unet, "block_out_channels": [64, 128, 256, 256], "cross_attention_dim": 256, "sample_size": 32}
@@ -72,7 +74,7 @@ def _mid_preset():
 
 def arch_preset(preset: str):
     """The ``ArchPreset`` of a published UNet preset, or of ``mid``."""
-    from sidscale.models.presets import get_preset
+    from sidscale.families.unet_vp.presets import get_preset
 
     return _mid_preset() if preset == "mid" else get_preset(preset)
 
@@ -85,7 +87,7 @@ SD3_TINY_T5_VOCAB = 64  # >= len(build_tiny_t5_tokenizer()) (39)
 
 @lru_cache(maxsize=1)
 def _sd3_tiny_preset() -> DiTPreset:
-    from sidscale.models.tiny import tiny_clip_text_config
+    from sidscale.families.unet_vp.tiny import tiny_clip_text_config
 
     width = 64
     transformer = {
@@ -120,8 +122,8 @@ FLUX_TINY_CLIP_L, FLUX_TINY_T5 = 32, 96
 
 @lru_cache(maxsize=1)
 def _flux_tiny_preset() -> DiTPreset:
-    from sidscale.models.flux_presets import FLUX_SCHEDULER
-    from sidscale.models.tiny import tiny_clip_text_config
+    from sidscale.families.flux.presets import FLUX_SCHEDULER
+    from sidscale.families.unet_vp.tiny import tiny_clip_text_config
 
     width = 64
     transformer = {
@@ -146,7 +148,7 @@ def _slice(preset: str, full: DiTPreset) -> DiTPreset:
 
 def flux_preset(preset: str) -> DiTPreset:
     """The ``DiTPreset`` of a FLUX preset: ``flux_dev``, the CPU-sized ``flux_tiny``, or a slice."""
-    from sidscale.models.flux_presets import get_flux_preset
+    from sidscale.families.flux.presets import get_flux_preset
 
     if preset in SLICES:
         return _slice(preset, get_flux_preset(SLICES[preset][0]))
@@ -205,7 +207,7 @@ class BenchCase:
 
 @lru_cache(maxsize=1)
 def _tokenizer():
-    from sidscale.models.tokenizer import build_clip_tokenizer
+    from sidscale.families.shared.tokenizers import build_clip_tokenizer
 
     return build_clip_tokenizer(Path(tempfile.mkdtemp(prefix="sidscale-bench-tok-")) / "tokenizer")
 
@@ -214,7 +216,7 @@ def _tokenizer():
 def _t5_tokenizer():
     # The tiny offline T5 tokenizer (no sentencepiece model here): its ids (< 39) are valid for every
     # T5 vocabulary, and the speed of an encoder does not depend on which ids it reads.
-    from sidscale.models.t5_tokenizer import build_tiny_t5_tokenizer
+    from sidscale.families.shared.tokenizers import build_tiny_t5_tokenizer
 
     return build_tiny_t5_tokenizer()
 
@@ -248,7 +250,7 @@ class _UNetNets:
 
     def build(self, preset: str, device: torch.device | str, seed: int) -> torch.nn.Module:
         if preset == "tiny":
-            from sidscale.models.tiny import build_tiny_unet
+            from sidscale.families.unet_vp.tiny import build_tiny_unet
 
             with torch.device(device):
                 return build_tiny_unet(seed, in_channels=4, sample_size=8, cross_attention_dim=32)
@@ -259,13 +261,13 @@ class _UNetNets:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
                 torch.manual_seed(seed)
                 return UNet2DConditionModel(**arch_preset("mid").unet)
-        from sidscale.models.presets import build_unet
+        from sidscale.families.unet_vp.presets import build_unet
 
         return build_unet(preset, device=device, seed=seed)
 
     def text_encoders(self, preset: str, device: torch.device | str, seed: int) -> list[torch.nn.Module]:
         if preset == "tiny":
-            from sidscale.models.tiny import build_tiny_text_encoder
+            from sidscale.families.unet_vp.tiny import build_tiny_text_encoder
 
             with torch.device(device):
                 return [build_tiny_text_encoder(1 + seed, hidden_size=32)]
@@ -278,7 +280,7 @@ class _UNetNets:
 
                 with device:
                     return [CLIPTextModel(CLIPTextConfig(**arch_preset("mid").text_encoders[0]))]
-            from sidscale.models.presets import build_text_encoders
+            from sidscale.families.unet_vp.presets import build_text_encoders
 
             return build_text_encoders(preset, device=device)
 
@@ -382,7 +384,7 @@ class _SD3Nets:
 
     def inputs(self, preset: str, net: torch.nn.Module, batch: int, device: Any,
                dtype: torch.dtype) -> tuple[tuple, dict[str, Any]]:
-        from sidscale.models.sd3_presets import transformer_inputs
+        from sidscale.families.sd3.presets import transformer_inputs
 
         p = dit_preset(preset)
         kw = transformer_inputs(net.config, batch, p.latent_size, p.t5_tokens, device, dtype)
@@ -399,7 +401,7 @@ class _SD3Nets:
         return dit_preset(preset).kind
 
     def teacher(self, preset: str, device: torch.device | str, dtype: str, seed: int) -> Teacher:
-        from sidscale.models.sd3_conditioning import SD3Conditioner
+        from sidscale.families.sd3.conditioning import SD3Conditioner
 
         p, torch_dtype = dit_preset(preset), DTYPES[dtype]
         net = self.build(preset, device, seed).to(torch_dtype).requires_grad_(False).eval()
@@ -431,12 +433,12 @@ class _FluxNets:
     name = "flux"
 
     def build(self, preset: str, device: torch.device | str, seed: int) -> torch.nn.Module:
-        from sidscale.models.flux_presets import build_flux_transformer_from
+        from sidscale.families.flux.presets import build_flux_transformer_from
 
         return build_flux_transformer_from(flux_preset(preset).transformer, device, seed)
 
     def text_encoders(self, preset: str, device: torch.device | str, seed: int) -> list[torch.nn.Module]:
-        from sidscale.models.flux_presets import build_flux_text_encoders_from
+        from sidscale.families.flux.presets import build_flux_text_encoders_from
 
         device = torch.device(device)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -449,7 +451,7 @@ class _FluxNets:
 
     def inputs(self, preset: str, net: torch.nn.Module, batch: int, device: Any,
                dtype: torch.dtype) -> tuple[tuple, dict[str, Any]]:
-        from sidscale.models.flux_presets import transformer_inputs
+        from sidscale.families.flux.presets import transformer_inputs
 
         p = flux_preset(preset)
         kw = transformer_inputs(net.config, batch, p.latent_size, p.t5_tokens, device, dtype)
@@ -466,8 +468,8 @@ class _FluxNets:
         return "flux"
 
     def teacher(self, preset: str, device: torch.device | str, dtype: str, seed: int) -> Teacher:
-        from sidscale.families.flux import FluxSchedule
-        from sidscale.models.flux_conditioning import FluxConditioner
+        from sidscale.families.flux.adapter import FluxSchedule
+        from sidscale.families.flux.conditioning import FluxConditioner
 
         p, torch_dtype = flux_preset(preset), DTYPES[dtype]
         net = self.build(preset, device, seed).to(torch_dtype).requires_grad_(False).eval()
@@ -541,9 +543,9 @@ def checkpoint_block_types(preset: str) -> tuple[type, ...]:
 
 
 def preset_vae_config(preset: str) -> dict[str, Any]:
-    """The ``AutoencoderKL`` config of the preset's teacher (what sidscale.models.random_teacher writes)."""
+    """The ``AutoencoderKL`` config of the preset's teacher (what sidscale.testing.random_teacher writes)."""
     if preset == "tiny":
-        from sidscale.models.random_teacher import TINY_VAE
+        from sidscale.testing.random_teacher import TINY_VAE
 
         return dict(TINY_VAE)
     kind = preset_nets(preset).name

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from sidscale.models.presets import CLIP_L_TEXT
-from sidscale.models.sd3_presets import SD3_VAE, T5_XXL_ENCODER, DiTPreset
+from sidscale.families.sd3.presets import SD3_VAE, T5_XXL_ENCODER, DiTPreset
+from sidscale.families.unet_vp.presets import CLIP_L_TEXT
 
 # FluxPipeline's encoder classes in its order (text_encoder, text_encoder_2)
 FLUX_TEXT_ENCODER_CLASSES: tuple[str, ...] = ("CLIPTextModel", "T5EncoderModel")
@@ -110,7 +110,7 @@ def transformer_inputs(config: Mapping[str, Any], batch: int, latent_size: int, 
     ``latent_size`` x ``latent_size`` latent (packed 2x2: (latent_size / 2)^2 image tokens), as FluxPipeline
     calls it: T5 states, CLIP-L pooled, ``timestep = sigma``, the guidance embedding when the model has one,
     2-D text / image RoPE ids."""
-    from sidscale.families.flux import latent_image_ids
+    from sidscale.families.flux.adapter import latent_image_ids
 
     c, side = config, latent_size // 2
     kw: dict[str, Any] = {

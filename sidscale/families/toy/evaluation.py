@@ -12,8 +12,8 @@ import torch
 from sidscale.distributed import comm
 from sidscale.eval.frechet import toy_frechet
 from sidscale.families.base import Teacher
+from sidscale.families.toy.mixture import ToyMixture
 from sidscale.method.sid_lsg import MethodSettings, multi_step_generate
-from sidscale.models.toy import ToyMixture
 from sidscale.sample import seeded_generator_noises
 from sidscale.terminal import progress, sampler_title, teacher_sampler_name
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from sidscale.models.presets import CLIP_L_TEXT, OPENCLIP_BIGG_TEXT
+from sidscale.families.unet_vp.presets import CLIP_L_TEXT, OPENCLIP_BIGG_TEXT
 
 # T5-v1.1-XXL, encoder only (SD3's text_encoder_3): 24 layers, 64 heads x 64, gated-GELU MLP of 10240.
 T5_XXL_ENCODER: dict[str, Any] = {
