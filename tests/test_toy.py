@@ -5,9 +5,9 @@ import threading
 
 import pytest
 import torch
-from sidscale.models import toy_teacher
 
 from sidscale.core.schedule import VPSchedule
+from sidscale.families.toy import fit as toy_teacher
 from sidscale.families.toy.fit import ToyTeacherSpec, ensure_toy_teacher, load_toy_mixture
 from sidscale.families.toy.mixture import ToyMixture
 

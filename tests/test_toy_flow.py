@@ -58,10 +58,9 @@ def test_spec_hash_keeps_the_eps_teacher_and_separates_the_flow_one():
 
 
 def test_toy_flow_config_resolution_and_a_vp_dir_is_refused(tmp_path, monkeypatch, tiny_toy_teacher):
-    from sidscale.models import toy_teacher
-
     from sidscale.errors import TeacherDirError
     from sidscale.families import family_for_kind
+    from sidscale.families.toy import fit as toy_teacher
     from sidscale.families.toy.fit import resolve_teacher_dir
 
     cfg = load_config("toy", ["teacher.kind=toy_flow", "teacher.resolution=12"])

@@ -93,7 +93,7 @@ MIN_STEP_S = 20  # a step is not started with less of the part's time budget lef
 # --part: what one call of a lent GPU machine (<= 8 minutes) runs, the most informative first
 PARTS = ("main", "big", "all")
 # --part big without --big-preset: FLUX.1-dev and SD3.5-Large at their real width, tokens and text encoders,
-# cut to a few blocks (sidscale/perf/setup.py SLICES) so that the whole training setting fits one GPU
+# cut to a few blocks (sidscale/families/presets.py SLICES) so that the whole training setting fits one GPU
 DEFAULT_BIG_PRESETS = ["flux_dev_4l", "sd35_large_4l"]
 PART_BUDGET_S = 450.0  # --budget-s default with --part main|big: 8 minutes less the start-up and the copy back
 DRY_RUN_SETUP_S = 150.0  # --dry-run: the venv, the install and the imports, before the part's own budget
@@ -619,7 +619,7 @@ print(json.dumps(out))
     def bench_extra(self, preset: str) -> list[str]:
         """Gradient checkpointing as the preset's config sets it (SDXL, the SD3 presets: on)."""
         from sidscale.config import load_config
-        from sidscale.perf.setup import preset_nets
+        from sidscale.families.presets import preset_nets
 
         config = load_config(preset_nets(preset).config_preset(preset))
         return ["--grad-checkpointing"] if config.teacher.grad_checkpointing else []

@@ -110,15 +110,15 @@ import torch
 
 from sidscale.distributed.sharded_ema import GATHER_CHUNK_ELEMENTS
 from sidscale.families.base import PREVIEW_DECODE_CHUNK
-from sidscale.families.shared.diffusers_dir import DTYPES
-from sidscale.perf.activations import net_saved_bytes
-from sidscale.perf.setup import (
+from sidscale.families.presets import (
     build_preset_net,
     build_preset_text_encoders,
     checkpoint_block_types,
     latent_shape,
     preset_vae_config,
 )
+from sidscale.families.shared.diffusers_dir import DTYPES
+from sidscale.perf.activations import net_saved_bytes
 
 GIB = 2**30
 TEXT_ENCODER_PLACEMENTS = ("replicated", "partitioned", "off")

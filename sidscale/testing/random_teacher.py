@@ -6,7 +6,7 @@ writes what ``save_pretrained`` would have written for a released checkpoint, wi
 Speed, memory and every code path of a run are those of the real teacher; only the images are noise.
 
 - UNet presets (sidscale/families/unet_vp/presets.py, or the benchmark-only ``tiny`` / ``mid`` of
-  sidscale/perf/setup.py): the UNet, its text encoder(s) and VAE, the CLIP tokenizer built offline
+  sidscale/families/presets.py): the UNet, its text encoder(s) and VAE, the CLIP tokenizer built offline
   from open_clip's BPE vocabulary, and SD's scheduler config (``teacher.kind`` sd / sdxl).
 - SD3 presets (sd3_medium, sd35_medium, sd35_large of sidscale/families/sd3/presets.py, and the
   CPU-sized ``sd3_tiny``): ``StableDiffusion3Pipeline``'s layout (model_index.json, transformer/,
@@ -40,32 +40,24 @@ from typing import Any
 
 import torch
 
+from sidscale.families.presets import BENCH_PRESETS, FLUX_PRESET_NAMES, SD3_PRESETS
 from sidscale.families.shared.diffusers_dir import DTYPES
-from sidscale.perf.setup import BENCH_PRESETS, FLUX_PRESET_NAMES, SD3_PRESETS
 
 INFO_FILE = "random_teacher.json"
 TEXT_ENCODER_FOLDERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-PRESETS = BENCH_PRESETS  # UNet presets, then SD3 presets (sidscale/perf/setup.py decides which is which)
+PRESETS = BENCH_PRESETS  # UNet presets, then SD3 presets (sidscale/families/presets.py decides which is which)
 
-# The VAE of the ``tiny`` preset: SD's 4 resolutions (factor 8) and 4 latent channels at ~50k
-# parameters, so a CPU decodes a preview in milliseconds (same shape as sidscale/families/unet_vp/tiny.py's).
-TINY_VAE: dict[str, Any] = {
-    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1,
-    "block_out_channels": [8, 8, 16, 16], "norm_num_groups": 4,
-    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "sample_size": 64, "scaling_factor": 0.18215,
-}
 TINY_RESOLUTION = 64  # the tiny UNet's 8x8 latents through the factor-8 VAE
 
 
 def _resolution(preset: str) -> int:
-    from sidscale.perf.setup import arch_preset
+    from sidscale.families.unet_vp.presets import arch_preset
 
     return TINY_RESOLUTION if preset == "tiny" else arch_preset(preset).resolution
 
 
 def _prediction_type(preset: str) -> str:
-    from sidscale.perf.setup import arch_preset
+    from sidscale.families.unet_vp.presets import arch_preset
 
     return "epsilon" if preset == "tiny" else arch_preset(preset).prediction_type
 
@@ -79,15 +71,15 @@ def text_encoder_configs(preset: str, text_layers: int | None = None) -> list[di
 
         configs = [tiny_clip_text_config(32)]
     elif preset in SD3_PRESETS:
-        from sidscale.perf.setup import dit_preset
+        from sidscale.families.sd3.presets import dit_preset
 
         configs = [copy.deepcopy(c) for c in dit_preset(preset).text_encoders]
     elif preset in FLUX_PRESET_NAMES:
-        from sidscale.perf.setup import flux_preset
+        from sidscale.families.flux.presets import flux_preset
 
         configs = [copy.deepcopy(c) for c in flux_preset(preset).text_encoders]
     else:
-        from sidscale.perf.setup import arch_preset
+        from sidscale.families.unet_vp.presets import arch_preset
 
         configs = [copy.deepcopy(c) for c in arch_preset(preset).text_encoders]
     if text_layers is not None:
@@ -150,17 +142,19 @@ def _build_vae(preset: str, seed: int) -> torch.nn.Module:
     from diffusers import AutoencoderKL
 
     if preset == "tiny":
+        from sidscale.families.unet_vp.tiny import TINY_VAE
+
         config = dict(TINY_VAE)
     elif preset in SD3_PRESETS:
-        from sidscale.perf.setup import dit_preset
+        from sidscale.families.sd3.presets import dit_preset
 
         config = copy.deepcopy(dit_preset(preset).vae)
     elif preset in FLUX_PRESET_NAMES:
-        from sidscale.perf.setup import flux_preset
+        from sidscale.families.flux.presets import flux_preset
 
         config = copy.deepcopy(flux_preset(preset).vae)
     else:
-        from sidscale.perf.setup import arch_preset
+        from sidscale.families.unet_vp.presets import arch_preset
 
         config = copy.deepcopy(arch_preset(preset).vae)
     return _seeded(seed + 10, lambda: AutoencoderKL(**config))
@@ -190,7 +184,7 @@ def write_random_teacher(out_dir: str | Path, preset: str, dtype: str = "bf16", 
     32 GB) or one fp32 T5-XXL (19 GB). The denoiser's weights are ``build_preset_net(preset, "cpu",
     seed)``'s.
     """
-    from sidscale.perf.setup import build_preset_net, preset_nets
+    from sidscale.families.presets import build_preset_net, preset_nets
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -245,8 +239,7 @@ def write_random_teacher(out_dir: str | Path, preset: str, dtype: str = "bf16", 
 
 def _write_sd3_rest(out: Path, preset: str) -> int:
     """SD3's scheduler, T5 tokenizer (tokenizer_3) and model_index.json; returns the preset's resolution."""
-    from sidscale.families.sd3.presets import TEXT_ENCODER_CLASSES
-    from sidscale.perf.setup import dit_preset
+    from sidscale.families.sd3.presets import TEXT_ENCODER_CLASSES, dit_preset
 
     # NOTE: model_index.json by hand, not StableDiffusion3Pipeline.save_pretrained: that would hold every
     # network in memory at once (SD3.5-Large + T5-XXL in fp32: over 50 GB).
@@ -256,8 +249,7 @@ def _write_sd3_rest(out: Path, preset: str) -> int:
 
 def _write_flux_rest(out: Path, preset: str) -> int:
     """FLUX's scheduler, T5 tokenizer (tokenizer_2) and model_index.json; returns the preset's resolution."""
-    from sidscale.families.flux.presets import FLUX_TEXT_ENCODER_CLASSES
-    from sidscale.perf.setup import flux_preset
+    from sidscale.families.flux.presets import FLUX_TEXT_ENCODER_CLASSES, flux_preset
 
     return _write_flow_rest(out, preset, flux_preset(preset), "FluxPipeline", "FluxTransformer2DModel",
                             FLUX_TEXT_ENCODER_CLASSES, clip_tokenizers=1)

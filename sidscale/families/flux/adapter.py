@@ -47,9 +47,10 @@ from pathlib import Path
 
 import torch
 
-from sidscale.config import GUIDANCE_MODES, ConfigError
 from sidscale.core.schedule import FlowSchedule
+from sidscale.errors import ConfigError
 from sidscale.families.base import ROLES, Teacher
+from sidscale.families.flux.config import GUIDANCE_MODES
 
 log = logging.getLogger("sidscale.train")
 # FluxTransformer2DModel reads timestep = sigma in [0, 1] (it scales by 1000 internally)

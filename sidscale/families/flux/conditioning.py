@@ -24,9 +24,9 @@ import torch
 
 from sidscale.core.cond import Cond
 from sidscale.errors import TeacherDirError
+from sidscale.families.flux.config import MAX_SEQUENCE_LENGTH_LIMIT as FLUX_MAX_SEQUENCE_LENGTH_LIMIT
 from sidscale.families.shared.diffusers_dir import check_teacher_dir
 
-FLUX_MAX_SEQUENCE_LENGTH_LIMIT = 512  # FluxPipeline.check_inputs rejects more (T5's trained length)
 FLUX_TEXT_FOLDERS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 FLUX_REQUIRED_FOLDERS = ("transformer", "scheduler", "vae", *FLUX_TEXT_FOLDERS)
 

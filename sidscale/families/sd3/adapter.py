@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from sidscale.config import ConfigError
 from sidscale.core.schedule import FlowSchedule
+from sidscale.errors import ConfigError
 from sidscale.families.base import Teacher
 
 log = logging.getLogger("sidscale.train")

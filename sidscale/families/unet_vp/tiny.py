@@ -28,6 +28,15 @@ SD_SCHEDULER_CONFIG: dict[str, Any] = {
     "steps_offset": 1,
 }
 
+# The VAE of the ``tiny`` preset: SD's 4 resolutions (factor 8) and 4 latent channels at ~50k
+# parameters, so a CPU decodes a preview in milliseconds (the shape of ``tiny_vae``).
+TINY_VAE: dict[str, Any] = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1,
+    "block_out_channels": [8, 8, 16, 16], "norm_num_groups": 4,
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "sample_size": 64, "scaling_factor": 0.18215,
+}
+
 
 def tiny_unet_config(
     in_channels: int = 3, sample_size: int = 16, cross_attention_dim: int = 32, **overrides: Any
