@@ -151,7 +151,8 @@ class FamilySpec:
       (CPU-sized ones included); ``bench_nets``: the ``PresetNets`` that builds them (and names the
       blocks gradient checkpointing wraps);
     - ``tiny``: the writer of the family's tiny teacher directory (tests, bench, CPU smoke, gpu_check),
-      ``tiny(path, seed=0) -> path``, loadable by ``adapters[tiny_kind]``;
+      ``tiny(path, seed=0) -> path``, loadable by ``adapters[tiny_kind]`` with the config overrides
+      ``tiny_overrides`` (teacher.kind, resolution, text length);
     - ``validate``: the family's own config rules, ``validate(cfg)`` raising ``ConfigError`` (duck-typed:
       families never import the config module); ``sections``: config sections only this family reads;
     - ``end_of_run``: ``(trainer) -> dict | None`` after the last step (the toy evaluation), or None.
@@ -161,6 +162,7 @@ class FamilySpec:
     adapters: Mapping[str, str]
     tiny: str
     tiny_kind: str
+    tiny_overrides: tuple[str, ...] = ()
     presets: tuple[str, ...] = ()
     bench_nets: str | None = None
     validate: str | None = None

@@ -9,6 +9,7 @@ SPEC = FamilySpec(
     adapters={"flux": "sidscale.families.flux.adapter:FAMILY"},
     tiny="sidscale.families.flux.tiny:write_tiny_flux_teacher",
     tiny_kind="flux",
+    tiny_overrides=("teacher.kind=flux", "teacher.resolution=64", "teacher.max_sequence_length=16"),
     presets=FLUX_PRESET_NAMES,
     bench_nets="sidscale.families.flux.presets:FLUX_NETS",
     validate="sidscale.families.flux.config:validate",

@@ -8,6 +8,7 @@ SPEC = FamilySpec(
     adapters={"sd3": "sidscale.families.sd3.adapter:FAMILY"},
     tiny="sidscale.families.sd3.tiny:write_tiny_sd3_teacher",
     tiny_kind="sd3",
+    tiny_overrides=("teacher.kind=sd3", "teacher.resolution=64", "teacher.max_sequence_length=16"),
     presets=SD3_PRESETS,
     bench_nets="sidscale.families.sd3.presets:SD3_NETS",
 )

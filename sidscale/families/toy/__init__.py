@@ -8,5 +8,6 @@ SPEC = FamilySpec(
     adapters={"toy": "sidscale.families.unet_vp.adapter:FAMILY", "toy_flow": "sidscale.families.toy.adapter:FAMILY"},
     tiny="sidscale.families.toy.tiny:write_tiny_toy_teacher",
     tiny_kind="toy",
+    tiny_overrides=("teacher.kind=toy", "teacher.resolution=8"),
     end_of_run="sidscale.families.toy.evaluation:end_of_run",
 )

@@ -8,6 +8,7 @@ SPEC = FamilySpec(
     adapters={"sd": "sidscale.families.unet_vp.adapter:FAMILY", "sdxl": "sidscale.families.unet_vp.adapter:FAMILY"},
     tiny="sidscale.families.unet_vp.tiny:write_tiny_sd_teacher",
     tiny_kind="sd",
+    tiny_overrides=("teacher.kind=sd", "teacher.resolution=64"),
     presets=UNET_PRESETS,
     bench_nets="sidscale.families.unet_vp.presets:UNET_NETS",
 )

@@ -234,7 +234,7 @@ class UNetNets:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
                 torch.manual_seed(seed)
                 return UNet2DConditionModel(**arch_preset("mid").unet)
-                return build_unet(preset, device=device, seed=seed)
+        return build_unet(preset, device=device, seed=seed)
 
     def text_encoders(self, preset: str, device: torch.device | str, seed: int) -> list[torch.nn.Module]:
         if preset == "tiny":
@@ -251,7 +251,7 @@ class UNetNets:
 
                 with device:
                     return [CLIPTextModel(CLIPTextConfig(**arch_preset("mid").text_encoders[0]))]
-                return build_text_encoders(preset, device=device)
+            return build_text_encoders(preset, device=device)
 
     def latent_shape(self, preset: str) -> tuple[int, int, int]:
         if preset == "tiny":
