@@ -433,7 +433,7 @@ def vae_decode_cost(config_key: str, dtype_name: str) -> tuple[float, float]:
 
 
 def decode_dtype(config: dict, teacher_dtype: str) -> str:
-    """What the decode runs in (sidscale.models.teacher.decode_precision): an fp16 VAE with
+    """What the decode runs in (sidscale.families.shared.diffusers_dir.decode_precision): an fp16 VAE with
     ``force_upcast`` (diffusers' default) decodes in fp32, the others in their own dtype."""
     return "fp32" if teacher_dtype == "fp16" and config.get("force_upcast", True) else teacher_dtype
 

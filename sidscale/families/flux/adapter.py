@@ -308,20 +308,14 @@ class FluxFamily:
         and true CFG ``cfg_scale`` on the velocity (1: off, FluxPipeline's default). Returns the unpacked
         latents at sigma = 0. x_T: [B, *latent_shape] (else drawn on the CPU from ``generator``)."""
         from sidscale.core.cond import cond_batch_size
-        from sidscale.method.guidance import guided_eps
+        from sidscale.families.shared.samplers import flow_euler
 
         sigmas = self.teacher_sigmas(teacher, steps)
         batch = cond_batch_size(cond)
         if x_T is None:
             x_T = torch.randn((batch, *teacher.latent_shape), generator=generator, dtype=torch.float32)
-        device = next(iter(cond.values())).device
-        x = x_T.to(device=device, dtype=torch.float32)
         v_fn = self.prediction_fn(teacher.net, teacher.schedule, role="teacher")
-        with torch.no_grad():
-            for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
-                s = torch.full((batch,), sigma, dtype=torch.float32, device=device)
-                x = x + (sigma_next - sigma) * guided_eps(v_fn, x, s, cond, uncond, cfg_scale).float()
-        return x
+        return flow_euler(v_fn, sigmas, x_T, cond, uncond, cfg_scale)
 
 
 FAMILY = FluxFamily()

@@ -122,7 +122,7 @@ class SD3Family:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         from sidscale.core.cond import cond_batch_size
-        from sidscale.method.guidance import guided_eps
+        from sidscale.families.shared.samplers import flow_euler
 
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(Path(teacher.path) / "scheduler")
         scheduler.set_timesteps(steps)
@@ -130,14 +130,8 @@ class SD3Family:
         batch = cond_batch_size(cond)
         if x_T is None:
             x_T = torch.randn((batch, *teacher.latent_shape), generator=generator, dtype=torch.float32)
-        device = next(iter(cond.values())).device
-        x = x_T.to(device=device, dtype=torch.float32)
         v_fn = self.prediction_fn(teacher.net, teacher.schedule, role="teacher")
-        with torch.no_grad():
-            for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
-                s = torch.full((batch,), sigma, dtype=torch.float32, device=device)
-                x = x + (sigma_next - sigma) * guided_eps(v_fn, x, s, cond, uncond, cfg_scale).float()
-        return x
+        return flow_euler(v_fn, sigmas, x_T, cond, uncond, cfg_scale)
 
 
 FAMILY = SD3Family()

@@ -126,3 +126,17 @@ def flow_sample(
         # the DDIM form of the Euler step (see the module docstring); sigma_next = 0 gives x0
         x = schedule.add_noise(x0, schedule.to_eps(x, v, sigma), sigma_next)
     return x0
+
+
+@torch.no_grad()
+def flow_euler(v_fn: EpsFn, sigmas: list[float], x_T: torch.Tensor, cond: Cond, uncond: Cond | None,
+               cfg_scale: float) -> torch.Tensor:
+    """Euler steps of the flow ODE, ``x <- x + (sigma_next - sigma) v``, on the grid ``sigmas`` (a pipeline's
+    scheduler sigmas, ending at 0), CFG on the velocity, in fp32 on the conditioning's device: the
+    latents at the last sigma. (``flow_sample`` takes the same steps in their DDIM form.)"""
+    device = next(iter(cond.values())).device
+    x = x_T.to(device=device, dtype=torch.float32)
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+        s = torch.full((x.shape[0],), sigma, dtype=torch.float32, device=device)
+        x = x + (sigma_next - sigma) * guided_eps(v_fn, x, s, cond, uncond, cfg_scale).float()
+    return x

@@ -1,7 +1,7 @@
-"""The UNet / discrete-VP family: SD1.5, SD2.1 (eps or v), SDXL, and the built-in toy teacher.
+"""The UNet / discrete-VP adapter: SD1.5, SD2.1 (eps or v), SDXL, and the built-in VP toy teacher.
 
-Loading, the CLIP conditioners and the presets live in ``sidscale/models`` (teacher.py,
-conditioning.py, presets.py); this module is the family's face to the rest of sidscale.
+Loading is ``loading.py``, the CLIP conditioners ``shared/clip.py``, the architectures ``presets.py``;
+this module is the family's face to the rest of sidscale, and ``UNetEps`` its prediction function.
 """
 
 from __future__ import annotations
