@@ -32,7 +32,6 @@ recipe fits it, ``network`` the denoiser's folder).
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -40,7 +39,7 @@ from typing import Any
 
 import torch
 
-from sidscale.families.presets import BENCH_PRESETS, FLUX_PRESET_NAMES, SD3_PRESETS
+from sidscale.families.presets import BENCH_PRESETS, SD3_PRESETS, preset_nets, preset_vae_config
 from sidscale.families.shared.diffusers_dir import DTYPES
 
 INFO_FILE = "random_teacher.json"
@@ -66,22 +65,7 @@ def text_encoder_configs(preset: str, text_layers: int | None = None) -> list[di
     """Config kwargs of the preset's encoder(s) (CLIPTextConfig; SD3's third: T5Config); ``text_layers``
     shortens each tower (a faster, smaller stand-in with the same widths, so the denoiser's text
     inputs still fit)."""
-    if preset == "tiny":
-        from sidscale.families.unet_vp.tiny import tiny_clip_text_config
-
-        configs = [tiny_clip_text_config(32)]
-    elif preset in SD3_PRESETS:
-        from sidscale.families.sd3.presets import dit_preset
-
-        configs = [copy.deepcopy(c) for c in dit_preset(preset).text_encoders]
-    elif preset in FLUX_PRESET_NAMES:
-        from sidscale.families.flux.presets import flux_preset
-
-        configs = [copy.deepcopy(c) for c in flux_preset(preset).text_encoders]
-    else:
-        from sidscale.families.unet_vp.presets import arch_preset
-
-        configs = [copy.deepcopy(c) for c in arch_preset(preset).text_encoders]
+    configs = preset_nets(preset).text_encoder_configs(preset)
     if text_layers is not None:
         if text_layers < 1:
             raise ValueError(f"text_layers = {text_layers}: expected a positive number of layers")
@@ -100,63 +84,26 @@ def _seeded(seed: int, build):
         return build()
 
 
-def _sd3_text_encoder(index: int, config: dict[str, Any]) -> torch.nn.Module:
+def _text_encoder(class_name: str, config: dict[str, Any]) -> torch.nn.Module:
     import transformers
     from transformers import CLIPTextConfig, T5Config
 
-    from sidscale.families.sd3.presets import TEXT_ENCODER_CLASSES
-
-    cls_name = TEXT_ENCODER_CLASSES[index]  # CLIP-L, CLIP-G (both with projection), T5 encoder
-    return getattr(transformers, cls_name)(T5Config(**config) if cls_name == "T5EncoderModel"
-                                           else CLIPTextConfig(**config))
-
-
-def _flux_text_encoder(index: int, config: dict[str, Any]) -> torch.nn.Module:
-    import transformers
-    from transformers import CLIPTextConfig, T5Config
-
-    from sidscale.families.flux.presets import FLUX_TEXT_ENCODER_CLASSES
-
-    cls_name = FLUX_TEXT_ENCODER_CLASSES[index]  # CLIP-L (FLUX reads its pooled output), T5 encoder
-    return getattr(transformers, cls_name)(T5Config(**config) if cls_name == "T5EncoderModel"
-                                           else CLIPTextConfig(**config))
+    return getattr(transformers, class_name)(T5Config(**config) if class_name == "T5EncoderModel"
+                                             else CLIPTextConfig(**config))
 
 
 def _build_text_encoders(preset: str, text_layers: int | None, seed: int) -> Iterator[torch.nn.Module]:
     """The preset's encoders one at a time (a caller that saves and drops each holds one at most)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
+    nets = preset_nets(preset)
     for i, cfg in enumerate(text_encoder_configs(preset, text_layers)):
-        if preset in SD3_PRESETS:
-            yield _seeded(seed + 1 + i, lambda i=i, cfg=cfg: _sd3_text_encoder(i, cfg))
-            continue
-        if preset in FLUX_PRESET_NAMES:
-            yield _seeded(seed + 1 + i, lambda i=i, cfg=cfg: _flux_text_encoder(i, cfg))
-            continue
-        # SDXL's second encoder carries the pooled projection (text_embeds).
-        cls = CLIPTextModelWithProjection if preset == "sdxl" and i == 1 else CLIPTextModel
-        yield _seeded(seed + 1 + i, lambda cls=cls, cfg=cfg: cls(CLIPTextConfig(**cfg)))
+        name = nets.text_encoder_class(preset, i)
+        yield _seeded(seed + 1 + i, lambda name=name, cfg=cfg: _text_encoder(name, cfg))
 
 
 def _build_vae(preset: str, seed: int) -> torch.nn.Module:
     from diffusers import AutoencoderKL
 
-    if preset == "tiny":
-        from sidscale.families.unet_vp.tiny import TINY_VAE
-
-        config = dict(TINY_VAE)
-    elif preset in SD3_PRESETS:
-        from sidscale.families.sd3.presets import dit_preset
-
-        config = copy.deepcopy(dit_preset(preset).vae)
-    elif preset in FLUX_PRESET_NAMES:
-        from sidscale.families.flux.presets import flux_preset
-
-        config = copy.deepcopy(flux_preset(preset).vae)
-    else:
-        from sidscale.families.unet_vp.presets import arch_preset
-
-        config = copy.deepcopy(arch_preset(preset).vae)
+    config = preset_vae_config(preset)
     return _seeded(seed + 10, lambda: AutoencoderKL(**config))
 
 
@@ -184,7 +131,7 @@ def write_random_teacher(out_dir: str | Path, preset: str, dtype: str = "bf16", 
     32 GB) or one fp32 T5-XXL (19 GB). The denoiser's weights are ``build_preset_net(preset, "cpu",
     seed)``'s.
     """
-    from sidscale.families.presets import build_preset_net, preset_nets
+    from sidscale.families.presets import build_preset_net
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")

@@ -223,6 +223,12 @@ class FluxNets:
     def vae_config(self, preset: str) -> dict[str, Any]:
         return flux_preset(preset).vae
 
+    def text_encoder_configs(self, preset: str) -> list[dict[str, Any]]:
+        return [copy.deepcopy(c) for c in flux_preset(preset).text_encoders]
+
+    def text_encoder_class(self, preset: str, index: int) -> str:
+        return FLUX_TEXT_ENCODER_CLASSES[index]  # CLIP-L (FLUX reads its pooled output), T5 encoder
+
     def teacher(self, preset: str, device: torch.device | str, dtype: str, seed: int) -> Teacher:
         from sidscale.families.flux.adapter import FluxSchedule
         from sidscale.families.flux.conditioning import FluxConditioner

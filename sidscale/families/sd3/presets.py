@@ -320,6 +320,12 @@ class SD3Nets:
     def vae_config(self, preset: str) -> dict[str, Any]:
         return dit_preset(preset).vae
 
+    def text_encoder_configs(self, preset: str) -> list[dict[str, Any]]:
+        return [copy.deepcopy(c) for c in dit_preset(preset).text_encoders]
+
+    def text_encoder_class(self, preset: str, index: int) -> str:
+        return TEXT_ENCODER_CLASSES[index]  # CLIP-L, CLIP-G (both with projection), T5 encoder
+
     def teacher(self, preset: str, device: torch.device | str, dtype: str, seed: int) -> Teacher:
         from sidscale.families.sd3.conditioning import SD3Conditioner
 

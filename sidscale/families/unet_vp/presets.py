@@ -280,6 +280,17 @@ class UNetNets:
             return TINY_VAE
         return arch_preset(preset).vae
 
+    def text_encoder_configs(self, preset: str) -> list[dict[str, Any]]:
+        if preset == "tiny":
+            from sidscale.families.unet_vp.tiny import tiny_clip_text_config
+
+            return [tiny_clip_text_config(32)]
+        return [copy.deepcopy(c) for c in arch_preset(preset).text_encoders]
+
+    def text_encoder_class(self, preset: str, index: int) -> str:
+        # SDXL's second encoder carries the pooled projection (text_embeds)
+        return "CLIPTextModelWithProjection" if preset == "sdxl" and index == 1 else "CLIPTextModel"
+
     def teacher(self, preset: str, device: torch.device | str, dtype: str, seed: int) -> Teacher:
         torch_dtype = DTYPES[dtype]
         unet = self.build(preset, device, seed).to(torch_dtype).requires_grad_(False).eval()
