@@ -100,25 +100,27 @@ def test_encode_is_the_pipelines_encode_prompt(tiny, name):
 def _direct_prediction(teacher, cfg, x, level, cond):
     """The network called by hand, as its diffusers pipeline calls it, in the schedule's convention."""
     net, name = teacher.net, type(teacher.net).__name__
-    time_scale = teacher.family.sampling_extras(cfg).get("time_scale")
     if name == "UNet2DConditionModel":
         from sidscale.families.shared.clip import unet_kwargs
+        from sidscale.families.toy.fit import TIME_SCALE as FITTED  # the flow toy is fitted with timestep 1000 sigma
 
-        if time_scale is None:  # VP: timestep t, eps (v-prediction converted)
+        if hasattr(teacher.schedule, "alphas_cumprod"):  # VP: timestep t, eps (v-prediction converted)
             out = net(x, level, **unet_kwargs(cond)).sample
             return teacher.schedule.model_output_to_eps(x, out, level)
-        return net(x, level * time_scale, **unet_kwargs(cond)).sample
-    if name == "SD3Transformer2DModel":
+        assert FITTED == 1000.0
+        return net(x, level * 1000.0, **unet_kwargs(cond)).sample
+    if name == "SD3Transformer2DModel":  # StableDiffusion3Pipeline: timestep = 1000 sigma
         return net(hidden_states=x, encoder_hidden_states=cond["encoder_hidden_states"],
-                   pooled_projections=cond["pooled_projections"], timestep=level * time_scale).sample
+                   pooled_projections=cond["pooled_projections"], timestep=level * 1000.0).sample
     if name == "FluxTransformer2DModel":
         from diffusers import FluxPipeline
 
         b, c, h, w = x.shape
         text = cond["encoder_hidden_states"]
         guidance = torch.full((b,), teacher.schedule.guidance["teacher"]) if net.config.guidance_embeds else None
+        # FluxPipeline: timestep = sigma (its 0..1000 scheduler timesteps / 1000)
         out = net(hidden_states=FluxPipeline._pack_latents(x, b, c, h, w), encoder_hidden_states=text,
-                  pooled_projections=cond["pooled_projections"], timestep=level * time_scale, guidance=guidance,
+                  pooled_projections=cond["pooled_projections"], timestep=level, guidance=guidance,
                   img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype),
                   txt_ids=torch.zeros(text.shape[1], 3)).sample
         return FluxPipeline._unpack_latents(out, h * 8, w * 8, 8)
