@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from sidscale.families.base import Teacher
-from sidscale.families.sd3.presets import SD3_TINY_T5_VOCAB, SD3_VAE, T5_XXL_ENCODER, DiTPreset, sd3_tiny_preset
+from sidscale.families.sd3.presets import SD3_VAE, T5_XXL_ENCODER, DiTPreset, sd3_tiny_preset
 from sidscale.families.shared.bench_nets import (
     bench_clip_tokenizer,
     bench_t5_tokenizer,
@@ -33,6 +33,7 @@ from sidscale.families.shared.bench_nets import (
     slice_preset,
 )
 from sidscale.families.shared.diffusers_dir import DTYPES
+from sidscale.families.shared.t5 import tiny_t5_config
 from sidscale.families.unet_vp.presets import CLIP_L_TEXT
 
 # FluxPipeline's encoder classes in its order (text_encoder, text_encoder_2)
@@ -169,10 +170,7 @@ def flux_tiny_preset() -> DiTPreset:
         "joint_attention_dim": FLUX_TINY_T5, "pooled_projection_dim": FLUX_TINY_CLIP_L,
         "guidance_embeds": True, "axes_dims_rope": (4, 6, 6),  # sums to the head dim, as 16 + 56 + 56 = 128
     }
-    t5 = {"vocab_size": SD3_TINY_T5_VOCAB, "d_model": FLUX_TINY_T5, "d_kv": 16, "d_ff": 2 * FLUX_TINY_T5,
-          "num_layers": 2, "num_heads": 4, "relative_attention_num_buckets": 8, "feed_forward_proj": "gated-gelu",
-          "layer_norm_epsilon": 1e-6, "is_encoder_decoder": False, "use_cache": False,
-          "tie_word_embeddings": False, "pad_token_id": 0, "eos_token_id": 1}
+    t5 = tiny_t5_config(FLUX_TINY_T5)
     vae = {**sd3_tiny_preset().vae, "scaling_factor": 0.3611, "shift_factor": 0.1159}
     return DiTPreset("flux_tiny", transformer, text_encoders=(tiny_clip_text_config(FLUX_TINY_CLIP_L), t5), vae=vae,
                      resolution=256, kind="flux", scheduler=dict(FLUX_SCHEDULER), t5_tokens=64)

@@ -36,6 +36,7 @@ from sidscale.families.shared.bench_nets import (
     slice_preset,
 )
 from sidscale.families.shared.diffusers_dir import DTYPES
+from sidscale.families.shared.t5 import tiny_t5_config
 from sidscale.families.unet_vp.presets import CLIP_L_TEXT, OPENCLIP_BIGG_TEXT
 
 # T5-v1.1-XXL, encoder only (SD3's text_encoder_3): 24 layers, 64 heads x 64, gated-GELU MLP of 10240.
@@ -210,7 +211,6 @@ SD3_PRESETS = ("sd3_tiny", *DIT_PRESETS, *SLICES)  # sd3_tiny (CPU-sized), sd3_m
 # sd3_tiny's widths: CLIP-L, CLIP-G, T5 (= joint_attention_dim) all distinct, and CLIP-L + CLIP-G < T5
 # as in the real models (768 + 1280 <= 4096), so the CLIP states are really zero-padded.
 SD3_TINY_CLIP_L, SD3_TINY_CLIP_G, SD3_TINY_T5 = 32, 48, 96
-SD3_TINY_T5_VOCAB = 64  # >= len(build_tiny_t5_tokenizer()) (39)
 
 
 @lru_cache(maxsize=1)
@@ -228,10 +228,7 @@ def sd3_tiny_preset() -> DiTPreset:
         "dual_attention_layers": (0, 1),  # SD3.5-M: the first 13 of 24 blocks
         "qk_norm": "rms_norm",
     }
-    t5 = {"vocab_size": SD3_TINY_T5_VOCAB, "d_model": SD3_TINY_T5, "d_kv": 16, "d_ff": 2 * SD3_TINY_T5,
-          "num_layers": 2, "num_heads": 4, "relative_attention_num_buckets": 8, "feed_forward_proj": "gated-gelu",
-          "layer_norm_epsilon": 1e-6, "is_encoder_decoder": False, "use_cache": False,
-          "tie_word_embeddings": False, "pad_token_id": 0, "eos_token_id": 1}
+    t5 = tiny_t5_config(SD3_TINY_T5)
     # projection_dim = width: the pooled text_embeds have the encoder's width (768 / 1280 for real)
     clip_l = tiny_clip_text_config(SD3_TINY_CLIP_L, projection_dim=SD3_TINY_CLIP_L)
     clip_g = tiny_clip_text_config(SD3_TINY_CLIP_G, projection_dim=SD3_TINY_CLIP_G)
