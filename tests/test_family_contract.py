@@ -210,3 +210,19 @@ def test_spec_config_rules_raise_the_configs_messages(kind, changes):
 def test_tiny_config_passes_the_family_rules(tiny, name):
     cfg, _ = tiny(name)
     validate_family_config(cfg)
+
+
+def test_register_family_adds_an_out_of_tree_family(monkeypatch):
+    import dataclasses
+
+    import sidscale.families as families
+
+    monkeypatch.setattr(families, "SPECS", dict(SPECS))
+    monkeypatch.setattr(families, "TEACHER_KINDS", families.TEACHER_KINDS)
+    sd3 = SPECS["sd3"]
+    with pytest.raises(ValueError, match="taken"):
+        families.register_family(dataclasses.replace(sd3, name="mine"))  # kind sd3 is served already
+    mine = dataclasses.replace(sd3, name="mine", adapters={"mine": sd3.adapters["sd3"]}, presets=())
+    families.register_family(mine)
+    assert families.TEACHER_KINDS[-1] == "mine" and families.spec_for_kind("mine") is mine
+    assert family_for_kind("mine") is family_for_kind("sd3") and families.SPECS["mine"] is mine
