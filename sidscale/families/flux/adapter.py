@@ -275,10 +275,9 @@ class FluxFamily:
                shift_factor: float = 0.0) -> torch.Tensor:
         """Unpacked latents -> images in [-1, 1]: ``vae.decode(latents / scaling + shift)``, as FluxPipeline
         does after ``_unpack_latents``."""
-        from sidscale.families.shared.diffusers_dir import decode_precision
+        from sidscale.families.shared.diffusers_dir import decode_shifted
 
-        with torch.no_grad(), decode_precision(vae) as dtype:
-            return vae.decode((latents / scaling_factor + shift_factor).to(dtype)).sample.float()
+        return decode_shifted(vae, latents, scaling_factor, shift_factor)
 
     def pipeline_class_name(self, kind: str) -> str:
         return "FluxPipeline"

@@ -102,10 +102,9 @@ class SD3Family:
                shift_factor: float = 0.0) -> torch.Tensor:
         """Latents -> images in [-1, 1]: ``vae.decode(latents / scaling + shift)``, as the SD3 pipeline;
         an fp16 VAE with ``force_upcast`` (SD3's has it) decodes upcast like SiD-LSG's (``decode_precision``)."""
-        from sidscale.families.shared.diffusers_dir import decode_precision
+        from sidscale.families.shared.diffusers_dir import decode_shifted
 
-        with torch.no_grad(), decode_precision(vae) as dtype:
-            return vae.decode((latents / scaling_factor + shift_factor).to(dtype)).sample.float()
+        return decode_shifted(vae, latents, scaling_factor, shift_factor)
 
     def pipeline_class_name(self, kind: str) -> str:
         return "StableDiffusion3Pipeline"

@@ -120,3 +120,11 @@ def decode_precision(vae: torch.nn.Module) -> Iterator[torch.dtype]:
         if hook is not None:
             hook.remove()
         vae.to(torch.float16)
+
+
+def decode_shifted(vae: torch.nn.Module, latents: torch.Tensor, scaling_factor: float,
+                   shift_factor: float) -> torch.Tensor:
+    """Latents -> images in [-1, 1]: ``vae.decode(latents / scaling + shift)``, as the SD3 and FLUX pipelines;
+    an fp16 VAE with ``force_upcast`` decodes upcast like SiD-LSG's (``decode_precision``)."""
+    with torch.no_grad(), decode_precision(vae) as dtype:
+        return vae.decode((latents / scaling_factor + shift_factor).to(dtype)).sample.float()
