@@ -169,7 +169,7 @@ def export_schedule(meta: dict, where: str | Path = EXPORT_META) -> VPSchedule:
     teacher's ``scheduler/scheduler_config.json``. For those, read that file again (it is the
     schedule the run trained with) and warn when the recorded settings disagree with it.
     """
-    from sidscale.models.teacher import schedule_from_dir
+    from sidscale.families.unet_vp.loading import schedule_from_dir
 
     schedule = meta.get("schedule")
     prediction_type = meta.get("prediction_type", "epsilon")

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from sidscale.export import EXPORT_META, frozen_parts_dir, read_export_meta
+from sidscale.families.shared.diffusers_dir import DTYPES
 from sidscale.method.sid_lsg import MethodSettings, multi_step_generate
-from sidscale.models.teacher import DTYPES
 
 
 def seeded_latent_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:

@@ -83,11 +83,11 @@ from sidscale.errors import CheckpointSaveError, RunDirError
 from sidscale.export import export_generator, network_from_state
 from sidscale.families import family_for_kind
 from sidscale.families.base import Teacher, decode_in_chunks
+from sidscale.families.shared.compile import compile_unets
+from sidscale.families.shared.host import HostConditioner
+from sidscale.families.toy.fit import resolve_teacher_dir
 from sidscale.method.guards import register_grad_sanitizers
 from sidscale.method.sid_lsg import MethodSettings, fake_step, generator_step, multi_step_generate
-from sidscale.models.compile import compile_unets
-from sidscale.models.host_conditioner import HostConditioner
-from sidscale.models.teacher import resolve_teacher_dir
 from sidscale.run_lock import RunLock
 from sidscale.run_logger import RunLogger, peak_memory_bytes
 from sidscale.sample import seeded_generator_noises
@@ -322,8 +322,8 @@ class Trainer:
     # ----------------------------------------------------------------------------- data
     def _toy_prompts(self) -> list[str]:
         """The toy prompts of this teacher's mixture (or of the default mixture for SD teachers)."""
-        from sidscale.models.toy import ToyMixture
-        from sidscale.models.toy_teacher import load_toy_mixture
+        from sidscale.families.toy.fit import load_toy_mixture
+        from sidscale.families.toy.mixture import ToyMixture
 
         if (Path(self.teacher.path) / "toy_mixture.json").is_file():
             return load_toy_mixture(self.teacher.path).prompts
@@ -666,8 +666,8 @@ class Trainer:
             # A partitioned teacher samples on every rank together (its calls are collectives), unless
             # rank 0 has its numbers cached; rank 0 then only evaluates the student.
             if comm.decide_on_rank0(lambda: self._cached_toy_teacher_numbers()[1] is None):
-                from sidscale.eval.toy_eval import toy_quality
-                from sidscale.models.toy_teacher import load_toy_mixture
+                from sidscale.families.toy.evaluation import toy_quality
+                from sidscale.families.toy.fit import load_toy_mixture
 
                 ev = self.cfg.eval
                 teacher_numbers = toy_quality(self.teacher, load_toy_mixture(self.teacher.path), None,
@@ -702,8 +702,8 @@ class Trainer:
 
     def _toy_evaluation_with(self, unet: torch.nn.Module, teacher_numbers: dict | None = None) -> dict:
         """``teacher_numbers``: the teacher's part, already computed (by every rank, partitioned teacher)."""
-        from sidscale.eval.toy_eval import toy_quality
-        from sidscale.models.toy_teacher import load_toy_mixture
+        from sidscale.families.toy.evaluation import toy_quality
+        from sidscale.families.toy.fit import load_toy_mixture
 
         ev = self.cfg.eval
         # NOTE: the other ranks only wait here, so rank 0 may use every core of the node (CPU runs

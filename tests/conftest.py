@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_toy_teacher(tmp_path_factory):
     """The tiny random-weight toy teacher (8x8 pixels) of the trainer, fault and eval tests."""
-    from tests.tiny_teachers import write_tiny_toy_teacher
+    from sidscale.families.toy.tiny import write_tiny_toy_teacher
 
     return write_tiny_toy_teacher(tmp_path_factory.mktemp("teacher") / "toy", sample_size=8)
 
@@ -26,8 +26,8 @@ TINY_TOY_FLOW_SPEC = dict(fit_steps=80, eval_samples=0, parameterisation="flow")
 @pytest.fixture(scope="session")
 def tiny_toy_flow_teacher(tmp_path_factory):
     """A fitted flow toy teacher (teacher.kind toy_flow), in a temporary cache (never ~/.cache)."""
-    from sidscale.models.toy import ToyMixture
-    from sidscale.models.toy_teacher import ToyTeacherSpec, ensure_toy_teacher
+    from sidscale.families.toy.fit import ToyTeacherSpec, ensure_toy_teacher
+    from sidscale.families.toy.mixture import ToyMixture
 
     spec = ToyTeacherSpec(mixture=ToyMixture(size=8).to_dict(), **TINY_TOY_FLOW_SPEC)
     return ensure_toy_teacher(tmp_path_factory.mktemp("toy_flow_cache"), spec)

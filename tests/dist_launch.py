@@ -41,9 +41,10 @@ PRELOAD = [
     "diffusers.schedulers", "diffusers.models.transformers.transformer_sd3", "transformers",
     "transformers.models.clip.modeling_clip", "transformers.models.t5.modeling_t5",
     "transformers.models.clip.tokenization_clip", "webdataset", "tensorboard", "networkx", "sympy",
-    "sidscale.train", "sidscale.models.teacher", "sidscale.distributed.engines", "sidscale.data.stream",
-    "sidscale.data.prompts", "sidscale.data.shards", "sidscale.families.unet_vp", "sidscale.families.sd3",
-    "diffusers.models.transformers.transformer_flux", "sidscale.families.flux",
+    "sidscale.train", "sidscale.families.unet_vp.loading", "sidscale.distributed.engines", "sidscale.data.stream",
+    "sidscale.data.prompts", "sidscale.data.shards", "sidscale.families.unet_vp.adapter",
+    "sidscale.families.sd3.adapter",
+    "diffusers.models.transformers.transformer_flux", "sidscale.families.flux.adapter",
 ]
 
 _context = None

@@ -49,8 +49,8 @@ def main(out_dir: Path, cases: list[str], warmup: int) -> None:
     from deepspeed.comm.comm import comms_logger
 
     from sidscale.bench import bench
+    from sidscale.bench.cases import BenchCase
     from sidscale.distributed.runtime import init_distributed, shutdown_distributed
-    from sidscale.perf.setup import BenchCase
 
     info = init_distributed()
     result: dict = {"world_size": info.world_size}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sidscale.core.schedule import VPSchedule
-from sidscale.ddim import ddim_sample, ddim_timesteps
+from sidscale.families.shared.samplers import ddim_sample, ddim_timesteps
 
 SCHEDULE = VPSchedule.from_settings()
 

@@ -102,7 +102,7 @@ def sampling_meta(teacher: Path, step: int, generator_steps: int = 1) -> dict:
 
 
 def tiny_generator_state() -> tuple[dict, dict]:
-    from sidscale.models.tiny import build_tiny_unet
+    from sidscale.families.unet_vp.tiny import build_tiny_unet
 
     unet = build_tiny_unet(5, sample_size=RES)
     return unet.state_dict(), dict(unet.config)
@@ -542,7 +542,7 @@ def sd3_export(work) -> tuple[Path, Path]:
 
     from sidscale.core.schedule import FlowSchedule
     from sidscale.export import export_generator
-    from sidscale.models.sd3_tiny import write_tiny_sd3_teacher
+    from sidscale.families.sd3.tiny import write_tiny_sd3_teacher
 
     teacher = write_tiny_sd3_teacher(work / "sd3_teacher", seed=0, sd35=True)
     net = SD3Transformer2DModel.from_pretrained(teacher / "transformer")
@@ -604,7 +604,7 @@ def test_fp16_vae_decodes_upcast_as_sid_lsg_does():
     import copy
 
     from sidscale.families import family_for_kind
-    from tests.tiny_teachers import tiny_vae
+    from sidscale.families.unet_vp.tiny import tiny_vae
 
     vae = tiny_vae(3).half().eval()
     before = {k: v.clone() for k, v in vae.state_dict().items()}

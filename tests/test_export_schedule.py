@@ -23,7 +23,7 @@ OTHER_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end"
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory) -> Path:
-    from tests.tiny_teachers import write_tiny_toy_teacher
+    from sidscale.families.toy.tiny import write_tiny_toy_teacher
 
     path = write_tiny_toy_teacher(tmp_path_factory.mktemp("teacher") / "teacher", sample_size=8)
     DDPMScheduler(**OTHER_SCHEDULER).save_pretrained(path / "scheduler")
@@ -33,8 +33,8 @@ def teacher_dir(tmp_path_factory) -> Path:
 def _trainer_sampling_meta(teacher_dir: Path) -> dict:
     """``Trainer.sampling_meta`` of a run on this teacher (the real method, on the attributes it reads)."""
     from sidscale.config import load_config
+    from sidscale.families.unet_vp.loading import load_teacher
     from sidscale.method.sid_lsg import MethodSettings
-    from sidscale.models.teacher import load_teacher
     from sidscale.train import Trainer
 
     cfg = load_config("toy", [f"teacher.path={teacher_dir}"])

@@ -1,4 +1,4 @@
-"""The flow Euler sampler (sidscale/flow_sampler.py) against diffusers' FlowMatchEulerDiscreteScheduler
+"""The flow Euler sampler (sidscale/families/shared/samplers.py) against diffusers' FlowMatchEulerDiscreteScheduler
 and against exact samples of the toy mixture (its closed-form velocity, no network), and the model
 families' ``teacher_sampler``: VP = DDIM as before, SD3 = diffusers' StableDiffusion3Pipeline."""
 
@@ -11,8 +11,8 @@ import torch
 from sidscale.config import TeacherConfig
 from sidscale.core.schedule import FlowSchedule
 from sidscale.eval.frechet import toy_frechet
-from sidscale.flow_sampler import flow_sample, flow_sigmas
-from sidscale.models.toy import ToyMixture
+from sidscale.families.shared.samplers import flow_sample, flow_sigmas
+from sidscale.families.toy.mixture import ToyMixture
 
 FLOW = FlowSchedule()
 MIX = ToyMixture(size=8)
@@ -89,9 +89,9 @@ def test_flow_sigmas():
 
 def test_vp_teacher_sampler_is_ddim(tiny_toy_teacher):
     """The toy evaluation's teacher baseline for the VP family is the DDIM sampler it always was."""
-    from sidscale.ddim import ddim_sample
-    from sidscale.models.teacher import load_teacher
-    from sidscale.models.unet_eps import UNetEps
+    from sidscale.families.shared.samplers import ddim_sample
+    from sidscale.families.unet_vp.adapter import UNetEps
+    from sidscale.families.unet_vp.loading import load_teacher
 
     teacher = load_teacher(TeacherConfig(kind="toy", path=str(tiny_toy_teacher), dtype="fp32", resolution=8))
     prompts = ["a red circle", "a blue ring"]

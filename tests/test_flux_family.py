@@ -38,7 +38,7 @@ def overrides(teacher, stage: int = 3, max_steps: int = STEPS) -> list[str]:
 
 @pytest.fixture(scope="module")
 def flux_teacher(tmp_path_factory):
-    from sidscale.models.flux_tiny import write_tiny_flux_teacher
+    from sidscale.families.flux.tiny import write_tiny_flux_teacher
 
     return write_tiny_flux_teacher(tmp_path_factory.mktemp("flux") / "teacher", seed=0)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sidscale.families.flux import FAMILY, FluxGuidedVelocity, FluxSchedule, FluxVelocity
+from sidscale.families.flux.adapter import FAMILY, FluxGuidedVelocity, FluxSchedule, FluxVelocity
 from sidscale.method import MethodSettings, StepNoise, fake_step, generator_step
 
 B, C, H, W, L, K = 2, 16, 4, 4, 5, 3
@@ -23,7 +23,7 @@ OFFICIAL = FluxSchedule(guidance={"teacher": None, "fake": None, "generator": 1.
 def _net(seed: int) -> torch.nn.Module:
     from diffusers import FluxTransformer2DModel
 
-    from sidscale.models.flux_tiny import tiny_flux_transformer_config
+    from sidscale.families.flux.tiny import tiny_flux_transformer_config
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -16,7 +16,7 @@ import json
 import pytest
 import torch
 
-from sidscale.models.flux_presets import (
+from sidscale.families.flux.presets import (
     FLUX_PRESETS,
     build_flux_text_encoders,
     build_flux_transformer,
@@ -24,7 +24,7 @@ from sidscale.models.flux_presets import (
     get_flux_preset,
     transformer_forward_flops,
 )
-from sidscale.models.presets import count_parameters
+from sidscale.families.unet_vp.presets import count_parameters
 
 GIB = 2**30
 
@@ -50,7 +50,7 @@ def test_flux_dev_parameters_match_the_released_count():
 
 
 def test_flux_text_encoders_and_vae_match_released_counts():
-    from sidscale.models.sd3_presets import get_dit_preset
+    from sidscale.families.sd3.presets import get_dit_preset
 
     p = get_flux_preset("flux_dev")
     clip, t5 = build_flux_text_encoders("flux_dev")
@@ -111,7 +111,7 @@ def test_flux_dev_config_preset_is_sid_dit_with_the_guidance_embedding():
     import math
 
     from sidscale.config import load_config, validate
-    from sidscale.families.flux import guidance_from_config
+    from sidscale.families.flux.adapter import guidance_from_config
 
     cfg = load_config("flux_dev")
     validate(cfg, world_size=8)
@@ -132,8 +132,8 @@ def test_memory_plan_tool_plans_flux_dev_on_its_recipe():
     """tools/memory_plan.py --preset flux_dev: model states in closed form, both text encoders (T5-XXL
     included) replicated, one branch per net (no true CFG), 19 + 38 checkpointed blocks; and the method
     page's verdict (5.4): with the teacher replicated FLUX does not fit 8 x 80 GB even with ZeRO-3."""
+    from sidscale.families.presets import latent_shape, preset_nets
     from sidscale.perf.memory_plan import checkpoint_blocks
-    from sidscale.perf.setup import latent_shape, preset_nets
     from tools.memory_plan import main as memory_plan_main
 
     out = io.StringIO()
@@ -158,9 +158,10 @@ def test_flux_tiny_bench_counts_one_branch_per_network_call():
     (K = 1 for the bench). Without true CFG every teacher / fake call is ONE branch of the batch."""
     from diffusers import FluxTransformer2DModel
 
-    from sidscale.families.flux import FluxVelocity
+    from sidscale.families.flux.adapter import FluxVelocity
+    from sidscale.families.flux.presets import flux_preset
+    from sidscale.families.presets import build_preset_teacher
     from sidscale.perf.flops import count_flops
-    from sidscale.perf.setup import build_preset_teacher, flux_preset
     from tests.inprocess import single_rank_environment
     from tools.bench import main as bench_main
 
@@ -208,7 +209,7 @@ def test_random_flux_tiny_teacher_is_a_flux_pipeline_directory(tmp_path):
 
     from sidscale.config import load_config
     from sidscale.families import family_for_kind
-    from sidscale.perf.setup import build_preset_net
+    from sidscale.families.presets import build_preset_net
     from tools.write_random_teacher import main as write_main
 
     out = io.StringIO()

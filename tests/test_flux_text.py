@@ -16,7 +16,7 @@ SEQ = 16  # T5 tokens of the tests (FLUX.1-dev: 512)
 
 @pytest.fixture(scope="module")
 def flux_dir(tmp_path_factory):
-    from sidscale.models.flux_tiny import write_tiny_flux_teacher
+    from sidscale.families.flux.tiny import write_tiny_flux_teacher
 
     return write_tiny_flux_teacher(tmp_path_factory.mktemp("flux") / "teacher", seed=0)
 
@@ -67,7 +67,7 @@ def test_conditioning_is_flux_pipeline_encode_prompt_bit_for_bit(teacher, pipe):
 def test_packing_and_image_ids_are_diffusers(pipe):
     from diffusers import FluxPipeline
 
-    from sidscale.families.flux import latent_image_ids, pack_latents, unpack_latents
+    from sidscale.families.flux.adapter import latent_image_ids, pack_latents, unpack_latents
 
     x = torch.randn(2, 16, 6, 10)  # not square: a swapped row / column shows
     packed = pack_latents(x)
@@ -86,7 +86,7 @@ def test_velocity_is_the_transformer_call_with_each_roles_guidance(flux_dir, pip
     from diffusers import FluxPipeline
 
     from sidscale.families import family_for_kind
-    from sidscale.families.flux import FluxSchedule
+    from sidscale.families.flux.adapter import FluxSchedule
 
     family = family_for_kind("flux")
     t = family.load_teacher(flux_cfg(flux_dir, "distilled_guidance.teacher=2.5",
@@ -120,7 +120,7 @@ def test_velocity_is_the_transformer_call_with_each_roles_guidance(flux_dir, pip
         family.prediction_fn(t.net, FluxSchedule.__mro__[1]())
     # the bench's teachers use FluxSchedule(): the distilled_guidance defaults of the config
     from sidscale.config import Config
-    from sidscale.families.flux import guidance_from_config
+    from sidscale.families.flux.adapter import guidance_from_config
 
     assert FluxSchedule().guidance == guidance_from_config(Config())
 
@@ -131,7 +131,7 @@ def test_teacher_sampler_is_flux_pipeline(teacher, pipe, true_cfg):
     embedding 3.5; with true CFG the negative prompt is "" (the conditioner's E(""))."""
     from diffusers import FluxPipeline
 
-    from sidscale.families.flux import unpack_latents
+    from sidscale.families.flux.adapter import unpack_latents
 
     family = teacher.family
     x_T = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -170,7 +170,7 @@ def test_decode_is_the_pipelines(teacher, pipe):
 
 def test_flux_teacher_loads_with_clear_errors(flux_dir, teacher, tmp_path):
     from sidscale.config import ConfigError, load_config
-    from sidscale.models.teacher import TeacherDirError
+    from sidscale.errors import TeacherDirError
 
     family = teacher.family
     assert teacher.latent_shape == (16, 8, 8) and not any(p.requires_grad for p in teacher.net.parameters())

@@ -17,10 +17,10 @@ from safetensors import safe_open
 
 from sidscale.config import TeacherConfig
 from sidscale.core.schedule import VPSchedule
-from sidscale.models.random_teacher import read_info, write_random_teacher
-from sidscale.models.teacher import load_teacher
-from sidscale.models.tokenizer import CLIP_VOCAB_SIZE
-from sidscale.perf.setup import build_preset_unet, latent_shape
+from sidscale.families.presets import build_preset_unet, latent_shape
+from sidscale.families.shared.tokenizers import CLIP_VOCAB_SIZE
+from sidscale.families.unet_vp.loading import load_teacher
+from sidscale.testing.random_teacher import read_info, write_random_teacher
 from tests.dist_launch import REPO
 
 
@@ -134,8 +134,10 @@ def test_gather_logs_puts_every_step_log_in_one_file_oldest_first(tmp_path):
 def test_big_preset_slices_keep_the_real_width_and_fit_one_h200():
     """flux_dev_4l / sd35_large_4l: the published transformer with fewer blocks, nothing else changed; the
     memory plan finds a setting for one 141 GB H200 (the --part big check measures it)."""
+    from sidscale.families.flux.presets import flux_preset
+    from sidscale.families.presets import SLICES, preset_nets
+    from sidscale.families.sd3.presets import dit_preset
     from sidscale.perf.memory_plan import PlanInput, plan
-    from sidscale.perf.setup import SLICES, dit_preset, flux_preset, preset_nets
 
     for name, (base, blocks) in SLICES.items():
         full = (flux_preset if base.startswith("flux") else dit_preset)(base)

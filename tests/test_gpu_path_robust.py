@@ -188,7 +188,7 @@ def test_transformers_pin_has_the_dtype_keyword() -> None:
     reqs = [Requirement(line) for line in cfg["options"]["install_requires"].split("\n") if line.strip()]
     (tf,) = [r for r in reqs if r.name == "transformers"]
     assert not tf.specifier.contains(Version("4.55.4")) and tf.specifier.contains(Version("4.56.0"))
-    uses = [p for p in ("sidscale/models/flux_conditioning.py", "sidscale/models/sd3_conditioning.py")
+    uses = [p for p in ("sidscale/families/flux/conditioning.py", "sidscale/families/sd3/conditioning.py")
             if "dtype=" in (REPO / p).read_text()]
     assert uses, "no conditioner passes dtype= any more: the pin may be relaxed"
 

@@ -1,11 +1,11 @@
 """teacher.text_encoders = cpu: the text encoders stay in host memory and only their outputs go to the
-trainer's device (sidscale/models/host_conditioner.py)."""
+trainer's device (sidscale/families/shared/host.py)."""
 
 from __future__ import annotations
 
 import torch
 
-from sidscale.models.host_conditioner import HostConditioner
+from sidscale.families.shared.host import HostConditioner
 from tests.inprocess import one_rank_trainer
 
 OVERRIDES = ["train.precision=fp32", "teacher.dtype=fp32", "teacher.resolution=8", "data.shards=indexed:toy",

@@ -359,7 +359,7 @@ def test_a_truncated_text_encoder_file_is_named(tiny_toy_teacher, tmp_path):
     import shutil
 
     from sidscale.config import ConfigError
-    from sidscale.models.conditioning import load_conditioner
+    from sidscale.families.shared.clip import load_conditioner
 
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny_toy_teacher, teacher)

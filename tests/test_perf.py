@@ -52,9 +52,10 @@ def test_peak_table_and_mfu():
 @pytest.fixture(scope="module")
 def engine_measurements():
     """Tensor bytes of a real 1-rank ZeRO-2 bf16 generator engine on the tiny preset."""
+    from sidscale.bench.cases import BenchCase, case_config
     from sidscale.distributed.runtime import init_distributed
-    from sidscale.perf.activations import unet_inputs
-    from sidscale.perf.setup import BenchCase, build_preset_teacher, case_config
+    from sidscale.families.presets import build_preset_teacher
+    from sidscale.families.unet_vp.presets import unet_inputs
     from sidscale.train import Trainer
     from tests.inprocess import single_rank_environment
 
@@ -97,9 +98,9 @@ def test_memory_plan_terms_match_real_engine(engine_measurements):
 
 def test_activation_model_vs_real_forward():
     """Meta-device per-sample bytes (what the plan uses) vs a real CPU forward at another batch size."""
+    from sidscale.families.presets import build_preset_unet
     from sidscale.perf.activations import unet_saved_bytes
     from sidscale.perf.memory_plan import activation_bytes_per_sample
-    from sidscale.perf.setup import build_preset_unet
 
     unet = build_preset_unet("tiny", "cpu")
     for ckpt in (False, True):

@@ -1,5 +1,5 @@
 """The benchmark, the memory plan and the random-weight teacher writer on the CPU-sized SD3 preset
-``sd3_tiny`` (SD3.5-Medium's MMDiT-X at width 64, 4 blocks, 256 px; sidscale/perf/setup.py).
+``sd3_tiny`` (SD3.5-Medium's MMDiT-X at width 64, 4 blocks, 256 px; sidscale/families/presets.py).
 
 Independent references: torch's own FlopCounterMode on a plain ``SD3Transformer2DModel`` call and the
 hand count of an MMDiT forward (tests/test_sd3_presets.py); the network calls the SiD-DiT method
@@ -45,7 +45,8 @@ def test_sd3_tiny_bench_counts_the_forward_and_exactly_the_method_network_calls(
     from diffusers import SD3Transformer2DModel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sidscale.perf.setup import build_preset_teacher, dit_preset
+    from sidscale.families.presets import build_preset_teacher
+    from sidscale.families.sd3.presets import dit_preset
     from tests.test_sd3_presets import mmdit_forward_flops
     from tools.bench import main as bench_main
 
@@ -101,7 +102,7 @@ def test_sd3_tiny_bench_counts_the_forward_and_exactly_the_method_network_calls(
 
 @pytest.fixture(scope="module")
 def sd3_tiny_dir(tmp_path_factory):
-    from sidscale.models.random_teacher import write_random_teacher
+    from sidscale.testing.random_teacher import write_random_teacher
 
     path = tmp_path_factory.mktemp("random-sd3") / "teacher"
     with torch.random.fork_rng(devices=[]):
@@ -114,8 +115,9 @@ def test_random_sd3_tiny_teacher_loads_through_the_family_and_diffusers(sd3_tiny
 
     from sidscale.config import load_config
     from sidscale.families import family_for_kind
-    from sidscale.models.random_teacher import read_info
-    from sidscale.perf.setup import build_preset_net, dit_preset
+    from sidscale.families.presets import build_preset_net
+    from sidscale.families.sd3.presets import dit_preset
+    from sidscale.testing.random_teacher import read_info
 
     path, info = sd3_tiny_dir
     assert read_info(path) == info
@@ -169,7 +171,7 @@ def test_gpu_check_export_estimate_is_the_real_export_of_an_sd3_teacher(sd3_tiny
     checkpoint term, buffers included, is checked against the real checkpoint by the check's resume
     step: 1.01 x on sd3_tiny in the CPU smoke run.)"""
     from sidscale.export import export_generator
-    from sidscale.perf.setup import build_preset_net
+    from sidscale.families.presets import build_preset_net
     from tools.gpu_check import SMOKE_MODE, Check, dir_bytes, with_train_preset
 
     path, info = sd3_tiny_dir

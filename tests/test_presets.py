@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from sidscale.config import load_config, validate
-from sidscale.models.presets import (
+from sidscale.errors import TeacherDirError
+from sidscale.families.unet_vp.loading import load_teacher
+from sidscale.families.unet_vp.presets import (
     PRESETS,
     build_text_encoders,
     build_unet,
@@ -13,7 +15,6 @@ from sidscale.models.presets import (
     count_parameters,
     unet_forward_flops,
 )
-from sidscale.models.teacher import TeacherDirError, load_teacher
 
 # Published / method-page parameter counts (UNet, text encoder(s), VAE).
 PARAMS = {

@@ -2,7 +2,7 @@
 to 128 px (nearest), captions each row with its prompt, and puts the teacher's multi-step sample of
 the same prompt and seed beside the student's, computed once. Both halves are checked against an
 independent computation: the student's tiles against the export sampled with FewStepPipeline, the
-teacher's against DDIM written out with the teacher's UNet (sidscale.ddim + UNetEps)."""
+teacher's against DDIM written out with the teacher's UNet (sidscale.families.shared.samplers + UNetEps)."""
 
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ def upscaled(images: torch.Tensor, f: int) -> list[np.ndarray]:
 
 
 def test_preview_grid_is_captioned_upscaled_with_the_teachers_reference(tmp_path, tiny_toy_teacher, monkeypatch):
-    from sidscale.ddim import ddim_sample
-    from sidscale.models.unet_eps import UNetEps
+    from sidscale.families.shared.samplers import ddim_sample
+    from sidscale.families.unet_vp.adapter import UNetEps
     from sidscale.run_logger import RunLogger, preview_grid
     from sidscale.sample import FewStepPipeline, seeded_latent_noise
 

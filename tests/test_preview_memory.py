@@ -69,7 +69,7 @@ def test_preset_default_leaves_a_tenth_of_each_card_free(name):
 @pytest.fixture(scope="module")
 def flux_tiny_teacher(tmp_path_factory):
     """flux_tiny's architecture with random weights (the plan's ``flux_tiny`` preset, VAE included), 256 px."""
-    from sidscale.models.random_teacher import write_random_teacher
+    from sidscale.testing.random_teacher import write_random_teacher
 
     out = tmp_path_factory.mktemp("flux_tiny") / "teacher"
     write_random_teacher(out, "flux_tiny", dtype="bf16")
@@ -98,7 +98,7 @@ def test_plan_decode_term_bounds_the_measured_decode(flux_tiny_teacher):
     resolution) against the allocator's peak of the real VAE decoding at 256 px."""
     from sidscale.families import family_for_kind
     from sidscale.families.base import PREVIEW_DECODE_CHUNK
-    from sidscale.families.dit_loading import load_vae
+    from sidscale.families.shared.diffusers_dir import load_vae
     from sidscale.perf.measured_memory import MARKER_BYTES, cpu_allocation_trace
     from sidscale.perf.memory_plan import preview_decode_bytes
 
@@ -155,7 +155,7 @@ def test_preview_phase_peak_against_the_plan(tmp_path, flux_tiny_teacher):
 def test_one_budget_for_the_micro_batch_search_and_auto_placement(monkeypatch, tiny_toy_teacher):
     from sidscale.config import load_config
     from sidscale.distributed.ds_config import build_ds_config
-    from sidscale.models.teacher import load_teacher
+    from sidscale.families.unet_vp.loading import load_teacher
     from sidscale.perf import placement
     from sidscale.perf.memory_plan import GIB, GPU_RESERVE_GIB, PlanInput, budget_bytes, max_micro_batch, plan
 

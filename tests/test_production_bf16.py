@@ -51,7 +51,7 @@ def _png(path) -> np.ndarray:
 def test_bf16_partitioned_teacher_zero3_run_matches_the_replicated_teacher(tmp_path):
     from deepspeed.accelerator import get_accelerator
 
-    from sidscale.models.flux_tiny import write_tiny_flux_teacher
+    from sidscale.families.flux.tiny import write_tiny_flux_teacher
 
     # bf16 must really run here: a host without bf16 kernels fails the test, never skips it
     assert get_accelerator().is_bf16_supported(), "this CPU reports no bf16 support: the production dtype is untested"

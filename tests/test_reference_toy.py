@@ -11,11 +11,11 @@ import torch
 
 from sidscale.config import TeacherConfig
 from sidscale.data.prompts import IndexedPromptSource
-from sidscale.eval.toy_eval import toy_quality
+from sidscale.families.toy.evaluation import toy_quality
+from sidscale.families.toy.fit import ToyTeacherSpec, ensure_toy_teacher, load_toy_mixture
+from sidscale.families.toy.mixture import ToyMixture
+from sidscale.families.unet_vp.loading import load_teacher
 from sidscale.method.sid_lsg import MethodSettings
-from sidscale.models.teacher import load_teacher
-from sidscale.models.toy import ToyMixture
-from sidscale.models.toy_teacher import ToyTeacherSpec, ensure_toy_teacher, load_toy_mixture
 from sidscale.testing.reference import OptimSettings, ReferenceLoop
 
 STEPS = 20

@@ -174,11 +174,12 @@ def test_flop_model_matches_a_counted_iteration():
     import torch
 
     from sidscale.bench.bench import net_forward_flops_per_sample
+    from sidscale.bench.cases import BenchCase, case_config
     from sidscale.data.prompts import IndexedPromptSource
+    from sidscale.families.presets import build_preset_teacher
+    from sidscale.families.toy.mixture import ToyMixture
     from sidscale.method.sid_lsg import MethodSettings
-    from sidscale.models.toy import ToyMixture
     from sidscale.perf.flops import count_flops
-    from sidscale.perf.setup import BenchCase, build_preset_teacher, case_config
     from sidscale.testing.reference import OptimSettings, ReferenceLoop
 
     cfg = case_config(BenchCase("tiny", precision="fp32"), 1)

@@ -31,7 +31,7 @@ def overrides(teacher, stage: int, max_steps: int = STEPS) -> list[str]:
 
 @pytest.fixture(scope="module")
 def sd3_teacher(tmp_path_factory):
-    from sidscale.models.sd3_tiny import write_tiny_sd3_teacher
+    from sidscale.families.sd3.tiny import write_tiny_sd3_teacher
 
     return write_tiny_sd3_teacher(tmp_path_factory.mktemp("sd3") / "teacher", seed=0, sd35=True)
 

@@ -13,8 +13,7 @@ import json
 
 import pytest
 
-from sidscale.models.presets import count_parameters
-from sidscale.models.sd3_presets import (
+from sidscale.families.sd3.presets import (
     DIT_PRESETS,
     build_sd3_text_encoders,
     build_sd3_transformer,
@@ -22,6 +21,7 @@ from sidscale.models.sd3_presets import (
     get_dit_preset,
     transformer_forward_flops,
 )
+from sidscale.families.unet_vp.presets import count_parameters
 
 GIB = 2**30
 # sid_dit_method.md table 5.1: (billions of parameters, millions of pos_embed buffer elements, bf16 GiB)
@@ -77,7 +77,7 @@ def test_text_encoders_and_vae_match_released_counts():
 
 
 def test_unknown_preset_is_refused_with_the_choices():
-    from sidscale.perf.setup import build_preset_unet, latent_shape, preset_nets
+    from sidscale.families.presets import build_preset_unet, latent_shape, preset_nets
 
     with pytest.raises(KeyError, match="sd35_large"):
         get_dit_preset("sd4")
@@ -227,8 +227,8 @@ def test_activation_measurement_ignores_a_zero3_linear_left_in_the_process():
     import torch.nn.functional as F
     from deepspeed.runtime.zero.linear import zero3_linear_wrap
 
+    from sidscale.families.presets import build_preset_net
     from sidscale.perf.activations import net_saved_bytes
-    from sidscale.perf.setup import build_preset_net
 
     # frozen weights, as the teacher and the fake net in the generator step (the wrapper saved 36 % more here)
     net = build_preset_net("sd3_tiny", "meta").to(torch.bfloat16).requires_grad_(False)

@@ -8,12 +8,13 @@ import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from sidscale.models.sd3_conditioning import (
+from sidscale.errors import TeacherDirError
+from sidscale.families.sd3.conditioning import (
     SD3_REQUIRED_FOLDERS,
     SD3Conditioner,
     load_sd3_conditioner,
 )
-from sidscale.models.sd3_tiny import (
+from sidscale.families.sd3.tiny import (
     CLIP_G_WIDTH,
     CLIP_L_WIDTH,
     INFO_FILE,
@@ -21,8 +22,7 @@ from sidscale.models.sd3_tiny import (
     build_tiny_sd3_pipeline,
     write_tiny_sd3_teacher,
 )
-from sidscale.models.t5_tokenizer import build_tiny_t5_tokenizer
-from sidscale.models.teacher import TeacherDirError
+from sidscale.families.shared.tokenizers import build_tiny_t5_tokenizer
 
 L = 16  # T5 tokens (max_sequence_length); SiD-DiT uses 77, 16 keeps the test small
 CLIP = 77

@@ -459,7 +459,7 @@ def sd35_overrides(teacher: Path, ds_config: Path, cache: Path) -> tuple[str, ..
 def sd35(cluster, runs):
     """ZeRO-3 + partitioned tiny SD3.5 teacher on 2 nodes: the uninterrupted 4-step job, then its copy
     cut back to the step-2 checkpoint resumed on 2 nodes; started in the background."""
-    from sidscale.models.sd3_tiny import write_tiny_sd3_teacher
+    from sidscale.families.sd3.tiny import write_tiny_sd3_teacher
     from tests.teacher_partition_worker import write_ds_config
 
     teacher = write_tiny_sd3_teacher(runs / "sd35_teacher", seed=0, sd35=True)

@@ -52,7 +52,7 @@ def run_two_ranks(teacher_dir: Path, out: Path, timeout: float = 600) -> list[di
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    from sidscale.models.sd3_tiny import write_tiny_sd3_teacher
+    from sidscale.families.sd3.tiny import write_tiny_sd3_teacher
 
     teacher = write_tiny_sd3_teacher(tmp_path_factory.mktemp("sd3") / "teacher", seed=0, sd35=True)
     out = Path(tempfile.mkdtemp(prefix="sidscale-teacher-part-"))
@@ -198,7 +198,7 @@ def test_auto_placement_follows_the_memory_plan(tiny_toy_teacher, monkeypatch):
     from sidscale.config import load_config
     from sidscale.distributed.ds_config import build_ds_config
     from sidscale.distributed.teacher_partition import choose_placement
-    from sidscale.models.teacher import load_teacher
+    from sidscale.families.unet_vp.loading import load_teacher
     from sidscale.perf import placement
     from sidscale.perf.placement import USABLE_FRACTION, placement_numbers, replicated_teacher_fits
 

@@ -40,9 +40,9 @@ def test_partitioned_teacher_run_resumes_exactly(tmp_path, tiny_toy_teacher):
     assert (full / "export").is_dir()
     # the toy evaluation's teacher numbers (made on both ranks) equal the replicated teacher's own
     from sidscale.config import TeacherConfig
-    from sidscale.eval.toy_eval import toy_quality
-    from sidscale.models.teacher import load_teacher
-    from sidscale.models.toy_teacher import load_toy_mixture
+    from sidscale.families.toy.evaluation import toy_quality
+    from sidscale.families.toy.fit import load_toy_mixture
+    from sidscale.families.unet_vp.loading import load_teacher
 
     teacher = load_teacher(TeacherConfig(kind="toy", path=str(tiny_toy_teacher), dtype="fp32", resolution=8))
     want = toy_quality(teacher, load_toy_mixture(tiny_toy_teacher), None, 16, 2, 1.5, 625)

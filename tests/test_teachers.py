@@ -11,16 +11,17 @@ import pytest
 import torch
 
 from sidscale.config import ConfigError, TeacherConfig
-from sidscale.models.conditioning import SdxlConditioner, unet_kwargs
-from sidscale.models.teacher import TeacherDirError, attention_processors, load_teacher, set_attention
-from sidscale.models.unet_eps import UNetEps
-from tests.dist_launch import run_trainer
-from tests.tiny_teachers import (
+from sidscale.errors import TeacherDirError
+from sidscale.families.shared.clip import SdxlConditioner, unet_kwargs
+from sidscale.families.unet_vp.adapter import UNetEps
+from sidscale.families.unet_vp.loading import attention_processors, load_teacher, set_attention
+from sidscale.families.unet_vp.tiny import (
     SDXL_POOLED_DIM,
     SDXL_TEXT_HIDDEN,
     write_tiny_sd_teacher,
     write_tiny_sdxl_teacher,
 )
+from tests.dist_launch import run_trainer
 
 RES = 64  # pixels -> 4 x 8 x 8 latents through the factor-8 tiny VAE
 
@@ -238,7 +239,7 @@ def test_build_engine_enables_checkpointing_per_net():
 
     with single_rank_environment():
         init_distributed()
-        from sidscale.models.tiny import build_tiny_unet
+        from sidscale.families.unet_vp.tiny import build_tiny_unet
 
         unet = build_tiny_unet(0, in_channels=4, sample_size=8).requires_grad_(False)
         ds = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2},

@@ -61,7 +61,7 @@ QUIET_CHECK = textwrap.dedent("""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
-    from sidscale.models.tiny import build_tiny_text_encoder, build_tiny_unet
+    from sidscale.families.unet_vp.tiny import build_tiny_text_encoder, build_tiny_unet
 
     tmp = Path(tempfile.mkdtemp())
     build_tiny_unet(0, sample_size=8).to(torch.float16)                  # diffusers: "... float32: []"
@@ -121,13 +121,13 @@ LONG_PHASES = textwrap.dedent("""
     import torch
     from sidscale.distributed import comm
     from sidscale.eval.generate import generate_images
-    from sidscale.eval.toy_eval import toy_quality
+    from sidscale.families.toy.evaluation import toy_quality
     from sidscale.families import family_for_kind
     from sidscale.config import config_from_dict
-    from sidscale.models.toy import ToyMixture
-    from sidscale.models.toy_teacher import ToyTeacherSpec, ensure_toy_teacher, load_toy_mixture
+    from sidscale.families.toy.mixture import ToyMixture
+    from sidscale.families.toy.fit import ToyTeacherSpec, ensure_toy_teacher, load_toy_mixture
     from sidscale.terminal import quiet_third_party
-    from tests.tiny_teachers import write_tiny_toy_teacher
+    from sidscale.families.toy.tiny import write_tiny_toy_teacher
 
     quiet_third_party()  # as the entry points do (transformers' own bar when the fit saves its encoder)
     tmp = Path(tempfile.mkdtemp())
@@ -233,8 +233,8 @@ def test_a_demo_run_shows_only_sidscales_lines_and_bars(tmp_path):
     import os
     import sys
 
-    from sidscale.models.toy import ToyMixture
-    from sidscale.models.toy_teacher import ToyTeacherSpec, ensure_toy_teacher
+    from sidscale.families.toy.fit import ToyTeacherSpec, ensure_toy_teacher
+    from sidscale.families.toy.mixture import ToyMixture
     from tests.terminal import REPO, run_in_pty
 
     # a flow toy teacher fitted for one step: what is shown does not depend on its quality

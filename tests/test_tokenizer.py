@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from sidscale.models.tokenizer import CLIP_VOCAB_SIZE, build_clip_tokenizer, clip_vocab_and_merges
+from sidscale.families.shared.tokenizers import CLIP_VOCAB_SIZE, build_clip_tokenizer, clip_vocab_and_merges
 
 open_clip = pytest.importorskip("open_clip")
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from sidscale.core.schedule import VPSchedule
-from sidscale.models import toy_teacher
-from sidscale.models.toy import ToyMixture
-from sidscale.models.toy_teacher import ToyTeacherSpec, ensure_toy_teacher, load_toy_mixture
+from sidscale.families.toy import fit as toy_teacher
+from sidscale.families.toy.fit import ToyTeacherSpec, ensure_toy_teacher, load_toy_mixture
+from sidscale.families.toy.mixture import ToyMixture
 
 SCHEDULE = VPSchedule.from_settings()
 SMALL = dict(

@@ -14,9 +14,9 @@ import torch
 
 from sidscale.config import ConfigError, TeacherConfig, load_config, validate
 from sidscale.core.schedule import FlowSchedule, VPSchedule
-from sidscale.families.toy_flow import UNetVelocity
-from sidscale.models.toy import ToyMixture
-from sidscale.models.toy_teacher import ToyTeacherSpec
+from sidscale.families.toy.adapter import UNetVelocity
+from sidscale.families.toy.fit import ToyTeacherSpec
+from sidscale.families.toy.mixture import ToyMixture
 
 FLOW = FlowSchedule()
 MIX = ToyMixture(size=8)
@@ -58,9 +58,10 @@ def test_spec_hash_keeps_the_eps_teacher_and_separates_the_flow_one():
 
 
 def test_toy_flow_config_resolution_and_a_vp_dir_is_refused(tmp_path, monkeypatch, tiny_toy_teacher):
+    from sidscale.errors import TeacherDirError
     from sidscale.families import family_for_kind
-    from sidscale.models import toy_teacher
-    from sidscale.models.teacher import TeacherDirError, resolve_teacher_dir
+    from sidscale.families.toy import fit as toy_teacher
+    from sidscale.families.toy.fit import resolve_teacher_dir
 
     cfg = load_config("toy", ["teacher.kind=toy_flow", "teacher.resolution=12"])
     validate(cfg)  # built-in: no path needed, pixel space: no multiple of 8
@@ -94,7 +95,7 @@ def test_fitted_flow_teacher_predicts_the_exact_velocity(tiny_toy_flow_teacher):
     8x8, 80 fit steps. Measured: 0.140 (0.107 for sigma > 0.5, 0.185 below); the random-init UNet 1.001.
     A short fit, not a perfect one (the exact velocity of the prompt-agnostic marginal is 0.047 away from
     the conditional one), so the bound is 0.25, far below anything unfitted."""
-    from sidscale.models.tiny import build_tiny_unet
+    from sidscale.families.unet_vp.tiny import build_tiny_unet
 
     teacher = load_flow_teacher(tiny_toy_flow_teacher)
     assert teacher.schedule == FLOW and teacher.latent_shape == (3, 8, 8) and teacher.vae is None
@@ -165,9 +166,9 @@ def test_toy_flow_trains_in_the_trainer_and_exports(tmp_path, tiny_toy_flow_teac
     (112x). The export samples like a hand-written 2-step flow generator."""
     from diffusers import UNet2DConditionModel
 
-    from sidscale.eval.toy_eval import toy_quality
+    from sidscale.families.toy.evaluation import toy_quality
+    from sidscale.families.toy.fit import load_toy_mixture
     from sidscale.method.sid_lsg import MethodSettings
-    from sidscale.models.toy_teacher import load_toy_mixture
     from sidscale.sample import FewStepPipeline, seeded_generator_noises
     from tests.inprocess import run_main
 

@@ -67,9 +67,9 @@ def test_export_loads_in_plain_diffusers_and_samples(tmp_path, teacher_dir):
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "run" / "export" / "unet")
     # the end-of-run toy evaluation equals an independent evaluation of the exported generator
     from sidscale.config import TeacherConfig
-    from sidscale.eval.toy_eval import toy_quality
-    from sidscale.models.teacher import load_teacher
-    from sidscale.models.toy_teacher import load_toy_mixture
+    from sidscale.families.toy.evaluation import toy_quality
+    from sidscale.families.toy.fit import load_toy_mixture
+    from sidscale.families.unet_vp.loading import load_teacher
 
     teacher = load_teacher(TeacherConfig(kind="toy", path=str(teacher_dir), dtype="fp32", resolution=8))
     expected = toy_quality(teacher, load_toy_mixture(teacher_dir), unet, 64, 2, 1.5, 625)

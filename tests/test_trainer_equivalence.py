@@ -15,9 +15,9 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from sidscale.checkpoint import find_resume_checkpoint, full_ema_from_checkpoint, read_meta
 from sidscale.config import TeacherConfig
 from sidscale.data.prompts import IndexedPromptSource
+from sidscale.families.toy.fit import load_toy_mixture
+from sidscale.families.unet_vp.loading import load_teacher
 from sidscale.method.sid_lsg import MethodSettings
-from sidscale.models.teacher import load_teacher
-from sidscale.models.toy_teacher import load_toy_mixture
 from sidscale.testing.reference import OptimSettings, ReferenceLoop
 from tests.dist_launch import run_trainer
 

@@ -37,8 +37,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    # NOTE: sidscale.perf.setup does not import DeepSpeed (its accelerator is fixed at import, see main)
-    from sidscale.perf.setup import BENCH_PRESETS
+    # NOTE: sidscale.families.presets does not import DeepSpeed (its accelerator is fixed at import, see main)
+    from sidscale.families.presets import BENCH_PRESETS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=BENCH_PRESETS,
@@ -79,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from sidscale.bench import bench
+    from sidscale.bench.cases import BenchCase
     from sidscale.distributed import comm
     from sidscale.distributed.runtime import init_distributed, shutdown_distributed
-    from sidscale.perf.setup import BenchCase
 
     dist_info = init_distributed(args.local_rank)
     if dist_info.device.type != args.device:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sidscale.data.shards import read_prompt_file, write_prompt_shards  # noqa: E402
 from sidscale.data.stream import PromptStream  # noqa: E402
-from sidscale.models.tokenizer import build_clip_tokenizer  # noqa: E402
+from sidscale.families.shared.tokenizers import build_clip_tokenizer  # noqa: E402
 
 
 class ClipTokenize:

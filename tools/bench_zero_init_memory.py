@@ -67,7 +67,7 @@ def build_teacher(device: str = "cpu"):
     import torch
     from diffusers import UNet2DConditionModel
 
-    from sidscale.perf.setup import arch_preset
+    from sidscale.families.unet_vp.presets import arch_preset
 
     cfg = {**arch_preset("mid").unet, "block_out_channels": UNET_WIDTHS, "cross_attention_dim": CROSS_ATTENTION}
     with torch.device("meta"):

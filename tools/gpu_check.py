@@ -93,7 +93,7 @@ MIN_STEP_S = 20  # a step is not started with less of the part's time budget lef
 # --part: what one call of a lent GPU machine (<= 8 minutes) runs, the most informative first
 PARTS = ("main", "big", "all")
 # --part big without --big-preset: FLUX.1-dev and SD3.5-Large at their real width, tokens and text encoders,
-# cut to a few blocks (sidscale/perf/setup.py SLICES) so that the whole training setting fits one GPU
+# cut to a few blocks (sidscale/families/presets.py SLICES) so that the whole training setting fits one GPU
 DEFAULT_BIG_PRESETS = ["flux_dev_4l", "sd35_large_4l"]
 PART_BUDGET_S = 450.0  # --budget-s default with --part main|big: 8 minutes less the start-up and the copy back
 DRY_RUN_SETUP_S = 150.0  # --dry-run: the venv, the install and the imports, before the part's own budget
@@ -414,7 +414,7 @@ print(json.dumps(out))
 
     # ---------------------------------------------------------------- 2-3. teacher and disk
     def write_teacher(self) -> dict[str, Any]:
-        from sidscale.models.random_teacher import read_info
+        from sidscale.testing.random_teacher import read_info
 
         cmd = self.python("tools/write_random_teacher.py", "--preset", self.mode.train_preset, "--out",
                           str(self.teacher_dir), "--dtype", "bf16")
@@ -429,7 +429,7 @@ print(json.dumps(out))
     def teacher(self) -> dict[str, Any]:
         """The teacher's random_teacher.json (written by this run, or by an earlier one in --workdir)."""
         if not self.teacher_info:
-            from sidscale.models.random_teacher import read_info
+            from sidscale.testing.random_teacher import read_info
 
             self.teacher_info = read_info(self.teacher_dir)
         return self.teacher_info
@@ -619,7 +619,7 @@ print(json.dumps(out))
     def bench_extra(self, preset: str) -> list[str]:
         """Gradient checkpointing as the preset's config sets it (SDXL, the SD3 presets: on)."""
         from sidscale.config import load_config
-        from sidscale.perf.setup import preset_nets
+        from sidscale.families.presets import preset_nets
 
         config = load_config(preset_nets(preset).config_preset(preset))
         return ["--grad-checkpointing"] if config.teacher.grad_checkpointing else []
@@ -787,7 +787,7 @@ print(json.dumps(out))
 def with_train_preset(mode: Mode, preset: str) -> Mode:
     """``mode`` training ``preset``. A published SD3 preset writes ~15-27 GB of random weights (the
     transformer and T5-XXL built on the CPU): its write step gets more time."""
-    from sidscale.models.sd3_presets import DIT_PRESETS
+    from sidscale.families.sd3.presets import DIT_PRESETS
 
     timeouts = dict(mode.timeouts)
     if preset in DIT_PRESETS:
@@ -1034,7 +1034,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = SMOKE_MODE if args.cpu_smoke else GPU_MODE
     bench_presets = args.bench_presets if args.bench_presets is not None else (["tiny"] if args.cpu_smoke else ["sd15"])
     if args.preset is not None:
-        from sidscale.models.random_teacher import PRESETS
+        from sidscale.testing.random_teacher import PRESETS
 
         if args.preset not in PRESETS:
             p.error(f"--preset {args.preset!r}: expected one of {', '.join(PRESETS)}")

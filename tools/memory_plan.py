@@ -15,7 +15,7 @@ planned the same way:
 The tables of the big presets (SD3.5-Large, FLUX.1-dev at 8 and 16 x 80 GB): tools/scaling_model.py --memory.
 
 --measure also runs three iterations of the real trainer at that configuration (random weights, the
-benchmark's teacher and config: sidscale/perf/setup.py) and prints the measured peak next to the
+benchmark's teacher and config: sidscale/families/presets.py) and prints the measured peak next to the
 prediction: torch.cuda.max_memory_allocated on a GPU, the profiler's allocation trace on the CPU
 (sidscale/perf/measured_memory.py). One process per rank; --gpus is then the world size. On the CPU
 a preset whose plan exceeds the host's memory is refused (the published SD3 presets; use the
@@ -43,15 +43,15 @@ def _recipe_cfg_scales(preset: str) -> tuple[float, float, float]:
     one branch, any other two (CFG's doubled batch). flux_dev: 1 (FLUX.1-dev runs on its guidance
     embedding, no true CFG); the SD and SD3 recipes: 1.5 / 4.5."""
     from sidscale.config import load_config
-    from sidscale.perf.setup import preset_nets
+    from sidscale.families.presets import preset_nets
 
     m = load_config(preset_nets(preset).config_preset(preset)).method
     return (m.cfg_train_fake, m.cfg_eval_fake, m.cfg_eval_real)
 
 
 def main(argv: list[str] | None = None) -> int:
-    # NOTE: sidscale.perf.setup does not import DeepSpeed (see the --measure note below)
-    from sidscale.perf.setup import PLAN_PRESETS
+    # NOTE: sidscale.families.presets does not import DeepSpeed (see the --measure note below)
+    from sidscale.families.presets import PLAN_PRESETS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="sdxl", choices=PLAN_PRESETS)
@@ -171,10 +171,10 @@ def _measure(args, info) -> dict:
     """The largest per-rank peak of the real trainer at the plan's configuration."""
     import torch
 
+    from sidscale.bench.cases import BenchCase
     from sidscale.distributed import comm
     from sidscale.distributed.runtime import shutdown_distributed
     from sidscale.perf.measured_memory import measure_trainer_peak
-    from sidscale.perf.setup import BenchCase
 
     case = BenchCase(args.preset, args.zero, args.precision, args.micro_batch, args.accumulation,
                      args.grad_checkpointing,

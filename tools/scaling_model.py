@@ -35,7 +35,7 @@ PLACEMENTS = {"sd15": [(2, False)], "sdxl": [(2, False)], "sd35_large": [(2, Tru
 def recipe(preset: str) -> dict:
     """Global batch, micro-batch, checkpointing, generator steps and CFG scales of the preset's config."""
     from sidscale.config import load_config
-    from sidscale.perf.setup import preset_nets
+    from sidscale.families.presets import preset_nets
 
     cfg = load_config(preset_nets(preset).config_preset(preset))
     m = cfg.method

@@ -30,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sidscale.models.random_teacher import PRESETS, write_random_teacher
+    from sidscale.testing.random_teacher import PRESETS, write_random_teacher
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", required=True, choices=PRESETS)

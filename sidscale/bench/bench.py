@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 
+from sidscale.bench.cases import BenchCase, case_config
 from sidscale.core.precision import adam_eps, precision_context, uses_tf32
+from sidscale.families.presets import build_preset_teacher
 from sidscale.perf.flops import count_flops, gpu_peak_tflops, matmul_precision, mfu
-from sidscale.perf.setup import BenchCase, build_preset_teacher, case_config
 
 
 def sync(device: torch.device) -> None:
@@ -107,8 +108,8 @@ def reference_runner(preset: str, device: torch.device, batch: int, seed: int = 
     import dataclasses
 
     from sidscale.data.prompts import IndexedPromptSource
+    from sidscale.families.toy.mixture import ToyMixture
     from sidscale.method.sid_lsg import MethodSettings
-    from sidscale.models.toy import ToyMixture
     from sidscale.testing.reference import OptimSettings, ReferenceLoop
 
     cfg = case_config(BenchCase(preset, precision="fp32"), 1, seed)
@@ -169,7 +170,7 @@ def net_forward_flops_per_sample(preset: str) -> int:
     """FLOPs of one denoiser forward (UNet or SD3 transformer) for one sample at the preset's latent size
     and text length (UNet: 77 tokens; SD3: 77 CLIP + the preset's T5 tokens), counted on the meta device
     with the inputs the memory plan uses (``preset_net_inputs``)."""
-    from sidscale.perf.setup import build_preset_net, preset_net_inputs
+    from sidscale.families.presets import build_preset_net, preset_net_inputs
 
     net = build_preset_net(preset, "meta")
     args, kwargs = preset_net_inputs(preset, net, 1, "meta")

@@ -147,9 +147,9 @@ def _requires_grad(output) -> bool:
 
 @lru_cache(maxsize=16)
 def preset_profile(preset: str) -> NetProfile:
-    """The ``NetProfile`` of any preset ``sidscale.perf.setup.preset_nets`` knows (built on meta)."""
+    """The ``NetProfile`` of any preset ``sidscale.families.presets.preset_nets`` knows (built on meta)."""
     from sidscale.bench.bench import net_forward_flops_per_sample
-    from sidscale.perf.setup import build_preset_net, checkpoint_block_types, preset_net_inputs
+    from sidscale.families.presets import build_preset_net, checkpoint_block_types, preset_net_inputs
 
     net = build_preset_net(preset, "meta")
     args, kwargs = preset_net_inputs(preset, net, 1, "meta")

@@ -1,7 +1,9 @@
 """What a model family provides, and what the rest of sidscale may assume about it.
 
-A *family* is one adapter module (``sidscale/families/<name>.py``) that owns everything specific
-to a kind of teacher: loading it from a local diffusers directory, prompt encoding, the network
+A *family* is one folder (``sidscale/families/<name>/``) described by a ``FamilySpec`` (its
+``__init__.py``) and registered by one line in ``sidscale/families/__init__.py``. Its adapter
+(``ModelFamily``, ``<name>/adapter.py``) owns everything specific to a kind of teacher: loading it
+from a local diffusers directory, prompt encoding, the network
 call in its native parameterisation, the noise schedule (with the conversions to x0 and the
 denoising target), the latent layout and VAE scale/shift, and the export / sampling layout. The
 method (``sidscale/method``) sees only prediction functions, tensors and a ``NoiseSchedule``; the
@@ -10,8 +12,9 @@ trainer, checkpointing, EMA, data and the perf tools see a ``Teacher`` and a ``M
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -118,3 +121,68 @@ def decode_in_chunks(family: ModelFamily, vae: torch.nn.Module | None, latents: 
     """``family.decode`` of ``latents`` ``chunk`` images at a time, the images moved to the CPU as they come."""
     return torch.cat([family.decode(vae, latents[s:s + chunk], scaling_factor, shift_factor).cpu()
                       for s in range(0, latents.shape[0], chunk)])
+
+
+def resolve(ref: str) -> Any:
+    """``"package.module:attribute"`` -> the attribute (specs name their parts this way, so that reading
+    the registry imports neither diffusers nor transformers)."""
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@dataclass(frozen=True)
+class ConfigSection:
+    """A config section only some families read (FLUX's ``distilled_guidance``): its default values, what
+    to tell someone who changed it under a family that does not read it, and ``check``, the section's own
+    rules (``"module:function"``, called with the section under every kind)."""
+
+    defaults: Mapping[str, Any]
+    unused_hint: str
+    check: str | None = None
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Everything the rest of sidscale needs to know about one family; ``name`` is its folder's name.
+
+    Parts are ``"module:attribute"`` references (``resolve``), imported on first use.
+    - ``adapters``: teacher.kind -> its ``ModelFamily`` (several kinds may share one adapter);
+    - ``presets``: the architectures the bench, the memory plan and the random-teacher writer know
+      (CPU-sized ones included); ``bench_nets``: the ``PresetNets`` that builds them (and names the
+      blocks gradient checkpointing wraps);
+    - ``tiny``: the writer of the family's tiny teacher directory (tests, bench, CPU smoke, gpu_check),
+      ``tiny(path, seed=0) -> path``, loadable by ``adapters[tiny_kind]`` with the config overrides
+      ``tiny_overrides`` (teacher.kind, resolution, text length);
+    - ``validate``: the family's own config rules, ``validate(cfg)`` raising ``ConfigError`` (duck-typed:
+      families never import the config module); ``sections``: config sections only this family reads;
+    - ``end_of_run``: ``(trainer) -> dict | None`` after the last step (the toy evaluation), or None.
+    """
+
+    name: str
+    adapters: Mapping[str, str]
+    tiny: str
+    tiny_kind: str
+    tiny_overrides: tuple[str, ...] = ()
+    presets: tuple[str, ...] = ()
+    bench_nets: str | None = None
+    validate: str | None = None
+    sections: Mapping[str, ConfigSection] = field(default_factory=dict)
+    end_of_run: str | None = None
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(self.adapters)
+
+    def adapter(self, kind: str) -> ModelFamily:
+        return resolve(self.adapters[kind])
+
+    def write_tiny(self, path: Path, seed: int = 0) -> Path:
+        return resolve(self.tiny)(Path(path), seed=seed)
+
+    def check_config(self, cfg: Any) -> None:
+        if self.validate is not None:
+            resolve(self.validate)(cfg)
+
+    def checkpoint_block_types(self) -> tuple[type, ...]:
+        """The module types diffusers wraps one by one when gradient checkpointing is on."""
+        return resolve(self.bench_nets).checkpoint_block_types() if self.bench_nets else ()

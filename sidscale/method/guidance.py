@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from sidscale.models.conditioning import Cond, cat_conds
+from sidscale.core.cond import Cond, cat_conds
 
 # (x_t, t, cond) -> eps prediction in fp32. Networks are wrapped into this shape by
 # sidscale.models.unet_eps.UNetEps, so the method never sees a UNet's keyword arguments.

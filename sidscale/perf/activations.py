@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sidscale.perf.setup import build_preset_net, preset_net_inputs
+from sidscale.families.presets import build_preset_net, preset_net_inputs
+from sidscale.families.unet_vp.presets import unet_inputs
 
 
 @contextlib.contextmanager
@@ -132,19 +133,6 @@ def nograd_forward_peak_bytes(preset: str, net: torch.nn.Module, batch: int, dty
     finally:
         F.scaled_dot_product_attention = original
     return live.peak
-
-
-def unet_inputs(unet: torch.nn.Module, batch: int, size: int, device: Any, dtype: torch.dtype) -> tuple:
-    cfg = unet.config
-    x = torch.randn(batch, cfg.in_channels, size, size, device=device, dtype=dtype, requires_grad=True)
-    t = torch.full((batch,), 500, device=device, dtype=torch.long)
-    kw: dict[str, Any] = {"encoder_hidden_states": torch.randn(batch, 77, cfg.cross_attention_dim, device=device,
-                                                               dtype=dtype)}
-    if cfg.addition_embed_type == "text_time":
-        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled, device=device, dtype=dtype),
-                                   "time_ids": torch.randn(batch, 6, device=device, dtype=dtype)}
-    return (x, t), kw
 
 
 def unet_saved_bytes(unet: torch.nn.Module, batch: int, size: int, dtype: torch.dtype,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.autograd import DeviceType
 
-from sidscale.perf.setup import BenchCase
+from sidscale.bench.cases import BenchCase
 
 MARKER_BYTES = 7919  # a prime number of bytes: no tensor of the run has this size
 

@@ -110,15 +110,15 @@ import torch
 
 from sidscale.distributed.sharded_ema import GATHER_CHUNK_ELEMENTS
 from sidscale.families.base import PREVIEW_DECODE_CHUNK
-from sidscale.models.teacher import DTYPES
-from sidscale.perf.activations import net_saved_bytes
-from sidscale.perf.setup import (
+from sidscale.families.presets import (
     build_preset_net,
     build_preset_text_encoders,
     checkpoint_block_types,
     latent_shape,
     preset_vae_config,
 )
+from sidscale.families.shared.diffusers_dir import DTYPES
+from sidscale.perf.activations import net_saved_bytes
 
 GIB = 2**30
 TEXT_ENCODER_PLACEMENTS = ("replicated", "partitioned", "off")
@@ -433,7 +433,7 @@ def vae_decode_cost(config_key: str, dtype_name: str) -> tuple[float, float]:
 
 
 def decode_dtype(config: dict, teacher_dtype: str) -> str:
-    """What the decode runs in (sidscale.models.teacher.decode_precision): an fp16 VAE with
+    """What the decode runs in (sidscale.families.shared.diffusers_dir.decode_precision): an fp16 VAE with
     ``force_upcast`` (diffusers' default) decodes in fp32, the others in their own dtype."""
     return "fp32" if teacher_dtype == "fp16" and config.get("force_upcast", True) else teacher_dtype
 
@@ -536,7 +536,7 @@ def static_terms(inp: PlanInput, net_p: int, text_p: int, buf: int, largest_net:
     if buf:  # whole on every rank, fp32 in the two engines (module docstring)
         terms["generator_buffers"] = terms["fake_buffers"] = 4.0 * buf
         terms["teacher_buffers"] = tb * buf  # buffers are not parameters: ZeRO-3 never partitions them
-    if vae_p:  # the VAE stays on every rank (sidscale.models.teacher: loaded to the device)
+    if vae_p:  # the VAE stays on every rank (sidscale.families.unet_vp.loading: loaded to the device)
         terms["vae"] = float(tb * vae_p)
     if inp.text_encoders == "replicated":
         terms["text_encoders"] = tb * text_p

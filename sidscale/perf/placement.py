@@ -64,8 +64,8 @@ def generator_step_activation_bytes(teacher: Any, cfg: Any) -> float:
     """Saved-activation bytes of one generator step's forward (G + fake + teacher, CFG batches), on meta.
 
     Raises when the network cannot be copied or run on meta (the caller falls back)."""
+    from sidscale.families.shared.diffusers_dir import DTYPES
     from sidscale.method.sid_lsg import MethodSettings
-    from sidscale.models.teacher import DTYPES
 
     settings = MethodSettings.from_config(cfg.method)
     mb = cfg.train.micro_batch

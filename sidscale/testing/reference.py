@@ -17,9 +17,9 @@ import torch
 
 from sidscale.core.noise import PHASE_FAKE, PHASE_GEN, draw_step_noise, generator_step_count
 from sidscale.ema import ema_beta, update_ema_
+from sidscale.families.unet_vp.adapter import UNetEps
 from sidscale.method.guards import sanitize_grads_
 from sidscale.method.sid_lsg import MethodSettings, fake_step, generator_step
-from sidscale.models.unet_eps import UNetEps
 
 # (step, phase, global sample indices) -> prompts
 PromptFn = Callable[[int, int, Sequence[int]], list[str]]

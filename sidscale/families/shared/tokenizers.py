@@ -1,4 +1,6 @@
-"""The real CLIP BPE tokenizer, built offline from the vocabulary that ships inside open_clip_torch.
+"""Offline tokenizers: the real CLIP BPE tokenizer, and a tiny T5-style one for tests.
+
+The CLIP BPE tokenizer is built offline from the vocabulary that ships inside open_clip_torch.
 
 Stable Diffusion 1.x/2.x tokenize with OpenAI's CLIP BPE (49,408 ids). No model hub is reachable
 here, but ``open_clip`` ships the same merges as ``bpe_simple_vocab_16e6.txt.gz``. From it we
@@ -17,9 +19,14 @@ import gzip
 import importlib.util
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sidscale.core.io import atomic_write_text
+
+if TYPE_CHECKING:  # transformers is heavy: imported where a tokenizer is built
+    from transformers import PreTrainedTokenizerFast
 
 CLIP_VOCAB_SIZE = 49408
 NUM_MERGES = CLIP_VOCAB_SIZE - 2 * 256 - 2  # 48,894
@@ -119,4 +126,46 @@ def build_clip_tokenizer(out_dir: str | os.PathLike, model_max_length: int = 77)
         )
     if tok.bos_token_id != CLIP_VOCAB_SIZE - 2 or tok.eos_token_id != CLIP_VOCAB_SIZE - 1:
         raise RuntimeError(f"unexpected special token ids bos={tok.bos_token_id} eos={tok.eos_token_id}")
+    return tok
+
+
+T5_PAD_ID, T5_EOS_ID, T5_UNK_ID = 0, 1, 2
+DEFAULT_WORDS = ("a", "red", "blue", "circle", "square", "photo", "of", "cat", "dog")
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def tiny_t5_vocab(words: Sequence[str] = DEFAULT_WORDS) -> list[tuple[str, float]]:
+    """(piece, log-probability) in id order. Whole words score well above spelling them out, so a
+    listed word is one id; letters are the fallback."""
+    words = list(words)
+    bad = [w for w in words if not w or any(c.isspace() for c in w)]
+    if bad:
+        raise ValueError(f"build_tiny_t5_tokenizer: words must be non-empty and contain no whitespace, got {bad!r}")
+    if len(set(words)) != len(words):
+        raise ValueError(f"build_tiny_t5_tokenizer: duplicate words in {words!r}")
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("\u2581" + w, -1.0) for w in words]
+    vocab += [(c, -5.0) for c in LETTERS]  # distinct from the word pieces: those start with "\u2581"
+    vocab.append(("\u2581", -3.0))
+    return vocab
+
+
+def build_tiny_t5_tokenizer(words: Sequence[str] = DEFAULT_WORDS, model_max_length: int = 512,
+                            extra_ids: int = 0) -> PreTrainedTokenizerFast:
+    """A T5-convention tokenizer (Unigram, pad=0, eos=1, unk=2, Metaspace pre-tokenizer, ``</s>``
+    appended) over ``words`` + single letters.
+
+    ``extra_ids``: T5's sentinel tokens ``<extra_id_i>`` appended after the vocabulary (real T5
+    has 100); 0 keeps ``len(tokenizer)`` small, so a tiny encoder's ``vocab_size`` covers it.
+    """
+    from transformers import T5Tokenizer
+
+    # NOTE: T5Tokenizer(vocab=...) builds the same Unigram / Metaspace / "$A </s>" pipeline as
+    # a hand-built tokenizers.Tokenizer, but saves as class T5Tokenizer (not TokenizersBackend),
+    # so a T5TokenizerFast.from_pretrained of the saved dir does not add 100 sentinel ids.
+    tok = T5Tokenizer(vocab=tiny_t5_vocab(words), extra_ids=extra_ids, model_max_length=model_max_length)
+    ids = (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id)
+    if ids != (T5_PAD_ID, T5_EOS_ID, T5_UNK_ID):
+        raise RuntimeError(f"tiny T5 tokenizer: special ids (pad, eos, unk) = {ids}, expected (0, 1, 2) "
+                           "(transformers API change?)")
     return tok

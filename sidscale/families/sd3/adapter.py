@@ -3,7 +3,7 @@
 As SiD-DiT does it (sid_dit_method.md 1): ``x_t = (1 - sigma) x0 + sigma eps``, the transformer
 predicts the velocity ``eps - x0`` and takes ``timestep = 1000 sigma``; latents are 16-channel,
 ``(vae latent - shift_factor) * scaling_factor``; text = CLIP-L + CLIP-G penultimate states and
-T5 (``sidscale/models/sd3_conditioning.py``). Presets: ``sidscale/models/sd3_presets.py``.
+T5 (``sidscale/families/sd3/conditioning.py``). Presets: ``sidscale/families/sd3/presets.py``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from sidscale.config import ConfigError
 from sidscale.core.schedule import FlowSchedule
+from sidscale.errors import ConfigError
 from sidscale.families.base import Teacher
 
 log = logging.getLogger("sidscale.train")
@@ -55,9 +55,8 @@ class SD3Family:
 
     def load_teacher(self, cfg, device: torch.device | str) -> Teacher:
         """Transformer, text encoders (T5 optional) and VAE of a local diffusers SD3 / SD3.5 directory."""
-        from sidscale.families.dit_loading import load_transformer, load_vae, refuse_unet_levers
-        from sidscale.models.sd3_conditioning import check_sd3_dir, load_sd3_conditioner
-        from sidscale.models.teacher import DTYPES
+        from sidscale.families.sd3.conditioning import check_sd3_dir, load_sd3_conditioner
+        from sidscale.families.shared.diffusers_dir import DTYPES, load_transformer, load_vae, refuse_unet_levers
 
         t = cfg.teacher
         refuse_unet_levers(t, "an SD3 transformer")
@@ -94,7 +93,7 @@ class SD3Family:
         return FlowSchedule()
 
     def load_conditioner(self, directory: Path, meta: dict, dtype: torch.dtype, device: torch.device | str):
-        from sidscale.models.sd3_conditioning import load_sd3_conditioner
+        from sidscale.families.sd3.conditioning import load_sd3_conditioner
 
         return load_sd3_conditioner(directory, dtype, device, t5=bool(meta.get("t5", True)),
                                     max_sequence_length=int(meta.get("max_sequence_length", 77)))
@@ -103,10 +102,9 @@ class SD3Family:
                shift_factor: float = 0.0) -> torch.Tensor:
         """Latents -> images in [-1, 1]: ``vae.decode(latents / scaling + shift)``, as the SD3 pipeline;
         an fp16 VAE with ``force_upcast`` (SD3's has it) decodes upcast like SiD-LSG's (``decode_precision``)."""
-        from sidscale.models.teacher import decode_precision
+        from sidscale.families.shared.diffusers_dir import decode_shifted
 
-        with torch.no_grad(), decode_precision(vae) as dtype:
-            return vae.decode((latents / scaling_factor + shift_factor).to(dtype)).sample.float()
+        return decode_shifted(vae, latents, scaling_factor, shift_factor)
 
     def pipeline_class_name(self, kind: str) -> str:
         return "StableDiffusion3Pipeline"
@@ -122,8 +120,8 @@ class SD3Family:
         Returns the latents at sigma = 0. x_T: [B, *latent_shape] (else drawn on the CPU from ``generator``)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        from sidscale.method.guidance import guided_eps
-        from sidscale.models.conditioning import cond_batch_size
+        from sidscale.core.cond import cond_batch_size
+        from sidscale.families.shared.samplers import flow_euler
 
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(Path(teacher.path) / "scheduler")
         scheduler.set_timesteps(steps)
@@ -131,14 +129,8 @@ class SD3Family:
         batch = cond_batch_size(cond)
         if x_T is None:
             x_T = torch.randn((batch, *teacher.latent_shape), generator=generator, dtype=torch.float32)
-        device = next(iter(cond.values())).device
-        x = x_T.to(device=device, dtype=torch.float32)
         v_fn = self.prediction_fn(teacher.net, teacher.schedule, role="teacher")
-        with torch.no_grad():
-            for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
-                s = torch.full((batch,), sigma, dtype=torch.float32, device=device)
-                x = x + (sigma_next - sigma) * guided_eps(v_fn, x, s, cond, uncond, cfg_scale).float()
-        return x
+        return flow_euler(v_fn, sigmas, x_T, cond, uncond, cfg_scale)
 
 
 FAMILY = SD3Family()

@@ -15,10 +15,17 @@ Weights never come from here: a teacher is always loaded from a local directory 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+
+from sidscale.core.schedule import VPSchedule
+from sidscale.families.base import Teacher
+from sidscale.families.shared.bench_nets import bench_clip_tokenizer, bench_teacher_path
+from sidscale.families.shared.clip import ClipConditioner, SdxlConditioner
+from sidscale.families.shared.diffusers_dir import DTYPES
+from sidscale.families.unet_vp.loading import set_attention
 
 # CLIP ViT-L/14 text tower (OpenAI): SD1.5's encoder and SDXL's first encoder.
 CLIP_L_TEXT: dict[str, Any] = {
@@ -174,3 +181,138 @@ def unet_forward_flops(name: str, batch: int = 1, tokens: int = 77) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         unet(*args, **kwargs)
     return int(counter.get_total_flops())
+
+
+# ------------------------------------------------------------------------- bench / plan networks
+UNET_PRESETS = ("tiny", "mid", "sd15", "sd21", "sd21_768", "sdxl")
+TINY_LATENT = (4, 8, 8)
+
+
+def _mid_preset() -> ArchPreset:
+    sd15 = get_preset("sd15")
+    unet = {**sd15.unet, "block_out_channels": [64, 128, 256, 256], "cross_attention_dim": 256, "sample_size": 32}
+    text = {**CLIP_L_TEXT, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "projection_dim": 256}
+    return replace(sd15, name="mid", unet=unet, text_encoders=(text,), resolution=256, published={})
+
+
+def arch_preset(preset: str) -> ArchPreset:
+    """The ``ArchPreset`` of a published UNet preset, or of ``mid``."""
+    return _mid_preset() if preset == "mid" else get_preset(preset)
+
+
+def unet_inputs(unet: torch.nn.Module, batch: int, size: int, device: Any, dtype: torch.dtype) -> tuple:
+    """(args, kwargs) of one training forward of ``unet`` (x_t requires grad), random text states."""
+    cfg = unet.config
+    x = torch.randn(batch, cfg.in_channels, size, size, device=device, dtype=dtype, requires_grad=True)
+    t = torch.full((batch,), 500, device=device, dtype=torch.long)
+    kw: dict[str, Any] = {"encoder_hidden_states": torch.randn(batch, 77, cfg.cross_attention_dim, device=device,
+                                                               dtype=dtype)}
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled, device=device, dtype=dtype),
+                                   "time_ids": torch.randn(batch, 6, device=device, dtype=dtype)}
+    return (x, t), kw
+
+
+class UNetNets:
+    """UNet2DConditionModel presets: SD1.x/2.x/XL and the CPU-sized ``tiny`` / ``mid``."""
+
+    name = "unet"
+    presets = UNET_PRESETS
+
+    def build(self, preset: str, device: torch.device | str, seed: int) -> torch.nn.Module:
+        if preset == "tiny":
+            from sidscale.families.unet_vp.tiny import build_tiny_unet
+
+            with torch.device(device):
+                return build_tiny_unet(seed, in_channels=4, sample_size=8, cross_attention_dim=32)
+        if preset == "mid":
+            from diffusers import UNet2DConditionModel
+
+            device = torch.device(device)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+                torch.manual_seed(seed)
+                return UNet2DConditionModel(**arch_preset("mid").unet)
+        return build_unet(preset, device=device, seed=seed)
+
+    def text_encoders(self, preset: str, device: torch.device | str, seed: int) -> list[torch.nn.Module]:
+        if preset == "tiny":
+            from sidscale.families.unet_vp.tiny import build_tiny_text_encoder
+
+            with torch.device(device):
+                return [build_tiny_text_encoder(1 + seed, hidden_size=32)]
+        device = torch.device(device)
+        cuda = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)  # NOTE: seeds the CUDA generator too: the weights are drawn on the device
+            if preset == "mid":
+                from transformers import CLIPTextConfig, CLIPTextModel
+
+                with device:
+                    return [CLIPTextModel(CLIPTextConfig(**arch_preset("mid").text_encoders[0]))]
+            return build_text_encoders(preset, device=device)
+
+    def latent_shape(self, preset: str) -> tuple[int, int, int]:
+        if preset == "tiny":
+            return TINY_LATENT
+        p = arch_preset(preset)
+        return (int(p.unet["in_channels"]), p.latent_size, p.latent_size)
+
+    def inputs(self, preset: str, net: torch.nn.Module, batch: int, device: Any,
+               dtype: torch.dtype) -> tuple[tuple, dict[str, Any]]:
+        return unet_inputs(net, batch, self.latent_shape(preset)[1], device, dtype)
+
+    def checkpoint_block_types(self) -> tuple[type, ...]:
+        # diffusers' UNet checkpoints each resnet and each transformer one by one
+        from diffusers.models.resnet import ResnetBlock2D
+        from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+        return (ResnetBlock2D, Transformer2DModel)
+
+    def teacher_kind(self, preset: str) -> str:
+        return "sdxl" if preset == "sdxl" else "sd"
+
+    def vae_config(self, preset: str) -> dict[str, Any]:
+        if preset == "tiny":
+            from sidscale.families.unet_vp.tiny import TINY_VAE
+
+            return TINY_VAE
+        return arch_preset(preset).vae
+
+    def text_encoder_configs(self, preset: str) -> list[dict[str, Any]]:
+        if preset == "tiny":
+            from sidscale.families.unet_vp.tiny import tiny_clip_text_config
+
+            return [tiny_clip_text_config(32)]
+        return [copy.deepcopy(c) for c in arch_preset(preset).text_encoders]
+
+    def text_encoder_class(self, preset: str, index: int) -> str:
+        # SDXL's second encoder carries the pooled projection (text_embeds)
+        return "CLIPTextModelWithProjection" if preset == "sdxl" and index == 1 else "CLIPTextModel"
+
+    def teacher(self, preset: str, device: torch.device | str, dtype: str, seed: int) -> Teacher:
+        torch_dtype = DTYPES[dtype]
+        unet = self.build(preset, device, seed).to(torch_dtype).requires_grad_(False).eval()
+        set_attention(unet, "sdpa")
+        encoders = [e.to(device=device, dtype=torch_dtype) for e in self.text_encoders(preset, device, seed)]
+        tok = bench_clip_tokenizer()
+        kind = self.teacher_kind(preset)
+        if kind == "sdxl":
+            conditioner: ClipConditioner = SdxlConditioner(tok, tok, encoders[0], encoders[1],
+                                                           arch_preset(preset).resolution, dtype=torch_dtype)
+        else:
+            conditioner = ClipConditioner(tok, encoders[0], dtype=torch_dtype)
+        pred = "v_prediction" if preset == "sd21_768" else "epsilon"
+        return Teacher(bench_teacher_path(preset), kind, unet, conditioner,
+                       VPSchedule.from_settings(prediction_type=pred), self.latent_shape(preset), 0.18215, None)
+
+    def config_preset(self, preset: str) -> str:
+        """The config preset (sidscale/configs) with this architecture's training recipe."""
+        return "sd15" if preset in ("tiny", "mid") else preset  # tiny, mid: SD1.5's topology
+
+    def case_config_base(self, preset: str) -> tuple[str, list[str]]:
+        # the toy preset's SiD-LSG settings (CFG 1.5 on all three nets, one generator step)
+        return "toy", [f"teacher.kind={self.teacher_kind(preset)}"]
+
+UNET_NETS = UNetNets()

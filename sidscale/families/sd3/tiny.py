@@ -55,7 +55,7 @@ def tiny_sd3_transformer_config(sd35: bool = True, sample_size: int = 8) -> dict
 def _clip_encoder(width: int):
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from sidscale.models.tiny import tiny_clip_text_config
+    from sidscale.families.unet_vp.tiny import tiny_clip_text_config
 
     # projection_dim = width: the pooled text_embeds have the encoder's width (768 / 1280 for real)
     return CLIPTextModelWithProjection(CLIPTextConfig(**tiny_clip_text_config(width, projection_dim=width)))
@@ -66,7 +66,7 @@ def _clip_tokenizers(scratch: Path):
     tokenizer does, so the two id blocks differ and a swapped tokenizer is visible."""
     from transformers import CLIPTokenizer
 
-    from sidscale.models.tokenizer import write_clip_tokenizer_files
+    from sidscale.families.shared.tokenizers import write_clip_tokenizer_files
 
     write_clip_tokenizer_files(scratch)
     tok1 = CLIPTokenizer.from_pretrained(scratch)
@@ -89,7 +89,7 @@ def build_tiny_sd3_pipeline(seed: int = 0, sd35: bool = True, t5: bool = True,
     )
     from transformers import T5Config, T5EncoderModel
 
-    from sidscale.models.t5_tokenizer import build_tiny_t5_tokenizer
+    from sidscale.families.shared.tokenizers import build_tiny_t5_tokenizer
 
     if sample_size < 2 or sample_size % 2:
         raise ValueError(f"tiny SD3 sample_size = {sample_size}: expected an even latent side >= 2 (patch size 2)")

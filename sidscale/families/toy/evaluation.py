@@ -7,13 +7,15 @@ keys keep the name ``*_teacher_ddim`` for both."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from sidscale.distributed import comm
 from sidscale.eval.frechet import toy_frechet
 from sidscale.families.base import Teacher
+from sidscale.families.toy.mixture import ToyMixture
 from sidscale.method.sid_lsg import MethodSettings, multi_step_generate
-from sidscale.models.toy import ToyMixture
 from sidscale.sample import seeded_generator_noises
 from sidscale.terminal import progress, sampler_title, teacher_sampler_name
 
@@ -75,3 +77,11 @@ def toy_quality(
         out["frechet_teacher_ddim"] = toy_frechet(torch.cat(xs), reference)
         out.update(_accuracy(mixture, torch.cat(xs), prompts, "teacher_ddim"))
     return out
+
+
+def end_of_run(trainer: Any) -> dict[str, float] | None:
+    """The toy family's end-of-run hook (``FamilySpec.end_of_run``): the toy evaluation of the finished run
+    when ``eval.num_samples`` asks for one (numbers on rank 0, None elsewhere)."""
+    if trainer.cfg.eval.num_samples <= 0:
+        return None
+    return trainer.toy_evaluation()

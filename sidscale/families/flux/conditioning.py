@@ -9,7 +9,7 @@ FLUX reads two text encoders (diffusers ``FluxPipeline``, checked on 0.42.1):
   length, truncation, ``</s>`` appended), last hidden state, no attention mask:
   ``encoder_hidden_states`` [B, L, 4096]. Unlike SD3 there are no CLIP rows in the sequence.
 * ``text_ids``: zeros [L, 3] (the text tokens' RoPE positions); they depend on L only, so they are
-  not part of the conditioning: ``sidscale.families.flux`` builds them from the sequence length.
+  not part of the conditioning: ``sidscale.families.flux.adapter`` builds them from the sequence length.
 
 The unconditional branch (only used with true CFG, off by default for FLUX.1-dev) is E(""), the
 empty prompt encoded like a prompt, as ``FluxPipeline`` encodes its default ``negative_prompt``.
@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 from sidscale.core.cond import Cond
-from sidscale.models.teacher import TeacherDirError, check_teacher_dir
+from sidscale.errors import TeacherDirError
+from sidscale.families.flux.config import MAX_SEQUENCE_LENGTH_LIMIT as FLUX_MAX_SEQUENCE_LENGTH_LIMIT
+from sidscale.families.shared.diffusers_dir import check_teacher_dir
 
-FLUX_MAX_SEQUENCE_LENGTH_LIMIT = 512  # FluxPipeline.check_inputs rejects more (T5's trained length)
 FLUX_TEXT_FOLDERS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 FLUX_REQUIRED_FOLDERS = ("transformer", "scheduler", "vae", *FLUX_TEXT_FOLDERS)
 
@@ -133,7 +134,7 @@ def load_flux_conditioner(path: Path, dtype: torch.dtype, device: torch.device |
     """The frozen text side of a local diffusers FLUX directory (``local_files_only``)."""
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-    from sidscale.models.pretrained import load_pretrained
+    from sidscale.families.shared.pretrained import load_pretrained
 
     path = Path(path)
     max_sequence_length = check_flux_max_sequence_length(max_sequence_length)

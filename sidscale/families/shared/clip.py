@@ -1,4 +1,4 @@
-"""Prompt -> conditioning tensors for a diffusers UNet, and the batched forms CFG needs.
+"""CLIP prompt encoding shared by every family (CLIP-L for all; SDXL dual + pooled + time ids).
 
 A conditioning is a plain ``dict[str, Tensor]`` with batch-first tensors:
 - ``encoder_hidden_states`` [B, 77, D] for every teacher;
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from sidscale.core.cond import Cond, cat_conds, cond_batch_size, select_cond, where_cond  # noqa: F401
+from sidscale.core.cond import Cond
 
 
 def unet_kwargs(cond: Cond) -> dict:
@@ -134,9 +134,6 @@ class SdxlConditioner(ClipConditioner):
                 "time_ids": time_ids}
 
 
-Conditioner = ClipConditioner  # the base class: SdxlConditioner is one
-
-
 def load_conditioner(teacher_dir: str | Path, kind: str, dtype: torch.dtype = torch.float32,
                      device: torch.device | str = "cpu", resolution: int = 1024) -> ClipConditioner:
     """The frozen text side of a teacher directory (``local_files_only``: never a hub lookup).
@@ -146,7 +143,7 @@ def load_conditioner(teacher_dir: str | Path, kind: str, dtype: torch.dtype = to
     """
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from sidscale.models.pretrained import load_pretrained
+    from sidscale.families.shared.pretrained import load_pretrained
 
     path = Path(teacher_dir)
 

@@ -1,7 +1,7 @@
 """The UNet / rectified-flow family: the built-in flow-matching toy teacher (teacher.kind ``toy_flow``).
 
 The same tiny ``UNet2DConditionModel`` and CLIP conditioner as the VP toy teacher, fitted to the
-exact velocity of the same Gaussian mixture (``sidscale/models/toy_teacher.py``, parameterisation
+exact velocity of the same Gaussian mixture (``sidscale/families/toy/fit.py``, parameterisation
 "flow"): ``x_t = (1 - sigma) x0 + sigma eps``, the UNet predicts ``v = eps - x0`` and reads
 ``timestep = 1000 sigma``, as SD3's transformer does (sid_dit_method.md 1.1). So the flow path of
 the method (FlowSchedule, K-step generator from sigma = 1, the one_minus_sigma weighting) gets the
@@ -15,13 +15,12 @@ from pathlib import Path
 
 import torch
 
+from sidscale.core.cond import Cond
 from sidscale.core.schedule import FlowSchedule
 from sidscale.families.base import Teacher
-from sidscale.models.conditioning import Cond, unet_kwargs
+from sidscale.families.shared.clip import unet_kwargs
+from sidscale.families.toy.fit import TIME_SCALE  # the UNet reads timestep = TIME_SCALE * sigma, as fitted
 
-# The UNet reads timestep = TIME_SCALE * sigma, as SD3's transformer (sid_dit_method.md 1.1); the flow
-# toy teacher is fitted with this constant (sidscale/models/toy_teacher.py imports it).
-TIME_SCALE = 1000.0
 # What a toy_flow teacher directory holds (as the VP toy's, with a FlowMatchEuler scheduler).
 FOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
 FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
@@ -59,15 +58,11 @@ class ToyFlowFamily:
         """The (fitted, cached) flow toy teacher of ``cfg.teacher``, or the directory at teacher.path."""
         from diffusers import UNet2DConditionModel
 
-        from sidscale.models.conditioning import load_conditioner
-        from sidscale.models.teacher import (
-            DTYPES,
-            TeacherDirError,
-            check_teacher_dir,
-            resolve_teacher_dir,
-            set_attention,
-            set_channels_last,
-        )
+        from sidscale.errors import TeacherDirError
+        from sidscale.families.shared.clip import load_conditioner
+        from sidscale.families.shared.diffusers_dir import DTYPES, check_teacher_dir
+        from sidscale.families.toy.fit import resolve_teacher_dir
+        from sidscale.families.unet_vp.loading import set_attention, set_channels_last
 
         t = cfg.teacher
         path = resolve_teacher_dir(t)
@@ -102,7 +97,7 @@ class ToyFlowFamily:
         return FlowSchedule()
 
     def load_conditioner(self, directory: Path, meta: dict, dtype: torch.dtype, device: torch.device | str):
-        from sidscale.models.conditioning import load_conditioner
+        from sidscale.families.shared.clip import load_conditioner
 
         return load_conditioner(directory, "toy", dtype, device)
 
@@ -119,8 +114,8 @@ class ToyFlowFamily:
     def teacher_sampler(self, teacher: Teacher, cond: Cond, uncond: Cond | None, cfg_scale: float, steps: int,
                         generator: torch.Generator | None = None, x_T: torch.Tensor | None = None) -> torch.Tensor:
         """The flow Euler sampler (= DDIM in the flow parameterisation), ``steps`` evaluations from sigma = 1."""
-        from sidscale.flow_sampler import flow_sample
-        from sidscale.models.conditioning import cond_batch_size
+        from sidscale.core.cond import cond_batch_size
+        from sidscale.families.shared.samplers import flow_sample
 
         shape = (cond_batch_size(cond), *teacher.latent_shape)
         v_fn = self.prediction_fn(teacher.net, teacher.schedule, role="teacher")

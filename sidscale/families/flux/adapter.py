@@ -8,7 +8,7 @@ kept UNPACKED ``[B, 16, H/8, W/8]`` everywhere in sidscale (noise, generator, EM
 network call packs them into 2x2 patches ``[B, (H/16)(W/16), 64]`` with the image tokens' RoPE
 ids ``(0, row, col)`` and unpacks its output, exactly as ``FluxPipeline._pack_latents`` /
 ``_prepare_latent_image_ids`` / ``_unpack_latents``. Text = CLIP-L pooled + T5 states
-(``sidscale/models/flux_conditioning.py``), text ids = zeros [L, 3].
+(``sidscale/families/flux/conditioning.py``), text ids = zeros [L, 3].
 
 Distilled guidance (the ``distilled_guidance`` config section): FLUX.1-dev takes a guidance scale
 as an input embedding. Two ways to set it (``distilled_guidance.mode``):
@@ -47,9 +47,10 @@ from pathlib import Path
 
 import torch
 
-from sidscale.config import GUIDANCE_MODES, ConfigError
 from sidscale.core.schedule import FlowSchedule
+from sidscale.errors import ConfigError
 from sidscale.families.base import ROLES, Teacher
+from sidscale.families.flux.config import GUIDANCE_MODES
 
 log = logging.getLogger("sidscale.train")
 # FluxTransformer2DModel reads timestep = sigma in [0, 1] (it scales by 1000 internally)
@@ -175,7 +176,7 @@ class FluxGuidedVelocity(FluxVelocity):
                uncond: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
         """``v(cond; g=s)`` when s is 1 or 0 (one conditional call; 0 is an embedding of 0, not the
         unconditional branch), else ``v(u; g=s) + s (v(c; g=s) - v(u; g=s))`` in one call of batch 2B."""
-        from sidscale.models.conditioning import cat_conds
+        from sidscale.core.cond import cat_conds
 
         scale = float(scale)
         if scale in (0.0, 1.0):
@@ -201,9 +202,8 @@ class FluxFamily:
 
     def load_teacher(self, cfg, device: torch.device | str) -> Teacher:
         """Transformer, CLIP-L + T5 and VAE of a local diffusers FLUX directory (FluxPipeline layout)."""
-        from sidscale.families.dit_loading import load_transformer, load_vae, refuse_unet_levers
-        from sidscale.models.flux_conditioning import check_flux_dir, load_flux_conditioner
-        from sidscale.models.teacher import DTYPES
+        from sidscale.families.flux.conditioning import check_flux_dir, load_flux_conditioner
+        from sidscale.families.shared.diffusers_dir import DTYPES, load_transformer, load_vae, refuse_unet_levers
 
         t = cfg.teacher
         refuse_unet_levers(t, "a FLUX transformer")
@@ -267,7 +267,7 @@ class FluxFamily:
             raise ValueError(f"{where}: schedule: {e}") from None
 
     def load_conditioner(self, directory: Path, meta: dict, dtype: torch.dtype, device: torch.device | str):
-        from sidscale.models.flux_conditioning import load_flux_conditioner
+        from sidscale.families.flux.conditioning import load_flux_conditioner
 
         return load_flux_conditioner(directory, dtype, device, max_sequence_length=int(meta["max_sequence_length"]))
 
@@ -275,10 +275,9 @@ class FluxFamily:
                shift_factor: float = 0.0) -> torch.Tensor:
         """Unpacked latents -> images in [-1, 1]: ``vae.decode(latents / scaling + shift)``, as FluxPipeline
         does after ``_unpack_latents``."""
-        from sidscale.models.teacher import decode_precision
+        from sidscale.families.shared.diffusers_dir import decode_shifted
 
-        with torch.no_grad(), decode_precision(vae) as dtype:
-            return vae.decode((latents / scaling_factor + shift_factor).to(dtype)).sample.float()
+        return decode_shifted(vae, latents, scaling_factor, shift_factor)
 
     def pipeline_class_name(self, kind: str) -> str:
         return "FluxPipeline"
@@ -307,21 +306,15 @@ class FluxFamily:
         ``x <- x + (sigma_next - sigma) v``, on ``teacher_sigmas``, with the teacher's guidance embedding
         and true CFG ``cfg_scale`` on the velocity (1: off, FluxPipeline's default). Returns the unpacked
         latents at sigma = 0. x_T: [B, *latent_shape] (else drawn on the CPU from ``generator``)."""
-        from sidscale.method.guidance import guided_eps
-        from sidscale.models.conditioning import cond_batch_size
+        from sidscale.core.cond import cond_batch_size
+        from sidscale.families.shared.samplers import flow_euler
 
         sigmas = self.teacher_sigmas(teacher, steps)
         batch = cond_batch_size(cond)
         if x_T is None:
             x_T = torch.randn((batch, *teacher.latent_shape), generator=generator, dtype=torch.float32)
-        device = next(iter(cond.values())).device
-        x = x_T.to(device=device, dtype=torch.float32)
         v_fn = self.prediction_fn(teacher.net, teacher.schedule, role="teacher")
-        with torch.no_grad():
-            for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
-                s = torch.full((batch,), sigma, dtype=torch.float32, device=device)
-                x = x + (sigma_next - sigma) * guided_eps(v_fn, x, s, cond, uncond, cfg_scale).float()
-        return x
+        return flow_euler(v_fn, sigmas, x_T, cond, uncond, cfg_scale)
 
 
 FAMILY = FluxFamily()

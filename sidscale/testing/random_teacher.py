@@ -5,16 +5,16 @@ teacher from disk through its family's ``load_teacher``. No real weights can be 
 writes what ``save_pretrained`` would have written for a released checkpoint, with random weights.
 Speed, memory and every code path of a run are those of the real teacher; only the images are noise.
 
-- UNet presets (sidscale/models/presets.py, or the benchmark-only ``tiny`` / ``mid`` of
-  sidscale/perf/setup.py): the UNet, its text encoder(s) and VAE, the CLIP tokenizer built offline
+- UNet presets (sidscale/families/unet_vp/presets.py, or the benchmark-only ``tiny`` / ``mid`` of
+  sidscale/families/presets.py): the UNet, its text encoder(s) and VAE, the CLIP tokenizer built offline
   from open_clip's BPE vocabulary, and SD's scheduler config (``teacher.kind`` sd / sdxl).
-- SD3 presets (sd3_medium, sd35_medium, sd35_large of sidscale/models/sd3_presets.py, and the
+- SD3 presets (sd3_medium, sd35_medium, sd35_large of sidscale/families/sd3/presets.py, and the
   CPU-sized ``sd3_tiny``): ``StableDiffusion3Pipeline``'s layout (model_index.json, transformer/,
   vae/, scheduler/ (flow, shift 3), text_encoder{,_2,_3}/ = CLIP-L, CLIP-G (both with projection)
   and T5, tokenizer{,_2,_3}/ = the offline CLIP tokenizer (the second one pads with "!", as SD3's)
-  and the tiny offline T5 tokenizer (sidscale/models/t5_tokenizer.py; its ids fit any T5
+  and the tiny offline T5 tokenizer (sidscale/families/shared/tokenizers.py; its ids fit any T5
   vocabulary)); ``teacher.kind`` sd3. ``StableDiffusion3Pipeline.from_pretrained`` loads it.
-- FLUX presets (``flux_dev`` of sidscale/models/flux_presets.py, and the CPU-sized ``flux_tiny``):
+- FLUX presets (``flux_dev`` of sidscale/families/flux/presets.py, and the CPU-sized ``flux_tiny``):
   ``FluxPipeline``'s layout (transformer/, vae/, scheduler/ (flow, dynamic shift), text_encoder/ =
   CLIP-L ``CLIPTextModel``, text_encoder_2/ = T5, tokenizer/ = the offline CLIP tokenizer,
   tokenizer_2/ = the tiny offline T5 tokenizer); ``teacher.kind`` flux. ``FluxPipeline.from_pretrained``
@@ -32,7 +32,6 @@ recipe fits it, ``network`` the denoiser's folder).
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -40,32 +39,24 @@ from typing import Any
 
 import torch
 
-from sidscale.models.teacher import DTYPES
-from sidscale.perf.setup import BENCH_PRESETS, FLUX_PRESET_NAMES, SD3_PRESETS
+from sidscale.families.presets import BENCH_PRESETS, SD3_PRESETS, preset_nets, preset_vae_config
+from sidscale.families.shared.diffusers_dir import DTYPES
 
 INFO_FILE = "random_teacher.json"
 TEXT_ENCODER_FOLDERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-PRESETS = BENCH_PRESETS  # UNet presets, then SD3 presets (sidscale/perf/setup.py decides which is which)
+PRESETS = BENCH_PRESETS  # UNet presets, then SD3 presets (sidscale/families/presets.py decides which is which)
 
-# The VAE of the ``tiny`` preset: SD's 4 resolutions (factor 8) and 4 latent channels at ~50k
-# parameters, so a CPU decodes a preview in milliseconds (same shape as tests/tiny_teachers.py's).
-TINY_VAE: dict[str, Any] = {
-    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1,
-    "block_out_channels": [8, 8, 16, 16], "norm_num_groups": 4,
-    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "sample_size": 64, "scaling_factor": 0.18215,
-}
 TINY_RESOLUTION = 64  # the tiny UNet's 8x8 latents through the factor-8 VAE
 
 
 def _resolution(preset: str) -> int:
-    from sidscale.perf.setup import arch_preset
+    from sidscale.families.unet_vp.presets import arch_preset
 
     return TINY_RESOLUTION if preset == "tiny" else arch_preset(preset).resolution
 
 
 def _prediction_type(preset: str) -> str:
-    from sidscale.perf.setup import arch_preset
+    from sidscale.families.unet_vp.presets import arch_preset
 
     return "epsilon" if preset == "tiny" else arch_preset(preset).prediction_type
 
@@ -74,22 +65,7 @@ def text_encoder_configs(preset: str, text_layers: int | None = None) -> list[di
     """Config kwargs of the preset's encoder(s) (CLIPTextConfig; SD3's third: T5Config); ``text_layers``
     shortens each tower (a faster, smaller stand-in with the same widths, so the denoiser's text
     inputs still fit)."""
-    if preset == "tiny":
-        from sidscale.models.tiny import tiny_clip_text_config
-
-        configs = [tiny_clip_text_config(32)]
-    elif preset in SD3_PRESETS:
-        from sidscale.perf.setup import dit_preset
-
-        configs = [copy.deepcopy(c) for c in dit_preset(preset).text_encoders]
-    elif preset in FLUX_PRESET_NAMES:
-        from sidscale.perf.setup import flux_preset
-
-        configs = [copy.deepcopy(c) for c in flux_preset(preset).text_encoders]
-    else:
-        from sidscale.perf.setup import arch_preset
-
-        configs = [copy.deepcopy(c) for c in arch_preset(preset).text_encoders]
+    configs = preset_nets(preset).text_encoder_configs(preset)
     if text_layers is not None:
         if text_layers < 1:
             raise ValueError(f"text_layers = {text_layers}: expected a positive number of layers")
@@ -108,66 +84,31 @@ def _seeded(seed: int, build):
         return build()
 
 
-def _sd3_text_encoder(index: int, config: dict[str, Any]) -> torch.nn.Module:
+def _text_encoder(class_name: str, config: dict[str, Any]) -> torch.nn.Module:
     import transformers
     from transformers import CLIPTextConfig, T5Config
 
-    from sidscale.models.sd3_presets import TEXT_ENCODER_CLASSES
-
-    cls_name = TEXT_ENCODER_CLASSES[index]  # CLIP-L, CLIP-G (both with projection), T5 encoder
-    return getattr(transformers, cls_name)(T5Config(**config) if cls_name == "T5EncoderModel"
-                                           else CLIPTextConfig(**config))
-
-
-def _flux_text_encoder(index: int, config: dict[str, Any]) -> torch.nn.Module:
-    import transformers
-    from transformers import CLIPTextConfig, T5Config
-
-    from sidscale.models.flux_presets import FLUX_TEXT_ENCODER_CLASSES
-
-    cls_name = FLUX_TEXT_ENCODER_CLASSES[index]  # CLIP-L (FLUX reads its pooled output), T5 encoder
-    return getattr(transformers, cls_name)(T5Config(**config) if cls_name == "T5EncoderModel"
-                                           else CLIPTextConfig(**config))
+    return getattr(transformers, class_name)(T5Config(**config) if class_name == "T5EncoderModel"
+                                             else CLIPTextConfig(**config))
 
 
 def _build_text_encoders(preset: str, text_layers: int | None, seed: int) -> Iterator[torch.nn.Module]:
     """The preset's encoders one at a time (a caller that saves and drops each holds one at most)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
+    nets = preset_nets(preset)
     for i, cfg in enumerate(text_encoder_configs(preset, text_layers)):
-        if preset in SD3_PRESETS:
-            yield _seeded(seed + 1 + i, lambda i=i, cfg=cfg: _sd3_text_encoder(i, cfg))
-            continue
-        if preset in FLUX_PRESET_NAMES:
-            yield _seeded(seed + 1 + i, lambda i=i, cfg=cfg: _flux_text_encoder(i, cfg))
-            continue
-        # SDXL's second encoder carries the pooled projection (text_embeds).
-        cls = CLIPTextModelWithProjection if preset == "sdxl" and i == 1 else CLIPTextModel
-        yield _seeded(seed + 1 + i, lambda cls=cls, cfg=cfg: cls(CLIPTextConfig(**cfg)))
+        name = nets.text_encoder_class(preset, i)
+        yield _seeded(seed + 1 + i, lambda name=name, cfg=cfg: _text_encoder(name, cfg))
 
 
 def _build_vae(preset: str, seed: int) -> torch.nn.Module:
     from diffusers import AutoencoderKL
 
-    if preset == "tiny":
-        config = dict(TINY_VAE)
-    elif preset in SD3_PRESETS:
-        from sidscale.perf.setup import dit_preset
-
-        config = copy.deepcopy(dit_preset(preset).vae)
-    elif preset in FLUX_PRESET_NAMES:
-        from sidscale.perf.setup import flux_preset
-
-        config = copy.deepcopy(flux_preset(preset).vae)
-    else:
-        from sidscale.perf.setup import arch_preset
-
-        config = copy.deepcopy(arch_preset(preset).vae)
+    config = preset_vae_config(preset)
     return _seeded(seed + 10, lambda: AutoencoderKL(**config))
 
 
 def _write_tokenizer(path: Path, pad_token: str | None = None) -> None:
-    from sidscale.models.tokenizer import write_clip_tokenizer_files
+    from sidscale.families.shared.tokenizers import write_clip_tokenizer_files
 
     write_clip_tokenizer_files(path)
     if pad_token is not None:  # SDXL's second tokenizer pads with "!" (id 0), as the released one does
@@ -190,7 +131,7 @@ def write_random_teacher(out_dir: str | Path, preset: str, dtype: str = "bf16", 
     32 GB) or one fp32 T5-XXL (19 GB). The denoiser's weights are ``build_preset_net(preset, "cpu",
     seed)``'s.
     """
-    from sidscale.perf.setup import build_preset_net, preset_nets
+    from sidscale.families.presets import build_preset_net
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -226,7 +167,7 @@ def write_random_teacher(out_dir: str | Path, preset: str, dtype: str = "bf16", 
     else:
         from diffusers import DDPMScheduler
 
-        from sidscale.models.toy_teacher import SD_SCHEDULER_CONFIG
+        from sidscale.families.toy.fit import SD_SCHEDULER_CONFIG
 
         scheduler = {**SD_SCHEDULER_CONFIG, "prediction_type": _prediction_type(preset)}
         DDPMScheduler(**scheduler).save_pretrained(out / "scheduler")
@@ -245,8 +186,7 @@ def write_random_teacher(out_dir: str | Path, preset: str, dtype: str = "bf16", 
 
 def _write_sd3_rest(out: Path, preset: str) -> int:
     """SD3's scheduler, T5 tokenizer (tokenizer_3) and model_index.json; returns the preset's resolution."""
-    from sidscale.models.sd3_presets import TEXT_ENCODER_CLASSES
-    from sidscale.perf.setup import dit_preset
+    from sidscale.families.sd3.presets import TEXT_ENCODER_CLASSES, dit_preset
 
     # NOTE: model_index.json by hand, not StableDiffusion3Pipeline.save_pretrained: that would hold every
     # network in memory at once (SD3.5-Large + T5-XXL in fp32: over 50 GB).
@@ -256,8 +196,7 @@ def _write_sd3_rest(out: Path, preset: str) -> int:
 
 def _write_flux_rest(out: Path, preset: str) -> int:
     """FLUX's scheduler, T5 tokenizer (tokenizer_2) and model_index.json; returns the preset's resolution."""
-    from sidscale.models.flux_presets import FLUX_TEXT_ENCODER_CLASSES
-    from sidscale.perf.setup import flux_preset
+    from sidscale.families.flux.presets import FLUX_TEXT_ENCODER_CLASSES, flux_preset
 
     return _write_flow_rest(out, preset, flux_preset(preset), "FluxPipeline", "FluxTransformer2DModel",
                             FLUX_TEXT_ENCODER_CLASSES, clip_tokenizers=1)
@@ -271,7 +210,7 @@ def _write_flow_rest(out: Path, preset: str, p: Any, pipeline: str, transformer:
     import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from sidscale.models.t5_tokenizer import build_tiny_t5_tokenizer
+    from sidscale.families.shared.tokenizers import build_tiny_t5_tokenizer
 
     FlowMatchEulerDiscreteScheduler(**p.scheduler).save_pretrained(out / "scheduler")
     t5_tokenizer = build_tiny_t5_tokenizer()

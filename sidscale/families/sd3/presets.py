@@ -22,11 +22,22 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import torch
 
-from sidscale.models.presets import CLIP_L_TEXT, OPENCLIP_BIGG_TEXT
+from sidscale.core.schedule import FlowSchedule
+from sidscale.families.base import Teacher
+from sidscale.families.shared.bench_nets import (
+    bench_clip_tokenizer,
+    bench_t5_tokenizer,
+    bench_teacher_path,
+    slice_preset,
+)
+from sidscale.families.shared.diffusers_dir import DTYPES
+from sidscale.families.shared.t5 import tiny_t5_config
+from sidscale.families.unet_vp.presets import CLIP_L_TEXT, OPENCLIP_BIGG_TEXT
 
 # T5-v1.1-XXL, encoder only (SD3's text_encoder_3): 24 layers, 64 heads x 64, gated-GELU MLP of 10240.
 T5_XXL_ENCODER: dict[str, Any] = {
@@ -189,3 +200,153 @@ def transformer_forward_flops(name: str, batch: int = 1, t5_tokens: int = 77) ->
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         net(**kwargs, return_dict=False)
     return int(counter.get_total_flops())
+
+
+# ------------------------------------------------------------------------- bench / plan networks
+# Big presets cut to a few blocks at their REAL width, tokens and text encoders: name -> (preset, overrides)
+SLICES: dict[str, tuple[str, dict[str, int]]] = {"sd35_large_4l": ("sd35_large", {"num_layers": 4})}
+SD3_PRESETS = ("sd3_tiny", *DIT_PRESETS, *SLICES)  # sd3_tiny (CPU-sized), sd3_medium, sd35_medium, sd35_large
+
+
+# sd3_tiny's widths: CLIP-L, CLIP-G, T5 (= joint_attention_dim) all distinct, and CLIP-L + CLIP-G < T5
+# as in the real models (768 + 1280 <= 4096), so the CLIP states are really zero-padded.
+SD3_TINY_CLIP_L, SD3_TINY_CLIP_G, SD3_TINY_T5 = 32, 48, 96
+
+
+@lru_cache(maxsize=1)
+def sd3_tiny_preset() -> DiTPreset:
+    from sidscale.families.unet_vp.tiny import tiny_clip_text_config
+
+    width = 64
+    transformer = {
+        "sample_size": 32, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 4,
+        "attention_head_dim": 16, "num_attention_heads": width // 16,
+        "joint_attention_dim": SD3_TINY_T5, "caption_projection_dim": width,  # must equal heads x head_dim
+        "pooled_projection_dim": SD3_TINY_CLIP_L + SD3_TINY_CLIP_G,
+        # SD3.5-Medium's table is 6x its 1024 px token grid; 2x here keeps the buffer small but present
+        "pos_embed_max_size": 32,
+        "dual_attention_layers": (0, 1),  # SD3.5-M: the first 13 of 24 blocks
+        "qk_norm": "rms_norm",
+    }
+    t5 = tiny_t5_config(SD3_TINY_T5)
+    # projection_dim = width: the pooled text_embeds have the encoder's width (768 / 1280 for real)
+    clip_l = tiny_clip_text_config(SD3_TINY_CLIP_L, projection_dim=SD3_TINY_CLIP_L)
+    clip_g = tiny_clip_text_config(SD3_TINY_CLIP_G, projection_dim=SD3_TINY_CLIP_G)
+    # SD3's 16-channel VAE (factor 8, scaling / shift, no quant convs) at ~0.1M parameters
+    vae = {"in_channels": 3, "out_channels": 3, "latent_channels": 16, "layers_per_block": 1,
+           "block_out_channels": [8, 8, 16, 16], "norm_num_groups": 4,
+           "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+           "sample_size": 256, "scaling_factor": 1.5305, "shift_factor": 0.0609,
+           "use_quant_conv": False, "use_post_quant_conv": False}
+    return DiTPreset("sd3_tiny", transformer, text_encoders=(clip_l, clip_g, t5), vae=vae, resolution=256)
+
+
+def dit_preset(preset: str) -> DiTPreset:
+    """The ``DiTPreset`` of an SD3 preset: a published one, ``sd3_tiny``, or a slice."""
+    if preset in SLICES:
+        return slice_preset(get_dit_preset(SLICES[preset][0]), preset, SLICES[preset][1])
+    return sd3_tiny_preset() if preset == "sd3_tiny" else get_dit_preset(preset)
+
+
+# The trainer config whose recipe a CPU-sized SD3 preset borrows (the published ones have their own).
+_SD3_CONFIG = {"sd3_tiny": "sd35_medium", "sd35_large_4l": "sd35_large"}
+
+
+def build_dit_transformer(p: DiTPreset, device: torch.device | str = "meta",
+                          seed: int | None = None) -> torch.nn.Module:
+    """``SD3Transformer2DModel(**p.transformer)``; the weights of ``build_sd3_transformer`` for a published preset."""
+    from diffusers import SD3Transformer2DModel
+
+    device = torch.device(device)
+    # NOTE: fork the device's generator too when the weights are drawn on a GPU (the caller's streams stay)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+        if seed is not None:
+            torch.manual_seed(seed)
+        return SD3Transformer2DModel(**copy.deepcopy(p.transformer))
+
+
+def build_dit_text_encoders(p: DiTPreset, device: torch.device | str = "meta",
+                            configs: list[dict[str, Any]] | None = None) -> list[torch.nn.Module]:
+    """[CLIP-L with projection, CLIP-G with projection, T5 encoder] of ``p`` (or of ``configs``), in the
+    pipeline's order (text_encoder, text_encoder_2, text_encoder_3)."""
+    import transformers
+    from transformers import CLIPTextConfig, T5Config
+
+    out = []
+    with torch.device(device):
+        for cls_name, cfg in zip(TEXT_ENCODER_CLASSES, configs or p.text_encoders, strict=True):
+            config = T5Config(**cfg) if cls_name == "T5EncoderModel" else CLIPTextConfig(**cfg)
+            out.append(getattr(transformers, cls_name)(config))
+    return out
+
+
+class SD3Nets:
+    """SD3Transformer2DModel presets (SD3-Medium, SD3.5-Medium/Large, sd3_tiny): CLIP-L + CLIP-G + T5."""
+
+    name = "sd3"
+    presets = SD3_PRESETS
+
+    def build(self, preset: str, device: torch.device | str, seed: int) -> torch.nn.Module:
+        return build_dit_transformer(dit_preset(preset), device, seed)
+
+    def text_encoders(self, preset: str, device: torch.device | str, seed: int) -> list[torch.nn.Module]:
+        device = torch.device(device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            return build_dit_text_encoders(dit_preset(preset), device)
+
+    def latent_shape(self, preset: str) -> tuple[int, int, int]:
+        return dit_preset(preset).latent_shape
+
+    def inputs(self, preset: str, net: torch.nn.Module, batch: int, device: Any,
+               dtype: torch.dtype) -> tuple[tuple, dict[str, Any]]:
+        p = dit_preset(preset)
+        kw = transformer_inputs(net.config, batch, p.latent_size, p.t5_tokens, device, dtype)
+        # x_t requires grad in the generator step (it comes from G); the text embeddings never do
+        kw["hidden_states"].requires_grad_(True)
+        return (), kw
+
+    def checkpoint_block_types(self) -> tuple[type, ...]:
+        from diffusers.models.attention import JointTransformerBlock
+
+        return (JointTransformerBlock,)
+
+    def teacher_kind(self, preset: str) -> str:
+        return dit_preset(preset).kind
+
+    def vae_config(self, preset: str) -> dict[str, Any]:
+        return dit_preset(preset).vae
+
+    def text_encoder_configs(self, preset: str) -> list[dict[str, Any]]:
+        return [copy.deepcopy(c) for c in dit_preset(preset).text_encoders]
+
+    def text_encoder_class(self, preset: str, index: int) -> str:
+        return TEXT_ENCODER_CLASSES[index]  # CLIP-L, CLIP-G (both with projection), T5 encoder
+
+    def teacher(self, preset: str, device: torch.device | str, dtype: str, seed: int) -> Teacher:
+        from sidscale.families.sd3.conditioning import SD3Conditioner
+
+        p, torch_dtype = dit_preset(preset), DTYPES[dtype]
+        net = self.build(preset, device, seed).to(torch_dtype).requires_grad_(False).eval()
+        te1, te2, te3 = (e.to(device=device, dtype=torch_dtype) for e in self.text_encoders(preset, device, seed))
+        tok = bench_clip_tokenizer()
+        conditioner = SD3Conditioner(tok, tok, bench_t5_tokenizer(), te1, te2, te3,
+                                     joint_attention_dim=int(net.config.joint_attention_dim),
+                                     max_sequence_length=p.t5_tokens, dtype=torch_dtype)
+        return Teacher(bench_teacher_path(preset), p.kind, net, conditioner, FlowSchedule(), p.latent_shape,
+                       float(p.vae["scaling_factor"]), None, float(p.vae.get("shift_factor") or 0.0))
+
+    def config_preset(self, preset: str) -> str:
+        """The config preset (sidscale/configs) with this architecture's training recipe."""
+        return _SD3_CONFIG.get(preset, preset)
+
+    def case_config_base(self, preset: str) -> tuple[str, list[str]]:
+        p = dit_preset(preset)
+        # The preset's SiD-DiT recipe (CFG 4.5 on all three nets: both branches run, flow schedule,
+        # (1 - sigma) weighting) but ONE generator step: with K > 1 each iteration draws k ~ U{1..K}
+        # and its cost depends on k, so timings of different runners would not be comparable.
+        return self.config_preset(preset), [
+            f"teacher.kind={p.kind}", f"teacher.resolution={p.resolution}", "teacher.t5=true",
+            f"teacher.max_sequence_length={p.t5_tokens}", "method.generator_steps=1"]
+
+SD3_NETS = SD3Nets()

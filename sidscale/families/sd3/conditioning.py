@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from sidscale.core.cond import Cond
-from sidscale.models.teacher import TeacherDirError, check_teacher_dir
+from sidscale.errors import TeacherDirError
+from sidscale.families.shared.diffusers_dir import check_teacher_dir
 
 SD3_MAX_SEQUENCE_LENGTH_LIMIT = 512  # diffusers' check_inputs rejects more (T5's trained length)
 
@@ -207,7 +208,7 @@ def load_sd3_conditioner(path: Path, dtype: torch.dtype, device: torch.device | 
     """
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-    from sidscale.models.pretrained import load_pretrained
+    from sidscale.families.shared.pretrained import load_pretrained
 
     path = Path(path)
     max_sequence_length = check_max_sequence_length(max_sequence_length)

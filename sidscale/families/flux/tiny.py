@@ -55,9 +55,8 @@ def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True, sample
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
 
-    from sidscale.models.t5_tokenizer import build_tiny_t5_tokenizer
-    from sidscale.models.tiny import tiny_clip_text_config
-    from sidscale.models.tokenizer import write_clip_tokenizer_files
+    from sidscale.families.shared.tokenizers import build_tiny_t5_tokenizer, write_clip_tokenizer_files
+    from sidscale.families.unet_vp.tiny import tiny_clip_text_config
 
     if sample_size < 2 or sample_size % 2:
         raise ValueError(f"tiny FLUX sample_size = {sample_size}: expected an even latent side >= 2 (2x2 packing)")

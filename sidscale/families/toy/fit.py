@@ -3,7 +3,7 @@
 It is the project's default, CPU-runnable ground truth: a real ``UNet2DConditionModel`` eps-model,
 conditioned through a tiny ``CLIPTextModel`` (fitted with the UNet, frozen afterwards, like a
 real teacher's encoder) and the real CLIP tokenizer, on a
-distribution whose exact samples and exact score we have (``sidscale.models.toy``). So a
+distribution whose exact samples and exact score we have (``sidscale.families.toy.mixture``). So a
 distilled one-step generator can be scored against exact samples in seconds.
 
 The UNet regresses onto the EXACT eps (the mixture's posterior mean), not onto the noise that
@@ -15,12 +15,12 @@ Two parameterisations of the same UNet (``ToyTeacherSpec.parameterisation``):
   timestep t (a DDPM scheduler is written beside it).
 - ``"flow"`` (teacher.kind ``toy_flow``): rectified flow ``x_t = (1 - sigma) x0 + sigma eps``, the
   UNet predicts the velocity ``eps - x0`` at ``timestep = 1000 sigma`` (as SD3's transformer;
-  ``sidscale/families/toy_flow.py``), fitted to the exact velocity; a FlowMatchEuler scheduler
+  ``sidscale/families/toy/adapter.py``), fitted to the exact velocity; a FlowMatchEuler scheduler
   (shift 1) is written beside it. Its fit report samples with the flow Euler sampler.
 
 Usage::
 
-    python -m sidscale.models.toy_teacher --cache-dir ~/.cache/sidscale [--parameterisation flow]
+    python -m sidscale.families.toy.fit --cache-dir ~/.cache/sidscale [--parameterisation flow]
 
 writes ``<cache-dir>/toy-teacher-<hash of spec>/`` (flow: ``toy-flow-teacher-<hash>/``) in
 diffusers layout (unet/, text_encoder/, tokenizer/, scheduler/) plus toy_mixture.json and
@@ -48,18 +48,20 @@ from typing import Any
 
 import torch
 
+from sidscale.core.cond import Cond
 from sidscale.core.schedule import FlowSchedule, VPSchedule
-from sidscale.ddim import ddim_sample
 from sidscale.eval.frechet import toy_frechet
-from sidscale.families.toy_flow import TIME_SCALE  # the fit writes the timestep the family reads
-from sidscale.flow_sampler import flow_sample
-from sidscale.models.conditioning import ClipConditioner, Cond, unet_kwargs
-from sidscale.models.tiny import build_tiny_text_encoder, build_tiny_unet
-from sidscale.models.tokenizer import build_clip_tokenizer
-from sidscale.models.toy import ToyMixture
+from sidscale.families.shared.clip import ClipConditioner, unet_kwargs
+from sidscale.families.shared.samplers import ddim_sample, flow_sample
+from sidscale.families.shared.tokenizers import build_clip_tokenizer
+from sidscale.families.toy.mixture import ToyMixture
+from sidscale.families.unet_vp.tiny import SD_SCHEDULER_CONFIG, build_tiny_text_encoder, build_tiny_unet
 from sidscale.terminal import progress
 
 log = logging.getLogger(__name__)
+# The UNet reads timestep = TIME_SCALE * sigma, as SD3's transformer (sid_dit_method.md 1.1): the flow toy
+# teacher is fitted with it here, and the toy_flow adapter (sidscale/families/toy/adapter.py) reads it from here.
+TIME_SCALE = 1000.0
 
 # Bump when the fitting code changes in a way that changes the weights: it is part of the hash,
 # so stale cached teachers are not reused.
@@ -67,16 +69,6 @@ FIT_VERSION = 2  # 2: the text encoder is fitted with the UNet (1: frozen at ran
 # The same for the flow fit only (in the hash of flow specs only, so the eps teachers keep theirs).
 FLOW_FIT_VERSION = 1
 PARAMETERISATIONS = ("eps", "flow")
-# Stable Diffusion's training noise schedule (SD1.5 / SD2.1), written as the teacher's scheduler.
-SD_SCHEDULER_CONFIG: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
-    "clip_sample": False,
-    "steps_offset": 1,
-}
 # The flow teacher's scheduler: diffusers' rectified-flow Euler scheduler without SD3's shift.
 FLOW_SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 1.0}
 
@@ -406,6 +398,14 @@ def ensure_toy_teacher(cache_dir: str | os.PathLike, spec: ToyTeacherSpec | None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def resolve_teacher_dir(cfg: Any) -> Path:
+    """The teacher directory; for the built-in toy teachers (kinds toy, toy_flow), fitted once and cached."""
+    if cfg.is_toy and not cfg.path:
+        spec = ToyTeacherSpec(parameterisation="flow" if cfg.kind == "toy_flow" else "eps")
+        return ensure_toy_teacher(Path(cfg.cache_dir).expanduser(), spec)
+    return Path(cfg.path).expanduser()
 
 
 def main(argv: list[str] | None = None) -> int:
