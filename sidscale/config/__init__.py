@@ -11,7 +11,6 @@ values. The names below are the package's API; import them from ``sidscale.confi
 
 from sidscale.config.checks import (
     ATTENTION_MODES,
-    GUIDANCE_MODES,
     accumulation_steps,
     validate,
 )
@@ -45,7 +44,7 @@ from sidscale.config.schema import (
 from sidscale.errors import ConfigError  # the config layer's error (other layers raise it too)
 
 __all__ = [
-    "ATTENTION_MODES", "GUIDANCE_MODES",
+    "ATTENTION_MODES",
     "Config", "ConfigError", "DataConfig", "DeepSpeedSection", "DistConfig", "DistilledGuidanceConfig", "EvalConfig",
     "MethodConfig", "NetConfig", "PreviewConfig", "ScheduleConfig", "TeacherConfig", "TrainConfig",
     "accumulation_steps", "add_config_args", "apply_override", "config_from_args",

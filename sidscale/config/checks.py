@@ -7,13 +7,12 @@ what was expected. The generic checks come first; the rules of one teacher famil
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from sidscale.config.schema import TOY_KINDS, Config, DistilledGuidanceConfig, NetConfig
+from sidscale.config.schema import TOY_KINDS, Config, NetConfig
 from sidscale.errors import ConfigError
-from sidscale.families import TEACHER_KINDS  # one list of kinds: the family registry
+from sidscale.families import TEACHER_KINDS, validate_family_config  # the family registry owns kinds and rules
 from sidscale.method.losses import GEN_WEIGHTINGS
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -24,11 +23,6 @@ TEXT_ENCODER_DEVICES = ("gpu", "cpu")
 BETA_SCHEDULES = ("scaled_linear", "linear")
 METHODS = ("sid_lsg",)
 TEACHER_PLACEMENTS = ("auto", "true", "false")
-# Teachers with a guidance embedding: the distilled_guidance section applies (sidscale/families/flux.py).
-GUIDANCE_EMBED_KINDS = ("flux",)
-# distilled_guidance.mode: official = SiD-DiT's FLUX coupling (embedding = each call's CFG scale), per_role
-# = one fixed embedding per net (sidscale/families/flux.py)
-GUIDANCE_MODES = ("official", "per_role")
 
 
 def _check(ok: bool, path: str, value: Any, expected: str) -> None:
@@ -150,7 +144,9 @@ def accumulation_steps(cfg: Config, world_size: int) -> int:
 
 # at merge: replaced by families.family_for_kind(cfg.teacher.kind).validate(cfg)
 def family_rules(cfg: Config) -> None:
-    """The rules that depend on ``teacher.kind`` (``validate`` has already checked the kind itself)."""
+    """The rules that depend on ``teacher.kind`` (``validate`` has already checked the kind itself): a
+    directory and a latent-compatible resolution for every teacher that is not built in, then the
+    family's own rules from its spec (``sidscale.families``: the family owns its options)."""
     t = cfg.teacher
     # built-in teachers (toy kinds) need no directory; every other family loads one
     _check(t.is_toy or t.path != "", "teacher.path", t.path,
@@ -159,23 +155,4 @@ def family_rules(cfg: Config) -> None:
     # NOTE: SD VAEs downsample by 8; any other size cannot map to a latent grid.
     _check(t.is_toy or t.resolution % 8 == 0, "teacher.resolution", t.resolution,
            f"a multiple of 8 for kind {t.kind!r}")
-
-    g = cfg.distilled_guidance
-    _check_enum("distilled_guidance.mode", g.mode, GUIDANCE_MODES)
-    _check_non_negative(g, "distilled_guidance", ["teacher", "generator"])
-    # NOTE: in mode official the teacher / fake embeddings are each call's cfg_* scale: a value set here
-    # would be silently ignored
-    _check(g.mode != "official" or (g.teacher == DistilledGuidanceConfig.teacher and g.fake is None),
-           "distilled_guidance", dataclasses.asdict(g),
-           f"teacher = {DistilledGuidanceConfig.teacher} and fake = null in mode official (teacher and fake "
-           "take each call's method.cfg_* scale as their embedding); set mode per_role for fixed embeddings")
-    _check(g.fake is None or g.fake >= 0, "distilled_guidance.fake", g.fake,
-           "a value >= 0, or null (the teacher's scale)")
-    # NOTE: only a guidance-distilled teacher reads these; elsewhere a changed value would be silently ignored
-    if t.kind not in GUIDANCE_EMBED_KINDS:
-        _check(g == DistilledGuidanceConfig(), "distilled_guidance", dataclasses.asdict(g),
-               f"the defaults for teacher.kind {t.kind!r} (only kinds {', '.join(GUIDANCE_EMBED_KINDS)} have a "
-               "guidance embedding; use method.cfg_* for classifier-free guidance)")
-    _check(t.kind != "flux" or t.t5, "teacher.t5", t.t5, "true for teacher.kind flux (T5 is FLUX's text sequence)")
-    _check(t.kind != "flux" or t.max_sequence_length <= 512, "teacher.max_sequence_length", t.max_sequence_length,
-           "at most 512 T5 tokens for teacher.kind flux (FluxPipeline's limit)")
+    validate_family_config(cfg)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # The built-in toy teachers (fitted once, cached under teacher.cache_dir when teacher.path is ""):
-# toy = VP / eps, toy_flow = rectified flow / velocity (sidscale/models/toy_teacher.py).
+# toy = VP / eps, toy_flow = rectified flow / velocity (sidscale/families/toy/fit.py).
 TOY_KINDS = ("toy", "toy_flow")
 
 

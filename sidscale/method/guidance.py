@@ -9,7 +9,7 @@ import torch
 from sidscale.core.cond import Cond, cat_conds
 
 # (x_t, t, cond) -> eps prediction in fp32. Networks are wrapped into this shape by
-# sidscale.models.unet_eps.UNetEps, so the method never sees a UNet's keyword arguments.
+# sidscale.families.unet_vp.adapter.UNetEps, so the method never sees a UNet's keyword arguments.
 EpsFn = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
 
 

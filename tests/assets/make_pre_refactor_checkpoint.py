@@ -48,7 +48,7 @@ from tests.test_pre_refactor_checkpoint import (  # noqa: E402
     run_overrides,
 )
 
-# The toy preset's prompts (sidscale.models.toy.ToyMixture); the tokenizer covers every byte anyway.
+# The toy preset's prompts (sidscale.families.toy.mixture.ToyMixture); the tokenizer covers every byte anyway.
 TEXT_HIDDEN = 8
 
 
@@ -88,9 +88,8 @@ def write_teacher(path: Path) -> None:
     from diffusers import DDPMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from sidscale.models.tiny import build_tiny_unet, tiny_clip_text_config
-    from sidscale.models.toy import ToyMixture
-    from sidscale.models.toy_teacher import SD_SCHEDULER_CONFIG
+    from sidscale.families.toy.mixture import ToyMixture
+    from sidscale.families.unet_vp.tiny import SD_SCHEDULER_CONFIG, build_tiny_unet, tiny_clip_text_config
 
     unet = build_tiny_unet(0, sample_size=8, block_out_channels=[8, 16], norm_num_groups=4,
                            attention_head_dim=2, cross_attention_dim=TEXT_HIDDEN)

@@ -111,7 +111,7 @@ def flow_sample(
 ) -> torch.Tensor:
     """Sample x0 with the flow Euler sampler; ``v_fn(x_t, sigma [B] float, cond) -> velocity``.
 
-    Same calling convention as ``sidscale.ddim.ddim_sample``: the initial noise is drawn on CPU from
+    Same calling convention as ``ddim_sample`` above: the initial noise is drawn on CPU from
     ``generator`` (results do not depend on the device) and moved to the conditioning's device; CFG
     ``v_u + cfg (v_c - v_u)`` (linear in v, so the same as CFG on x0 or eps); the update runs in fp32.
     """
