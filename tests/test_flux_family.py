@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 
-from sidscale.checkpoint import find_resume_checkpoint, full_ema_from_checkpoint
+from sidscale.checkpointing.files import find_resume_checkpoint, full_ema_from_checkpoint
 from tests.dist_launch import run_trainer
 from tests.reference_run import assert_identical
 
@@ -57,7 +57,7 @@ def test_flux_dev_trains_with_zero3_resumes_exactly_and_exports(tmp_path, flux_t
     bit-identical to it; the export is the EMA, loadable by FluxTransformer2DModel.from_pretrained."""
     from diffusers import FluxTransformer2DModel
 
-    from sidscale import checkpoint as ckpt_lib
+    from sidscale.checkpointing import files as ckpt_lib
 
     split = tmp_path / "split"
     shutil.copytree(full_run, split, ignore=shutil.ignore_patterns("export", "step_00000004"))
