@@ -1,8 +1,10 @@
 """What a run produces besides its checkpoints: the EMA generator as a network, previews, the export and
 its sampling metadata, and the end-of-run evaluation.
 
-``Outputs`` reads the trainer's pieces when it is called (the current step, logger and EMA), so it holds
-no copy of the training state; the only state of its own is the teacher's preview samples, made once.
+``Outputs`` reads the trainer's changing state when it is called (the current step, the logger), so it
+holds no copy of it; the only state of its own is the teacher's preview samples, made once.
+NOTE: the pieces whose calls are collectives (the EMA, the generator engine) are attributes of ``self``
+so that tests/test_error_path_collectives.py, which follows calls by name, sees them.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from sidscale.testing import fault_injection
 
 class Outputs:
     def __init__(self, trainer: Any) -> None:
-        self.run = trainer
+        self.trainer = trainer
+        self.ema, self.gen_engine, self.dist = trainer.ema, trainer.gen_engine, trainer.dist
         self.preview_reference: torch.Tensor | None = None  # the teacher's preview samples (made once)
         self.teacher_reference_made = False
 
@@ -39,7 +42,7 @@ class Outputs:
         """How to sample the generator (an export's ``sidscale.json``): the family's schedule as
         training used it (VP: the teacher's full alphas_cumprod; cfg.schedule is not read by training,
         so exporting it could give the sampler other betas), K and the generator's start level."""
-        r = self.run
+        r = self.trainer
         source = str(Path(r.teacher.path) / "scheduler" / "scheduler_config.json")
         s = r.settings
         return {
@@ -65,9 +68,9 @@ class Outputs:
         per parameter on rank 0 for the whole run (~10 GB at SDXL size) for a preview every few
         hundred steps. The memory plan counts it as the ``preview`` phase.
         """
-        r = self.run
-        full = r.ema.gather_to_main()
-        if not r.dist.is_main:
+        r = self.trainer
+        full = self.ema.gather_to_main()
+        if not self.dist.is_main:
             yield None
             return
         net = network_from_state(r.family.network_class(), r.teacher.net.config, full)
@@ -81,11 +84,11 @@ class Outputs:
     def ema_in_generator(self) -> Any:
         """ZeRO-3: the EMA swapped into the partitioned generator for a block, on every rank
         (``sharded_ema.ema_swapped_into``; the previews use it instead of a whole copy on rank 0)."""
-        return ema_swapped_into(self.run.gen_engine, self.run.ema)
+        return ema_swapped_into(self.gen_engine, self.ema)
 
     def generate_with(self, net: torch.nn.Module, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         """Latents of the K-step generator ``net`` (image i from seed i), as sampling an export does."""
-        r = self.run
+        r = self.trainer
         noises = seeded_generator_noises(seeds, r.teacher.latent_shape, r.settings.generator_steps)
         cond = r.teacher.conditioner.encode(prompts)
         return multi_step_generate(r.family.prediction_fn(net, r.schedule), r.schedule,
@@ -97,7 +100,7 @@ class Outputs:
         """Rank 0 writes the preview grid. ZeRO-3: every rank generates with the EMA swapped into the
         partitioned generator (``ema_in_generator``); else rank 0 generates with a copy (``ema_network``).
         A partitioned teacher draws its reference samples on every rank first (its calls are collectives)."""
-        r = self.run
+        r = self.trainer
         if r.teacher_engine is not None:
             self._partitioned_teacher_reference()
         prompts, seeds = self._preview_prompts()
@@ -112,7 +115,7 @@ class Outputs:
                 self._preview_with(self.generate_with(net, prompts, seeds), prompts, seeds)
 
     def _preview_prompts(self) -> tuple[list[str], list[int]]:
-        p = self.run.cfg.preview
+        p = self.trainer.cfg.preview
         prompts = [q for q in p.prompts for _ in range(p.seeds_per_prompt)]
         return prompts, list(range(len(prompts)))
 
@@ -120,7 +123,7 @@ class Outputs:
         """The preview's teacher samples with a partitioned teacher, made once on EVERY rank: each of its
         calls gathers the teacher's layers from all ranks (a collective), so rank 0 cannot run it alone.
         Rank 0 keeps the images; no rank ever holds the whole teacher."""
-        r = self.run
+        r = self.trainer
         steps = r.cfg.eval.teacher_steps
         if self.teacher_reference_made or steps <= 0:
             return
@@ -130,7 +133,7 @@ class Outputs:
         self.teacher_reference_made = True
 
     def _preview_with(self, x0: torch.Tensor, prompts: list[str], seeds: list[int]) -> None:
-        r = self.run
+        r = self.trainer
         p, t = r.cfg.preview, r.teacher
         images = decode_in_chunks(r.family, t.vae, x0, t.scaling_factor, t.shift_factor)
         steps, guidance_scale = r.cfg.eval.teacher_steps, r.settings.cfg_eval_real
@@ -147,7 +150,7 @@ class Outputs:
                          guidance_scale: float) -> torch.Tensor:
         """Decoded images of the teacher's own sampler (its family's), on the CPU. In chunks of half the
         preview (at least a micro-batch): with CFG's doubled batch, no larger than the student's preview."""
-        r = self.run
+        r = self.trainer
         out, c, t = [], r.teacher.conditioner, r.teacher
         chunk = max(r.micro, len(prompts) // 2)
         for s in range(0, len(prompts), chunk):
@@ -159,8 +162,8 @@ class Outputs:
 
     # ----------------------------------------------------------------------------- export
     def export(self) -> Path | None:
-        r = self.run
-        full = r.ema.gather_to_main()
+        r = self.trainer
+        full = self.ema.gather_to_main()
 
         def write() -> Path:  # rank 0; a FLUX export writes tens of GB
             fault_injection.maybe_fail("export", r.step, r.rank)
@@ -178,7 +181,7 @@ def _end_of_run(trainer: Any) -> dict | None:
     NOTE: for now the toy evaluation of toy teachers; at merge this becomes the family spec's
     ``end_of_run`` hook, and ``ToyEvaluation`` moves to the toy family."""
     if trainer.cfg.teacher.is_toy and trainer.cfg.eval.num_samples > 0:
-        return ToyEvaluation(trainer).run()
+        return ToyEvaluation(trainer.outputs).run()
     return None
 
 
@@ -188,11 +191,11 @@ class ToyEvaluation:
 
     TEACHER_KEYS = ("frechet_teacher_ddim", "prompt_accuracy_teacher_ddim", "colour_accuracy_teacher_ddim")
 
-    def __init__(self, trainer: Any) -> None:
-        self.run_ = trainer
+    def __init__(self, outputs: Outputs) -> None:
+        self.outputs, self.trainer = outputs, outputs.trainer
 
     def run(self) -> dict | None:
-        r = self.run_
+        r = self.trainer
         teacher_numbers = None
         if r.teacher_engine is not None and r.cfg.eval.teacher_steps > 0:
             # A partitioned teacher samples on every rank together (its calls are collectives), unless
@@ -205,7 +208,7 @@ class ToyEvaluation:
                 teacher_numbers = toy_quality(r.teacher, load_toy_mixture(r.teacher.path), None,
                                               ev.num_samples, ev.teacher_steps, r.settings.cfg_eval_real,
                                               r.settings.t_init, settings=r.settings)
-        with r.ema_network() as net:
+        with self.outputs.ema_network() as net:
             def evaluate() -> dict:  # rank 0 (minutes on a busy CPU machine)
                 fault_injection.maybe_fail("toy_eval", r.step, r.rank)
                 return self.evaluate(net, teacher_numbers)
@@ -215,7 +218,7 @@ class ToyEvaluation:
 
     def cached_teacher_numbers(self) -> tuple[Path, dict | None]:
         """The teacher's toy-evaluation cache file and its numbers (None: not cached, or an older format)."""
-        r = self.run_
+        r = self.trainer
         ev = r.cfg.eval
         # The teacher's DDIM number depends only on the teacher and the evaluation settings (its
         # reference samples are seeded), and costs 2 x teacher_steps forwards per sample: compute it
@@ -236,7 +239,7 @@ class ToyEvaluation:
         from sidscale.eval.toy_eval import toy_quality
         from sidscale.models.toy_teacher import load_toy_mixture
 
-        r = self.run_
+        r = self.trainer
         ev, s = r.cfg.eval, r.settings
         # NOTE: the other ranks only wait here, so rank 0 may use every core of the node (CPU runs
         # are usually launched with OMP_NUM_THREADS=1 per rank).
