@@ -30,6 +30,25 @@ from sidscale.terminal import sampler_title, teacher_sampler_name, toy_eval_scal
 from sidscale.testing import fault_injection
 
 
+def sampling_meta(r: Any) -> dict:
+    """How to sample the generator of run ``r`` (an export's ``sidscale.json``): the family's schedule as
+    training used it (VP: the teacher's full alphas_cumprod; cfg.schedule is not read by training,
+    so exporting it could give the sampler other betas), K and the generator's start level."""
+    source = str(Path(r.teacher.path) / "scheduler" / "scheduler_config.json")
+    s = r.settings
+    return {
+        "family": r.family.name, "generator_steps": s.generator_steps,
+        "t_init": s.t_init, "sigma_init": s.sigma_init,
+        "prediction_type": getattr(r.schedule, "prediction_type", "velocity"),
+        "schedule": r.schedule.meta(source),
+        "latent_shape": list(r.teacher.latent_shape), "scaling_factor": r.teacher.scaling_factor,
+        "shift_factor": r.teacher.shift_factor,
+        "teacher_path": str(r.teacher.path.resolve()), "teacher_kind": r.cfg.teacher.kind,
+        "resolution": r.cfg.teacher.resolution, "step": r.step, "images_seen": r.images_seen,
+        **r.family.sampling_extras(r.cfg),
+    }
+
+
 class Outputs:
     def __init__(self, trainer: Any) -> None:
         self.trainer = trainer
@@ -39,23 +58,7 @@ class Outputs:
 
     # ----------------------------------------------------------------------------- the EMA as a network
     def sampling_meta(self) -> dict:
-        """How to sample the generator (an export's ``sidscale.json``): the family's schedule as
-        training used it (VP: the teacher's full alphas_cumprod; cfg.schedule is not read by training,
-        so exporting it could give the sampler other betas), K and the generator's start level."""
-        r = self.trainer
-        source = str(Path(r.teacher.path) / "scheduler" / "scheduler_config.json")
-        s = r.settings
-        return {
-            "family": r.family.name, "generator_steps": s.generator_steps,
-            "t_init": s.t_init, "sigma_init": s.sigma_init,
-            "prediction_type": getattr(r.schedule, "prediction_type", "velocity"),
-            "schedule": r.schedule.meta(source),
-            "latent_shape": list(r.teacher.latent_shape), "scaling_factor": r.teacher.scaling_factor,
-            "shift_factor": r.teacher.shift_factor,
-            "teacher_path": str(r.teacher.path.resolve()), "teacher_kind": r.cfg.teacher.kind,
-            "resolution": r.cfg.teacher.resolution, "step": r.step, "images_seen": r.images_seen,
-            **r.family.sampling_extras(r.cfg),
-        }
+        return sampling_meta(self.trainer)
 
     @contextlib.contextmanager
     def ema_network(self) -> Iterator[torch.nn.Module | None]:

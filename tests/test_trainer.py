@@ -58,7 +58,8 @@ def test_export_loads_in_plain_diffusers_and_samples(tmp_path, teacher_dir):
     from diffusers import UNet2DConditionModel
 
     from sidscale.core.schedule import VPSchedule
-    from sidscale.sample import OneStepPipeline, seeded_latent_noise
+    from sidscale.sample import FewStepPipeline as OneStepPipeline
+    from sidscale.sample import seeded_latent_noise
 
     run_trainer(tmp_path / "run", BASE + [f"teacher.path={teacher_dir}", "train.max_steps=2",
                                           "train.ckpt_every=100", "train.export_at_end=true",
