@@ -7,7 +7,7 @@ import io
 import math
 import resource
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -216,24 +216,14 @@ def reduce_over_ranks(stats: dict[str, torch.Tensor], device: torch.device, worl
     return dict(zip(keys, (vec / world).tolist(), strict=True))
 
 
-# The logged names of the method's statistics: stat -> (TensorBoard tag, scale by the number of ranks
-# (sums over the whole job), value when the stat is absent (None: required)). Others: ``method/<stat>``.
-STAT_TAGS: dict[str, tuple[str, bool, float | None]] = {
-    "loss_fake": ("loss/fake", False, None), "loss_gen": ("loss/gen", False, float("nan")),
-    "w_mean": ("gen/w_mean", False, float("nan")),
-    "dropped_fake": ("nan/dropped_fake", True, None), "dropped_gen": ("nan/dropped_gen", True, 0.0),
-    "skipped_fake": ("fp16/skipped_fake", False, None), "skipped_gen": ("fp16/skipped_gen", False, None),
-    "time_fake": ("time/fake_step_s", False, None), "time_gen": ("time/gen_step_s", False, None),
-}
-
-
-def step_scalars(vals: dict[str, float], world: int) -> dict[str, float]:
-    """The TensorBoard scalars of the (rank-averaged) statistics ``vals``."""
+def step_scalars(vals: dict[str, float], world: int, tags: Mapping[str, tuple[str, bool, float | None]]
+                 ) -> dict[str, float]:
+    """The TensorBoard scalars of the (rank-averaged) statistics ``vals``. ``tags`` (the method's
+    ``stat_tags``): stat -> (tag, whether it is a sum over the job (scaled by the number of ranks), the
+    value logged when the stat is absent this window, None: always present). Other stats: ``method/<stat>``."""
     out = {}
-    for k, (tag, by_world, default) in STAT_TAGS.items():
-        if k in vals or default is None:
-            out[tag] = vals[k] * (world if by_world else 1)
-        else:
-            out[tag] = default * (world if by_world else 1)
-    out.update({f"method/{k}": v for k, v in vals.items() if k not in STAT_TAGS})
+    for k, (tag, by_world, default) in tags.items():
+        value = vals[k] if k in vals or default is None else default
+        out[tag] = value * (world if by_world else 1)
+    out.update({f"method/{k}": v for k, v in vals.items() if k not in tags})
     return out

@@ -277,7 +277,7 @@ class Trainer:
         if self.logger is None or not self.dist.is_main:
             return
         out = {
-            **step_scalars(vals, self.world),
+            **step_scalars(vals, self.world, self.method.stat_tags),
             "lr/generator": self.cfg.generator.lr, "lr/fake": self.cfg.fake.lr,
             "perf/images_per_s": self.cfg.train.global_batch * steps / max(seconds, 1e-9),
             "progress/kimg": self.images_seen / 1000.0,

@@ -185,3 +185,20 @@ def test_a_new_state_is_one_registry_entry_saved_verified_and_resumed(tmp_path) 
     # the engines: saved under their tags with the step counters as client state, loaded back in order
     client = {"step": 3, "images_seen": 24}
     assert calls == [("generator", client, False), ("fake", client, False), ("load", "generator"), ("load", "fake")]
+
+
+def test_sids_logged_scalars_when_every_generator_phase_was_skipped() -> None:
+    """The TensorBoard names and scales of SiD's statistics (dropped counts are job totals: x ranks); the
+    generator's absent ones logged as NaN / 0; an undeclared one under ``method/``.
+    Mutations that fail it: no scaling by the ranks, a missing default, an undeclared stat dropped."""
+    import math
+
+    from sidscale.method.sid import SiD
+    from sidscale.metrics import step_scalars
+
+    vals = {"loss_fake": 1.5, "dropped_fake": 0.5, "skipped_fake": 1.0, "skipped_gen": 1.0, "time_fake": 2.0,
+            "time_gen": 0.0, "extra": 7.0}
+    out = step_scalars(vals, 4, SiD.stat_tags)
+    assert math.isnan(out.pop("loss/gen")) and math.isnan(out.pop("gen/w_mean"))
+    assert out == {"loss/fake": 1.5, "nan/dropped_fake": 2.0, "nan/dropped_gen": 0.0, "fp16/skipped_fake": 1.0,
+                   "fp16/skipped_gen": 1.0, "time/fake_step_s": 2.0, "time/gen_step_s": 0.0, "method/extra": 7.0}

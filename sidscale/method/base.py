@@ -71,6 +71,8 @@ class DistillMethod(Protocol):
     phases: tuple[Phase, ...]
     # fp16: when a phase's step is skipped by the loss scaler (overflow), the later phases skip too
     skip_later_phases_on_overflow: bool
+    # stat -> (TensorBoard tag, summed over the job, value when absent): ``metrics.step_scalars``
+    stat_tags: Mapping[str, tuple[str, bool, float | None]]
 
     def step_count(self, seed: int, step: int) -> int:
         """The k of this iteration (K-step generators), the same on every rank."""

@@ -24,6 +24,15 @@ class SiD:
 
     # fp16 overflow in the fake engine: the generator skips this iteration too (and so does the EMA)
     skip_later_phases_on_overflow = True
+    # how each statistic is logged (metrics.step_scalars); the generator's are absent in a window where
+    # every generator phase was skipped
+    stat_tags = {
+        "loss_fake": ("loss/fake", False, None), "loss_gen": ("loss/gen", False, float("nan")),
+        "w_mean": ("gen/w_mean", False, float("nan")),
+        "dropped_fake": ("nan/dropped_fake", True, None), "dropped_gen": ("nan/dropped_gen", True, 0.0),
+        "skipped_fake": ("fp16/skipped_fake", False, None), "skipped_gen": ("fp16/skipped_gen", False, None),
+        "time_fake": ("time/fake_step_s", False, None), "time_gen": ("time/gen_step_s", False, None),
+    }
 
     def __init__(self, settings: MethodSettings, train_cfg: Any, ema: Any) -> None:
         self.settings, self.train_cfg, self.ema = settings, train_cfg, ema
