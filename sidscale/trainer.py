@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-from sidscale.checkpointing import files as ckpt_lib
-from sidscale.checkpointing.manager import Checkpointer, checkpoint_complete
+from sidscale.checkpointing.manager import Checkpointer, checkpoint_complete, repair_latest
 from sidscale.checkpointing.states import CounterState, DataState, EMAState, EngineState, RNGState
 from sidscale.config import Config, ConfigError, accumulation_steps, config_to_dict
 from sidscale.core.noise import rank_sample_indices
@@ -318,10 +317,7 @@ class Trainer:
             if not checkpoint_complete(self.run_dir, self.step):
                 self.save_checkpoint()
             elif self.dist.is_main:
-                # a kill between the final meta.json and ``latest`` left the marker one checkpoint behind
-                final = ckpt_lib.step_dir(self.run_dir, self.step)
-                if ckpt_lib.latest_marked(self.run_dir) != final:
-                    ckpt_lib.mark_latest(self.run_dir, final)
+                repair_latest(self.run_dir, self.step)
             if tc.export_at_end:
                 out = self.export()
                 if out is not None:

@@ -117,6 +117,14 @@ def checkpoint_complete(run_dir: Path, step: int) -> bool:
     return comm.decide_on_rank0(ckpt_lib.is_complete, ckpt_lib.step_dir(run_dir, step))
 
 
+def repair_latest(run_dir: Path, step: int) -> None:
+    """Rank 0, at the end of a run whose last step has a complete checkpoint: a kill between that
+    checkpoint's meta.json and ``latest`` left the marker one checkpoint behind."""
+    final = ckpt_lib.step_dir(run_dir, step)
+    if ckpt_lib.latest_marked(run_dir) != final:
+        ckpt_lib.mark_latest(run_dir, final)
+
+
 def prepare_elastic_resume(path: Path, world_size: int) -> tuple[int, Path | None]:
     """(ranks that wrote ``path``, its universal copy or None when it is this job's world size).
     A collective: rank 0 converts (``checkpointing.elastic``) while the others wait (up to
