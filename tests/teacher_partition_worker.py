@@ -116,7 +116,7 @@ def main(rank: int, world: int, port: str, teacher_dir: str, out_dir: str) -> No
     try:
         from sidscale.config import load_config
         from sidscale.distributed.runtime import init_distributed, shutdown_distributed
-        from sidscale.train import Trainer
+        from sidscale.trainer import Trainer
 
         info = init_distributed()
         ds_path = write_ds_config(out / f"zero3_small_{rank}.json")

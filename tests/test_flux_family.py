@@ -124,7 +124,7 @@ def _record_trainer_calls(flux_teacher, run_dir, extra: list[str]) -> dict[str, 
     embeddings, timesteps and batch sizes the trainer feeds them."""
     from sidscale.config import load_config
     from sidscale.distributed.runtime import init_distributed
-    from sidscale.train import Trainer
+    from sidscale.trainer import Trainer
     from tests.inprocess import single_rank_environment
 
     cfg = load_config("flux_dev", [*overrides(flux_teacher, stage=2), "train.global_batch=1", *extra])

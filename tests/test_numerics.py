@@ -73,7 +73,7 @@ def max_diff(a: dict, b: dict) -> float:
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_bf16_ema_follows_fp32_masters(dist_info, teacher_dir, tmp_path, stage):
     from sidscale.checkpointing.files import full_ema_from_checkpoint
-    from sidscale.train import Trainer
+    from sidscale.trainer import Trainer
 
     cfg = bf16_config(teacher_dir, stage)
     trainer = Trainer(cfg, tmp_path / "run", dist_info)

@@ -27,7 +27,7 @@ def _masters(engine) -> torch.Tensor:
 
 def test_zero3_offload_trains_two_steps(one_rank):
     from sidscale.perf.setup import BenchCase, build_preset_teacher, case_config
-    from sidscale.train import Trainer
+    from sidscale.trainer import Trainer
 
     case = BenchCase("tiny", zero=3, precision="bf16", micro_batch=1)  # bf16: the sdxl preset's offload setting
     cfg = case_config(case, 1)

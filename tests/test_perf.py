@@ -55,7 +55,7 @@ def engine_measurements():
     from sidscale.distributed.runtime import init_distributed
     from sidscale.perf.activations import unet_inputs
     from sidscale.perf.setup import BenchCase, build_preset_teacher, case_config
-    from sidscale.train import Trainer
+    from sidscale.trainer import Trainer
     from tests.inprocess import single_rank_environment
 
     # the group is destroyed and DeepSpeed's group caches and os.environ restored at the end of the block
