@@ -89,7 +89,6 @@ class FewStepPipeline:
                                   float(self.meta.get("shift_factor", 0.0)))
 
 
-OneStepPipeline = FewStepPipeline  # the name before K-step generators
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -106,7 +106,7 @@ def one_rank_trainer(run_dir: Path, overrides: list[str], config: str = "toy"):
     """A ``Trainer`` built as ``main()`` builds it, as one in-process rank (torn down on exit)."""
     from sidscale.config import load_config, validate
     from sidscale.distributed.runtime import init_distributed
-    from sidscale.train import Trainer
+    from sidscale.trainer import Trainer
 
     cfg = load_config(config, overrides)
     with single_rank_environment():

@@ -48,15 +48,15 @@ def generator_gradients(trainer, detach_teacher: bool = False) -> dict:
     from sidscale.distributed.teacher_partition import GatherProbe
     from sidscale.method.sid_lsg import generator_step
 
-    teacher_eval = trainer.teacher_eval
+    teacher_fn = trainer.fns.teacher_fn
     if detach_teacher:  # the control: what a detached teacher output would give
-        def teacher_eval(x, t, c, f=trainer.teacher_eval):
+        def teacher_fn(x, t, c, f=trainer.fns.teacher_fn):
             return f(x, t, c).detach()
     probe = GatherProbe(trainer.teacher.net) if trainer.teacher_engine is not None else None
-    noise, cond, uncond = trainer._inputs(PHASE_GEN, 0)
+    noise, cond, uncond = trainer.batch(PHASE_GEN, 0)
     trainer.fake_engine.module.requires_grad_(False)
-    loss, _ = generator_step(trainer.gen_train, trainer.fake_eval, teacher_eval, trainer.schedule, noise, cond,
-                             uncond, trainer.settings, loss_normaliser=trainer.micro, k=1)
+    loss, _ = generator_step(trainer.fns.gen_engine_fn, trainer.fns.fake_module_fn, teacher_fn, trainer.schedule,
+                             noise, cond, uncond, trainer.settings, loss_normaliser=trainer.micro, k=1)
     trainer.gen_engine.backward(loss)
     trainer.fake_engine.module.requires_grad_(True)
     grads = {n: safe_get_full_grad(p).detach().clone() for n, p in trainer.gen_engine.module.named_parameters()}
@@ -116,7 +116,7 @@ def main(rank: int, world: int, port: str, teacher_dir: str, out_dir: str) -> No
     try:
         from sidscale.config import load_config
         from sidscale.distributed.runtime import init_distributed, shutdown_distributed
-        from sidscale.train import Trainer
+        from sidscale.trainer import Trainer
 
         info = init_distributed()
         ds_path = write_ds_config(out / f"zero3_small_{rank}.json")

@@ -239,7 +239,7 @@ def test_elastic_merge_restarts_the_earliest_unfinished_epoch_and_sums_counters(
     """Elastic resume (2 ranks -> 1 and 3): the new ranks restart at the earliest epoch ANY old rank
     had not finished (old rank 1 is still in epoch 0 while rank 0 is in epoch 1), and the old
     counters are carried once, on new rank 0 (the job's totals stay right)."""
-    from sidscale.elastic import merged_stream_state
+    from sidscale.checkpointing.elastic import merged_stream_state
 
     def stream(rank: int, world: int) -> PromptStream:
         return PromptStream(pattern(shard_dir), rank=rank, world_size=world, batch_size=5, seed=1, num_workers=2,

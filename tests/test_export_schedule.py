@@ -35,7 +35,7 @@ def _trainer_sampling_meta(teacher_dir: Path) -> dict:
     from sidscale.config import load_config
     from sidscale.families.unet_vp.loading import load_teacher
     from sidscale.method.sid_lsg import MethodSettings
-    from sidscale.train import Trainer
+    from sidscale.outputs import sampling_meta
 
     cfg = load_config("toy", [f"teacher.path={teacher_dir}"])
     assert cfg.schedule.beta_schedule == "scaled_linear"  # the config disagrees with the teacher
@@ -43,14 +43,15 @@ def _trainer_sampling_meta(teacher_dir: Path) -> dict:
     run = SimpleNamespace(cfg=cfg, settings=MethodSettings.from_config(cfg.method), teacher=teacher,
                           family=teacher.family,
                           schedule=teacher.schedule, step=3, images_seen=12)
-    return Trainer.sampling_meta(run)
+    return sampling_meta(run)
 
 
 def test_export_samples_with_the_teachers_schedule(teacher_dir, tmp_path):
     from diffusers import UNet2DConditionModel
 
     from sidscale.export import export_generator
-    from sidscale.sample import OneStepPipeline, seeded_latent_noise
+    from sidscale.sample import FewStepPipeline as OneStepPipeline
+    from sidscale.sample import seeded_latent_noise
 
     meta = json.loads(json.dumps(_trainer_sampling_meta(teacher_dir)))  # as it is stored
     gen = UNet2DConditionModel.from_pretrained(teacher_dir / "unet").eval()

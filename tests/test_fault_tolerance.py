@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-from sidscale.checkpoint import (
+from sidscale.checkpointing.files import (
     LATEST,
     checkpoints_root,
     find_resume_checkpoint,

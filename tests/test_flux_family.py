@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 
-from sidscale.checkpoint import find_resume_checkpoint, full_ema_from_checkpoint
+from sidscale.checkpointing.files import find_resume_checkpoint, full_ema_from_checkpoint
 from tests.dist_launch import run_trainer
 from tests.reference_run import assert_identical
 
@@ -57,7 +57,7 @@ def test_flux_dev_trains_with_zero3_resumes_exactly_and_exports(tmp_path, flux_t
     bit-identical to it; the export is the EMA, loadable by FluxTransformer2DModel.from_pretrained."""
     from diffusers import FluxTransformer2DModel
 
-    from sidscale import checkpoint as ckpt_lib
+    from sidscale.checkpointing import files as ckpt_lib
 
     split = tmp_path / "split"
     shutil.copytree(full_run, split, ignore=shutil.ignore_patterns("export", "step_00000004"))
@@ -124,7 +124,7 @@ def _record_trainer_calls(flux_teacher, run_dir, extra: list[str]) -> dict[str, 
     embeddings, timesteps and batch sizes the trainer feeds them."""
     from sidscale.config import load_config
     from sidscale.distributed.runtime import init_distributed
-    from sidscale.train import Trainer
+    from sidscale.trainer import Trainer
     from tests.inprocess import single_rank_environment
 
     cfg = load_config("flux_dev", [*overrides(flux_teacher, stage=2), "train.global_batch=1", *extra])

@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sidscale import checkpoint as ckpt_lib
 from sidscale import train
+from sidscale.checkpointing import files as ckpt_lib
+from sidscale.checkpointing.manager import Checkpointer
+from sidscale.checkpointing.states import CounterState, DataState, EMAState, EngineState, RNGState
+from sidscale.errors import RunDirError
 
 
 def synthetic_checkpoint(run_dir: Path, step: int, world: int = 1, payload: bytes = b"weights",
@@ -56,7 +59,7 @@ def test_a_run_whose_checkpoints_are_all_damaged_is_never_started_over(tmp_path)
         problems = ckpt_lib.verify_share(c, 0, 1)
         assert problems and str(ckpt_lib.rank_file(c, 0)) in problems[0]
         ckpt_lib.set_aside_damaged(c, problems)
-    with pytest.raises(train.RunDirError) as e:
+    with pytest.raises(RunDirError) as e:
         train.prepare_run_dir(run, resume=True)
     assert str(run) in str(e.value) and "step_00000002, step_00000004" in str(e.value)
     assert "Restore their files" in str(e.value) and "move" in str(e.value)
@@ -85,17 +88,23 @@ class _Engine:
         (Path(save_dir) / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"new shard")
 
 
-def _saving_stub(run: Path, step: int):
+def _saving_stub(run: Path, step: int) -> Checkpointer:
+    """The toy run's checkpointer over stub engines, EMA and data source (the run's real RNG state)."""
     from types import SimpleNamespace
 
-    from sidscale.config import load_config
+    from sidscale.config import config_to_dict, load_config
 
-    stub = SimpleNamespace(step=step, images_seen=8 * step, rank=0, world=1, zero_stage=2,
-                           dist=SimpleNamespace(is_main=True), gen_engine=_Engine(), fake_engine=_Engine(),
-                           ema=SimpleNamespace(state_dict=lambda: {}, names=[]), run_dir=run,
-                           prompts=SimpleNamespace(state_dict=lambda: {}), cfg=load_config("toy", []),
-                           _rng_state=dict, _ema_shapes=list, sampling_meta=dict)
-    return stub
+    cfg = load_config("toy", [])
+    counters = SimpleNamespace(step=step, images_seen=8 * step)
+    return Checkpointer(
+        run, rank=0, world=1, is_main=True,
+        engines={"generator": EngineState(_Engine(), 0.0, "generator.lr"),
+                 "fake": EngineState(_Engine(), 0.0, "fake.lr")},
+        states={"ema": EMAState(SimpleNamespace(state_dict=lambda: {}, names=[], params=[])),
+                "rng": RNGState(torch.device("cpu")), "data": DataState(SimpleNamespace(state_dict=lambda: {})),
+                "trainer": CounterState(counters, extra_meta=dict)},
+        run_meta=lambda: {"world_size": 1, "zero_stage": 2, "config": config_to_dict(cfg)},
+        keep_last=cfg.train.keep_last, step=lambda: counters.step)
 
 
 def test_a_damaged_step_directory_is_moved_aside_before_the_resave(tmp_path):
@@ -109,13 +118,13 @@ def test_a_damaged_step_directory_is_moved_aside_before_the_resave(tmp_path):
     problems = ckpt_lib.verify_share(ckpt, 0, 1)
     assert problems == [f"{victim}: missing"]
     ckpt_lib.set_aside_damaged(ckpt, problems)  # the fallback to step 2 happened; training redoes step 4
-    train.Trainer._save_checkpoint(_saving_stub(run, 4), ckpt)  # raised IsADirectoryError on every retry
+    _saving_stub(run, 4)._save(ckpt)  # raised IsADirectoryError on every retry
     assert ckpt_lib.is_complete(ckpt) and ckpt_lib.verify_share(ckpt, 0, 1) == []
     aside = ckpt.with_name("step_00000004.damaged")
     assert (aside / ckpt_lib.DAMAGED_META).is_file() and (aside / victim.name / "x").is_file()
     # a second damaged re-save of the same step keeps both records
     ckpt_lib.rank_file(ckpt, 0).unlink()
-    train.Trainer._save_checkpoint(_saving_stub(run, 4), ckpt)
+    _saving_stub(run, 4)._save(ckpt)
     assert ckpt.with_name("step_00000004.damaged.1").is_dir() and ckpt_lib.is_complete(ckpt)
     # a complete one is only invalidated (re-written in place), a never-completed one removed
     assert ckpt_lib.prepare_save_dir(ckpt_lib.step_dir(run, 2)) is None
@@ -206,7 +215,7 @@ def fake_converter(monkeypatch):
 
 
 def test_universal_copies_are_verified_bound_to_their_source_and_pruned(fake_converter, tmp_path):
-    from sidscale import elastic
+    from sidscale.checkpointing import elastic
 
     run = tmp_path / "run"
     ckpt = synthetic_checkpoint(run, 4, world=2)
@@ -245,7 +254,7 @@ def shutil_rmtree(path: Path) -> None:
 
 def test_a_full_disk_during_the_conversion_names_the_directory_and_removes_the_partial_copy(
         fake_converter, tmp_path):
-    from sidscale import elastic
+    from sidscale.checkpointing import elastic
 
     ckpt = synthetic_checkpoint(tmp_path / "run", 4, world=2)
     fake_converter["fail"] = RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4160 vs 4096")
@@ -380,7 +389,7 @@ def test_the_elastic_prompt_replay_is_what_the_readme_states(tmp_path, n_shards,
     README said "at most one epoch's worth"); the new rank reads all of them again."""
     from fractions import Fraction
 
-    from sidscale import elastic
+    from sidscale.checkpointing import elastic
     from sidscale.data.shards import write_prompt_shards
     from sidscale.data.stream import PromptStream
 

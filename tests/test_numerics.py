@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sidscale import checkpoint as ckpt_lib
+from sidscale.checkpointing import files as ckpt_lib
 from sidscale.config import load_config
 from sidscale.ema import ema_beta
 from tests.dist_launch import REPO
@@ -72,8 +72,8 @@ def max_diff(a: dict, b: dict) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_bf16_ema_follows_fp32_masters(dist_info, teacher_dir, tmp_path, stage):
-    from sidscale.checkpoint import full_ema_from_checkpoint
-    from sidscale.train import Trainer
+    from sidscale.checkpointing.files import full_ema_from_checkpoint
+    from sidscale.trainer import Trainer
 
     cfg = bf16_config(teacher_dir, stage)
     trainer = Trainer(cfg, tmp_path / "run", dist_info)

@@ -28,7 +28,7 @@ def _masters(engine) -> torch.Tensor:
 def test_zero3_offload_trains_two_steps(one_rank):
     from sidscale.bench.cases import BenchCase, case_config
     from sidscale.families.presets import build_preset_teacher
-    from sidscale.train import Trainer
+    from sidscale.trainer import Trainer
 
     case = BenchCase("tiny", zero=3, precision="bf16", micro_batch=1)  # bf16: the sdxl preset's offload setting
     cfg = case_config(case, 1)

@@ -56,7 +56,7 @@ def engine_measurements():
     from sidscale.distributed.runtime import init_distributed
     from sidscale.families.presets import build_preset_teacher
     from sidscale.families.unet_vp.presets import unet_inputs
-    from sidscale.train import Trainer
+    from sidscale.trainer import Trainer
     from tests.inprocess import single_rank_environment
 
     # the group is destroyed and DeepSpeed's group caches and os.environ restored at the end of the block

@@ -111,7 +111,7 @@ class _TeacherStub:
 def _trainer_start(precision: str, tmp_path) -> None:
     from sidscale.config import load_config
     from sidscale.distributed.runtime import DistInfo
-    from sidscale.train import Trainer
+    from sidscale.trainer import Trainer
 
     cfg = load_config("toy", [f"train.precision={precision}"])
     with pytest.raises(_StopAfterPrecisionSetup):

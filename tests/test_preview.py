@@ -38,7 +38,7 @@ def upscaled(images: torch.Tensor, f: int) -> list[np.ndarray]:
 def test_preview_grid_is_captioned_upscaled_with_the_teachers_reference(tmp_path, tiny_toy_teacher, monkeypatch):
     from sidscale.families.shared.samplers import ddim_sample
     from sidscale.families.unet_vp.adapter import UNetEps
-    from sidscale.run_logger import RunLogger, preview_grid
+    from sidscale.metrics import RunLogger, preview_grid
     from sidscale.sample import FewStepPipeline, seeded_latent_noise
 
     run = tmp_path / "run"
@@ -94,7 +94,7 @@ def test_preview_grid_is_captioned_upscaled_with_the_teachers_reference(tmp_path
 
 
 def test_preview_grid_layout_and_errors():
-    from sidscale.run_logger import preview_grid, upscale_factor
+    from sidscale.metrics import preview_grid, upscale_factor
 
     assert (upscale_factor(8, 8), upscale_factor(16, 16), upscale_factor(100, 120), upscale_factor(512, 512)) == (
         16, 8, 2, 1)

@@ -18,7 +18,7 @@ TOY = ["train.precision=fp32", "train.global_batch=2", "train.micro_batch=2", "t
 def test_checkpoint_of_a_step_is_saved_before_its_preview(tmp_path, tiny_toy_teacher, monkeypatch):
     """preview_every = ckpt_every = 1 over 3 steps: at each preview the step's checkpoint is already complete
     (the last step's too, which the loop used to save only after it ended)."""
-    from sidscale import checkpoint as ckpt_lib
+    from sidscale.checkpointing import files as ckpt_lib
 
     run = tmp_path / "run"
     seen = []
@@ -119,9 +119,9 @@ def test_preview_phase_peak_against_the_plan(tmp_path, flux_tiny_teacher):
     decodes) of the FLUX recipe at flux_tiny's 256 px, bf16, under the CPU allocator's trace, against the
     plan's ``preview`` phase. On the CPU the decoded images stay in the traced memory, where a GPU moves them
     to the host: at most 16 (8 student + 8 reference, fp32) are added to the prediction."""
+    from sidscale.metrics import RunLogger
     from sidscale.perf.measured_memory import MARKER_BYTES, cpu_allocation_trace
     from sidscale.perf.memory_plan import PlanInput, plan
-    from sidscale.run_logger import RunLogger
 
     overrides = [f"teacher.path={flux_tiny_teacher}", "teacher.dtype=bf16", "teacher.resolution=256",
                  "teacher.max_sequence_length=64", "teacher.text_encoders=gpu", "teacher.partitioned=true",

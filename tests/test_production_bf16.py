@@ -89,7 +89,7 @@ def test_bf16_partitioned_teacher_zero3_run_matches_the_replicated_teacher(tmp_p
     delta = np.abs(a - b)
     assert delta.mean() <= PIXEL_MEAN_TOL and delta.max() <= PIXEL_MAX_TOL, (delta.mean(), delta.max())
     # the checkpoint of step 2 exists in both, complete, and the preview did not precede a missing save
-    from sidscale import checkpoint as ckpt_lib
+    from sidscale.checkpointing import files as ckpt_lib
 
     for run in runs.values():
         assert ckpt_lib.is_complete(ckpt_lib.step_dir(run, STEPS))

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from sidscale import checkpoint as ckpt_lib
+from sidscale.checkpointing import files as ckpt_lib
 from sidscale.distributed.preemption import EXIT_REQUEUE
 from sidscale.testing import fault_injection
 from tests.dist_launch import Launch, run_trainer

@@ -26,8 +26,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from sidscale import checkpoint as ckpt_lib
-from sidscale import train
+from sidscale import trainer as train
+from sidscale.checkpointing import files as ckpt_lib
+from sidscale.checkpointing.manager import Checkpointer
+from sidscale.checkpointing.states import EngineState
 from sidscale.config import ConfigError, load_config, validate
 from sidscale.distributed import comm, runtime
 from sidscale.distributed.preemption import StopSignal
@@ -292,10 +294,12 @@ def test_resave_invalidates_the_old_checkpoint_before_any_rank_writes(tmp_path, 
             (Path(save_dir) / tag / "shard.pt").write_bytes(b"new, half")
             raise OSError(28, "No space left on device")
 
-    stub = SimpleNamespace(step=2, images_seen=16, rank=0, dist=SimpleNamespace(is_main=True),
-                           gen_engine=DiesMidSave(), fake_engine=DiesMidSave())
+    stub = Checkpointer(tmp_path, rank=0, world=1, is_main=True,
+                        engines={"generator": EngineState(DiesMidSave(), 0.0, "generator.lr"),
+                                 "fake": EngineState(DiesMidSave(), 0.0, "fake.lr")},
+                        states={}, run_meta=dict, keep_last=1, step=lambda: 2)
     with pytest.raises(OSError):
-        train.Trainer._save_checkpoint(stub, path)
+        stub._save(path)
     # meta.json was gone before the barrier that releases the writers, so no rank wrote under it
     assert events == [("barrier", False), ("write", False)]
     assert not ckpt_lib.is_complete(path)

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from sidscale.checkpoint import find_resume_checkpoint, full_ema_from_checkpoint
+from sidscale.checkpointing.files import find_resume_checkpoint, full_ema_from_checkpoint
 from tests.dist_launch import run_trainer
 from tests.reference_run import assert_identical
 
@@ -57,7 +57,7 @@ def test_sd35_trains_resumes_exactly_and_exports(tmp_path, sd3_teacher, full_run
     bit-identical to it."""
     import shutil
 
-    from sidscale import checkpoint as ckpt_lib
+    from sidscale.checkpointing import files as ckpt_lib
 
     full = full_run(stage)
     split = tmp_path / "split"

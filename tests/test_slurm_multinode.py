@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sidscale.checkpoint import (
+from sidscale.checkpointing.files import (
     find_resume_checkpoint,
     is_complete,
     rank_file,

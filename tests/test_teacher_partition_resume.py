@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from sidscale import checkpoint as ckpt_lib
+from sidscale.checkpointing import files as ckpt_lib
 from tests.dist_launch import run_trainer
 from tests.reference_run import assert_identical
 

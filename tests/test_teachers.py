@@ -328,7 +328,7 @@ def test_trains_two_steps(dirs, tmp_path, name, extra, ranks):
         assert all(torch.equal(v, ours[k]) for k, v in pipe.unet.state_dict().items())
         assert pipe.text_encoder is not None and pipe.vae is not None
     if name == "sdxl":
-        from sidscale.sample import OneStepPipeline
+        from sidscale.sample import FewStepPipeline as OneStepPipeline
 
         pipe = OneStepPipeline.from_export(run / "export")
         assert isinstance(pipe.conditioner, SdxlConditioner)

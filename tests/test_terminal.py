@@ -25,7 +25,7 @@ def test_training_bar_shows_a_logged_steps_numbers_at_once_and_ends_above_what_f
     code = textwrap.dedent("""
         import tempfile
         from pathlib import Path
-        from sidscale.run_logger import RunLogger
+        from sidscale.metrics import RunLogger
 
         logger = RunLogger(Path(tempfile.mkdtemp()), 6, 0, 32, True, "sid-dit 2-step")
         for step in range(1, 7):

@@ -12,7 +12,7 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from safetensors.torch import load_file
 
-from sidscale.checkpoint import find_resume_checkpoint, full_ema_from_checkpoint
+from sidscale.checkpointing.files import find_resume_checkpoint, full_ema_from_checkpoint
 from tests.dist_launch import REPO, run_trainer
 from tests.inprocess import one_rank_trainer, run_main
 from tests.reference_run import assert_identical
@@ -58,7 +58,8 @@ def test_export_loads_in_plain_diffusers_and_samples(tmp_path, teacher_dir):
     from diffusers import UNet2DConditionModel
 
     from sidscale.core.schedule import VPSchedule
-    from sidscale.sample import OneStepPipeline, seeded_latent_noise
+    from sidscale.sample import FewStepPipeline as OneStepPipeline
+    from sidscale.sample import seeded_latent_noise
 
     run_trainer(tmp_path / "run", BASE + [f"teacher.path={teacher_dir}", "train.max_steps=2",
                                           "train.ckpt_every=100", "train.export_at_end=true",
@@ -158,7 +159,7 @@ def test_overflow_in_the_fake_step_skips_the_generator_and_the_ema(tmp_path, tea
     """The skip rule of train_step on any host (fp32 engines; the loss scaler's verdict is forced): an
     overflow in the fake engine skips the whole generator phase and the EMA; one in the generator
     engine skips the EMA. A normal step afterwards moves both."""
-    import sidscale.train as train_mod
+    import sidscale.method.sid as train_mod
 
     overrides = BASE + [f"teacher.path={teacher_dir}", "train.max_steps=3", "data.shards=indexed:toy"]
     with one_rank_trainer(tmp_path / "run", overrides) as trainer:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-from sidscale.checkpoint import find_resume_checkpoint, full_ema_from_checkpoint, read_meta
+from sidscale.checkpointing.files import find_resume_checkpoint, full_ema_from_checkpoint, read_meta
 from sidscale.config import TeacherConfig
 from sidscale.data.prompts import IndexedPromptSource
 from sidscale.families.toy.fit import load_toy_mixture
@@ -127,7 +127,7 @@ def test_k_step_generator_matches_reference(tmp_path, teacher_dir):
 def adam_states(ckpt: Path) -> dict[str, torch.Tensor]:
     """Both engines' Adam states per parameter name, read through DeepSpeed's own universal converter
     (independent of how sidscale loads them)."""
-    from sidscale.elastic import convert_to_universal, universal_dir
+    from sidscale.checkpointing.elastic import convert_to_universal, universal_dir
 
     out = convert_to_universal(ckpt)
     states = {}

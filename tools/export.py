@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sidscale.checkpoint import CheckpointError, full_ema_from_checkpoint, is_complete, read_meta  # noqa: E402
+from sidscale.checkpointing.files import CheckpointError, full_ema_from_checkpoint, is_complete, read_meta  # noqa: E402
 from sidscale.export import export_generator, teacher_network_config  # noqa: E402
 
 

@@ -493,7 +493,7 @@ print(json.dumps(out))
         return cmd + [a for o in overrides for a in ("--set", o)]
 
     def train_checkpoint_kill(self) -> dict[str, Any]:
-        from sidscale import checkpoint as ckpt_lib
+        from sidscale.checkpointing import files as ckpt_lib
 
         fault_dir = self.work / "fault"
         shutil.rmtree(fault_dir, ignore_errors=True)
@@ -526,7 +526,7 @@ print(json.dumps(out))
         return numbers
 
     def resume_train_export(self) -> dict[str, Any]:
-        from sidscale import checkpoint as ckpt_lib
+        from sidscale.checkpointing import files as ckpt_lib
         from sidscale.export import read_export_meta
 
         old, final = ckpt_lib.step_dir(self.run_dir, CKPT_EVERY), ckpt_lib.step_dir(self.run_dir, MAX_STEPS)

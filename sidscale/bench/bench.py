@@ -71,7 +71,7 @@ def _synced(fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
 
 def trainer_runner(case: BenchCase, dist_info, seed: int = 0) -> Runner:
     """The DeepSpeed trainer on ``case`` (a fresh random-weight teacher of the preset)."""
-    from sidscale.train import Trainer
+    from sidscale.trainer import Trainer
 
     world = dist_info.world_size
     cfg = case_config(case, world, seed)

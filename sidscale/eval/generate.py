@@ -129,7 +129,7 @@ def wait_for_images(out_dir: Path, num: int, timeout_s: float, poll_s: float = 1
 
 
 def one_step_sampler(export_dir: Path, device: str, dtype: str) -> SampleFn:
-    from sidscale.sample import OneStepPipeline
+    from sidscale.sample import FewStepPipeline as OneStepPipeline
 
     pipe = OneStepPipeline.from_export(export_dir, device, dtype)
     return lambda prompts, seeds: pipe(prompts, seeds)

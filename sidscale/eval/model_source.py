@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sidscale import checkpoint as ckpt_lib
+from sidscale.checkpointing import files as ckpt_lib
 from sidscale.export import EXPORT_META, export_generator, read_export_meta, teacher_network_config
 
 

@@ -1,4 +1,5 @@
-"""Rank-0 progress: a tqdm bar, TensorBoard scalars under RUN/tb/, preview grids under RUN/samples/."""
+"""Metrics: the on-device window of per-step statistics, its reduction over the ranks at logging steps,
+and rank 0's progress (a tqdm bar, TensorBoard scalars under RUN/tb/, preview grids under RUN/samples/)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import io
 import math
 import resource
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from sidscale.core.io import atomic_write_bytes
+from sidscale.distributed import comm
 
 PREVIEW_MIN_PX = 128  # small images (the toy's 16 px) are upscaled, nearest, to at least this
 TILE_PAD, BLOCK_GAP, TEXT_PAD = 4, 16, 4
@@ -182,3 +184,46 @@ class RunLogger:
         if self.tb is not None:
             self.tb.flush()
             self.tb.close()
+
+
+class StatsWindow:
+    """Per-step statistics summed on their device between logging steps.
+
+    NOTE: nothing here syncs with the host: the one host sync is the all-reduce + ``.tolist()`` of
+    ``reduce_over_ranks`` at logging steps (an ``.item()`` per step would stall the GPU pipeline)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+
+    def add(self, stats: dict[str, torch.Tensor]) -> None:
+        for k, v in stats.items():
+            self.sums[k] = v.detach().float() + self.sums[k] if k in self.sums else v.detach().float()
+        self.steps += 1
+
+    def means(self) -> dict[str, torch.Tensor]:
+        return {k: v / self.steps for k, v in self.sums.items()}
+
+    def clear(self) -> None:
+        self.sums.clear()
+        self.steps = 0
+
+
+def reduce_over_ranks(stats: dict[str, torch.Tensor], device: torch.device, world: int) -> dict[str, float]:
+    """The mean of each statistic over the ranks (a collective: every rank calls it at the same step)."""
+    keys = sorted(stats)
+    vec = comm.all_reduce(torch.stack([stats[k].float().to(device) for k in keys]))
+    return dict(zip(keys, (vec / world).tolist(), strict=True))
+
+
+def step_scalars(vals: dict[str, float], world: int, tags: Mapping[str, tuple[str, bool, float | None]]
+                 ) -> dict[str, float]:
+    """The TensorBoard scalars of the (rank-averaged) statistics ``vals``. ``tags`` (the method's
+    ``stat_tags``): stat -> (tag, whether it is a sum over the job (scaled by the number of ranks), the
+    value logged when the stat is absent this window, None: always present). Other stats: ``method/<stat>``."""
+    out = {}
+    for k, (tag, by_world, default) in tags.items():
+        value = vals[k] if k in vals or default is None else default
+        out[tag] = value * (world if by_world else 1)
+    out.update({f"method/{k}": v for k, v in vals.items() if k not in tags})
+    return out

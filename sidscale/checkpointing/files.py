@@ -35,7 +35,7 @@ import torch
 from sidscale.core.io import atomic_write_text
 from sidscale.errors import CheckpointError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sidscale.checkpoint")  # the name users and their log filters know
 
 META = "meta.json"
 DAMAGED_META = "meta.damaged.json"

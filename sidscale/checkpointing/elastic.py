@@ -47,7 +47,7 @@ import shutil
 import time
 from pathlib import Path
 
-from sidscale import checkpoint as ckpt_lib
+from sidscale.checkpointing import files as ckpt_lib
 from sidscale.core.io import atomic_write_text
 
 log = logging.getLogger(__name__)
