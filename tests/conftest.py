@@ -14,13 +14,13 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_toy_teacher(tmp_path_factory):
     """The tiny random-weight toy teacher (8x8 pixels) of the trainer, fault and eval tests."""
-    from tests.tiny_teachers import write_tiny_toy_teacher
+    from tests.helpers.tiny_teachers import write_tiny_toy_teacher
 
     return write_tiny_toy_teacher(tmp_path_factory.mktemp("teacher") / "toy", sample_size=8)
 
 
 # The flow-matching toy teacher of the tests: the same UNet as the built-in one, fitted to the exact
-# velocity of an 8x8 mixture for 80 steps, no fit report (see tests/test_toy_flow.py for what it reaches).
+# velocity of an 8x8 mixture for 80 steps, no fit report (see tests/families/test_toy_flow.py for what it reaches).
 TINY_TOY_FLOW_SPEC = dict(fit_steps=80, eval_samples=0, parameterisation="flow")
 
 
@@ -37,9 +37,9 @@ def tiny_toy_flow_teacher(tmp_path_factory):
 @pytest.fixture(scope="session")
 def fp32_reference_run(tiny_toy_teacher, tmp_path_factory):
     """ONE uninterrupted 2-rank fp32 run (checkpoints at steps 2, 4, 6) that the resume and every
-    fault test compare with, bit for bit. See tests/reference_run.py for its settings."""
-    from tests.dist_launch import run_trainer
-    from tests.reference_run import overrides
+    fault test compare with, bit for bit. See tests/helpers/reference_run.py for its settings."""
+    from tests.helpers.dist_launch import run_trainer
+    from tests.helpers.reference_run import overrides
 
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     run_trainer(run_dir, overrides(tiny_toy_teacher))
@@ -90,7 +90,7 @@ def pytest_xdist_make_scheduler(config, log):
 def pytest_configure(config):
     if hasattr(config, "workerinput"):
         # Two workers on two cores: one intra-op thread each, as every launched rank already has
-        # (OMP_NUM_THREADS=1 in tests/dist_launch.py); two threads each would oversubscribe.
+        # (OMP_NUM_THREADS=1 in tests/helpers/dist_launch.py); two threads each would oversubscribe.
         import torch
 
         os.environ["OMP_NUM_THREADS"] = "1"

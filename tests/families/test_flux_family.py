@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from sidscale.checkpoint import find_resume_checkpoint, full_ema_from_checkpoint
-from tests.dist_launch import run_trainer
-from tests.reference_run import assert_identical
+from tests.helpers.dist_launch import run_trainer
+from tests.helpers.reference_run import assert_identical
 
 STEPS = 4
 # distinct from each other and from the defaults: a net called with another role's scale shows
@@ -125,7 +125,7 @@ def _record_trainer_calls(flux_teacher, run_dir, extra: list[str]) -> dict[str, 
     from sidscale.config import load_config
     from sidscale.distributed.runtime import init_distributed
     from sidscale.train import Trainer
-    from tests.inprocess import single_rank_environment
+    from tests.helpers.inprocess import single_rank_environment
 
     cfg = load_config("flux_dev", [*overrides(flux_teacher, stage=2), "train.global_batch=1", *extra])
     seen: dict[str, dict[str, set]] = {}

@@ -161,11 +161,11 @@ def test_flux_tiny_bench_counts_one_branch_per_network_call():
     from sidscale.families.flux import FluxVelocity
     from sidscale.perf.flops import count_flops
     from sidscale.perf.setup import build_preset_teacher, flux_preset
-    from tests.inprocess import single_rank_environment
+    from tests.helpers.inprocess import single_rank_environment
     from tools.bench import main as bench_main
 
     saved = torch.get_num_threads()
-    torch.set_num_threads(1)  # small matmuls on a shared 2-core machine (see tests/test_perf_sd3.py)
+    torch.set_num_threads(1)  # small matmuls on a shared 2-core machine (see tests/families/test_perf_sd3.py)
     try:
         out = io.StringIO()
         with single_rank_environment(), contextlib.redirect_stdout(out):

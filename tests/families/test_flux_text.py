@@ -32,7 +32,7 @@ def pipe(flux_dir):
 
 def flux_cfg(flux_dir, *extra):
     """flux_dev with the per-role guidance embedding (teacher 3.5, fake = teacher's, G 1.0), which these
-    tests compare with FluxPipeline; the preset's official coupling is tests/test_flux_guidance.py's."""
+    tests compare with FluxPipeline; the preset's official coupling is tests/families/test_flux_guidance.py's."""
     from sidscale.config import load_config
 
     return load_config("flux_dev", [f"teacher.path={flux_dir}", "teacher.dtype=fp32", "teacher.resolution=64",

@@ -2,7 +2,7 @@
 ``sd3_tiny`` (SD3.5-Medium's MMDiT-X at width 64, 4 blocks, 256 px; sidscale/perf/setup.py).
 
 Independent references: torch's own FlopCounterMode on a plain ``SD3Transformer2DModel`` call and the
-hand count of an MMDiT forward (tests/test_sd3_presets.py); the network calls the SiD-DiT method
+hand count of an MMDiT forward (tests/families/test_sd3_presets.py); the network calls the SiD-DiT method
 makes per iteration, each counted on its own; diffusers' ``StableDiffusion3Pipeline`` (loading the
 written directory, ``encode_prompt``); the allocator's measured peak of real trainer iterations.
 """
@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.inprocess import single_rank_environment
+from tests.helpers.inprocess import single_rank_environment
 
 
 @pytest.fixture
@@ -46,7 +46,7 @@ def test_sd3_tiny_bench_counts_the_forward_and_exactly_the_method_network_calls(
     from torch.utils.flop_counter import FlopCounterMode
 
     from sidscale.perf.setup import build_preset_teacher, dit_preset
-    from tests.test_sd3_presets import mmdit_forward_flops
+    from tests.families.test_sd3_presets import mmdit_forward_flops
     from tools.bench import main as bench_main
 
     out = io.StringIO()

@@ -2,7 +2,7 @@
 distance to EXACT mixture samples falls well below where it starts (the teacher UNet used as a
 one-step generator). A negated loss or a detached teacher does not (measured: 18 x and 0.92 x the
 start). A detached fake net still improves this toy (the teacher's score alone pulls the generator
-towards the data); tests/test_method.py's hand derivation of the gradient catches that one."""
+towards the data); tests/unit/test_method.py's hand derivation of the gradient catches that one."""
 
 from __future__ import annotations
 

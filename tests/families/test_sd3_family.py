@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from sidscale.checkpoint import find_resume_checkpoint, full_ema_from_checkpoint
-from tests.dist_launch import run_trainer
-from tests.reference_run import assert_identical
+from tests.helpers.dist_launch import run_trainer
+from tests.helpers.reference_run import assert_identical
 
 STEPS = 4
 

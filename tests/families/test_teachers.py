@@ -14,8 +14,8 @@ from sidscale.config import ConfigError, TeacherConfig
 from sidscale.models.conditioning import SdxlConditioner, unet_kwargs
 from sidscale.models.teacher import TeacherDirError, attention_processors, load_teacher, set_attention
 from sidscale.models.unet_eps import UNetEps
-from tests.dist_launch import run_trainer
-from tests.tiny_teachers import (
+from tests.helpers.dist_launch import run_trainer
+from tests.helpers.tiny_teachers import (
     SDXL_POOLED_DIM,
     SDXL_TEXT_HIDDEN,
     write_tiny_sd_teacher,
@@ -234,7 +234,7 @@ def test_build_engine_enables_checkpointing_per_net():
     from sidscale.config import NetConfig
     from sidscale.distributed.engines import build_engine
     from sidscale.distributed.runtime import init_distributed
-    from tests.inprocess import single_rank_environment
+    from tests.helpers.inprocess import single_rank_environment
 
     with single_rank_environment():
         init_distributed()
@@ -303,7 +303,7 @@ def _loss_scalars(run_dir) -> dict[str, list[float]]:
 def test_trains_two_steps(dirs, tmp_path, name, extra, ranks):
     """Each SD-shaped teacher trains through main(); one rank in-process where two ranks add nothing
     that the SDXL case and the trainer tests do not already cover."""
-    from tests.inprocess import run_main
+    from tests.helpers.inprocess import run_main
 
     kind = "sdxl" if name == "sdxl" else "sd"
     run = tmp_path / "run"

@@ -1,7 +1,7 @@
 """The flow-matching toy teacher (teacher.kind toy_flow): the closed-form velocity against the VP
 posterior, the spec hash, config and loading rules, the fitted teacher against the closed form, and a
 one-rank K = 2 training run through the trainer (toy evaluation, export, sampling). The flow sampler
-itself: tests/test_flow_sampler.py."""
+itself: tests/unit/test_flow_sampler.py."""
 
 from __future__ import annotations
 
@@ -169,7 +169,7 @@ def test_toy_flow_trains_in_the_trainer_and_exports(tmp_path, tiny_toy_flow_teac
     from sidscale.method.sid_lsg import MethodSettings
     from sidscale.models.toy_teacher import load_toy_mixture
     from sidscale.sample import FewStepPipeline, seeded_generator_noises
-    from tests.inprocess import run_main
+    from tests.helpers.inprocess import run_main
 
     run = tmp_path / "run"
     proc = run_main(run, TRAIN + [

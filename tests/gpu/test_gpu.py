@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from tests.inprocess import single_rank_environment
+from tests.helpers.inprocess import single_rank_environment
 
 pytestmark = pytest.mark.gpu
 

@@ -21,7 +21,7 @@ from sidscale.models.random_teacher import read_info, write_random_teacher
 from sidscale.models.teacher import load_teacher
 from sidscale.models.tokenizer import CLIP_VOCAB_SIZE
 from sidscale.perf.setup import build_preset_unet, latent_shape
-from tests.dist_launch import REPO
+from tests.helpers.dist_launch import REPO
 
 
 def test_random_teacher_loads_through_load_teacher_with_the_preset_architecture(tmp_path):

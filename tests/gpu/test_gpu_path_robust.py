@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from sidscale.config import ConfigError, load_config
 from sidscale.distributed import comm, runtime
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------------- CPU fallback
@@ -195,7 +195,7 @@ def test_transformers_pin_has_the_dtype_keyword() -> None:
 
 def test_distill_sh_never_overrides_the_users_socket_interfaces() -> None:
     """A user's GLOO_SOCKET_IFNAME wins (the per-node automatic choice runs only when it is unset,
-    tests/test_slurm_multinode.py runs it across nodes); NCCL's interface is never set by the script."""
+    tests/robustness/test_slurm_multinode.py runs it across nodes); NCCL's interface is never set by the script."""
     text = (REPO / "slurm" / "distill.sh").read_text()
     code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
     assert "NCCL_SOCKET_IFNAME=" not in code.replace("NCCL_SOCKET_IFNAME=${", ""), "distill.sh sets NCCL_SOCKET_IFNAME"
@@ -401,7 +401,7 @@ def test_frozen_zero3_networks_release_their_leftovers_after_each_generator_back
     from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    from tests.inprocess import one_rank_trainer
+    from tests.helpers.inprocess import one_rank_trainer
 
     calls: list[tuple[int, int]] = []  # (which coordinator owner, parameters still gathered before the call)
     real = DeepSpeedZeRoOffload.release_backward_leftovers

@@ -27,9 +27,9 @@ from pathlib import Path
 from sidscale.distributed.runtime import free_port
 from sidscale.testing import fault_injection
 from sidscale.testing.processes import is_gone, process_tree
-from tests.inprocess import RENDEZVOUS_KEYS
+from tests.helpers.inprocess import RENDEZVOUS_KEYS
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ENV = dict(HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
            PYTHONPATH=str(REPO))
 # What a rank imports before its first step (measured: ~7 s of CPU in a fresh interpreter).

@@ -1,4 +1,4 @@
-"""One rank of the 2-rank EMA partition check (tests/test_numerics.py launches it under torchrun).
+"""One rank of the 2-rank EMA partition check (tests/trainer/test_numerics.py launches it under torchrun).
 
 For ZeRO-1 (BF16_Optimizer), ZeRO-2 and ZeRO-3 with bf16 on a small module whose parameters
 straddle the rank boundary: after one optimizer step, the EMA copied from the masters equals
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 CHUNK = 10  # elements per gather chunk, all ranks together: 5 per rank, so shards take several chunks
 

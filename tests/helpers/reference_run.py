@@ -16,7 +16,7 @@ BASE = [
     "train.export_at_end=false", "train.seed=3", "generator.lr=1e-2", "fake.lr=1e-2",
     "train.ema_halflife_kimg=0.01", "train.log_every=1", f"train.max_steps={MAX_STEPS}", "train.ckpt_every=2",
     "train.preview_every=2", "train.keep_last=5",
-    # the preview's teacher reference in 2 DDIM steps, not 25 (its content is tests/test_preview.py's business)
+    # the preview's teacher reference in 2 DDIM steps, not 25 (its content is tests/trainer/test_preview.py's business)
     "eval.teacher_steps=2",
 ]
 

@@ -1,6 +1,6 @@
-"""One rank of the 2-rank communication count (tests/test_scaling.py launches it under torchrun).
+"""One rank of the 2-rank communication count (tests/unit/test_scaling.py launches it under torchrun).
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/scaling_comm_worker.py OUT_DIR [CASES [WARMUP]]
+    python -m torch.distributed.run --nproc_per_node 2 tests/helpers/scaling_comm_worker.py OUT_DIR [CASES [WARMUP]]
 
 For each case (argv[2], comma-separated; default all) the real ``Trainer`` (tiny preset, bf16, micro-batch 2 x
 accumulation 2, random weights) runs ``WARMUP`` iterations (argv[3], default 1), then ``STEPS`` iterations with
@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 STEPS = 1
@@ -35,7 +35,7 @@ CASES = {  # name: (zero stage, zero_optimization overrides, gradient checkpoint
 
 
 def ds_config_file(zero: int, overrides: dict) -> str:
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     ds = json.loads((repo / "ds_configs" / f"zero{zero}.json").read_text())
     ds["zero_optimization"].update(overrides)
     fd, path = tempfile.mkstemp(suffix=f"-zero{zero}.json")

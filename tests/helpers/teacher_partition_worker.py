@@ -1,4 +1,4 @@
-"""One rank of the 2-rank checks of tests/test_teacher_partition.py (started by ``run_two_ranks``).
+"""One rank of the 2-rank checks of tests/trainer/test_teacher_partition.py (started by ``run_two_ranks``).
 
 Each rank builds, in one process, two real ``Trainer``s on the tiny SD3.5 teacher (ZeRO-3, fp32), one
 with ``teacher.partitioned=true`` and one with ``false``, runs the generator step's forward and
@@ -26,7 +26,7 @@ SMALL_GATHERS = {"stage3_prefetch_bucket_size": 0, "stage3_param_persistence_thr
 
 
 def write_ds_config(path: Path) -> Path:
-    ds = json.loads((Path(__file__).resolve().parent.parent / "ds_configs" / "zero3.json").read_text())
+    ds = json.loads((Path(__file__).resolve().parents[2] / "ds_configs" / "zero3.json").read_text())
     ds["zero_optimization"].update(SMALL_GATHERS)
     path.write_text(json.dumps(ds))
     return path

@@ -18,7 +18,7 @@ import termios
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 COLS, ROWS = 100, 40
 _CSI = re.compile(r"\x1b\[([0-9;?]*)([A-Za-z])")
 

@@ -26,9 +26,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from tests.test_robust import COLLECTIVES, DIST_MODULES, _dotted
+from tests.robustness.test_robust import COLLECTIVES, DIST_MODULES, _dotted
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEEPSPEED_GATHERS = {"all_gather", "all_gather_coalesced", "GatheredParameters", "save_checkpoint", "load_checkpoint"}
 ENGINE_COLLECTIVES = {"backward", "step"}
 

@@ -35,13 +35,13 @@ from sidscale.checkpoint import (
 )
 from sidscale.distributed.preemption import EXIT_REQUEUE
 from sidscale.testing import fault_injection
-from tests.dist_launch import Launch, run_trainer
-from tests.reference_run import assert_identical
+from tests.helpers.dist_launch import Launch, run_trainer
+from tests.helpers.reference_run import assert_identical
 
 
 @pytest.fixture
 def overrides(tiny_toy_teacher):
-    from tests.reference_run import overrides
+    from tests.helpers.reference_run import overrides
 
     return overrides(tiny_toy_teacher)
 

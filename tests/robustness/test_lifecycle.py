@@ -264,7 +264,7 @@ def test_a_changed_learning_rate_is_applied_on_resume(tiny_toy_teacher, tmp_path
     config.yaml / meta.json record the new one. The resumed Adam must step with the new one: its
     first update from the same state is exactly the old run's scaled by new/old lr (Adam's step is
     linear in lr for a given state and gradient)."""
-    from tests.inprocess import one_rank_trainer
+    from tests.helpers.inprocess import one_rank_trainer
 
     base = [f"teacher.path={tiny_toy_teacher}", "train.precision=fp32", "teacher.dtype=fp32",
             "teacher.resolution=8", "train.global_batch=2", "train.micro_batch=2", "data.shards=indexed:toy",
@@ -339,7 +339,7 @@ def test_a_malformed_manifest_is_one_clear_error(case, tmp_path):
 
 
 def test_all_bad_shards_are_one_clear_error_before_the_run_starts(tiny_toy_teacher, tmp_path):
-    from tests.inprocess import run_main
+    from tests.helpers.inprocess import run_main
 
     manifest, data = _prompt_shards(tmp_path)
     for s in data["shards"]:
@@ -443,7 +443,7 @@ def test_after_the_rendezvous_the_group_has_the_configured_timeout(monkeypatch):
     import torch.distributed as dist
 
     from sidscale.distributed.rendezvous import RendezvousError, rendezvous_timeout_s
-    from tests.inprocess import one_rank_group
+    from tests.helpers.inprocess import one_rank_group
 
     monkeypatch.setenv("SIDSCALE_RENDEZVOUS_TIMEOUT_S", "7")
     assert rendezvous_timeout_s(600) == 7 and rendezvous_timeout_s(5) == 5

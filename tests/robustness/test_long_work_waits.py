@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from sidscale.testing import fault_injection
-from tests.dist_launch import run_trainer
+from tests.helpers.dist_launch import run_trainer
 
 TIMEOUT_S = 10  # dist.timeout_s, the smallest the config accepts
 SLOW_S = TIMEOUT_S + 5
@@ -87,7 +87,7 @@ def _wait_probe(rank: int, port: str, out: str) -> None:
 @pytest.mark.slow
 def test_a_rank_that_waited_too_long_says_for_what(tmp_path: Path) -> None:
     from sidscale.distributed.runtime import free_port
-    from tests.dist_launch import _fork_context
+    from tests.helpers.dist_launch import _fork_context
 
     port, ctx = str(free_port()), _fork_context()
     procs = [ctx.Process(target=_wait_probe, args=(r, port, str(tmp_path / f"{r}.txt"))) for r in range(2)]

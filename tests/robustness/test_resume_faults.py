@@ -28,13 +28,13 @@ import pytest
 from sidscale import checkpoint as ckpt_lib
 from sidscale.distributed.preemption import EXIT_REQUEUE
 from sidscale.testing import fault_injection
-from tests.dist_launch import Launch, run_trainer
-from tests.reference_run import assert_identical
+from tests.helpers.dist_launch import Launch, run_trainer
+from tests.helpers.reference_run import assert_identical
 
 
 @pytest.fixture
 def overrides(tiny_toy_teacher):
-    from tests.reference_run import overrides
+    from tests.helpers.reference_run import overrides
 
     return overrides(tiny_toy_teacher)
 
@@ -112,7 +112,7 @@ def test_checksums_cover_every_file_and_detect_damage(fp32_reference_run, tmp_pa
 
 
 def test_a_second_writer_is_refused_while_the_first_holds_the_run(tiny_toy_teacher, tmp_path):
-    from tests.inprocess import run_main
+    from tests.helpers.inprocess import run_main
 
     run = tmp_path / "run"
     run.mkdir()
@@ -175,7 +175,7 @@ def test_failed_starts_leave_the_run_dir_as_they_found_it(tiny_toy_teacher, fp32
     """A start that fails writes no config.yaml (the corrected retry with resume=false is accepted);
     a resume with another ZeRO stage / precision, or on another rank count with another global batch,
     is refused before any model is built."""
-    from tests.inprocess import run_main
+    from tests.helpers.inprocess import run_main
 
     run = tmp_path / "fresh"
     proc = run_main(run, ["teacher.kind=sd", f"teacher.path={tmp_path / 'no-such-teacher'}", "train.max_steps=1"])
@@ -197,7 +197,7 @@ def test_failed_starts_leave_the_run_dir_as_they_found_it(tiny_toy_teacher, fp32
 
 def test_a_torn_prompt_manifest_is_one_clear_error(tiny_toy_teacher, tmp_path):
     from sidscale.data.shards import write_prompt_shards
-    from tests.inprocess import run_main
+    from tests.helpers.inprocess import run_main
 
     shards = tmp_path / "shards"
     write_prompt_shards(["a red circle", "a blue square"] * 4, shards, shard_size=4)

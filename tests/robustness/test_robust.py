@@ -32,7 +32,7 @@ from sidscale.config import ConfigError, load_config, validate
 from sidscale.distributed import comm, runtime
 from sidscale.distributed.preemption import StopSignal
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # torch.distributed's (and deepspeed.comm's) communication calls.
 COLLECTIVES = {

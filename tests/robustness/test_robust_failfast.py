@@ -15,7 +15,7 @@ import pytest
 
 from sidscale.distributed.preemption import EXIT_REQUEUE
 from sidscale.testing import fault_injection
-from tests.dist_launch import Launch
+from tests.helpers.dist_launch import Launch
 
 BOUND_S = 60  # from the first rank's exit to the last one's
 OVERRIDES = [

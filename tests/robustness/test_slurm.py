@@ -21,7 +21,7 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from sidscale.checkpoint import find_resume_checkpoint, full_ema_from_checkpoint, read_meta
-from tests.dist_launch import REPO, free_port
+from tests.helpers.dist_launch import REPO, free_port
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 

@@ -44,8 +44,8 @@ from sidscale.checkpoint import (
     read_meta,
     step_dir,
 )
-from tests.dist_launch import REPO, free_port
-from tests.test_slurm import job_report, weights
+from tests.helpers.dist_launch import REPO, free_port
+from tests.robustness.test_slurm import job_report, weights
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -63,7 +63,7 @@ OVERRIDES = [
     "data.shards=indexed:toy", "eval.num_samples=0",
     "train.export_at_end=false", "train.seed=3", "generator.lr=1e-2", "fake.lr=1e-2",
     "train.ema_halflife_kimg=0.01", f"train.max_steps={MAX_STEPS}", "train.ckpt_every=2", "train.keep_last=5",
-    # Adam eps = 1 (as tests/test_trainer_equivalence.py, which says why): the elastic case runs on
+    # Adam eps = 1 (as tests/trainer/test_trainer_equivalence.py, which says why): the elastic case runs on
     # another world size, whose other summation order then moves the weights by ~1e-7, not O(lr).
     "generator.eps=1.0", "fake.eps=1.0",
 ]
@@ -420,7 +420,7 @@ def test_stream_shards_split_over_both_nodes_and_resume_exactly(cluster, stream_
 def test_elastic_two_nodes_to_one_and_back(cluster, reference, elastic):
     """2 nodes -> 1 node -> 2 nodes, both through the elastic (universal) path, the second with node2's
     ranks waiting across the bridge for rank 0's conversion. The result equals the one-node 4-rank job
-    within the fp32 summation-order tolerance of tests/test_trainer_equivalence.py (micro-batch sums run
+    within the fp32 summation-order tolerance of tests/trainer/test_trainer_equivalence.py (micro-batch sums run
     in another order on 2 ranks; a lost or misplaced state differs by > 1e-3)."""
     run, chain = elastic
     jobs = chain.get()
@@ -445,7 +445,7 @@ SD35_STEPS = 4
 
 
 def sd35_overrides(teacher: Path, ds_config: Path, cache: Path) -> tuple[str, ...]:
-    """The SD3.5-Medium recipe on the tiny SD3.5 teacher (as tests/test_sd3_family.py), ZeRO-3 with the
+    """The SD3.5-Medium recipe on the tiny SD3.5 teacher (as tests/families/test_sd3_family.py), ZeRO-3 with the
     frozen teacher partitioned over the 4 ranks of both nodes."""
     return (f"teacher.path={teacher}", "teacher.dtype=fp32", "teacher.resolution=64", "teacher.max_sequence_length=16",
             "train.precision=fp32", "train.global_batch=4", "train.micro_batch=1", f"train.max_steps={SD35_STEPS}",
@@ -460,7 +460,7 @@ def sd35(cluster, runs):
     """ZeRO-3 + partitioned tiny SD3.5 teacher on 2 nodes: the uninterrupted 4-step job, then its copy
     cut back to the step-2 checkpoint resumed on 2 nodes; started in the background."""
     from sidscale.models.sd3_tiny import write_tiny_sd3_teacher
-    from tests.teacher_partition_worker import write_ds_config
+    from tests.helpers.teacher_partition_worker import write_ds_config
 
     teacher = write_tiny_sd3_teacher(runs / "sd35_teacher", seed=0, sd35=True)
     ds_config = write_ds_config(runs / "zero3_small.json")  # really partitions the tiny teacher's tensors
@@ -482,7 +482,7 @@ def sd35(cluster, runs):
 
 
 def test_zero3_partitioned_sd35_teacher_across_nodes_resumes_exactly(sd35):
-    from tests.reference_run import assert_identical as assert_run_identical
+    from tests.helpers.reference_run import assert_identical as assert_run_identical
 
     full, split, chain = sd35
     jobs = chain.get(timeout=900)

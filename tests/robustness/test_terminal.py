@@ -1,5 +1,5 @@
 """What a person sees in the terminal (issue "What a person sees"): each check runs the code in a
-pseudo-terminal 100 columns wide and reads back what the terminal shows (``tests/terminal.py``)."""
+pseudo-terminal 100 columns wide and reads back what the terminal shows (``tests/helpers/terminal.py``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from tests.terminal import COLS, frames, python_in_pty, render
+from tests.helpers.terminal import COLS, frames, python_in_pty, render
 
 ETA = r"\[\d\d:\d\d<\d\d:\d\d"  # tqdm's [elapsed<remaining]
 
@@ -127,7 +127,7 @@ LONG_PHASES = textwrap.dedent("""
     from sidscale.models.toy import ToyMixture
     from sidscale.models.toy_teacher import ToyTeacherSpec, ensure_toy_teacher, load_toy_mixture
     from sidscale.terminal import quiet_third_party
-    from tests.tiny_teachers import write_tiny_toy_teacher
+    from tests.helpers.tiny_teachers import write_tiny_toy_teacher
 
     quiet_third_party()  # as the entry points do (transformers' own bar when the fit saves its encoder)
     tmp = Path(tempfile.mkdtemp())
@@ -235,7 +235,7 @@ def test_a_demo_run_shows_only_sidscales_lines_and_bars(tmp_path):
 
     from sidscale.models.toy import ToyMixture
     from sidscale.models.toy_teacher import ToyTeacherSpec, ensure_toy_teacher
-    from tests.terminal import REPO, run_in_pty
+    from tests.helpers.terminal import REPO, run_in_pty
 
     # a flow toy teacher fitted for one step: what is shown does not depend on its quality
     teacher = ensure_toy_teacher(tmp_path / "cache", ToyTeacherSpec(

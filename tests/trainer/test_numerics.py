@@ -17,7 +17,7 @@ import torch
 from sidscale import checkpoint as ckpt_lib
 from sidscale.config import load_config
 from sidscale.ema import ema_beta
-from tests.dist_launch import REPO
+from tests.helpers.dist_launch import REPO
 
 STEPS = 2
 
@@ -25,7 +25,7 @@ STEPS = 2
 @pytest.fixture(scope="module")
 def dist_info():
     """A 1-rank process group in this process (gloo), torn down and the environment restored afterwards."""
-    from tests.inprocess import one_rank_group
+    from tests.helpers.inprocess import one_rank_group
 
     with one_rank_group() as info:
         yield info
@@ -200,7 +200,7 @@ def test_bf16_gradients_accumulate_in_fp32(dist_info, stage):
 
 @pytest.mark.slow
 def test_two_rank_partitions_gather_to_rank0_only(tmp_path):
-    """ZeRO-1/2/3 with bf16 on 2 ranks (tests/ema_partition_worker.py): the EMA shards follow the
+    """ZeRO-1/2/3 with bf16 on 2 ranks (tests/helpers/ema_partition_worker.py): the EMA shards follow the
     optimizer's partition (parameters split across the rank boundary), rank 0's gather equals
     DeepSpeed's full masters, the shards' concatenation and the offline reassembly; rank 1
     receives nothing during the gather, and every tensor it sends is one chunk. ZeRO-3: the EMA swapped
@@ -211,7 +211,7 @@ def test_two_rank_partitions_gather_to_rank0_only(tmp_path):
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={free_port()}", str(REPO / "tests" / "ema_partition_worker.py"),
+                           f"--master_port={free_port()}", str(REPO / "tests" / "helpers" / "ema_partition_worker.py"),
                            str(tmp_path)], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r0 = json.loads((tmp_path / "rank0.json").read_text())

@@ -14,7 +14,7 @@ import torch
 
 @pytest.fixture(scope="module")
 def one_rank():
-    from tests.inprocess import one_rank_group
+    from tests.helpers.inprocess import one_rank_group
 
     with one_rank_group() as info:
         yield info

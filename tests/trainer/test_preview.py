@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.inprocess import one_rank_trainer
+from tests.helpers.inprocess import one_rank_trainer
 
 PROMPTS = ["a red circle", "a blue square on the left"]
 OVERRIDES = [

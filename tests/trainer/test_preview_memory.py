@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.inprocess import one_rank_trainer
+from tests.helpers.inprocess import one_rank_trainer
 
 TOY = ["train.precision=fp32", "train.global_batch=2", "train.micro_batch=2", "teacher.dtype=fp32",
        "teacher.resolution=8", "data.shards=indexed:toy", "eval.num_samples=0", "eval.teacher_steps=2",
@@ -195,7 +195,7 @@ def test_distill_sh_sets_expandable_segments_unless_the_user_did():
     import subprocess
     from pathlib import Path
 
-    script = (Path(__file__).resolve().parent.parent / "slurm" / "distill.sh").read_text()
+    script = (Path(__file__).resolve().parents[2] / "slurm" / "distill.sh").read_text()
     line = next(x for x in script.splitlines() if "PYTORCH_CUDA_ALLOC_CONF" in x and "export" in x)
     for env, want in (({}, "expandable_segments:True"), ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"},
                                                          "max_split_size_mb:512")):

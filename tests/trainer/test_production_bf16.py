@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.dist_launch import run_trainer
-from tests.reference_run import final_state
+from tests.helpers.dist_launch import run_trainer
+from tests.helpers.reference_run import final_state
 
 STEPS = 2
 LR = 1e-3

@@ -1,6 +1,6 @@
 """The partitioned frozen teacher (teacher.partitioned) and the zero.Init build of the trainable nets.
 
-One 2-rank launch (tests/teacher_partition_worker.py) builds real Trainers on the tiny toy teacher
+One 2-rank launch (tests/helpers/teacher_partition_worker.py) builds real Trainers on the tiny toy teacher
 under ZeRO-3 in fp32 and saves what these tests compare:
 
 - the generator's loss and every full gradient with the teacher partitioned equal the replicated
@@ -31,8 +31,8 @@ WORLD = 2
 
 
 def run_two_ranks(teacher_dir: Path, out: Path, timeout: float = 600) -> list[dict]:
-    from tests.dist_launch import _fork_context
-    from tests.teacher_partition_worker import main
+    from tests.helpers.dist_launch import _fork_context
+    from tests.helpers.teacher_partition_worker import main
 
     ctx = _fork_context()
     port = str(free_port())
@@ -184,7 +184,7 @@ def test_placement_setting_is_validated_and_yaml_bools_accepted(tmp_path):
 def test_teacher_ds_config_has_no_optimizer_and_the_teacher_dtype():
     from sidscale.distributed.teacher_partition import teacher_ds_config
 
-    user = json.loads((Path(__file__).resolve().parent.parent / "ds_configs" / "zero3_offload.json").read_text())
+    user = json.loads((Path(__file__).resolve().parents[2] / "ds_configs" / "zero3_offload.json").read_text())
     user.update(train_batch_size=8, train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=2)
     cfg = teacher_ds_config(user, "bf16")
     assert cfg["zero_optimization"]["stage"] == 3 and "offload_optimizer" not in cfg["zero_optimization"]

@@ -11,8 +11,8 @@ import shutil
 import pytest
 
 from sidscale import checkpoint as ckpt_lib
-from tests.dist_launch import run_trainer
-from tests.reference_run import assert_identical
+from tests.helpers.dist_launch import run_trainer
+from tests.helpers.reference_run import assert_identical
 
 STEPS = 4
 
@@ -28,7 +28,7 @@ def overrides(teacher, cache, ds_config) -> list[str]:
 
 @pytest.mark.slow
 def test_partitioned_teacher_run_resumes_exactly(tmp_path, tiny_toy_teacher):
-    from tests.teacher_partition_worker import write_ds_config
+    from tests.helpers.teacher_partition_worker import write_ds_config
 
     # ZeRO-3 with no persistent parameters and no prefetch: the toy teacher's tensors (all below
     # zero3.json's 1e5-element persistence threshold) are really partitioned and gathered one by one

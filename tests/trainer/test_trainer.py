@@ -13,10 +13,10 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from safetensors.torch import load_file
 
 from sidscale.checkpoint import find_resume_checkpoint, full_ema_from_checkpoint
-from tests.dist_launch import REPO, run_trainer
-from tests.inprocess import one_rank_trainer, run_main
-from tests.reference_run import assert_identical
-from tests.reference_run import overrides as reference_overrides
+from tests.helpers.dist_launch import REPO, run_trainer
+from tests.helpers.inprocess import one_rank_trainer, run_main
+from tests.helpers.reference_run import assert_identical
+from tests.helpers.reference_run import overrides as reference_overrides
 
 BASE = [
     "train.precision=fp32", "train.global_batch=8", "train.micro_batch=2", "train.preview_every=2",

@@ -19,7 +19,7 @@ from sidscale.method.sid_lsg import MethodSettings
 from sidscale.models.teacher import load_teacher
 from sidscale.models.toy_teacher import load_toy_mixture
 from sidscale.testing.reference import OptimSettings, ReferenceLoop
-from tests.dist_launch import run_trainer
+from tests.helpers.dist_launch import run_trainer
 
 STEPS = 3
 COMMON = [

@@ -45,7 +45,7 @@ def load_error(*overrides: str, config: str = "toy") -> str:
 
 def test_presets_include_toy() -> None:
     assert "toy" in list_presets()
-    assert preset_path("toy") == Path(__file__).resolve().parent.parent / "sidscale" / "configs" / "toy.yaml"
+    assert preset_path("toy") == Path(__file__).resolve().parents[2] / "sidscale" / "configs" / "toy.yaml"
 
 
 def test_toy_preset_values() -> None:

@@ -18,7 +18,7 @@ import pytest
 from sidscale.data.shards import read_prompt_file, write_prompt_shards
 from sidscale.data.stream import PromptStream
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLI = REPO / "tools" / "make_prompt_shards.py"
 COCO = Path("/work/shared/data/coco2014_val_captions_30k.txt")
 

@@ -604,7 +604,7 @@ def test_fp16_vae_decodes_upcast_as_sid_lsg_does():
     import copy
 
     from sidscale.families import family_for_kind
-    from tests.tiny_teachers import tiny_vae
+    from tests.helpers.tiny_teachers import tiny_vae
 
     vae = tiny_vae(3).half().eval()
     before = {k: v.clone() for k, v in vae.state_dict().items()}

@@ -23,7 +23,7 @@ OTHER_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end"
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory) -> Path:
-    from tests.tiny_teachers import write_tiny_toy_teacher
+    from tests.helpers.tiny_teachers import write_tiny_toy_teacher
 
     path = write_tiny_toy_teacher(tmp_path_factory.mktemp("teacher") / "teacher", sample_size=8)
     DDPMScheduler(**OTHER_SCHEDULER).save_pretrained(path / "scheduler")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from sidscale.models.host_conditioner import HostConditioner
-from tests.inprocess import one_rank_trainer
+from tests.helpers.inprocess import one_rank_trainer
 
 OVERRIDES = ["train.precision=fp32", "teacher.dtype=fp32", "teacher.resolution=8", "data.shards=indexed:toy",
              "train.global_batch=4", "train.micro_batch=2", "eval.num_samples=0"]

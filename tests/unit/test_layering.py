@@ -16,9 +16,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-while not (REPO / "sidscale").is_dir():  # this file may sit in tests/ or in a folder below it
-    REPO = REPO.parent
+REPO = Path(__file__).resolve().parents[2]
 
 KINDS = ("module", "function", "typing")
 

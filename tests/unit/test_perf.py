@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sidscale.perf.flops import count_flops, gpu_peak_tflops, mfu
-from tests.dist_launch import REPO
+from tests.helpers.dist_launch import REPO
 
 
 def child_env() -> dict[str, str]:
@@ -21,7 +21,7 @@ def child_env() -> dict[str, str]:
     NOTE: init_distributed of the in-process fixture put RANK/MASTER_PORT into os.environ; a child
     that inherits them would try to join that (single-rank) group's port.
     """
-    from tests.inprocess import RENDEZVOUS_KEYS
+    from tests.helpers.inprocess import RENDEZVOUS_KEYS
 
     return {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_KEYS}
 
@@ -56,7 +56,7 @@ def engine_measurements():
     from sidscale.perf.activations import unet_inputs
     from sidscale.perf.setup import BenchCase, build_preset_teacher, case_config
     from sidscale.train import Trainer
-    from tests.inprocess import single_rank_environment
+    from tests.helpers.inprocess import single_rank_environment
 
     # the group is destroyed and DeepSpeed's group caches and os.environ restored at the end of the block
     with single_rank_environment():
@@ -115,7 +115,7 @@ def test_bench_one_iteration_json():
     import contextlib
     import io
 
-    from tests.inprocess import single_rank_environment
+    from tests.helpers.inprocess import single_rank_environment
     from tools.bench import main as bench_main
 
     out = io.StringIO()
@@ -174,7 +174,7 @@ def test_memory_plan_total_within_15_percent_of_measured_peak(nproc, args, phase
         import contextlib
         import io
 
-        from tests.inprocess import single_rank_environment
+        from tests.helpers.inprocess import single_rank_environment
         from tools.memory_plan import main as memory_plan_main
 
         out = io.StringIO()

@@ -164,7 +164,7 @@ def test_fp16_defaults_and_overrides():
 
 @pytest.fixture(scope="module")
 def one_rank():
-    from tests.inprocess import one_rank_group
+    from tests.helpers.inprocess import one_rank_group
 
     with one_rank_group() as info:
         yield info

@@ -23,8 +23,8 @@ from sidscale.bench.scaling import (
     ring_wire_bytes,
 )
 
-REPO = Path(__file__).resolve().parent.parent
-# the worker's trainer: tiny preset, bf16, micro-batch 2, accumulation 2, 2 ranks (tests/scaling_comm_worker.py)
+REPO = Path(__file__).resolve().parents[2]
+# the worker's trainer: tiny preset, bf16, micro-batch 2, accumulation 2, 2 ranks (tests/helpers/scaling_comm_worker.py)
 TINY_RUN = Setup(gpus=2, zero=2, micro_batch=2, global_batch=8, precision="bf16")
 
 
@@ -40,7 +40,7 @@ def two_rank_counts(tmp_path_factory) -> dict:
                TOKENIZERS_PARALLELISM="false")
     # no warm-up: in the exact regime the first iteration moves the same bytes (checked: bench/results)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={free_port()}", str(REPO / "tests" / "scaling_comm_worker.py"),
+                           f"--master_port={free_port()}", str(REPO / "tests" / "helpers" / "scaling_comm_worker.py"),
                            str(out), "zero2,zero3", "0"], capture_output=True, text=True, timeout=400, env=env,
                           cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
