@@ -55,10 +55,12 @@ SHARED_UNITS = {
     # the local SLURM clusters: one apt-get install at a time (dpkg's lock), one cluster at a time
     "slurm": ("test_slurm", "test_slurm_multinode"),
 }
-# Units started first (longest first): a long unit picked up last would leave one worker idle at the
-# end. Measured with `--durations=0` on this project's 2-core machine.
-LONG_UNITS_FIRST = ("slurm", "fp32_reference_run", "test_lifecycle", "test_eval", "test_robust",
-                    "test_error_path_collectives", "test_long_work_waits", "test_teacher_partition")
+# Units started first, longest first: a long unit picked up last would leave the other worker idle at
+# the end. The order of the per-unit totals of `--durations=0` on this project's 2-core machine
+# (2026-12-04); the rest follow in file order.
+LONG_UNITS_FIRST = ("slurm", "fp32_reference_run", "test_trainer_equivalence", "test_sd3_family", "test_terminal",
+                    "test_teacher_partition_resume", "test_long_work_waits", "test_scaling", "test_toy_flow",
+                    "test_numerics", "test_reference_toy", "test_teacher_partition", "test_flux_family")
 
 
 def unit_of(path: str) -> str:
