@@ -172,7 +172,7 @@ def test_demo_without_a_toy_evaluation_says_why_instead_of_crashing(num_samples,
     import json
     import sys
 
-    sys.path.insert(0, str(__import__("tests.terminal").terminal.REPO / "tools"))
+    sys.path.insert(0, str(__import__("tests.helpers.terminal").helpers.terminal.REPO / "tools"))
     import demo
 
     run = tmp_path / "run"
