@@ -9,6 +9,21 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch.nn.functional  # noqa: E402
+
+# torch's own F.linear, before anything in this process could replace it (see fresh_functional_linear)
+TORCH_LINEAR = torch.nn.functional.linear
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fresh_functional_linear():
+    """Each test module starts with torch's own F.linear, as in a fresh process. DeepSpeed's
+    ``zero.Init`` (ZeRO-3) replaces it for the rest of the process ("this will persist unless manually
+    reset"); a module that ran later on the same process then scripted or measured DeepSpeed's
+    wrapper (torch.jit.script fails on it; memory-plan peaks move), depending on which modules an
+    xdist worker happened to run before it."""
+    yield
+    torch.nn.functional.linear = TORCH_LINEAR
 
 
 @pytest.fixture(scope="session")
@@ -108,7 +123,7 @@ def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA GPU (run by tools/gpu_check.sh)")
         for item in items:
-            if "gpu" in item.keywords:
+            if item.get_closest_marker("gpu"):  # not item.keywords: that holds the folder name tests/gpu too
                 item.add_marker(skip)
     if hasattr(config, "workerinput"):
         rank = {unit: i for i, unit in enumerate(LONG_UNITS_FIRST)}
