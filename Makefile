@@ -19,12 +19,17 @@ $(STAMP): setup.cfg pyproject.toml
 
 setup: $(STAMP)
 
+# Two pytest-xdist workers (one per core of the 2-core CPU machine): each test module is one unit of
+# work, modules sharing an expensive session fixture one unit together (tests/conftest.py).
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadfile
+
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 
 # What a developer runs between edits (under 2 minutes): everything but the slow and root tests.
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow and not root"
+	$(PY) -m pytest -q $(XDIST) -m "not slow and not root"
 
 lint: setup
 	$(VENV)/bin/ruff check sidscale tools tests

@@ -2,12 +2,28 @@
 session-wide fixtures that several test files share instead of each paying for its own copy."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch.nn.functional  # noqa: E402
+
+# torch's own F.linear, before anything in this process could replace it (see fresh_functional_linear)
+TORCH_LINEAR = torch.nn.functional.linear
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fresh_functional_linear():
+    """Each test module starts with torch's own F.linear, as in a fresh process. DeepSpeed's
+    ``zero.Init`` (ZeRO-3) replaces it for the rest of the process ("this will persist unless manually
+    reset"); a module that ran later on the same process then scripted or measured DeepSpeed's
+    wrapper (torch.jit.script fails on it; memory-plan peaks move), depending on which modules an
+    xdist worker happened to run before it."""
+    yield
+    torch.nn.functional.linear = TORCH_LINEAR
 
 
 @pytest.fixture(scope="session")
@@ -19,7 +35,7 @@ def tiny_toy_teacher(tmp_path_factory):
 
 
 # The flow-matching toy teacher of the tests: the same UNet as the built-in one, fitted to the exact
-# velocity of an 8x8 mixture for 80 steps, no fit report (see tests/test_toy_flow.py for what it reaches).
+# velocity of an 8x8 mixture for 80 steps, no fit report (see tests/families/test_toy_flow.py for what it reaches).
 TINY_TOY_FLOW_SPEC = dict(fit_steps=80, eval_samples=0, parameterisation="flow")
 
 
@@ -36,23 +52,79 @@ def tiny_toy_flow_teacher(tmp_path_factory):
 @pytest.fixture(scope="session")
 def fp32_reference_run(tiny_toy_teacher, tmp_path_factory):
     """ONE uninterrupted 2-rank fp32 run (checkpoints at steps 2, 4, 6) that the resume and every
-    fault test compare with, bit for bit. See tests/reference_run.py for its settings."""
-    from tests.dist_launch import run_trainer
-    from tests.reference_run import overrides
+    fault test compare with, bit for bit. See tests/helpers/reference_run.py for its settings."""
+    from tests.helpers.dist_launch import run_trainer
+    from tests.helpers.reference_run import overrides
 
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     run_trainer(run_dir, overrides(tiny_toy_teacher))
     return run_dir
 
 
+# pytest-xdist (`make test` runs `-n 2 --dist loadfile`): every test module is one unit of work, so
+# its module-scoped fixtures are built once; modules that share an expensive session fixture (built
+# once per worker) or a machine-wide resource are one unit together. A module is listed once.
+SHARED_UNITS = {
+    # the uninterrupted 2-rank fp32 run that the resume and fault tests compare with, bit for bit
+    "fp32_reference_run": ("test_trainer", "test_fault_tolerance", "test_resume_faults"),
+    # the local SLURM clusters: one apt-get install at a time (dpkg's lock), one cluster at a time
+    "slurm": ("test_slurm", "test_slurm_multinode"),
+}
+# Units started first, longest first: a long unit picked up last would leave the other worker idle at
+# the end. The order of the per-unit totals of `--durations=0` on this project's 2-core machine
+# (2026-12-04); the rest follow in file order.
+LONG_UNITS_FIRST = ("slurm", "fp32_reference_run", "test_trainer_equivalence", "test_sd3_family", "test_terminal",
+                    "test_teacher_partition_resume", "test_long_work_waits", "test_scaling", "test_toy_flow",
+                    "test_numerics", "test_reference_toy", "test_teacher_partition", "test_flux_family")
+
+
+def unit_of(path: str) -> str:
+    """The unit of work of the test module at ``path`` (a node id's file part)."""
+    module = Path(path).stem
+    for unit, modules in SHARED_UNITS.items():
+        if module in modules:
+            return unit
+    return module
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: only called when it is installed
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` with SHARED_UNITS: files of one unit go to the same worker, in the
+    order the workers collected them (LONG_UNITS_FIRST first). xdist's own ``xdist_group`` marks
+    cannot do this on pytest 9 (they rename node ids, which pytest 9 no longer allows)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class UnitScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return unit_of(nodeid.split("::", 1)[0])
+
+    config.option.loadscopereorder = False
+    return UnitScheduling(config, log)
+
+
+def pytest_configure(config):
+    if hasattr(config, "workerinput"):
+        # Two workers on two cores: one intra-op thread each, as every launched rank already has
+        # (OMP_NUM_THREADS=1 in tests/helpers/dist_launch.py); two threads each would oversubscribe.
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     """``gpu`` tests need CUDA: on a CPU machine they are skipped with the reason (and counted as
-    skipped, never as passed); tools/gpu_check.sh runs them on a GPU."""
+    skipped, never as passed); tools/gpu_check.sh runs them on a GPU. In an xdist worker, the long
+    units of work are put first (the scheduler hands out units in the workers' order)."""
     import torch
 
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (run by tools/gpu_check.sh)")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (run by tools/gpu_check.sh)")
+        for item in items:
+            if item.get_closest_marker("gpu"):  # not item.keywords: that holds the folder name tests/gpu too
+                item.add_marker(skip)
+    if hasattr(config, "workerinput"):
+        rank = {unit: i for i, unit in enumerate(LONG_UNITS_FIRST)}
+        items.sort(key=lambda item: rank.get(unit_of(item.nodeid.split("::", 1)[0]), len(rank)))

@@ -172,9 +172,9 @@ def _measure(args, info) -> dict:
     import torch
 
     from sidscale.bench.cases import BenchCase
+    from sidscale.bench.peak import measure_trainer_peak
     from sidscale.distributed import comm
     from sidscale.distributed.runtime import shutdown_distributed
-    from sidscale.perf.measured_memory import measure_trainer_peak
 
     case = BenchCase(args.preset, args.zero, args.precision, args.micro_batch, args.accumulation,
                      args.grad_checkpointing,

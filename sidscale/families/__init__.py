@@ -12,7 +12,7 @@ from typing import Any
 
 from sidscale.errors import ConfigError
 from sidscale.families import flux, sd3, toy, unet_vp
-from sidscale.families.base import FamilySpec, ModelFamily, resolve
+from sidscale.families.base import FamilySpec, ModelFamily, install_family_lookup, resolve
 
 # one line per family (each spec is plain data: reading it imports no diffusers)
 SPECS: dict[str, FamilySpec] = {
@@ -54,6 +54,9 @@ def spec_for_kind(kind: str) -> FamilySpec:
 def family_for_kind(kind: str) -> ModelFamily:
     """The adapter of ``teacher.kind``."""
     return spec_for_kind(kind).adapter(kind)
+
+
+install_family_lookup(family_for_kind)  # Teacher.family (base.py cannot import this module)
 
 
 def spec_for_preset(preset: str) -> FamilySpec:

@@ -60,6 +60,20 @@ class Conditioner(Protocol):
     def empty(self, batch: int) -> Cond: ...
 
 
+# The registry (sidscale/families/__init__.py) installs its kind -> family lookup here. This module cannot
+# import the registry (which imports every family, each importing this module); and the registry is always
+# loaded first, because Python runs a package's __init__ before any of its submodules.
+_family_lookups: list[Callable[[str], Any]] = []
+
+
+def install_family_lookup(lookup: Callable[[str], Any]) -> None:
+    _family_lookups[:] = [lookup]
+
+
+def _registry_lookup(kind: str) -> Any:
+    return _family_lookups[0](kind)
+
+
 @dataclass
 class Teacher:
     """A loaded, frozen teacher. ``net`` is the denoiser network (UNet2DConditionModel,
@@ -78,9 +92,7 @@ class Teacher:
 
     @property
     def family(self) -> ModelFamily:
-        from sidscale.families import family_for_kind
-
-        return family_for_kind(self.kind)
+        return _registry_lookup(self.kind)
 
 
 class ModelFamily(Protocol):

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
+from sidscale.core.ema import ema_beta
 from sidscale.core.noise import PHASE_FAKE, PHASE_GEN, draw_step_noise, generator_step_count
-from sidscale.ema import ema_beta
 from sidscale.method.base import MEAN, SUM, Batch, Phase, PredictionFns
 from sidscale.method.sid_lsg import MethodSettings, fake_step, generator_step
 

@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 import torch
 from torch.autograd import DeviceType
 
-from sidscale.bench.cases import BenchCase
-
 MARKER_BYTES = 7919  # a prime number of bytes: no tensor of the run has this size
 
 
@@ -69,36 +67,3 @@ def cpu_allocation_trace() -> Iterator[AllocationTrace]:
     # FunctionEvent view folds allocations into the op that made them and loses their order.
     trace.events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                           if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
-
-
-def measure_trainer_peak(case: BenchCase, dist_info, steps: int = 2) -> dict[str, float]:
-    """Peak allocated bytes of this rank over ``steps`` iterations of the real ``Trainer`` on ``case``.
-
-    Returns ``{"peak_bytes", "static_bytes"}``: the peak, and what stays allocated between
-    iterations (parameters, master weights, optimizer states, EMA, teacher).
-    """
-    from sidscale.bench.bench import trainer_runner
-
-    device = dist_info.device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        runner = trainer_runner(case, dist_info)
-        runner.step()
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(steps):
-            runner.step()
-        torch.cuda.synchronize(device)
-        out = {"peak_bytes": float(torch.cuda.max_memory_allocated(device) - base),
-               "static_bytes": float(torch.cuda.memory_allocated(device) - base)}
-    else:
-        with cpu_allocation_trace() as trace:
-            runner = trainer_runner(case, dist_info)
-            runner.step()
-            trace.mark()
-            for _ in range(steps):
-                runner.step()
-        out = {"peak_bytes": float(trace.peak_bytes(after_marker=True)), "static_bytes": float(trace.final_bytes)}
-    runner.close()
-    return out

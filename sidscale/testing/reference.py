@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sidscale.core.ema import ema_beta, update_ema_
 from sidscale.core.noise import PHASE_FAKE, PHASE_GEN, draw_step_noise, generator_step_count
-from sidscale.ema import ema_beta, update_ema_
 from sidscale.families.unet_vp.adapter import UNetEps
 from sidscale.method.guards import sanitize_grads_
 from sidscale.method.sid_lsg import MethodSettings, fake_step, generator_step

@@ -9,7 +9,7 @@ It builds a teacher small enough to commit (teacher/: diffusers layout, toy kind
 UNet, a byte-level CLIP tokenizer of 514 tokens), runs the trainer in-process uninterrupted from
 step 0 to ``STEPS`` with a checkpoint every ``SAVE_AT`` steps, and keeps of that run only what a
 resume needs: the checkpoint of step ``SAVE_AT``, the ``latest`` marker and the run's prompt shards.
-expected.json records the digests of the run's final checkpoint (tests/test_pre_refactor_checkpoint.py
+expected.json records the digests of the run's final checkpoint (tests/trainer/test_pre_refactor_checkpoint.py
 says what they cover) and its settings. ``--check`` runs it again into a temporary directory and
 compares the digests with expected.json instead of writing (the run is deterministic on one CPU kind).
 ``--record-tensors`` runs it again the same way and, only when every digest equals expected.json's
@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.test_pre_refactor_checkpoint import (  # noqa: E402
+from tests.trainer.test_pre_refactor_checkpoint import (  # noqa: E402
     ASSET,
     REFERENCE,
     SAVE_AT,
@@ -109,7 +109,7 @@ def write_teacher(path: Path) -> None:
 
 
 def uninterrupted_run(teacher: Path, run_dir: Path) -> None:
-    from tests.inprocess import run_main
+    from tests.helpers.inprocess import run_main
 
     before = torch.get_num_threads()
     torch.set_num_threads(THREADS)
