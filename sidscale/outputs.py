@@ -4,7 +4,7 @@ its sampling metadata, and the end-of-run evaluation.
 ``Outputs`` reads the trainer's changing state when it is called (the current step, the logger), so it
 holds no copy of it; the only state of its own is the teacher's preview samples, made once.
 NOTE: the pieces whose calls are collectives (the EMA, the generator engine) are attributes of ``self``
-so that tests/test_error_path_collectives.py, which follows calls by name, sees them.
+so that tests/robustness/test_error_path_collectives.py, which follows calls by name, sees them.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@
 # SIGTERM (plain scancel, the hard time limit, preemption) also makes the ranks checkpoint if
 # they can within KillWait, but this script does not requeue then: a cancelled job stays cancelled.
 # Another number of nodes is fine: resubmitting the run (same RUN_DIR, e.g. sbatch --nodes 2 after
-# --nodes 4) resumes the checkpoint on the new rank count (train.py reshards it; README: Resume).
+# --nodes 4) resumes the checkpoint on the new rank count (train.py reshards it; docs/checkpoints.md, elastic resume).
 #
 #SBATCH --job-name=sidscale
 #SBATCH --nodes=1

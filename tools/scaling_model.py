@@ -6,7 +6,7 @@
     python tools/scaling_model.py --bytes --presets sd35_large --gpus 64   # bytes per collective class
 
 The model (bytes per ZeRO stage per iteration, ring costs, FLOPs, overlap) is sidscale/bench/scaling.py; its
-byte counts are checked against a real 2-rank run in tests/test_scaling.py. The memory plan is
+byte counts are checked against a real 2-rank run in tests/unit/test_scaling.py. The memory plan is
 sidscale/perf/memory_plan.py. Each preset trains with its config preset's recipe (global batch, micro-batch,
 checkpointing, generator steps, CFG); the micro-batch is lowered when the global batch has fewer samples than
 GPUs x micro-batch.

@@ -10,7 +10,7 @@ One iteration (sidscale/train.py ``train_step``) is a fake-score step then a gen
   the fake step.
 
 What each ZeRO stage sends per rank (DeepSpeed 0.19.8, measured at ``deepspeed.comm`` on 2 CPU ranks:
-tests/test_scaling.py). Message sizes are what DeepSpeed's
+tests/unit/test_scaling.py). Message sizes are what DeepSpeed's
 comms logger records: the tensor a rank contributes (all-gather: its partition; reduce-scatter and all-reduce:
 the full buffer). ``b``: 2 bytes for bf16/fp16, 4 for fp32.
 
@@ -159,7 +159,7 @@ def preset_profile(preset: str) -> NetProfile:
 
 @dataclass(frozen=True)
 class Setup:
-    """One training configuration on one cluster (defaults: a bf16 H100-class cluster, see the README)."""
+    """One training configuration on one cluster (defaults: a bf16 H100-class cluster, see docs/performance.md)."""
 
     gpus: int = 8
     zero: int = 2

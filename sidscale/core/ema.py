@@ -1,4 +1,4 @@
-"""EMA of the generator: half-life in images with the EDM-style ramp-up of the method page."""
+"""EMA of the generator: half-life in images with the EDM-style ramp-up (docs/method.md 6)."""
 
 from __future__ import annotations
 

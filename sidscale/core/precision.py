@@ -84,7 +84,7 @@ def precision_context(precision: str) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------------------------
-# Optimizer numerics per precision (method page, "Optimization defaults" and the NaN guards)
+# Optimizer numerics per precision (docs/method.md 5-6, docs/precision.md)
 # --------------------------------------------------------------------------------------------
 
 ADAM_EPS = 1e-8

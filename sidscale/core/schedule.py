@@ -134,7 +134,7 @@ class VPSchedule:
 
     def flow_sigma(self, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
         """The flow-matching sigma of the same state: ``a x0 + s eps = (a + s) x_FM`` with
-        ``sigma = s / (a + s)`` (sid_dit_method.md 1.1), broadcastable against ``like``."""
+        ``sigma = s / (a + s)`` (docs/flow_matching.md 1.1), broadcastable against ``like``."""
         a, s = self.coefficients(t, like)
         return s / (a + s)
 
@@ -190,7 +190,7 @@ def schedule_from_meta(meta: dict, prediction_type: str, where: str) -> VPSchedu
 @dataclass
 class FlowSchedule:
     """Rectified flow: ``x_t = (1 - sigma) x0 + sigma eps``, sigma in [0, 1], velocity ``v = eps - x0``
-    (sid_dit_method.md 1.1). No timestep shift: SiD-DiT computes sigma itself and never shifts
+    (docs/flow_matching.md 1.1). No timestep shift: SiD-DiT computes sigma itself and never shifts
     (its SD3-shift option defaults to off)."""
 
     def _sigma(self, t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ communication device: ``cuda:<local rank>`` under NCCL, the CPU under gloo. NCCL
 tensors at the first call ("No backend type associated with device type cpu"), so a CPU flag
 all-reduced from the training loop would stop a GPU job before its first step, while every CPU
 test (gloo) passes. Every helper below moves its tensors to ``comm_device()`` and hands results
-back where the caller wants them; tests/test_robust.py fails if any other module of sidscale
+back where the caller wants them; tests/robustness/test_robust.py fails if any other module of sidscale
 or tools calls a torch.distributed collective directly, so the rule cannot erode.
 
 Why this and not a per-device backend (``init_process_group("cpu:gloo,cuda:nccl")``), which would

@@ -48,7 +48,7 @@ _DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
 
 def _bf16_accumulation_block(stage: int, user: dict, path: Path) -> dict:
-    """fp32 gradient accumulation for bf16 training (measured on DeepSpeed 0.19.8, README: numerics).
+    """fp32 gradient accumulation for bf16 training (measured on DeepSpeed 0.19.8, docs/precision.md).
 
     DeepSpeed's default accumulation dtype is the model dtype: with bf16 every ZeRO stage sums the
     micro-batch gradients in bf16, so at 16-128 micro-batches per step the late ones are rounded away

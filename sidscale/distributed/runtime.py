@@ -259,7 +259,7 @@ def _make_long_work_group() -> None:
 def shutdown_distributed() -> None:
     """Orderly tear-down; only for paths every rank reaches together (a clean end, a requeue stop).
 
-    NOTE: without the barrier, about one exit in five aborted on gloo (environment_notes.md). On an
+    NOTE: without the barrier, about one exit in five aborted on gloo (docs/environment.md). On an
     error path the barrier would wait for ranks that never come: use ``exit_now`` there."""
     if comm.is_distributed():
         comm.release_long_work_groups()

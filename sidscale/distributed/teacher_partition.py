@@ -3,7 +3,7 @@
 A replicated teacher costs every rank its full weights (FLUX.1-dev: 22 GB in bf16). Partitioned,
 each rank holds 1/N of them and DeepSpeed's ZeRO-3 hooks gather one layer at a time (plus the
 prefetched ones) while the teacher runs, in its forward and again in the backward that carries the
-generator's gradient through it. How (sid_dit_method.md 5.5, measured on 2 CPU ranks):
+generator's gradient through it. How (docs/flow_matching.md 5.5, measured on 2 CPU ranks):
 
 - ``deepspeed.initialize(model=teacher, config=teacher_ds_config(...))`` WITHOUT an optimizer: an
   optimizer-less ZeRO-3 engine (``DeepSpeedZeRoOffload``) that partitions the parameters and installs
@@ -11,7 +11,7 @@ generator's gradient through it. How (sid_dit_method.md 5.5, measured on 2 CPU r
 - the teacher is called as ``engine.module(...)`` (the same object as ``teacher.net``), never as
   ``engine(...)``: the engine's forward registers backward hooks that an optimizer-less engine cannot
   serve, and the generator's backward fails. Called through ``.module`` the generator's loss and every
-  gradient equal the replicated teacher's bit for bit (tests/test_teacher_partition.py: tiny SD3.5, CFG
+  gradient equal the replicated teacher's bit for bit (tests/trainer/test_teacher_partition.py: tiny SD3.5, CFG
   on) -- wherever the backward sums a tensor's gradient from the same groups of consumers in both
   placements. ZeRO-3's hooks add an autograd node at each module's inputs, which regroups a sum over
   three or more consumers across module boundaries: measured, the tiny toy UNet's input gradient
@@ -63,7 +63,7 @@ def teacher_ds_config(ds_config: dict, teacher_dtype: str) -> dict:
     # never restored), which rounds differently from torch's: every later linear of the generator,
     # the fake net and the text encoders would change with the teacher's placement. torch's linear
     # saves the parameter itself for the backward, which ZeRO-3 gathers again before the module's
-    # backward runs, so the result is the same (tests/test_teacher_partition.py).
+    # backward runs, so the result is the same (tests/trainer/test_teacher_partition.py).
     zero = {"stage": 3, **DEFAULT_TEACHER_ZERO, "memory_efficient_linear": False}
     zero.update({k: copy.deepcopy(user_zero[k]) for k in _INHERITED_ZERO_KEYS if k in user_zero})
     return {

@@ -2,12 +2,12 @@
 
 The copy build (``copy.deepcopy(teacher).float()``, then ``deepspeed.initialize``) holds a full fp32
 copy of the network on every rank before DeepSpeed partitions it: for FLUX.1-dev that is 47.6 GB per
-rank and per trainable net, ~950 GB of host memory on an 8-GPU node (sid_dit_method.md 5.4). Here
+rank and per trainable net, ~950 GB of host memory on an 8-GPU node (docs/flow_matching.md 5.4). Here
 the network is constructed under ``deepspeed.zero.Init``, which partitions each sub-module's
 parameters as soon as that sub-module's ``__init__`` returns, so a rank never holds more than its
 1/N share plus the one layer being constructed; then each rank copies ITS slice of every
 teacher parameter into its partition (no communication: every rank already holds the frozen
-teacher). The result equals the copy build bit for bit (tests/test_teacher_partition.py):
+teacher). The result equals the copy build bit for bit (tests/trainer/test_teacher_partition.py):
 
 - parameters: ``teacher -> fp32 -> the training dtype``, the same two casts as the copy build's
   ``.float()`` and DeepSpeed's own cast of the fp32 copy to bf16/fp16;

@@ -1,7 +1,7 @@
 """The evaluation protocols that ``tools/fid_eval.py --protocol NAME`` reproduces, step by step.
 
 Each protocol is the evaluation code behind a set of published numbers, as far as its steps can be
-reproduced here (what cannot is listed in ``approximate`` and in the README's Evaluate section):
+reproduced here (what cannot is listed in ``approximate`` and in docs/evaluation.md):
 
 ``sid_lsg_coco30k`` (default): SiD-LSG's one-step SD1.5 / SD2.1-base numbers, computed with
     GigaGAN's ``evaluation.py`` (also DMD2's SD1.5 numbers): 30k COCO-2014 val captions, caption i

@@ -2,7 +2,7 @@
 
 Adding a family = its folder ``sidscale/families/<name>/`` (``__init__.py`` holding ``SPEC``, an
 adapter, its conditioning, presets and tiny teacher) plus one line in ``SPECS`` below; the config
-accepts its kinds and tests/test_family_contract.py runs on it. A family outside this package
+accepts its kinds and tests/families/test_family_contract.py runs on it. A family outside this package
 registers with ``register_family(spec)``.
 """
 

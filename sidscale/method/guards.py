@@ -1,4 +1,4 @@
-"""NaN guards of the method page: drop non-finite samples, sanitise gradients."""
+"""NaN guards (docs/method.md 5): drop non-finite samples, sanitise gradients."""
 
 from __future__ import annotations
 

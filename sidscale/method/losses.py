@@ -1,4 +1,4 @@
-"""The two SiD losses, as sums over latent elements (the method page's convention).
+"""The two SiD losses, as sums over latent elements (docs/method.md 5).
 
 Both return per-sample sums so the caller decides the normaliser (the per-rank batch).
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-# How the generator loss of each sample is weighted (sid_dit_method.md 1.5):
+# How the generator loss of each sample is weighted (docs/flow_matching.md 1.5):
 # sid_legacy: divided by SiD-LSG's normaliser w = sg(mean |x_g - y_real|);
 # one_minus_sigma: multiplied by (1 - sigma), SiD-DiT's default for flow teachers (sigma = the
 # flow-matching noise level of the loss timestep; for a VP teacher its flow equivalent).

@@ -1,6 +1,6 @@
 """SiD as the trainer runs it: the phase order, the K-step k draw, the fp16 skip coupling, the EMA.
 
-One iteration (the method page, in order): a fake-score step on ``train.global_batch`` samples of the
+One iteration (docs/method.md 4, in order): a fake-score step on ``train.global_batch`` samples of the
 frozen generator, then a generator step on fresh samples with the fake net frozen but still in the
 autograd graph, each accumulated over micro-batches; then the generator's EMA. The losses themselves
 are ``method/sid_lsg.py`` (networks and tensors only).

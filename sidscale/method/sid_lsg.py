@@ -6,10 +6,10 @@ No DeepSpeed, no data, no I/O, no model family here: the caller passes predictio
 that converts their predictions to x0 (``sidscale.core.schedule``), the noise of the step
 (``StepNoise``) and the conditionings, and gets back a scalar loss to backpropagate plus
 detached statistics for logging. The normaliser of the loss is the per-rank batch, given by the
-caller (``loss_normaliser``), so micro-batch sums add up to the method page's "summed over latent
+caller (``loss_normaliser``), so micro-batch sums add up to docs/method.md 5's "summed over latent
 elements and micro-batches, divided by the per-rank batch".
 
-K-step generators (``generator_steps`` = K, sid_dit_method.md 1.2): step i denoises
+K-step generators (``generator_steps`` = K, docs/flow_matching.md 1.2): step i denoises
 ``add_noise(x0_{i-1}, eps_i, level_i)`` (step 0: ``noise_only(z)``) with fresh noise per step;
 each iteration runs the first k steps for one k in 1..K shared by all ranks, the first k-1
 without gradient, and the loss is on step k's output. K = 1 is SiD-LSG's one-step generator.
@@ -34,7 +34,7 @@ NoiseSchedule = Any  # sidscale.families.base.NoiseSchedule (VPSchedule, FlowSch
 
 @dataclass(frozen=True)
 class MethodSettings:
-    """The method knobs of the method page (a view of ``config.MethodConfig``)."""
+    """The method knobs of docs/method.md (a view of ``config.MethodConfig``)."""
 
     cfg_train_fake: float = 1.5  # k1
     cfg_eval_fake: float = 1.5  # k2 = k3
@@ -46,7 +46,7 @@ class MethodSettings:
     prompt_dropout: float = 0.1
     fake_loss_scale: float = 1.0
     gen_loss_scale: float = 1.0
-    # K-step generator and the flow-matching knobs (sid_dit_method.md 1.2-1.5); the VP schedule reads
+    # K-step generator and the flow-matching knobs (docs/flow_matching.md 1.2-1.5); the VP schedule reads
     # t_init / t_min / t_max, the flow schedule sigma_init / sigma_logit_*.
     generator_steps: int = 1
     gen_weighting: str = "sid_legacy"  # sid_legacy (SiD-LSG's 1/w) | one_minus_sigma (SiD-DiT)
@@ -71,7 +71,7 @@ def generate(gen: EpsFn, schedule: NoiseSchedule, noises: Sequence[torch.Tensor]
              levels: Sequence) -> torch.Tensor:
     """Run ``len(noises)`` steps of the K-step generator at ``levels`` (``generator_levels``), return
     the last step's x0. Only the last network call records a graph (when grad is enabled at all):
-    the earlier steps' outputs enter the last one as constants (sid_dit_method.md 1.2)."""
+    the earlier steps' outputs enter the last one as constants (docs/flow_matching.md 1.2)."""
     grad = torch.is_grad_enabled()
     n = len(noises)
     x0 = noises[0]

@@ -39,7 +39,7 @@ net's activations:
   + its buckets;
 - ``gen_forward``: the end of the generator step's forward, the usual peak: B samples through G
   (trainable), 2B through the frozen fake net and 2B through the frozen teacher (CFG batches; frozen
-  weights save only what the input gradient needs). The method page: three networks' activations
+  weights save only what the input gradient needs). docs/method.md 9: three networks' activations
   are alive at once. With gradient accumulation, G's accumulated gradients are alive here too
   from the second micro-batch on;
 - ``gen_backward``: the backward leaves the teacher and the fake net first, so when G's first
@@ -140,8 +140,8 @@ GPU_RESERVE_GIB = CUDA_CONTEXT_GIB + NCCL_BUFFERS_GIB + GPU_WORKSPACES_GIB
 # fraction of (card - reserve) the plan may fill: the rest is the caching allocator's fragmentation under
 # ZeRO-3's variable-size gathers (the usual advice for DeepSpeed runs: keep 10-15 % free); train.memory_fraction
 DEFAULT_BUDGET_FRACTION = 0.9
-# The GPUs each config preset is sized for, as its yaml header and the README say: (GPUs, GiB per GPU).
-# tests/test_preview_memory.py checks that every preset's default leaves >= 10 % of each card free.
+# The GPUs each config preset is sized for, as its yaml header and docs/memory_plan.md say: (GPUs, GiB per GPU).
+# tests/trainer/test_preview_memory.py checks that every preset's default leaves >= 10 % of each card free.
 PRESET_HARDWARE = {"sd15": (8, 40.0), "sd21": (8, 40.0), "sd21_768": (8, 40.0), "sdxl": (8, 40.0),
                    "sd3_medium": (8, 80.0), "sd35_medium": (8, 80.0), "sd35_large": (8, 80.0),
                    "flux_dev": (8, 80.0)}
@@ -269,7 +269,7 @@ def teacher_zero_settings(zs: dict) -> dict:
 def teacher_terms(c: NetCounts, teacher_bytes: int, gpus: int, partitioned: bool,
                   zt: dict) -> tuple[dict[str, float], float]:
     """(static bytes of the teacher network, bytes of its gathered layers while it runs), per GPU, as measured
-    on 2 ranks (tests/test_teacher_partition.py) -- finer than the plan's own teacher terms (``plan``:
+    on 2 ranks (tests/trainer/test_teacher_partition.py) -- finer than the plan's own teacher terms (``plan``:
     ``teacher_net`` = its padded 1/N, ``zero3_gathered_params`` = largest module + one prefetch bucket):
 
     - tensors of at most stage3_param_persistence_threshold elements stay whole on every rank;

@@ -4,7 +4,7 @@ It stays small and obviously correct: fp32 copies of the teacher network as gene
 net, torch Adam, the whole global batch per step, the method's NaN guards, the EMA. Any family:
 ``prediction_fn`` wraps a network into the method's prediction function (default: a UNet's eps). The
 DeepSpeed trainer (``sidscale.train``) must reproduce its weights in fp32 on the same prompts
-and noises (tests/test_trainer_equivalence.py).
+and noises (tests/trainer/test_trainer_equivalence.py).
 """
 
 from __future__ import annotations

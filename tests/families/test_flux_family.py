@@ -105,7 +105,7 @@ def test_export_is_a_self_contained_flux_pipeline(full_run, flux_teacher, tmp_pa
         noises = seeded_generator_noises(seeds, [16, 8, 8], 4)
         img_ids = FluxPipeline._prepare_latent_image_ids(2, 4, 4, "cpu", torch.float32)
         x0 = torch.zeros_like(noises[0])
-        for i, eps in enumerate(noises):  # sid_dit_method.md 1.2: sigma_i = 1 - i/K, fresh noise per step
+        for i, eps in enumerate(noises):  # docs/flow_matching.md 1.2: sigma_i = 1 - i/K, fresh noise per step
             sigma = 1 - i / 4
             x = (1 - sigma) * x0 + sigma * eps
             v = pipe.transformer(hidden_states=FluxPipeline._pack_latents(x, 2, 16, 8, 8),

@@ -1,7 +1,7 @@
 """FLUX guidance mode ``official`` (SiD-DiT's released FLUX code) against a loop written here from the
 published formulas, on tiny FLUX.1-dev-shaped transformers: both losses and the generator's gradient.
 
-The formulas (sid_dit_method.md 1.2-1.5, 1.7): a FLUX net called at guidance scale ``s`` gets ``s`` as its
+The formulas (docs/flow_matching.md 1.2-1.5, 1.7): a FLUX net called at guidance scale ``s`` gets ``s`` as its
 guidance embedding; for s in {0, 1} that single conditional call is the prediction, otherwise
 ``v(u) + s (v(c) - v(u))`` with both branches at embedding s. The fake update uses s = k1 on the fake net,
 the generator update s = k2 on the fake net and s = k4 on the teacher; the generator always runs at

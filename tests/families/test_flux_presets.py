@@ -2,7 +2,7 @@
 memory plan, and the CPU-sized flux_tiny through the benchmark.
 
 Independent references: the FLUX.1-dev parameter count measured on the released checkpoint that the
-method page quotes (docs/sid_dit_method.md table 5.1), the FLUX VAE factors of its table 4.2, a
+docs/flow_matching.md table 5.1 quotes, the FLUX VAE factors of its table 4.2, a
 hand-written matmul count of a FLUX transformer forward, the closed-form model-state bytes, and a
 network-call-by-network-call FLOP count of one SiD iteration without true CFG.
 """
@@ -39,7 +39,7 @@ def test_flux_dev_parameters_match_the_released_count():
     net = build_flux_transformer("flux_dev")
     assert next(net.parameters()).is_meta
     params = count_parameters(net)
-    assert _agrees_with_doc(params, 11.901, 22.17), params  # sid_dit_method.md 5.1
+    assert _agrees_with_doc(params, 11.901, 22.17), params  # docs/flow_matching.md 5.1
     assert sum(b.numel() for b in net.buffers()) == 0  # RoPE from ids: no position table
     p = get_flux_preset("flux_dev")
     assert params == p.published["transformer_params"]
@@ -106,7 +106,7 @@ def test_flux_transformer_flops_match_the_hand_count(batch, t5_tokens):
 
 
 def test_flux_dev_config_preset_is_sid_dit_with_the_guidance_embedding():
-    """sid_dit_method.md 1.2-1.7: the SiD-DiT recipe, ZeRO-3, the released FLUX code's guidance coupling
+    """docs/flow_matching.md 1.2-1.7: the SiD-DiT recipe, ZeRO-3, the released FLUX code's guidance coupling
     (mode official) at its default scales 1: teacher and fake embedding 1 without true CFG, generator 1.0."""
     import math
 
@@ -148,7 +148,7 @@ def test_memory_plan_tool_plans_flux_dev_on_its_recipe():
         assert t[f"{net}_adam_states"] * GIB == pytest.approx(8 * P / n)
     assert t["teacher_net"] * GIB == pytest.approx(2 * P)
     assert t["text_encoders"] * GIB == pytest.approx(2 * (p["clip_l_params"] + p["t5_params"]))
-    assert rec["total_gib"] > 80  # sid_dit_method.md 5.4: "FLUX, ZeRO-3, teacher replicated: does not fit"
+    assert rec["total_gib"] > 80  # docs/flow_matching.md 5.4: "FLUX, ZeRO-3, teacher replicated: does not fit"
     assert checkpoint_blocks("flux_dev") == 19 + 38
     assert preset_nets("flux_dev").name == "flux" and latent_shape("flux_dev") == (16, 128, 128)
 

@@ -110,7 +110,7 @@ def test_export_is_a_self_contained_diffusers_pipeline(sd3_export, sd3_teacher, 
                                               max_sequence_length=meta["max_sequence_length"])
         noises = seeded_generator_noises(seeds, meta["latent_shape"], 4)
         x0 = torch.zeros_like(noises[0])
-        for i, eps in enumerate(noises):  # sid_dit_method.md 1.2: sigma_i = 1 - i/K, fresh noise per step
+        for i, eps in enumerate(noises):  # docs/flow_matching.md 1.2: sigma_i = 1 - i/K, fresh noise per step
             sigma = 1 - i / 4
             x = (1 - sigma) * x0 + sigma * eps
             v = pipe.transformer(hidden_states=x, encoder_hidden_states=pe, pooled_projections=pooled,
@@ -124,7 +124,7 @@ def test_export_is_a_self_contained_diffusers_pipeline(sd3_export, sd3_teacher, 
 
 @pytest.mark.parametrize("name,zero", [("sd3_medium", 2), ("sd35_medium", 2), ("sd35_large", 3)])
 def test_sd3_presets_carry_sid_dit_settings(name, zero):
-    """The released SiD-DiT recipe (sid_dit_method.md 1.2-1.6), valid on 8 ranks."""
+    """The released SiD-DiT recipe (docs/flow_matching.md 1.2-1.6), valid on 8 ranks."""
     import math
 
     from sidscale.config import load_config, validate

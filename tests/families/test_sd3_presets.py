@@ -1,8 +1,8 @@
 """The published SD3 / SD3.5 architectures (meta device: no memory, no weights) and their memory plan.
 
 Independent references: the parameter counts measured on the released checkpoints that the method
-page quotes (docs/sid_dit_method.md table 5.1, 3-4 significant digits), a hand-written matmul count
-of an MMDiT forward, the closed-form model-state bytes, and the method page's fit verdicts (5.4).
+page quotes (docs/flow_matching.md table 5.1, 3-4 significant digits), a hand-written matmul count
+of an MMDiT forward, the closed-form model-state bytes, and the fit verdicts of docs/flow_matching.md 5.4.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from sidscale.families.sd3.presets import (
 from sidscale.families.unet_vp.presets import count_parameters
 
 GIB = 2**30
-# sid_dit_method.md table 5.1: (billions of parameters, millions of pos_embed buffer elements, bf16 GiB)
+# docs/flow_matching.md table 5.1: (billions of parameters, millions of pos_embed buffer elements, bf16 GiB)
 DOC_TRANSFORMER = {"sd3_medium": (2.028, 56.6, 3.78), "sd35_medium": (2.243, 226.5, 4.18),
                    "sd35_large": (8.057, 89.7, 15.01)}
 # CLIP-L with projection, bigG with projection, T5-v1.1-XXL encoder, 16-channel VAE: (B params, bf16 GiB)
@@ -68,7 +68,7 @@ def test_text_encoders_and_vae_match_released_counts():
     p = preset.published
     assert counts == [p["clip_l_params"], p["clip_g_params"], p["t5_params"]]
     assert count_parameters(vae) == p["vae_params"]
-    # the transformer's input widths are what the encoders produce (sid_dit_method.md 4.3)
+    # the transformer's input widths are what the encoders produce (docs/flow_matching.md 4.3)
     cfg = preset.transformer
     assert cfg["pooled_projection_dim"] == sum(e.config.projection_dim for e in encoders[:2])
     assert cfg["joint_attention_dim"] == encoders[2].config.d_model
@@ -167,7 +167,7 @@ def test_memory_plan_model_states_match_the_closed_form(sd3_plans, name, zero):
     assert t["ema_fp32"] == 4 * P / n
     assert t["teacher_net"] == 2 * P and t["teacher_buffers"] == 2 * buf
     assert t["text_encoders"] == 2 * text
-    # the method page's per-GPU budget (5.4): teacher 15.0 GiB bf16 (SD3.5-L), text encoders 10.4 GiB
+    # docs/flow_matching.md 5.4's per-GPU budget: teacher 15.0 GiB bf16 (SD3.5-L), text encoders 10.4 GiB
     assert t["text_encoders"] / GIB == pytest.approx(10.4, abs=0.05)
 
 
@@ -189,7 +189,7 @@ def test_memory_plan_checkpointed_activations_are_the_block_boundaries(sd3_plans
 
 
 def test_memory_plan_fit_verdicts_agree_with_the_method_page(sd3_plans):
-    """sid_dit_method.md 5.4: SD3.5-M with ZeRO-2 fits 8 x 80 GB up to micro-batch 4; SD3.5-L does not
+    """docs/flow_matching.md 5.4: SD3.5-M with ZeRO-2 fits 8 x 80 GB up to micro-batch 4; SD3.5-L does not
     fit with ZeRO-2, and with ZeRO-3 (teacher replicated) only at small micro-batches."""
     assert sd3_plans[("sd35_medium", 2)].max_micro_batch >= 4
     assert sd3_plans[("sd35_medium", 2, 4)].total < 80 * GIB

@@ -24,7 +24,7 @@ MIX = ToyMixture(size=8)
 
 # ------------------------------------------------------------------------------- closed form
 def test_exact_velocity_equals_the_vp_posterior_at_the_matching_state():
-    """A VP state ``a x0 + s eps`` is ``(a + s) x_FM`` with ``sigma = s / (a + s)`` (sid_dit_method.md 1.1):
+    """A VP state ``a x0 + s eps`` is ``(a + s) x_FM`` with ``sigma = s / (a + s)`` (docs/flow_matching.md 1.1):
     the same posterior, so the flow velocity must equal the VP formulas' ``E[eps] - E[x0]`` (those are
     tested against brute-force Bayes in test_toy.py). Plus the ends: -x at sigma 0, x - E[mu | prompt] at 1."""
     vp = VPSchedule.from_settings()
@@ -190,7 +190,7 @@ def test_toy_flow_trains_in_the_trainer_and_exports(tmp_path, tiny_toy_flow_teac
     assert result["generator_steps"] == 2 and np.isfinite(result["frechet_teacher_ddim"])
     assert result["frechet_one_step"] < THRESHOLD * start, (start, result)
 
-    # the export: sigma 1 then 0.5, fresh noise, timestep 1000 sigma, x0 = x - sigma v (sid_dit_method.md 1.2)
+    # the export: sigma 1 then 0.5, fresh noise, timestep 1000 sigma, x0 = x - sigma v (docs/flow_matching.md 1.2)
     pipe = FewStepPipeline.from_export(run / "export")
     prompts, seeds = ["a red circle", "a blue square"], [5, 6]
     z1, z2 = seeded_generator_noises(seeds, (3, 8, 8), 2)

@@ -59,7 +59,7 @@ OVERRIDES = [
     "train.precision=fp32", "train.global_batch=8", "train.micro_batch=2", "teacher.dtype=fp32",
     "teacher.resolution=8", "data.num_workers=1",
     # the indexed prompt source: exact on any world size, so the elastic case can compare (a webdataset
-    # stream splits its shards by rank, README: Resume)
+    # stream splits its shards by rank, docs/checkpoints.md, elastic resume)
     "data.shards=indexed:toy", "eval.num_samples=0",
     "train.export_at_end=false", "train.seed=3", "generator.lr=1e-2", "fake.lr=1e-2",
     "train.ema_halflife_kimg=0.01", f"train.max_steps={MAX_STEPS}", "train.ckpt_every=2", "train.keep_last=5",

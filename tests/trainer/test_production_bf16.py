@@ -5,7 +5,7 @@ replicated teacher. Every earlier partitioned-teacher test ran in fp32.
 
 Tolerance: the two runs differ only in where the teacher's weights live, so its outputs are the same
 bf16 numbers; what differs is the order in which ZeRO-3's hooks sum the bf16 gradient contributions of
-the three consumers of the generator's output (README: Big teachers). Those differences are bf16
+the three consumers of the generator's output (docs/memory_plan.md). Those differences are bf16
 rounding of the gradients (relative 2^-8); Adam with beta1 = 0 turns each into a relative change of the
 update of the same size, and a sign flip of a near-zero gradient element into at most 2 x lr per step.
 So the final weights must agree to a small fraction of how far training moved them (``REL_TOL`` of the

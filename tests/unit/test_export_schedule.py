@@ -60,7 +60,7 @@ def test_export_samples_with_the_teachers_schedule(teacher_dir, tmp_path):
     prompts, seeds = ["a red circle", "a blue square"], [4, 5]
     x0 = pipe.latents(prompts, seeds)
 
-    # independent: diffusers' own alphas_cumprod of the teacher's scheduler, the method page's formulas
+    # independent: diffusers' own alphas_cumprod of the teacher's scheduler, docs/method.md 1's formulas
     abar = DDPMScheduler.from_pretrained(teacher_dir / "scheduler").alphas_cumprod[625].double()
     z = seeded_latent_noise(seeds, meta["latent_shape"]).double()
     x_in = (1 - abar).sqrt() * z

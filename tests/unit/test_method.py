@@ -55,7 +55,7 @@ def make_inputs(seed=0):
 
 
 def hand_gradient(gen, fake, teacher, schedule, noise, cond, uncond, k2, k4, alpha, t_init, norm):
-    """dL/dW_G and dL/dU_G derived by hand for linear eps-nets (see the method page):
+    """dL/dW_G and dL/dU_G derived by hand for linear eps-nets (see docs/method.md 4):
     y = (x_t - s (W x_t + U c_k)) / a  =>  dy/dx_g = I - s W;
     dL/dx_g = (1/w)[(Mr-Mf)^T E + (Mr - I - alpha(Mr-Mf))^T Dv]
     with Dv = y_r - y_f, E = (y_r - x_g) - alpha Dv, and x_g = (x_in - s0 (W_G x_in + U_G c)) / a0."""
@@ -204,7 +204,7 @@ def test_prompt_dropout_rate_and_application():
     drop = torch.tensor([True, False, False, True, False, False])
     out = apply_prompt_dropout(cond, uncond, drop, MethodSettings(cfg_train_fake=1.5))
     assert out["encoder_hidden_states"].flatten(1).mean(1).tolist() == [0, 1, 1, 0, 1, 1]
-    # no guidance on the fake net -> no dropout at all (the method page's condition)
+    # no guidance on the fake net -> no dropout at all (docs/method.md 4's condition)
     same = apply_prompt_dropout(cond, uncond, drop, MethodSettings(cfg_train_fake=1.0, cfg_eval_fake=1.0))
     assert torch.equal(same["encoder_hidden_states"], cond["encoder_hidden_states"])
 

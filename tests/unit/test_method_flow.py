@@ -1,5 +1,5 @@
 """SiD on a rectified-flow teacher (SiD-DiT) and K-step generators, against independent
-computations: the losses and generator gradient written out from sid_dit_method.md 1.2-1.5 in
+computations: the losses and generator gradient written out from docs/flow_matching.md 1.2-1.5 in
 plain torch on tiny linear velocity nets (float64), the K-step schedule and its gradient through
 step k only, the logit-normal loss sigmas against their closed form, and the noise layout."""
 

@@ -128,7 +128,7 @@ def test_bench_one_iteration_json():
     assert rec["config"] == "tiny/zero2/fp32/mb1x1" and rec["steps"] == 1
     assert rec["s_per_iter"] > 0 and rec["samples_per_s"] > 0 and rec["host_peak_gib"] > 0
     assert rec["flops_per_iter"] > 0 and 0 < rec["mfu"] < 1
-    # the method page: about 18 UNet forward equivalents per sample (fake ~7, generator ~11); CFG on
+    # docs/method.md 9: about 18 UNet forward equivalents per sample (fake ~7, generator ~11); CFG on
     # all three nets, backward = 2x forward; the input-gradient-only backwards of the frozen nets
     # cost ~1x, so 15..22 brackets the accounting.
     assert 15 < rec["net_fwd_equivalents_per_sample"] < 22

@@ -1,4 +1,4 @@
-"""The VP schedule against diffusers' scheduler and the method page's closed-form values."""
+"""The VP schedule against diffusers' scheduler and the closed-form values of docs/method.md 1."""
 
 import math
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install SLURM (slurm-wlm: slurmctld + slurmd + client tools), munge, and the namespace tools of the
 # multi-node variant (iproute2: ip; util-linux: unshare, nsenter), for the local test clusters of
-# tests/test_slurm.py and tests/test_slurm_multinode.py. Needs root (apt-get). Does nothing when all
+# tests/robustness/test_slurm.py and tests/robustness/test_slurm_multinode.py. Needs root (apt-get). Does nothing when all
 # are present.
 set -euo pipefail
 

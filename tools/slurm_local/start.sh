@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start a one-node SLURM cluster on this machine (for tests/test_slurm.py and for trying
+# Start a one-node SLURM cluster on this machine (for tests/robustness/test_slurm.py and for trying
 # slurm/distill.sh without a real cluster):
 #
 #   tools/slurm_local/start.sh [DIR]        # DIR: default ${SLURM_LOCAL_DIR:-/tmp/sidscale-slurm}
@@ -56,7 +56,7 @@ if alive "$DIR/run/slurmctld.pid" || alive "$DIR/run/slurmd.pid"; then
     [[ -f $CONF ]] || { echo "slurm_local/start.sh: daemons running but $CONF is missing; run stop.sh" >&2; exit 1; }
 else
 cat > "$CONF.tmp" <<CONF
-# Written by tools/slurm_local/start.sh: a one-node cluster on localhost (see environment_notes.md).
+# Written by tools/slurm_local/start.sh: a one-node cluster on localhost (see docs/environment.md).
 ClusterName=sidscale-local
 SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort=$CTLD_PORT

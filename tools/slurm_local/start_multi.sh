@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start a multi-node SLURM cluster on this one machine: every node is a network namespace with its
 # own hostname (UTS namespace), its own address on a bridge, and its own slurmd; one slurmctld and
-# one munged serve them all. For tests/test_slurm_multinode.py and for trying multi-node jobs
+# one munged serve them all. For tests/robustness/test_slurm_multinode.py and for trying multi-node jobs
 # (rendezvous across hosts, node loss) without a cluster:
 #
 #   tools/slurm_local/start_multi.sh [DIR]     # DIR: default ${SLURM_LOCAL_DIR:-/tmp/sidscale-mslurm}

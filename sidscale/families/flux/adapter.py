@@ -1,6 +1,6 @@
 """The FLUX.1 family (FLUX.1-dev: a guidance-distilled 12B rectified-flow transformer).
 
-As SiD-DiT does it (sid_dit_method.md 1.1, 1.7, 4): ``x_t = (1 - sigma) x0 + sigma eps``, the
+As SiD-DiT does it (docs/flow_matching.md 1.1, 1.7, 4): ``x_t = (1 - sigma) x0 + sigma eps``, the
 transformer predicts the velocity ``eps - x0`` and takes ``timestep = sigma`` in [0, 1] (it
 multiplies timestep and guidance by 1000 itself; FluxPipeline passes ``t / 1000`` of its 0..1000
 scheduler timesteps). Latents are 16-channel ``(vae latent - shift_factor) * scaling_factor``,

@@ -55,8 +55,8 @@ _FLUX_DEV: dict[str, Any] = {
 }
 
 # ``published``: exact counts of the networks built from these configs (meta device); they agree with the
-# FLUX.1-dev count of the method page (docs/sid_dit_method.md table 5.1: 11.901 B, 22.17 GiB bf16), and the
-# TFLOP with a hand count of the transformer's matmuls (tests/test_flux_presets.py).
+# FLUX.1-dev count of docs/flow_matching.md ( table 5.1: 11.901 B, 22.17 GiB bf16), and the
+# TFLOP with a hand count of the transformer's matmuls (tests/families/test_flux_presets.py).
 FLUX_PRESETS: dict[str, DiTPreset] = {
     "flux_dev": DiTPreset(
         "flux_dev", _FLUX_DEV, text_encoders=(CLIP_L_TEXT, T5_XXL_ENCODER), vae=copy.deepcopy(FLUX_VAE),

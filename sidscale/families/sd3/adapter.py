@@ -1,6 +1,6 @@
 """The MMDiT / rectified-flow family: Stable Diffusion 3 and 3.5 (Medium, Large).
 
-As SiD-DiT does it (sid_dit_method.md 1): ``x_t = (1 - sigma) x0 + sigma eps``, the transformer
+As SiD-DiT does it (docs/flow_matching.md 1): ``x_t = (1 - sigma) x0 + sigma eps``, the transformer
 predicts the velocity ``eps - x0`` and takes ``timestep = 1000 sigma``; latents are 16-channel,
 ``(vae latent - shift_factor) * scaling_factor``; text = CLIP-L + CLIP-G penultimate states and
 T5 (``sidscale/families/sd3/conditioning.py``). Presets: ``sidscale/families/sd3/presets.py``.

@@ -110,8 +110,8 @@ class DiTPreset:
 
 
 # ``published``: exact counts of the networks built from these configs (meta device). They agree with
-# the parameter counts measured on the released checkpoints that the method page quotes to 3-4 digits
-# (docs/sid_dit_method.md table 5.1); tests/test_sd3_presets.py checks both, and the TFLOP against a
+# the parameter counts measured on the released checkpoints that docs/flow_matching.md table 5.1 quotes to 3-4 digits
+# (docs/flow_matching.md table 5.1); tests/families/test_sd3_presets.py checks both, and the TFLOP against a
 # hand count of the MMDiT's matmuls.
 _ENCODERS_AND_VAE = {"clip_l_params": 123_650_304, "clip_g_params": 694_659_840, "t5_params": 4_762_310_656,
                      "vae_params": 83_819_683}

@@ -104,7 +104,7 @@ class SdxlConditioner(ClipConditioner):
     The unconditional branch is E(""), the empty prompt encoded exactly like a prompt (method
     page). NOTE: diffusers' StableDiffusionXLPipeline instead uses all-zero embeddings for an
     absent negative prompt when ``force_zeros_for_empty_prompt`` is set (SDXL-base ships it
-    true); sidscale deliberately follows the method page, so the teacher's guided score here
+    true); sidscale deliberately follows SiD-LSG (docs/method.md 2), so the teacher's guided score here
     differs from the pipeline's default CFG sampling.
     """
 

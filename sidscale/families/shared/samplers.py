@@ -6,7 +6,7 @@ evaluations start at the noisiest level (x_T ~ N(0, I) is then the closest match
 process) and the last one predicts x0 from t = 0, where the prediction barely shrinks the sample.
 
 Flow: ``x_t = (1 - sigma) x0 + sigma eps`` and the network predicts the velocity ``v = eps - x0``
-(sid_dit_method.md 1.1). One step from sigma to sigma_next moves along the predicted pair
+(docs/flow_matching.md 1.1). One step from sigma to sigma_next moves along the predicted pair
 ``x0_hat = x - sigma v``, ``eps_hat = x + (1 - sigma) v``:
 
     x_next = (1 - sigma_next) x0_hat + sigma_next eps_hat  =  x + (sigma_next - sigma) v

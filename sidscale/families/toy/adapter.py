@@ -3,7 +3,7 @@
 The same tiny ``UNet2DConditionModel`` and CLIP conditioner as the VP toy teacher, fitted to the
 exact velocity of the same Gaussian mixture (``sidscale/families/toy/fit.py``, parameterisation
 "flow"): ``x_t = (1 - sigma) x0 + sigma eps``, the UNet predicts ``v = eps - x0`` and reads
-``timestep = 1000 sigma``, as SD3's transformer does (sid_dit_method.md 1.1). So the flow path of
+``timestep = 1000 sigma``, as SD3's transformer does (docs/flow_matching.md 1.1). So the flow path of
 the method (FlowSchedule, K-step generator from sigma = 1, the one_minus_sigma weighting) gets the
 same ground-truth quality numbers as the VP path. Pixel space: no VAE, decode is the identity.
 """

@@ -59,7 +59,7 @@ from sidscale.families.unet_vp.tiny import SD_SCHEDULER_CONFIG, build_tiny_text_
 from sidscale.terminal import progress
 
 log = logging.getLogger(__name__)
-# The UNet reads timestep = TIME_SCALE * sigma, as SD3's transformer (sid_dit_method.md 1.1): the flow toy
+# The UNet reads timestep = TIME_SCALE * sigma, as SD3's transformer (docs/flow_matching.md 1.1): the flow toy
 # teacher is fitted with it here, and the toy_flow adapter (sidscale/families/toy/adapter.py) reads it from here.
 TIME_SCALE = 1000.0
 

@@ -92,7 +92,7 @@ class ArchPreset:
     vae: dict[str, Any]
     resolution: int  # native image size in pixels
     prediction_type: str = "epsilon"
-    published: dict[str, float] = field(default_factory=dict)  # numbers the method page quotes
+    published: dict[str, float] = field(default_factory=dict)  # published numbers (docs/method.md 10)
 
     @property
     def latent_size(self) -> int:
