@@ -13,6 +13,7 @@ from typing import Any
 from sidscale.config.schema import TOY_KINDS, Config, NetConfig
 from sidscale.errors import ConfigError
 from sidscale.families import TEACHER_KINDS, validate_family_config  # the family registry owns kinds and rules
+from sidscale.method.base import METHODS
 from sidscale.method.losses import GEN_WEIGHTINGS
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -21,7 +22,6 @@ PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 ATTENTION_MODES = ("sdpa", "eager")
 TEXT_ENCODER_DEVICES = ("gpu", "cpu")
 BETA_SCHEDULES = ("scaled_linear", "linear")
-METHODS = ("sid_lsg",)
 TEACHER_PLACEMENTS = ("auto", "true", "false")
 
 
@@ -74,7 +74,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check_enum("schedule.beta_schedule", s.beta_schedule, BETA_SCHEDULES)
 
     m, n_t = cfg.method, cfg.schedule.num_train_timesteps
-    _check_enum("method.name", m.name, METHODS)
+    _check_enum("method.name", m.name, tuple(METHODS))  # the method registry (method/base.py)
     _check_non_negative(m, "method", ["cfg_train_fake", "cfg_eval_fake", "cfg_eval_real", "alpha",
                                       "fake_loss_scale", "gen_loss_scale"])
     _check(0 <= m.t_init < n_t, "method.t_init", m.t_init, f"a timestep in [0, {n_t})")
