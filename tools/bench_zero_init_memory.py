@@ -158,13 +158,8 @@ def run_case(world: int, build: str, out_dir: Path) -> list[dict]:
 
 def predicted(world: int, build: str) -> dict[str, float]:
     """The memory plan's terms for this network (MiB; no text encoders in this benchmark)."""
-    from sidscale.perf.memory_plan import (
-        PlanInput,
-        construction_terms,
-        counts_of,
-        static_terms,
-        zero_init_module_transient,
-    )
+    from sidscale.perf.memory_plan import PlanInput, construction_terms, static_terms
+    from sidscale.perf.zero_terms import counts_of, zero_init_module_transient
 
     counts = counts_of(build_teacher("meta"), 100_000)
     inp = PlanInput("(bench)", gpus=world, zero=3, precision="bf16", teacher_dtype="bf16")
@@ -177,7 +172,7 @@ def predicted(world: int, build: str) -> dict[str, float]:
     # what this benchmark measures while a net is built: the copy build's fp32 copy, or zero.Init's module
     transient = cons.get("fake_fp32_copy", zero_init_module_transient(counts, "bf16"))
     from sidscale.distributed.teacher_partition import teacher_ds_config
-    from sidscale.perf.memory_plan import teacher_terms
+    from sidscale.perf.zero_terms import teacher_terms
 
     zt = teacher_ds_config({"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1,
                             "gradient_accumulation_steps": 1, "zero_optimization": zs}, "bf16")["zero_optimization"]

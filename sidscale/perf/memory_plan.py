@@ -101,28 +101,28 @@ the largest; its 4 blocks make the 2x-mean allowance large).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
-
-import torch
 
 from sidscale.distributed.sharded_ema import GATHER_CHUNK_ELEMENTS
 from sidscale.families.base import PREVIEW_DECODE_CHUNK
-from sidscale.families.presets import (
-    build_preset_net,
-    build_preset_text_encoders,
-    checkpoint_block_types,
-    latent_shape,
-    preset_vae_config,
-)
+from sidscale.families.presets import preset_vae_config
 from sidscale.families.shared.diffusers_dir import DTYPES
-from sidscale.perf.activations import net_saved_bytes
+from sidscale.perf.preset_costs import (
+    activation_bytes_per_sample,
+    buffer_elements,
+    checkpoint_blocks,
+    largest_module_params,
+    nograd_bytes_per_sample,
+    param_counts,
+    preset_counts,
+    preview_decode_bytes,
+    vae_key,
+    vae_params,
+)
+from sidscale.perf.zero_terms import NetCounts, ds_zero_settings, partition_elements
 
 GIB = 2**30
 TEXT_ENCODER_PLACEMENTS = ("replicated", "partitioned", "off")
-REPO = Path(__file__).resolve().parents[2]
 
 # Memory of a GPU that the PyTorch caching allocator never hands to a tensor, so no plan term (nor
 # torch.cuda.max_memory_allocated) sees it; taken off the card before budgeting (``budget_bytes``).
@@ -228,68 +228,6 @@ class MemoryPlan:
         return d
 
 
-@dataclass(frozen=True)
-class NetCounts:
-    """Element counts of a real network (``counts_of``): what the plan needs of it, from the network itself
-    instead of a preset (``sidscale.perf.placement``: teacher.partitioned = auto)."""
-
-    params: int
-    buffers: int  # floating-point buffers (SD3's pos_embed)
-    largest_module: int  # the most parameters one module owns directly (the plan's ZeRO-3 gather unit)
-    persistent: int  # parameters in tensors of at most the persistence threshold (ZeRO-3 keeps them whole)
-    # the most parameters of one block (an element of a ModuleList: a transformer / UNet block); measured:
-    # DeepSpeed 0.19 held one whole transformer block of a partitioned teacher gathered at once, in the
-    # checkpoint recomputation of the generator's backward (tiny SD3.5, 2 ranks, prefetch 0)
-    largest_block: int = 0
-
-
-def counts_of(net, persistence_threshold: int) -> NetCounts:
-    """``NetCounts`` of ``net`` (any device, meta included; a ZeRO-3 partitioned net counts its full sizes)."""
-    def numel(p) -> int:
-        return int(getattr(p, "ds_numel", p.numel()))
-
-    params = [numel(p) for p in net.parameters()]
-    largest = max((sum(numel(p) for p in m.parameters(recurse=False)) for m in net.modules()), default=0)
-    blocks = [sum(numel(p) for p in b.parameters()) for m in net.modules() if isinstance(m, torch.nn.ModuleList)
-              for b in m]
-    return NetCounts(params=sum(params), buffers=sum(b.numel() for b in net.buffers() if b.is_floating_point()),
-                     largest_module=largest, persistent=sum(n for n in params if n <= persistence_threshold),
-                     largest_block=max([largest, *blocks]))
-
-
-def teacher_zero_settings(zs: dict) -> dict:
-    """The ZeRO block the partitioned teacher runs with (``teacher_partition.teacher_ds_config``)."""
-    from sidscale.distributed.teacher_partition import teacher_ds_config
-
-    ds = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-          "zero_optimization": zs}
-    return teacher_ds_config(ds, "fp32")["zero_optimization"]
-
-
-def teacher_terms(c: NetCounts, teacher_bytes: int, gpus: int, partitioned: bool,
-                  zt: dict) -> tuple[dict[str, float], float]:
-    """(static bytes of the teacher network, bytes of its gathered layers while it runs), per GPU, as measured
-    on 2 ranks (tests/trainer/test_teacher_partition.py) -- finer than the plan's own teacher terms (``plan``:
-    ``teacher_net`` = its padded 1/N, ``zero3_gathered_params`` = largest module + one prefetch bucket):
-
-    - tensors of at most stage3_param_persistence_threshold elements stay whole on every rank;
-    - in flight: at most max(B, min(stage3_max_live_parameters, B + prefetch bucket + reuse distance))
-      elements, B the largest block (``NetCounts.largest_block``), never more than the sharded teacher.
-
-    ``zt``: the teacher's ZeRO block (``teacher_zero_settings``)."""
-    tb = teacher_bytes
-    if not partitioned:
-        return {"teacher_net": float(tb * c.params)}, 0.0
-    sharded = c.params - c.persistent
-    block = max(c.largest_block, c.largest_module)
-    in_flight = max(block, min(int(zt["stage3_max_live_parameters"]),
-                               block + int(zt["stage3_prefetch_bucket_size"]) + int(zt["stage3_max_reuse_distance"])))
-    static = {"teacher_net_partition": tb * sharded / gpus}
-    if c.persistent:
-        static["teacher_net_persistent"] = float(tb * c.persistent)
-    return static, float(tb * min(sharded, in_flight))
-
-
 def construction_terms(c: NetCounts, text_params: int, inp: PlanInput, trained_static: dict[str, float],
                        zero_init: bool) -> dict[str, float]:
     """Bytes per GPU at the construction peak: while the fake net is built (module docstring)."""
@@ -305,150 +243,12 @@ def construction_terms(c: NetCounts, text_params: int, inp: PlanInput, trained_s
     if zero_init:
         # the peak: inside the fake engine's initialize_optimizer_states (module docstring)
         sub_group = int(ds_zero_settings(3).get("sub_group_size", 1_000_000_000))
-        out["fake_params"] = float(b * _partition(c.params, inp.gpus) + 4 * c.buffers)
-        out["fake_fp32_master"] = float(4 * _partition(c.params, inp.gpus))
-        out["fake_fp32_grad_buffer_at_init"] = float(4 * min(_partition(c.params, inp.gpus), sub_group))
+        out["fake_params"] = float(b * partition_elements(c.params, inp.gpus) + 4 * c.buffers)
+        out["fake_fp32_master"] = float(4 * partition_elements(c.params, inp.gpus))
+        out["fake_fp32_grad_buffer_at_init"] = float(4 * min(partition_elements(c.params, inp.gpus), sub_group))
     else:
         out["fake_fp32_copy"] = float(4 * (c.params + c.buffers))
     return out
-
-
-def zero_init_module_transient(c: NetCounts, precision: str) -> float:
-    """Bytes of the module a ``deepspeed.zero.Init`` build holds whole before partitioning it (the
-    largest module, in the training dtype; the buffers in fp32)."""
-    return float(DTYPES[precision].itemsize * c.largest_module + 4 * c.buffers)
-
-
-def ds_zero_settings(zero: int) -> dict:
-    """The zero_optimization block of ds_configs/zero{zero}.json."""
-    return json.loads((REPO / "ds_configs" / f"zero{zero}.json").read_text())["zero_optimization"]
-
-
-@lru_cache(maxsize=8)
-def param_counts(preset: str) -> tuple[int, int]:
-    """(denoiser parameters, text-encoder parameters), counted on meta."""
-    net = sum(p.numel() for p in build_preset_net(preset, "meta").parameters())
-    text = sum(p.numel() for e in build_preset_text_encoders(preset, "meta") for p in e.parameters())
-    return net, text
-
-
-@lru_cache(maxsize=8)
-def buffer_elements(preset: str) -> int:
-    """Elements of the denoiser's floating-point buffers (SD3's pos_embed; 0 for the UNets), on meta."""
-    return sum(b.numel() for b in build_preset_net(preset, "meta").buffers() if b.is_floating_point())
-
-
-@lru_cache(maxsize=8)
-def largest_module_params(preset: str) -> tuple[int, int]:
-    """(denoiser, text encoders): the most parameters one module owns directly, what ZeRO-3 gathers at once."""
-    def largest(modules) -> int:
-        return max((sum(p.numel() for p in m.parameters(recurse=False)) for m in modules), default=0)
-
-    net = largest(build_preset_net(preset, "meta").modules())
-    text = max((largest(e.modules()) for e in build_preset_text_encoders(preset, "meta")), default=0)
-    return net, text
-
-
-def _partition(numel: int, n: int) -> int:
-    """Elements one rank keeps of a ZeRO-3 partitioned tensor (padded to a multiple of N)."""
-    return -(-numel // n)
-
-
-@lru_cache(maxsize=32)
-def activation_bytes_per_sample(preset: str, dtype_name: str, trainable: bool, grad_checkpointing: bool) -> float:
-    """Saved bytes per sample of one forward of the preset's network at its latent size (meta device).
-
-    ``trainable``: weights require grad (G, and the fake net in its own step); else frozen weights
-    with an input that requires grad (fake net and teacher in the generator step).
-    """
-    dtype = DTYPES[dtype_name]
-    net = build_preset_net(preset, "meta").to(dtype).requires_grad_(trainable)
-    return (net_saved_bytes(preset, net, 4, dtype, grad_checkpointing)
-            - net_saved_bytes(preset, net, 2, dtype, grad_checkpointing)) / 2
-
-
-@lru_cache(maxsize=16)  # NOTE: the largest-micro-batch search asks for it once per phase and candidate
-def checkpoint_blocks(preset: str) -> int:
-    """Modules diffusers checkpoints one by one (UNet: each resnet and each transformer; SD3: each block)."""
-    types = checkpoint_block_types(preset)
-    return sum(isinstance(m, types) for m in build_preset_net(preset, "meta").modules())
-
-
-# latent sides of the decodes measured on the CPU: big enough that every stage's tensors scale with the pixels
-# (FLUX's VAE in bf16: the same bytes per pixel at 8x8 and 16x16 latents), small enough to take a second
-_DECODE_PROBE_LATENTS = (8, 16)
-
-
-@lru_cache(maxsize=16)
-def nograd_bytes_per_sample(preset: str, dtype_name: str) -> float:
-    """Peak transient bytes per sample of a no-grad forward of the preset's network (a preview, a teacher
-    sample), on meta (``sidscale.perf.activations.nograd_forward_peak_bytes``). Linear in the batch:
-    batch 2 measured 2.00 x batch 1 for flux_dev, sd35_large and sdxl, so one sample is measured."""
-    from sidscale.perf.activations import nograd_forward_peak_bytes
-
-    net = build_preset_net(preset, "meta").to(DTYPES[dtype_name]).requires_grad_(False)
-    return float(nograd_forward_peak_bytes(preset, net, 1, DTYPES[dtype_name]))
-
-
-def _vae_key(config: dict) -> str:
-    """The decode's memory depends on the architecture only, not on scaling / shift factors."""
-    return json.dumps({k: v for k, v in config.items() if k not in ("scaling_factor", "shift_factor")},
-                      sort_keys=True)
-
-
-@lru_cache(maxsize=8)
-def vae_params(config_key: str) -> int:
-    from diffusers import AutoencoderKL
-
-    with torch.device("meta"):
-        return sum(p.numel() for p in AutoencoderKL(**json.loads(config_key)).parameters())
-
-
-@lru_cache(maxsize=8)
-def vae_decode_cost(config_key: str, dtype_name: str) -> tuple[float, float]:
-    """(bytes per output pixel, bytes per image) of one image's ``vae.decode`` peak: the CPU allocator's trace
-    (sidscale.perf.measured_memory) of decodes at two small latent sizes, a line through them. Every tensor
-    of a convolutional decoder scales with the pixels (the mid-block attention too, with the GPU's
-    memory-efficient kernels); the per-image part is what does not (small VAEs' norms and time embeddings)."""
-    from diffusers import AutoencoderKL
-
-    from sidscale.perf.measured_memory import cpu_allocation_trace
-
-    config = json.loads(config_key)
-    with torch.device("meta"):
-        vae = AutoencoderKL(**config)
-    vae = vae.to_empty(device="cpu").to(DTYPES[dtype_name]).requires_grad_(False)
-    for t in vae.parameters():  # the memory does not depend on the values; zeros keep the kernels on their fast path
-        t.zero_()
-    factor = 2 ** (len(config.get("block_out_channels", [64])) - 1)
-    points = []
-    for s in _DECODE_PROBE_LATENTS:
-        z = torch.zeros(1, int(config.get("latent_channels", 4)), s, s, dtype=DTYPES[dtype_name])
-        with torch.no_grad(), cpu_allocation_trace() as trace:
-            vae.decode(z)
-        points.append(((s * factor) ** 2, trace.peak_bytes()))
-    (p0, b0), (p1, b1) = points
-    per_pixel = (b1 - b0) / (p1 - p0)
-    return per_pixel, max(0.0, b1 - per_pixel * p1)
-
-
-def decode_dtype(config: dict, teacher_dtype: str) -> str:
-    """What the decode runs in (sidscale.families.shared.diffusers_dir.decode_precision): an fp16 VAE with
-    ``force_upcast`` (diffusers' default) decodes in fp32, the others in their own dtype."""
-    return "fp32" if teacher_dtype == "fp16" and config.get("force_upcast", True) else teacher_dtype
-
-
-def preview_decode_bytes(preset: str, teacher_dtype: str, images: int) -> float:
-    """Transient bytes of decoding ``images`` preview images of ``preset`` in one call: the decode's
-    peak plus the fp32 images it returns (an fp16 VAE upcast to fp32 also holds an fp32 copy of its weights)."""
-    config = preset_vae_config(preset)
-    dtype = decode_dtype(config, teacher_dtype)
-    _, h, w = latent_shape(preset)
-    factor = 2 ** (len(config.get("block_out_channels", [64])) - 1)
-    pixels = h * factor * w * factor
-    upcast = 2.0 * vae_params(_vae_key(config)) if dtype != teacher_dtype else 0.0
-    per_pixel, per_image = vae_decode_cost(_vae_key(config), dtype)
-    return images * (pixels * (per_pixel + 3 * 4) + per_image) + upcast
 
 
 def _preview_phase(inp: PlanInput, micro_batch: int, p: int, buffers: int,
@@ -532,7 +332,7 @@ def static_terms(inp: PlanInput, net_p: int, text_p: int, buf: int, largest_net:
         terms[f"{name}_fp32_master"] = 4 * net_p / n
         terms[f"{name}_adam_states"] = 8 * net_p / n
     terms["ema_fp32"] = 4 * net_p / n
-    terms["teacher_net"] = tb * (_partition(net_p, n) if inp.teacher_partitioned else net_p)
+    terms["teacher_net"] = tb * (partition_elements(net_p, n) if inp.teacher_partitioned else net_p)
     if buf:  # whole on every rank, fp32 in the two engines (module docstring)
         terms["generator_buffers"] = terms["fake_buffers"] = 4.0 * buf
         terms["teacher_buffers"] = tb * buf  # buffers are not parameters: ZeRO-3 never partitions them
@@ -541,7 +341,7 @@ def static_terms(inp: PlanInput, net_p: int, text_p: int, buf: int, largest_net:
     if inp.text_encoders == "replicated":
         terms["text_encoders"] = tb * text_p
     elif inp.text_encoders == "partitioned":
-        terms["text_encoders"] = tb * _partition(text_p, n)
+        terms["text_encoders"] = tb * partition_elements(text_p, n)
     gathered = []  # (elements, bytes each) of the largest module + one prefetch bucket of each ZeRO-3 net
     prefetch = int(ds_zero_settings(3).get("stage3_prefetch_bucket_size", 50_000_000))
     live_net = min(largest_net + prefetch, net_p)  # a prefetch cannot hold more than the whole network
@@ -571,11 +371,6 @@ def static_terms(inp: PlanInput, net_p: int, text_p: int, buf: int, largest_net:
     return terms, grads, buckets
 
 
-@lru_cache(maxsize=8)
-def preset_counts(preset: str) -> NetCounts:
-    return counts_of(build_preset_net(preset, "meta"), 0)
-
-
 def plan(inp: PlanInput, micro_batch: int | None = None) -> MemoryPlan:
     """Predicted peak bytes per GPU: static terms plus the largest phase (module docstring).
 
@@ -585,7 +380,7 @@ def plan(inp: PlanInput, micro_batch: int | None = None) -> MemoryPlan:
     net_p, text_p = param_counts(inp.preset)
     buf = buffer_elements(inp.preset)
     largest_net, largest_text = largest_module_params(inp.preset)
-    vae_p = vae_params(_vae_key(preset_vae_config(inp.preset)))
+    vae_p = vae_params(vae_key(preset_vae_config(inp.preset)))
     terms, grads, buckets = static_terms(inp, net_p, text_p, buf, largest_net, largest_text,
                                          ds_zero_settings(inp.zero), vae_p)
     construction = construction_terms(preset_counts(inp.preset), text_p, inp, terms, zero_init=inp.zero == 3)

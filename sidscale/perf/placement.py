@@ -25,10 +25,9 @@ from sidscale.perf.memory_plan import (
     GIB,
     PlanInput,
     budget_bytes,
-    counts_of,
     static_terms,
-    teacher_zero_settings,
 )
+from sidscale.perf.zero_terms import counts_of, teacher_zero_settings
 
 # the default fraction of the device memory the plan may fill (train.memory_fraction; the same budget as
 # the micro-batch search: sidscale.perf.memory_plan.budget_bytes)

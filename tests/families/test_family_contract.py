@@ -168,7 +168,7 @@ def test_teacher_sampler_one_step_is_x0_of_one_prediction(tiny, name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_every_preset_has_networks_and_a_memory_plan_entry(name):
     from sidscale.families.presets import latent_shape, preset_nets
-    from sidscale.perf.memory_plan import param_counts
+    from sidscale.perf.preset_costs import param_counts
 
     spec = SPECS[name]
     for preset in spec.presets:

@@ -133,7 +133,7 @@ def test_memory_plan_tool_plans_flux_dev_on_its_recipe():
     included) replicated, one branch per net (no true CFG), 19 + 38 checkpointed blocks; and the method
     page's verdict (5.4): with the teacher replicated FLUX does not fit 8 x 80 GB even with ZeRO-3."""
     from sidscale.families.presets import latent_shape, preset_nets
-    from sidscale.perf.memory_plan import checkpoint_blocks
+    from sidscale.perf.preset_costs import checkpoint_blocks
     from tools.memory_plan import main as memory_plan_main
 
     out = io.StringIO()

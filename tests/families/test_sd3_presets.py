@@ -175,7 +175,7 @@ def test_memory_plan_model_states_match_the_closed_form(sd3_plans, name, zero):
 def test_memory_plan_checkpointed_activations_are_the_block_boundaries(sd3_plans, name):
     """With checkpointing, a forward keeps each JointTransformerBlock's inputs (image + text tokens x
     width, bf16) plus the un-checkpointed final layer: the measured bytes per sample lie in between."""
-    from sidscale.perf.memory_plan import activation_bytes_per_sample, checkpoint_blocks
+    from sidscale.perf.preset_costs import activation_bytes_per_sample, checkpoint_blocks
 
     preset = get_dit_preset(name)
     cfg = preset.transformer

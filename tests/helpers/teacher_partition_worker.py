@@ -135,7 +135,7 @@ def main(rank: int, world: int, port: str, teacher_dir: str, out_dir: str) -> No
         result["teacher_is_module"] = part.teacher_engine.module is part.teacher.net
         # the memory plan's prediction of the gathered layers, from the real network and ds_config
         from sidscale.distributed.teacher_partition import teacher_ds_config
-        from sidscale.perf.memory_plan import counts_of, teacher_terms
+        from sidscale.perf.zero_terms import counts_of, teacher_terms
 
         zt = teacher_ds_config(part.ds_config, "fp32")["zero_optimization"]
         counts = counts_of(repl.teacher.net, int(zt["stage3_param_persistence_threshold"]))

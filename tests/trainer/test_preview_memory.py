@@ -100,7 +100,7 @@ def test_plan_decode_term_bounds_the_measured_decode(flux_tiny_teacher):
     from sidscale.families.base import PREVIEW_DECODE_CHUNK
     from sidscale.families.shared.diffusers_dir import load_vae
     from sidscale.perf.measured_memory import MARKER_BYTES, cpu_allocation_trace
-    from sidscale.perf.memory_plan import preview_decode_bytes
+    from sidscale.perf.preset_costs import preview_decode_bytes
 
     predicted = preview_decode_bytes("flux_tiny", "bf16", PREVIEW_DECODE_CHUNK)
     vae = load_vae(flux_tiny_teacher, torch.bfloat16, torch.device("cpu"))

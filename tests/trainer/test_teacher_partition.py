@@ -128,7 +128,8 @@ def test_zero_init_build_trains_like_the_copy_build(ranks, precision):
 
 
 def test_plan_counts_the_teacher_placement():
-    from sidscale.perf.memory_plan import NetCounts, PlanInput, construction_terms, teacher_terms
+    from sidscale.perf.memory_plan import PlanInput, construction_terms
+    from sidscale.perf.zero_terms import NetCounts, teacher_terms
 
     c = NetCounts(params=1_000_000, buffers=0, largest_module=40_000, persistent=10_000, largest_block=60_000)
     zt = {"stage3_max_live_parameters": 10**9, "stage3_prefetch_bucket_size": 100_000,

@@ -245,7 +245,7 @@ def test_the_graph_sees_what_the_source_imports(edges: list[Edge]):
     ``from P import name`` (the name defined in P, not a submodule)."""
     by = {(e.importer, e.imported): e.kind for e in edges}
     assert by[("sidscale.trainer", "sidscale.testing.fault_injection")] == "module"  # from sidscale.testing import m
-    assert by[("sidscale.perf.memory_plan", "sidscale.perf.measured_memory")] == "function"
+    assert by[("sidscale.perf.preset_costs", "sidscale.perf.measured_memory")] == "function"
     assert len(edges) > 200 and {e.kind for e in edges} >= {"module", "function"}
 
 

@@ -100,7 +100,7 @@ def test_activation_model_vs_real_forward():
     """Meta-device per-sample bytes (what the plan uses) vs a real CPU forward at another batch size."""
     from sidscale.families.presets import build_preset_unet
     from sidscale.perf.activations import unet_saved_bytes
-    from sidscale.perf.memory_plan import activation_bytes_per_sample
+    from sidscale.perf.preset_costs import activation_bytes_per_sample
 
     unet = build_preset_unet("tiny", "cpu")
     for ckpt in (False, True):

@@ -214,15 +214,9 @@ def test_flop_model_matches_a_counted_iteration():
 def test_partitioned_teacher_and_text_encoders_in_the_memory_plan():
     """teacher.partitioned: the teacher term is its padded 1/N partition (closed form on the preset's counts),
     plus one gathered module and prefetch bucket; text encoders partitioned / off likewise; nothing else moves."""
-    from sidscale.perf.memory_plan import (
-        GIB,
-        PlanInput,
-        buffer_elements,
-        ds_zero_settings,
-        largest_module_params,
-        param_counts,
-        plan,
-    )
+    from sidscale.perf.memory_plan import GIB, PlanInput, plan
+    from sidscale.perf.preset_costs import buffer_elements, largest_module_params, param_counts
+    from sidscale.perf.zero_terms import ds_zero_settings
 
     p, text = param_counts("sd15")
     big_net, big_text = largest_module_params("sd15")
