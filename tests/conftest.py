@@ -26,6 +26,18 @@ def fresh_functional_linear():
     torch.nn.functional.linear = TORCH_LINEAR
 
 
+@pytest.fixture(autouse=True, scope="module")
+def environment_restored_after_each_module():
+    """Each test module starts with the process environment the session started with. Product code
+    writes rendezvous variables itself (RANK from SLURM_PROCID, a one-rank group's RANK=0...), outside
+    any monkeypatch; under xdist a leak would make a later module on the same worker a different rank."""
+    before = dict(os.environ)
+    yield
+    if os.environ != before:
+        os.environ.clear()
+        os.environ.update(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_toy_teacher(tmp_path_factory):
     """The tiny random-weight toy teacher (8x8 pixels) of the trainer, fault and eval tests."""

@@ -116,7 +116,11 @@ def test_slurm_nodelist_errors_name_the_list(bad: str) -> None:
 def _slurm_env(monkeypatch: pytest.MonkeyPatch, **extra: str) -> None:
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_NODELIST",
               "SLURM_NODELIST", "SLURM_JOBID"):
-        monkeypatch.delenv(k, raising=False)
+        # set, then delete: monkeypatch records a variable's absence only when it touched it first, and
+        # _env_from_slurm writes RANK etc. itself (left behind, RANK=5 made later modules of the same
+        # process think they were rank 5)
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
     for k, v in dict(SLURM_PROCID="5", SLURM_LOCALID="1", SLURM_NTASKS="8", SLURM_JOB_ID="123456",
                      SLURM_JOB_NODELIST="node[01-03],gpu7", **extra).items():
         monkeypatch.setenv(k, v)
