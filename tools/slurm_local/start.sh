@@ -46,8 +46,9 @@ if ! alive "$DIR/munge/munged.pid"; then
 fi
 
 # The node's size comes from this machine; RealMemory must not exceed what slurmd measures,
-# or the node is drained ("Low RealMemory"), hence the margin.
-CPUS=$(nproc)
+# or the node is drained ("Low RealMemory"), hence the margin. nproc honours OMP_NUM_THREADS (often 1
+# on HPC shells, and in the test workers): a node declared with 1 CPU never starts a 2-task job.
+CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 MEM_MB=$(( $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024 - 512 ))
 
 # A running cluster keeps the config it was started with (rewriting it, e.g. with other ports,
