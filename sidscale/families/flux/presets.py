@@ -31,6 +31,7 @@ from sidscale.families.shared.bench_nets import (
     bench_t5_tokenizer,
     bench_teacher_path,
     slice_preset,
+    weights_drawn_on,
 )
 from sidscale.families.shared.diffusers_dir import DTYPES
 from sidscale.families.shared.t5 import tiny_t5_config
@@ -77,11 +78,7 @@ def build_flux_transformer_from(config: Mapping[str, Any], device: torch.device 
     """``FluxTransformer2DModel(**config)``: on "meta" it costs no memory (shapes only)."""
     from diffusers import FluxTransformer2DModel
 
-    device = torch.device(device)
-    # NOTE: fork the device's generator too when the weights are drawn on a GPU (the caller's streams stay)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
-        if seed is not None:
-            torch.manual_seed(seed)
+    with weights_drawn_on(device, seed):
         return FluxTransformer2DModel(**copy.deepcopy(dict(config)))
 
 
@@ -193,10 +190,8 @@ class FluxNets:
         return build_flux_transformer_from(flux_preset(preset).transformer, device, seed)
 
     def text_encoders(self, preset: str, device: torch.device | str, seed: int) -> list[torch.nn.Module]:
-        device = torch.device(device)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            return build_flux_text_encoders_from(flux_preset(preset).text_encoders, device)
+        with weights_drawn_on(device, seed) as on:
+            return build_flux_text_encoders_from(flux_preset(preset).text_encoders, on)
 
     def latent_shape(self, preset: str) -> tuple[int, int, int]:
         p = flux_preset(preset)

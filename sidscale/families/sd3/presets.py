@@ -34,6 +34,7 @@ from sidscale.families.shared.bench_nets import (
     bench_t5_tokenizer,
     bench_teacher_path,
     slice_preset,
+    weights_drawn_on,
 )
 from sidscale.families.shared.diffusers_dir import DTYPES
 from sidscale.families.shared.t5 import tiny_t5_config
@@ -142,12 +143,7 @@ def build_sd3_transformer(name: str, device: torch.device | str = "meta", seed: 
     """The preset's ``SD3Transformer2DModel``: on "meta" it costs no memory (shapes only)."""
     from diffusers import SD3Transformer2DModel
 
-    device = torch.device(device)
-    # NOTE: fork the device's generator too when the weights are drawn on a GPU, so seeding here
-    # leaves the caller's random streams untouched.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
-        if seed is not None:
-            torch.manual_seed(seed)
+    with weights_drawn_on(device, seed):
         return SD3Transformer2DModel(**transformer_config(name))
 
 
@@ -257,11 +253,7 @@ def build_dit_transformer(p: DiTPreset, device: torch.device | str = "meta",
     """``SD3Transformer2DModel(**p.transformer)``; the weights of ``build_sd3_transformer`` for a published preset."""
     from diffusers import SD3Transformer2DModel
 
-    device = torch.device(device)
-    # NOTE: fork the device's generator too when the weights are drawn on a GPU (the caller's streams stay)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
-        if seed is not None:
-            torch.manual_seed(seed)
+    with weights_drawn_on(device, seed):
         return SD3Transformer2DModel(**copy.deepcopy(p.transformer))
 
 
@@ -290,10 +282,8 @@ class SD3Nets:
         return build_dit_transformer(dit_preset(preset), device, seed)
 
     def text_encoders(self, preset: str, device: torch.device | str, seed: int) -> list[torch.nn.Module]:
-        device = torch.device(device)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            return build_dit_text_encoders(dit_preset(preset), device)
+        with weights_drawn_on(device, seed) as on:
+            return build_dit_text_encoders(dit_preset(preset), on)
 
     def latent_shape(self, preset: str) -> tuple[int, int, int]:
         return dit_preset(preset).latent_shape

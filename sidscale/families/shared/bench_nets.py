@@ -4,8 +4,10 @@ do not depend on the weights), their forward inputs and a frozen random teacher 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import tempfile
+from collections.abc import Iterator
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
@@ -14,6 +16,18 @@ from typing import Any, Protocol
 import torch
 
 from sidscale.families.base import Teacher
+
+
+@contextlib.contextmanager
+def weights_drawn_on(device: torch.device | str, seed: int | None) -> Iterator[torch.device]:
+    """Build a network's random weights on ``device`` from ``seed`` (None: the current streams) without
+    moving the caller's random streams: the CPU generator and, when the weights are drawn on a GPU, that
+    device's generator too are forked and restored on exit."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield device
 
 
 class PresetNets(Protocol):

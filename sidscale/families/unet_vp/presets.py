@@ -22,7 +22,7 @@ import torch
 
 from sidscale.core.schedule import VPSchedule
 from sidscale.families.base import Teacher
-from sidscale.families.shared.bench_nets import bench_clip_tokenizer, bench_teacher_path
+from sidscale.families.shared.bench_nets import bench_clip_tokenizer, bench_teacher_path, weights_drawn_on
 from sidscale.families.shared.clip import ClipConditioner, SdxlConditioner
 from sidscale.families.shared.diffusers_dir import DTYPES
 from sidscale.families.unet_vp.loading import set_attention
@@ -230,9 +230,7 @@ class UNetNets:
         if preset == "mid":
             from diffusers import UNet2DConditionModel
 
-            device = torch.device(device)
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
-                torch.manual_seed(seed)
+            with weights_drawn_on(device, seed):
                 return UNet2DConditionModel(**arch_preset("mid").unet)
         return build_unet(preset, device=device, seed=seed)
 
@@ -242,16 +240,13 @@ class UNetNets:
 
             with torch.device(device):
                 return [build_tiny_text_encoder(1 + seed, hidden_size=32)]
-        device = torch.device(device)
-        cuda = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(seed)  # NOTE: seeds the CUDA generator too: the weights are drawn on the device
+        # NOTE: seeds the CUDA generator too: the weights are drawn on the device
+        with weights_drawn_on(device, seed) as on:
             if preset == "mid":
                 from transformers import CLIPTextConfig, CLIPTextModel
 
-                with device:
-                    return [CLIPTextModel(CLIPTextConfig(**arch_preset("mid").text_encoders[0]))]
-            return build_text_encoders(preset, device=device)
+                return [CLIPTextModel(CLIPTextConfig(**arch_preset("mid").text_encoders[0]))]
+            return build_text_encoders(preset, device=on)
 
     def latent_shape(self, preset: str) -> tuple[int, int, int]:
         if preset == "tiny":
