@@ -23,6 +23,7 @@ ATTENTION_MODES = ("sdpa", "eager")
 TEXT_ENCODER_DEVICES = ("gpu", "cpu")
 BETA_SCHEDULES = ("scaled_linear", "linear")
 TEACHER_PLACEMENTS = ("auto", "true", "false")
+NOISE_TYPES = ("fresh", "fixed", "ddim")
 
 
 def _check(ok: bool, path: str, value: Any, expected: str) -> None:
@@ -53,6 +54,20 @@ def _validate_net(net: NetConfig, prefix: str) -> None:
            net.grad_clip_value, "a value >= 0 (0 = off), or null (1.0 when train.precision = fp16, else off)")
     for i, beta in enumerate(net.betas):
         _check(0.0 <= beta < 1.0, f"{prefix}.betas[{i}]", beta, "a value in [0, 1)")
+
+
+def _validate_adversarial(cfg: Config) -> None:
+    a = cfg.method.adversarial
+    _check_non_negative(a, "method.adversarial", ["disc_scale", "gen_scale", "disc_warmup_kimg"])
+    _check(a.mix_after_kimg >= a.disc_warmup_kimg, "method.adversarial.mix_after_kimg", a.mix_after_kimg,
+           f"a value >= method.adversarial.disc_warmup_kimg = {a.disc_warmup_kimg}")
+    _check(0.0 <= a.mix_weight <= 1.0, "method.adversarial.mix_weight", a.mix_weight, "a weight in [0, 1]")
+    _check(a.logit_clamp > 0, "method.adversarial.logit_clamp", a.logit_clamp, "a positive bound")
+    _check(not a.enabled or cfg.data.real_shards != "", "data.real_shards", cfg.data.real_shards,
+           "real (latent or image, caption) shards when method.adversarial.enabled = true "
+           "(tools/make_real_shards.py; 'toy' for the toy teachers' exact samples)")
+    _check(a.enabled or cfg.data.real_shards == "", "data.real_shards", cfg.data.real_shards,
+           "'' when method.adversarial.enabled = false (real pairs are read only by the adversarial method)")
 
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
@@ -88,6 +103,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
            f"an int in [1, method.t_init={m.t_init}]")
     _check_enum("method.gen_weighting", m.gen_weighting, GEN_WEIGHTINGS)
     _check(0.0 < m.sigma_init <= 1.0, "method.sigma_init", m.sigma_init, "a sigma in (0, 1]")
+    _check_enum("method.noise_type", m.noise_type, NOISE_TYPES)
+    _validate_adversarial(cfg)
     _check(m.sigma_logit_std > 0, "method.sigma_logit_std", m.sigma_logit_std, "a positive std")
 
     _validate_net(cfg.generator, "generator")

@@ -59,6 +59,22 @@ class ScheduleConfig:
 
 
 @dataclass
+class AdversarialConfig:
+    """Data-aided adversarial SiD (SiDA; SiD-DiT's Diffusion-GAN): real latents + captions from
+    ``data.real_shards``; the fake score net doubles as the discriminator (its own features, pooled to
+    logits: no new parameters), trained in the fake phase; the generator adds a non-saturating term.
+    docs/adversarial.md. Defaults: the authors' SiD-DiT values."""
+
+    enabled: bool = False
+    disc_scale: float = 1.0  # lsd: the discriminator's BCE term beside the fake net's DSM loss
+    gen_scale: float = 1.0  # lsg_gan: the generator's adversarial term (SiDA on EDM UNets: 0.01)
+    disc_warmup_kimg: float = 20.0  # no generator step while images_seen <= this x 1000 (discriminator warm-up)
+    mix_after_kimg: float = 40.0  # SiD loss only until then; after: (1 - mix_weight) L_sid + mix_weight L_adv
+    mix_weight: float = 0.5
+    logit_clamp: float = 10.0  # logits clamped to [-c, c] before the BCE (zero gradient outside)
+
+
+@dataclass
 class MethodConfig:
     name: str = "sid_lsg"
     cfg_train_fake: float = 1.5  # k1: CFG on the fake net in its own DSM loss
@@ -73,9 +89,18 @@ class MethodConfig:
     gen_loss_scale: float = 1.0
     # K-step generator (1 = SiD-LSG's one step). Each iteration trains step k for one k in 1..K.
     generator_steps: int = 1
-    # generator loss weighting: sid_legacy (divide by SiD-LSG's mean |x_g - y_real|) or
-    # one_minus_sigma (multiply by 1 - sigma: SiD-DiT's default for flow teachers)
+    # generator loss weighting lambda per sample (docs/method.md): sid_legacy (divide by SiD-LSG's mean
+    # |x_g - y_real|), one_minus_sigma (SiD-DiT's default for flow teachers), one_minus_sigma_squared,
+    # one_over_sigma, one_over_sigma_squared, snr_sqrt, snr (sigma: the flow noise level of the loss
+    # timestep; a VP teacher's flow equivalent). The authors' spellings (1_minus_sigma, ...) are accepted.
     gen_weighting: str = "sid_legacy"
+    # the noise each step i >= 1 of a K-step generator adds: fresh (a new draw per step), fixed (the
+    # initial z again), ddim (the noise the previous step's prediction implies). Training and sampling.
+    noise_type: str = "fresh"
+    # false = Zero-CFG's fake net: always called with the empty prompt (set cfg_eval_real: 1 with it).
+    # Anti-CFG is a negative cfg_train_fake / cfg_eval_fake.
+    fake_text: bool = True
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     # flow-matching teachers (SD3): the generator's first sigma and the loss sigmas' logit-normal
     sigma_init: float = 1.0
     sigma_logit_mean: float = 0.6931471805599453  # ln 2 (median sigma 2/3), SiD-DiT
@@ -118,7 +143,9 @@ class TrainConfig:
     micro_batch: int = 1  # per rank
     max_steps: int = 20000
     seed: int = 0
-    precision: str = "bf16"  # fp32 | bf16 | fp16
+    # fp32 | bf16 (fp32 masters + Adam, bf16 compute) | fp16 | pure_bf16 (the authors' bf16: bf16 weights,
+    # gradients and Adam states; Adam eps 1e-4 and gradient value clip 1 by default: docs/precision.md)
+    precision: str = "bf16"
     ema_halflife_kimg: float = 50.0
     ema_rampup_ratio: float = 0.05  # halflife = min(halflife, ratio * images_seen); 0 disables
     log_every: int = 10
@@ -141,6 +168,9 @@ class TrainConfig:
 @dataclass
 class DataConfig:
     shards: str = ""  # brace pattern of webdataset tars, a manifest.json, or "toy"
+    # real (latent or image, caption) pairs for method.adversarial: tars of KEY.latent.npy or KEY.{png,jpg,
+    # webp} + KEY.txt (tools/make_real_shards.py), a manifest.json, or "toy" (the toy mixture's exact samples)
+    real_shards: str = ""
     num_workers: int = 2
     shuffle_buffer: int = 1000
     resampled: bool = True

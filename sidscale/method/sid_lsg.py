@@ -53,6 +53,9 @@ class MethodSettings:
     sigma_init: float = 1.0
     sigma_logit_mean: float = 0.6931471805599453  # ln 2
     sigma_logit_std: float = 1.6
+    noise_type: str = "fresh"  # fresh | fixed | ddim: the noise of K-step generator steps 2..K
+    fake_text: bool = True  # false: Zero-CFG's text-free fake net
+    adversarial: Any = None  # config.AdversarialConfig (duck-typed: the method imports no config)
 
     def __post_init__(self) -> None:
         if self.gen_weighting not in GEN_WEIGHTINGS:

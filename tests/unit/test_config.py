@@ -94,6 +94,11 @@ def test_defaults_are_the_method_page_recipe() -> None:
         # K = 1 and SiD-LSG's normaliser: the one-step method; the sigma keys are SiD-DiT's (flow teachers)
         "generator_steps": 1, "gen_weighting": "sid_legacy", "sigma_init": 1.0,
         "sigma_logit_mean": math.log(2.0), "sigma_logit_std": 1.6,
+        # the authors' defaults of SiD-DiT's options: fresh noise, a text-conditioned fake net, no real data;
+        # the adversarial constants are SiD-DiT's (lsd 1, lsg_gan 1, 20 / 40 kimg, 50/50 mix, logits +-10)
+        "noise_type": "fresh", "fake_text": True,
+        "adversarial": {"enabled": False, "disc_scale": 1.0, "gen_scale": 1.0, "disc_warmup_kimg": 20.0,
+                        "mix_after_kimg": 40.0, "mix_weight": 0.5, "logit_clamp": 10.0},
     }
     for net in (cfg.generator, cfg.fake):
         assert dataclasses.asdict(net) == {
@@ -107,7 +112,7 @@ def test_defaults_are_the_method_page_recipe() -> None:
     assert (t.log_every, t.preview_every, t.ckpt_every) == (10, 500, 500)
     assert (t.keep_last, t.export_at_end) == (3, True)
     assert dataclasses.asdict(cfg.data) == {
-        "shards": "", "num_workers": 2, "shuffle_buffer": 1000, "resampled": True
+        "shards": "", "real_shards": "", "num_workers": 2, "shuffle_buffer": 1000, "resampled": True
     }
     assert cfg.deepspeed.config == "ds_configs/zero2.json"
     assert len(cfg.preview.prompts) >= 2 and cfg.preview.seeds_per_prompt == 2
