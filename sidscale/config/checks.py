@@ -66,6 +66,9 @@ def _validate_adversarial(cfg: Config) -> None:
     _check(not a.enabled or cfg.data.real_shards != "", "data.real_shards", cfg.data.real_shards,
            "real (latent or image, caption) shards when method.adversarial.enabled = true "
            "(tools/make_real_shards.py; 'toy' for the toy teachers' exact samples)")
+    # NOTE: the discriminator's read-out is a forward hook added per call: torch.compile would recompile
+    _check(not (a.enabled and cfg.train.compile), "train.compile", cfg.train.compile,
+           "false with method.adversarial.enabled = true (its feature read-out is a forward hook)")
     _check(a.enabled or cfg.data.real_shards == "", "data.real_shards", cfg.data.real_shards,
            "'' when method.adversarial.enabled = false (real pairs are read only by the adversarial method)")
 

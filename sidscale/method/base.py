@@ -32,14 +32,19 @@ class PredictionFns:
     fake_module_fn: Callable
     teacher_fn: Callable
     schedule: Any
+    # the fake net's feature read-out (``families/shared/readout.FeatureTap``): the adversarial method's
+    # discriminator logits; None where no method reads it
+    fake_readout: Any = None
 
 
 class Batch(NamedTuple):
-    """One micro-batch of a phase: its noise (``core.noise.StepNoise``) and conditionings."""
+    """One micro-batch of a phase: its noise (``core.noise.StepNoise``) and conditionings; for a phase that
+    reads real data (``Phase.real_data``), the real latents [B, C, H, W] and their captions' conditioning."""
 
     noise: Any
     cond: Any
     uncond: Any
+    real: Any = None  # (latents, cond) or None
 
 
 # (prediction functions, micro-batch, k, loss normaliser) -> (scalar loss, detached statistics)
@@ -55,7 +60,10 @@ class Phase:
     seed, step, this key and the sample index).
     ``trains``: the engine that steps. ``frozen``: the networks that take part in the autograd graph but
     must not train (their ``requires_grad`` flags are saved, set False, and restored afterwards).
-    ``stat_reduce``: for each statistic the loss returns, ``MEAN`` or ``SUM`` over the micro-batches."""
+    ``stat_reduce``: for each statistic the loss returns, ``MEAN`` or ``SUM`` over the micro-batches.
+    ``real_data``: each micro-batch also carries real samples (``Batch.real``) from ``data.real_shards``.
+    ``active``: whether the phase runs this iteration, from the images seen before it (None: always); an
+    inactive phase draws no data, computes nothing and leaves its network and optimizer untouched."""
 
     name: str
     noise_phase: int
@@ -63,6 +71,8 @@ class Phase:
     loss: LossFn
     stat_reduce: Mapping[str, str]
     frozen: tuple[str, ...] = ()
+    real_data: bool = False
+    active: Callable[[int], bool] | None = None
 
 
 class DistillMethod(Protocol):
@@ -73,6 +83,10 @@ class DistillMethod(Protocol):
     skip_later_phases_on_overflow: bool
     # stat -> (TensorBoard tag, summed over the job, value when absent): ``metrics.step_scalars``
     stat_tags: Mapping[str, tuple[str, bool, float | None]]
+
+    def begin_step(self, images_seen: int) -> None:
+        """Before the phases of an iteration (``images_seen``: before it): schedules in images seen."""
+        ...
 
     def step_count(self, seed: int, step: int) -> int:
         """The k of this iteration (K-step generators), the same on every rank."""

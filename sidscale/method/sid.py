@@ -15,6 +15,12 @@ import torch
 
 from sidscale.core.ema import ema_beta
 from sidscale.core.noise import PHASE_FAKE, PHASE_GEN, draw_step_noise, generator_step_count
+from sidscale.method.adversarial import (
+    adversarial_fake_step,
+    adversarial_generator_step,
+    adversarial_mix,
+    generator_active,
+)
 from sidscale.method.base import MEAN, SUM, Batch, Phase, PredictionFns
 from sidscale.method.sid_lsg import MethodSettings, fake_step, generator_step
 
@@ -33,15 +39,37 @@ class SiD:
         "skipped_fake": ("fp16/skipped_fake", False, None), "skipped_gen": ("fp16/skipped_gen", False, None),
         "time_fake": ("time/fake_step_s", False, None), "time_gen": ("time/gen_step_s", False, None),
     }
+    # method.adversarial.enabled (method/adversarial.py): the discriminator's and the generator's added terms
+    adversarial_stat_tags = {
+        "loss_disc": ("adversarial/loss_disc", False, None),
+        "disc_real_acc": ("adversarial/disc_real_acc", False, None),
+        "disc_fake_acc": ("adversarial/disc_fake_acc", False, None),
+        "dropped_disc": ("nan/dropped_disc", True, None),
+        "loss_gen_sid": ("adversarial/loss_gen_sid", False, float("nan")),
+        "loss_gen_adv": ("adversarial/loss_gen_adv", False, float("nan")),
+        "adv_mix": ("adversarial/mix_weight", False, float("nan")),
+    }
 
     def __init__(self, settings: MethodSettings, train_cfg: Any, ema: Any) -> None:
         self.settings, self.train_cfg, self.ema = settings, train_cfg, ema
+        self.adversarial = settings.adversarial if getattr(settings.adversarial, "enabled", False) else None
+        self.images_seen = 0
+        fake_stats = {"loss_fake": MEAN, "dropped_fake": SUM}
+        gen_stats = {"loss_gen": MEAN, "w_mean": MEAN, "dropped_gen": SUM}
+        if self.adversarial is None:
+            fake_loss, gen_loss, gen_active = self.fake_loss, self.generator_loss, None
+        else:
+            fake_loss, gen_loss = self.adversarial_fake_loss, self.adversarial_generator_loss
+            gen_active = self.generator_active
+            fake_stats.update(loss_disc=MEAN, disc_real_acc=MEAN, disc_fake_acc=MEAN, dropped_disc=SUM)
+            gen_stats.update(loss_gen_sid=MEAN, loss_gen_adv=MEAN, adv_mix=MEAN)
+            self.stat_tags = {**self.stat_tags, **self.adversarial_stat_tags}
         self.phases = (
-            Phase("fake", PHASE_FAKE, trains="fake", loss=self.fake_loss,
-                  stat_reduce={"loss_fake": MEAN, "dropped_fake": SUM}),
+            Phase("fake", PHASE_FAKE, trains="fake", loss=fake_loss, stat_reduce=fake_stats,
+                  real_data=self.adversarial is not None),
             # "teacher" frozen too: a partitioned teacher's engine releases what its backward left gathered
-            Phase("gen", PHASE_GEN, trains="generator", loss=self.generator_loss, frozen=("fake", "teacher"),
-                  stat_reduce={"loss_gen": MEAN, "w_mean": MEAN, "dropped_gen": SUM}),
+            Phase("gen", PHASE_GEN, trains="generator", loss=gen_loss, frozen=("fake", "teacher"),
+                  stat_reduce=gen_stats, active=gen_active),
         )
 
     def fake_loss(self, fns: PredictionFns, batch: Batch, k: int, normaliser: float
@@ -53,6 +81,26 @@ class SiD:
                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return generator_step(fns.gen_engine_fn, fns.fake_module_fn, fns.teacher_fn, fns.schedule, batch.noise,
                               batch.cond, batch.uncond, self.settings, loss_normaliser=normaliser, k=k)
+
+    def adversarial_fake_loss(self, fns: PredictionFns, batch: Batch, k: int, normaliser: float
+                              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        real_x, real_cond = batch.real
+        return adversarial_fake_step(fns.gen_module_fn, fns.fake_engine_fn, fns.fake_readout, fns.schedule,
+                                     batch.noise, batch.cond, batch.uncond, real_x, real_cond, self.settings,
+                                     loss_normaliser=normaliser, k=k)
+
+    def adversarial_generator_loss(self, fns: PredictionFns, batch: Batch, k: int, normaliser: float
+                                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return adversarial_generator_step(fns.gen_engine_fn, fns.fake_module_fn, fns.teacher_fn, fns.fake_readout,
+                                          fns.schedule, batch.noise, batch.cond, batch.uncond, self.settings,
+                                          loss_normaliser=normaliser, mix=self.mix, k=k)
+
+    def generator_active(self, images_seen: int) -> bool:
+        return generator_active(self.adversarial, images_seen)
+
+    def begin_step(self, images_seen: int) -> None:
+        self.images_seen = images_seen
+        self.mix = adversarial_mix(self.adversarial, images_seen) if self.adversarial is not None else 0.0
 
     def step_count(self, seed: int, step: int) -> int:
         # K-step generators: both phases run the first k of the K steps (the same k on every rank)

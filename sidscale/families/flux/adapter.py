@@ -237,6 +237,12 @@ class FluxFamily:
         return Teacher(path, t.kind, net, conditioner, schedule, (channels, size, size),
                        float(vae.config.scaling_factor), vae, float(vae.config.shift_factor or 0.0))
 
+    def discriminator_readout(self, net: torch.nn.Module):
+        """The adversarial method's read-out of ``net``'s features (families/shared/readout.py)."""
+        from sidscale.families.shared.readout import transformer_readout
+
+        return transformer_readout(net)
+
     def prediction_fn(self, net: torch.nn.Module, schedule: FluxSchedule, role: str = "generator") -> FluxVelocity:
         """``net``'s velocity function with the guidance embedding of ``role`` (module docstring)."""
         if role not in ROLES:

@@ -82,6 +82,12 @@ class SD3Family:
         return Teacher(path, t.kind, net, conditioner, FlowSchedule(), (int(net.config.in_channels), size, size),
                        float(vae.config.scaling_factor), vae, float(vae.config.shift_factor or 0.0))
 
+    def discriminator_readout(self, net: torch.nn.Module):
+        """The adversarial method's read-out of ``net``'s features (families/shared/readout.py)."""
+        from sidscale.families.shared.readout import transformer_readout
+
+        return transformer_readout(net)
+
     def prediction_fn(self, net: torch.nn.Module, schedule: FlowSchedule, role: str = "generator") -> SD3Velocity:
         return SD3Velocity(net, schedule)
 

@@ -90,6 +90,12 @@ class ToyFlowFamily:
     def sampling_extras(self, cfg) -> dict:
         return {"time_scale": TIME_SCALE}
 
+    def discriminator_readout(self, net: torch.nn.Module):
+        """The adversarial method's read-out of ``net``'s features (families/shared/readout.py)."""
+        from sidscale.families.shared.readout import unet_readout
+
+        return unet_readout(net)
+
     def prediction_fn(self, net: torch.nn.Module, schedule: FlowSchedule, role: str = "generator") -> UNetVelocity:
         return UNetVelocity(net, schedule)
 

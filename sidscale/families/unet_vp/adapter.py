@@ -45,6 +45,12 @@ class UNetVPFamily:
     def sampling_extras(self, cfg) -> dict:
         return {}
 
+    def discriminator_readout(self, net: torch.nn.Module):
+        """The adversarial method's read-out of ``net``'s features (families/shared/readout.py)."""
+        from sidscale.families.shared.readout import unet_readout
+
+        return unet_readout(net)
+
     def prediction_fn(self, net: torch.nn.Module, schedule: VPSchedule, role: str = "generator") -> torch.nn.Module:
         """eps in fp32 (v-prediction teachers converted), ``timestep`` = the integer t."""
         from sidscale.families.unet_vp.adapter import UNetEps
