@@ -164,6 +164,37 @@ def test_teacher_sampler_one_step_is_x0_of_one_prediction(tiny, name):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_discriminator_readout_is_the_features_before_the_decoder(tiny, name):
+    """The adversarial method's logits (``discriminator_readout``) for a CFG call of the prediction function:
+    the conditional half of the features entering the UNet's mid block (channel mean, one logit per position)
+    or the transformer's proj_out (token mean, one logit per channel), read here by a pre-hook."""
+    from sidscale.method.guidance import guided_eps
+
+    cfg, teacher = tiny(name)
+    net = teacher.net
+    cond, uncond = teacher.conditioner.encode(PROMPTS[:2]), teacher.conditioner.empty(2)
+    x = torch.randn(2, *teacher.latent_shape, generator=torch.Generator().manual_seed(2))
+    vp = hasattr(teacher.schedule, "alphas_cumprod")
+    level = torch.tensor([700, 200]) if vp else torch.tensor([0.8, 0.2])
+    unet = type(net).__name__ == "UNet2DConditionModel"
+    seen = []
+    pool = (lambda h: h.float().mean(1).flatten(1)) if unet else (lambda h: h.float().mean(1))
+    handle = (net.mid_block if unet else net.proj_out).register_forward_pre_hook(
+        lambda m, args: seen.append(pool(args[0])))
+    fn = teacher.family.prediction_fn(net, teacher.schedule, role="fake")
+    try:
+        with torch.no_grad():
+            _, logits = teacher.family.discriminator_readout(net).logits(
+                lambda: guided_eps(fn, x, level, cond, uncond, 2.0), 2)
+    finally:
+        handle.remove()
+    assert len(seen) == 1 and seen[0].shape[0] == 4  # one call of batch [uncond; cond]
+    torch.testing.assert_close(logits, seen[0][2:])
+    width = net.config.block_out_channels[-1] if unet else net.config.num_attention_heads * net.config.attention_head_dim
+    assert logits.shape[1] != width if unet else logits.shape[1] == width
+
+
 # --------------------------------------------------------------- presets: networks and a memory-plan entry
 @pytest.mark.parametrize("name", FAMILIES)
 def test_every_preset_has_networks_and_a_memory_plan_entry(name):
