@@ -239,3 +239,30 @@ def test_method_runs_through_prediction_fns():
     assert set(stats) == set(method.phases[0].stat_reduce)
     loss, stats = method.phases[1].loss(fns, Batch(noise, cond, uncond), 1, B)
     assert stats["adv_mix"] == 0.5 and set(stats) == set(method.phases[1].stat_reduce)
+
+
+def test_real_call_passes_the_fake_scale_to_a_net_that_takes_guidance_as_input():
+    """FLUX's official mode takes its guidance embedding from the call: the real sample's conditional call
+    gets cfg_train_fake through ``conditional`` (a plain net is called without any scale)."""
+    from sidscale.method.adversarial import conditional_call
+
+    raw, (_, fake, _), schedule = nets(True)
+    scales = []
+
+    class EmbeddingNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = fake
+
+        def forward(self, x, t, c):
+            return self.inner(x, t, c)
+
+        def conditional(self, x, t, c, scale):
+            scales.append(scale)
+            return self.inner(x, t, c)
+
+    noise, cond, *_ = inputs(True)
+    with torch.no_grad():
+        got = conditional_call(EmbeddingNet(), noise.z, noise.t, cond, 4.5)
+        torch.testing.assert_close(got, fake(noise.z, noise.t, cond))
+    assert scales == [4.5]

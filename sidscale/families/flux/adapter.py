@@ -172,6 +172,12 @@ class FluxGuidedVelocity(FluxVelocity):
         raise RuntimeError("a FLUX teacher / fake net in distilled_guidance.mode official takes its guidance "
                            "embedding from the CFG scale of the call: call it through guided_eps")
 
+    def conditional(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor],
+                    scale: float) -> torch.Tensor:
+        """``v(cond; g=scale)`` without CFG: the adversarial method's real-sample call, whose guidance
+        embedding is the fake net's training scale (as the released code passes it)."""
+        return self.velocity(x_t, sigma, cond, float(scale))
+
     def guided(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor],
                uncond: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
         """``v(cond; g=s)`` when s is 1 or 0 (one conditional call; 0 is an embedding of 0, not the
