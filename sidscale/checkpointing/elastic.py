@@ -27,6 +27,8 @@ What is resharded and how:
   one epoch when the shards split evenly over ranks x workers, growing with E otherwise (11 equal
   shards on 2 ranks: (12 + E)/11 epochs). With ``data.resampled: true`` shards are drawn with
   replacement anyway. Its counters carry over (summed onto rank 0) and a DataWarning says so.
+- **Real pairs** (``method.adversarial``; ``RealDataState``, key ``real_data``): the same stream machinery,
+  merged the same way (``merged_stream_state``), with the same epoch restart and replay bound.
 - **Host RNG states**: rank r takes old rank r mod N's. The method draws no noise from them.
 
 Same global batch (micro-batch x accumulation x ranks), ZeRO stage and precision as the checkpoint;
@@ -204,7 +206,7 @@ def remove_universal(ckpt: Path, written_by: int) -> None:
 
 
 def merged_stream_state(states: list[dict], rank: int) -> dict:
-    """The prompt-stream state rank ``rank`` of the new world loads: every old rank's worker cursors
+    """The stream state (prompts or real pairs) rank ``rank`` of the new world loads: every old rank's worker cursors
     (so the restart epoch is the earliest any old rank had not finished; ``PromptStream``'s layout
     change path) with the old counters summed onto new rank 0 only, so the job's totals carry over."""
     if not states or not all(s for s in states):  # an indexed source keeps no state

@@ -100,14 +100,16 @@ class RNGState:
 class DataState:
     """The prompt source's cursor: key ``data``. Elastic: the writers' stream states merged for this rank."""
 
+    key = "data"
+
     def __init__(self, source: Any) -> None:
         self.source = source
 
     def save(self) -> dict:
-        return {"data": self.source.state_dict()}
+        return {self.key: self.source.state_dict()}
 
     def load(self, state: dict, path: Path) -> None:
-        self.source.load_state_dict(state["data"])
+        self.source.load_state_dict(state[self.key])
 
     def load_resharded(self, states: list[dict], meta: dict, path: Path, rank: int, is_main: bool) -> None:
         from sidscale.checkpointing import elastic
@@ -116,10 +118,36 @@ class DataState:
         with warnings.catch_warnings():
             if not is_main:  # one DataWarning for the job, not one per rank
                 warnings.simplefilter("ignore", DataWarning)
-            self.source.load_state_dict(elastic.merged_stream_state([s["data"] for s in states], rank))
+            self.source.load_state_dict(elastic.merged_stream_state([s[self.key] for s in states], rank))
 
     def meta(self) -> dict:
         return {}
+
+
+class RealDataState(DataState):
+    """The real-pair stream's cursor (``method.adversarial``): key ``real_data``, saved, loaded and merged on
+    an elastic resume like the prompt cursor. A checkpoint without it (written with the adversarial method
+    off) starts the real stream at its beginning, with a ``DataWarning``."""
+
+    key = "real_data"
+
+    def load(self, state: dict, path: Path) -> None:
+        if self.key in state:
+            super().load(state, path)
+        else:
+            self._fresh(path)
+
+    def load_resharded(self, states: list[dict], meta: dict, path: Path, rank: int, is_main: bool) -> None:
+        if all(self.key in s for s in states):
+            super().load_resharded(states, meta, path, rank, is_main)
+        elif is_main:
+            self._fresh(path)
+
+    def _fresh(self, path: Path) -> None:
+        from sidscale.data.stream import DataWarning
+
+        warnings.warn(f"checkpoint {path} holds no real-pair cursor (written with method.adversarial off): "
+                      "the real-pair stream starts at its beginning", DataWarning, stacklevel=3)
 
 
 class CounterState:

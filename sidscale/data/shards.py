@@ -37,6 +37,10 @@ from sidscale.core.io import atomic_write_bytes, fsync_dir
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "sidscale-prompt-shards/1"
+REAL_MANIFEST_FORMAT = "sidscale-real-shards/1"  # real (latent or image, caption) pairs: sidscale.data.real_shards
+# What each manifest format is called in messages, and the tool that writes it.
+_MANIFEST_KINDS = {MANIFEST_FORMAT: ("prompt shard", "tools/make_prompt_shards.py"),
+                   REAL_MANIFEST_FORMAT: ("real-pair shard", "tools/make_real_shards.py")}
 SHARD_TEMPLATE = "prompts-{:06d}.tar"
 KEY_TEMPLATE = "{:09d}"
 # Why each input item may be dropped; all keys always appear in the manifest (zeros included).
@@ -191,7 +195,7 @@ class _Filter:
         return None, prompt
 
 
-def _prepare_out_dir(out: Path, overwrite: bool) -> set[Path]:
+def prepare_out_dir(out: Path, overwrite: bool, shard_glob: str = "prompts-*.tar") -> set[Path]:
     """Create ``out``; refuse a non-empty one unless ``overwrite``. Returns old shards to remove."""
     out.mkdir(parents=True, exist_ok=True)
     existing = [p for p in out.iterdir() if not p.name.startswith(".")]
@@ -205,7 +209,7 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> set[Path]:
     if (out / MANIFEST_NAME).exists():
         (out / MANIFEST_NAME).unlink()
         fsync_dir(out)
-    return set(out.glob("prompts-*.tar"))
+    return set(out.glob(shard_glob))
 
 
 def write_prompt_shards(prompts: Iterable[PromptItem], out_dir: str | os.PathLike, shard_size: int = 10000,
@@ -224,7 +228,7 @@ def write_prompt_shards(prompts: Iterable[PromptItem], out_dir: str | os.PathLik
     if max_chars is not None and max_chars < min_chars:
         raise ValueError(f"max_chars ({max_chars}) < min_chars ({min_chars})")
     out = Path(out_dir)
-    stale = _prepare_out_dir(out, overwrite)
+    stale = prepare_out_dir(out, overwrite)
     keep = _Filter(dedupe, min_chars, max_chars)
     content = hashlib.sha256()
     shards: list[dict[str, Any]] = []
@@ -272,26 +276,27 @@ def write_prompt_shards(prompts: Iterable[PromptItem], out_dir: str | os.PathLik
     return manifest
 
 
-def load_manifest(path: str | os.PathLike) -> dict[str, Any]:
+def load_manifest(path: str | os.PathLike, manifest_format: str = MANIFEST_FORMAT) -> dict[str, Any]:
     """Read a manifest (a ``manifest.json`` path or its directory) and check its format tag."""
+    noun, tool = _MANIFEST_KINDS[manifest_format]
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"prompt shard manifest not found: {path}")
+        raise FileNotFoundError(f"{noun} manifest not found: {path}")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         from sidscale.config import ConfigError
 
         # NOTE: a ConfigError: every rank finds the same, and main() prints it once (rank 0).
-        raise ConfigError(f"prompt shard manifest {path} is not valid JSON ({e}): truncated or corrupt; "
-                          "rewrite it with tools/make_prompt_shards.py (the shards it lists are unchanged)") from None
+        raise ConfigError(f"{noun} manifest {path} is not valid JSON ({e}): truncated or corrupt; "
+                          f"rewrite it with {tool} (the shards it lists are unchanged)") from None
     problem = None
     if not isinstance(manifest, dict):
         problem = f"holds a JSON {type(manifest).__name__}, not an object"
-    elif manifest.get("format") != MANIFEST_FORMAT:
-        problem = f"format={manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}"
+    elif manifest.get("format") != manifest_format:
+        problem = f"format={manifest.get('format')!r}, expected {manifest_format!r}"
     elif not isinstance(manifest.get("shards"), list) or not manifest["shards"]:
         problem = "its 'shards' list is missing or empty"
     elif not all(isinstance(s, dict) and isinstance(s.get("path"), str) for s in manifest["shards"]):
@@ -300,6 +305,5 @@ def load_manifest(path: str | os.PathLike) -> dict[str, Any]:
         from sidscale.config import ConfigError
 
         # the same on every rank: one message (main() prints a ConfigError once), no traceback per rank
-        raise ConfigError(f"{path} is not a usable prompt shard manifest ({problem}); write it with "
-                          "tools/make_prompt_shards.py")
+        raise ConfigError(f"{path} is not a usable {noun} manifest ({problem}); write it with {tool}")
     return manifest

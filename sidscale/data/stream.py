@@ -1,4 +1,6 @@
-"""The trainer's prompt source: batches of prompts streamed from webdataset tar shards, resumable.
+"""Resumable batches streamed from webdataset tar shards: the trainer's prompts (``PromptStream``) and,
+through the same machinery (``ShardStream`` with another ``SampleFormat``), the real (latent or image,
+caption) pairs of the adversarial method (``sidscale.data.real_pairs``).
 
 Order: a pure function of (seed, rank, worker, epoch)
     Each rank runs ``W = max(1, num_workers)`` *logical workers* (DataLoader worker processes, or
@@ -14,9 +16,11 @@ Order: a pure function of (seed, rank, worker, epoch)
     - ``resampled=True``: a worker's "epoch" is ``max(1, n_shards // (world_size * W))`` shards
       drawn with replacement using (seed, e, rank, worker): infinite, different per rank/worker.
 
-    Batches are formed inside the worker (and tokenised there: skipped samples never reach the
-    tokenizer), and the DataLoader hands them out round-robin: batch ``i`` of this rank comes from
-    logical worker ``i % W``. Workers never run dry (both modes are infinite), so this stays exact.
+    Batches are formed inside the worker (and tokenised / decoded there: skipped samples never reach the
+    tokenizer; a format's per-sample decode runs after the shuffle buffer, so the buffer holds the shard
+    bytes, not decoded tensors, and a fast-skip decodes nothing), and the DataLoader hands them out
+    round-robin: batch ``i`` of this rank comes from logical worker ``i % W``. Workers never run dry
+    (both modes are infinite), so this stays exact.
 
 Resume: a cursor per worker, counted at the consumer
     Every batch carries its worker's cursor ``(epoch, offset)`` = the position just after its last
@@ -24,7 +28,7 @@ Resume: a cursor per worker, counted at the consumer
     The main process keeps the cursor of the *last batch it received* from each worker; batches a
     worker prefetched but the trainer never took are not counted. ``state_dict()`` = those cursors +
     the number of batches received ``n``. ``load_state_dict`` restarts each worker at the start of
-    its saved epoch and fast-skips ``offset`` samples (read and decoded, not tokenised, not batched;
+    its saved epoch and fast-skips ``offset`` samples (read and checked, not decoded, not tokenised, not batched;
     at most one worker-epoch of reading), and rotates the DataLoader worker ids by ``n % W`` so that
     the next batch comes from the logical worker that was next in line. Result: the resumed stream
     yields exactly the batches the uninterrupted one would have, and ``stats()`` match too.
@@ -40,191 +44,111 @@ World size (or num_workers, seed, shard list, resampled, shuffle_buffer) changed
     ranks of one run only agree on ``E`` if they load states with the same minimum epoch, so on a
     world-size change the trainer should load one rank's state (e.g. rank 0's) on every rank.
 
-Bad data is skipped, counted and warned about (``DataWarning`` naming the shard), never fatal: a
-shard that is missing at read time, not a tar, or truncated (checked by its end-of-archive block)
-stops being read where it breaks; a sample without ``.txt``, with undecodable UTF-8 or with empty
-(whitespace-only) text is dropped. The counters reach the trainer in ``batch["stats"]`` and
-``stats()``. Only a worker that finds no valid sample in ``MAX_EMPTY_PASSES`` consecutive epochs
-raises (a hang would be the only alternative).
+Bad data is skipped, counted and warned about (``DataWarning`` naming the shard), never fatal
+(``sidscale.data.shard_reading``; a format's decode adds its own reasons). The counters reach the trainer in
+``batch["stats"]`` and ``stats()``. Only a worker that finds no valid sample in ``MAX_EMPTY_PASSES``
+consecutive epochs raises (a hang would be the only alternative).
 """
+
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import os
-import random
 import signal
-import tarfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import base_plus_ext
 
-from sidscale.data.shards import load_manifest
+from sidscale.data.shard_reading import (
+    COUNTERS,
+    DataWarning,
+    _Counters,
+    read_shard,
+    resolve_shards,
+    seeded_rng,
+    shuffled,
+    worker_shards,
+)
+from sidscale.data.shards import MANIFEST_FORMAT
+
+__all__ = ["COUNTERS", "DataWarning", "PromptStream", "ShardStream", "SampleFormat", "first_prompt", "read_shard",
+           "resolve_shards", "_Counters"]
 
 STATE_VERSION = 1
 MAX_EMPTY_PASSES = 10
-# Counters each worker keeps (summed over workers for the rank); "epochs" is added by stats().
-COUNTERS = ("samples", "shards_opened", "skipped_corrupt_shards", "skipped_empty", "skipped_missing_text",
-            "skipped_undecodable")
 
 Tokenize = Callable[[list[str]], torch.Tensor]
 
 
-class DataWarning(UserWarning):
-    """Bad data skipped, or a resume that could not be exact."""
+class SampleFormat(Protocol):
+    """What a stream reads and how its batches look; picklable (it travels to spawn-started workers)."""
+
+    noun: str  # what a sample is called in messages ("prompt")
+    counters: tuple[str, ...]  # the worker counters (``COUNTERS`` plus the format's own skip reasons)
+    manifest_format: str  # the manifest.json format a ``shards`` manifest must have
+
+    # one shard's ``(key, payload)`` of the samples that pass the cheap checks (before the shuffle buffer)
+    def read(self, path: str, counters: _Counters) -> Iterator[tuple[str, Any]]: ...
+
+    # a payload out of the shuffle buffer -> the sample, or None (skipped; ``decode`` counts why)
+    def decode(self, payload: Any, counters: _Counters) -> Any | None: ...
+
+    # the batch fields of ``samples`` (``keys``, ``epoch`` and the cursor are added by the stream)
+    def collate(self, samples: list[Any]) -> dict[str, Any]: ...
+
+    def layout(self) -> dict[str, Any]: ...  # what of the format makes a saved cursor meaningless when changed
 
 
-def resolve_shards(shards: str) -> list[str]:
-    """Shard paths of a brace/glob pattern (``dir/prompts-{000000..000009}.tar``), a manifest.json, or a
-    directory holding one. ValueError when nothing matches; FileNotFoundError naming missing shards.
-    """
-    if not shards:
-        raise ValueError("no shard pattern given (empty string)")
-    path = Path(shards)
-    if shards.endswith(".json") or path.is_dir():
-        manifest = load_manifest(path)
-        base = path if path.is_dir() else path.parent
-        paths = [str(base / s["path"]) for s in manifest["shards"]]
-    else:
-        paths = []
-        for p in braceexpand(shards):
-            paths.extend(sorted(glob.glob(p)) if glob.has_magic(p) else [p])
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if not paths or len(missing) == len(paths):
-        raise ValueError(f"shard pattern {shards!r} matches no shard files "
-                         f"({len(paths)} candidates, none exist)")
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(paths)} shards of {shards!r} are missing, "
-                                f"first: {missing[0]}")
-    return paths
+@dataclass(frozen=True)
+class PromptFormat:
+    """Prompts (``.txt``), tokenised per batch inside the worker when ``tokenize`` is given."""
+
+    tokenize: Tokenize | None = None
+    noun: str = "prompt"
+    counters: tuple[str, ...] = COUNTERS
+    manifest_format: str = MANIFEST_FORMAT
+
+    def read(self, path: str, counters: _Counters) -> Iterator[tuple[str, str]]:
+        return read_shard(path, counters)
+
+    def decode(self, payload: str, counters: _Counters) -> str:
+        return payload
+
+    def collate(self, samples: list[str]) -> dict[str, Any]:
+        batch: dict[str, Any] = {"prompts": samples}
+        if self.tokenize is not None:
+            ids = self.tokenize(samples)
+            if not isinstance(ids, torch.Tensor) or ids.shape[0] != len(samples):
+                raise TypeError(f"tokenize must return a tensor [B, L] with B={len(samples)}, got {type(ids)}")
+            batch["input_ids"] = ids.long()
+        return batch
+
+    def layout(self) -> dict[str, Any]:
+        return {}
 
 
-def _rng(*parts: object) -> random.Random:
-    # NOTE: seeding with a str hashes it with sha512: stable across processes and Python runs
-    # (unlike hash()), so the order is a pure function of these parts.
-    return random.Random(":".join(["sidscale", *map(str, parts)]))
-
-
-def worker_shards(shards: list[str], *, seed: int, epoch: int, rank: int, world_size: int, worker: int,
-                  num_workers: int, resampled: bool) -> list[str]:
-    """The shards logical ``worker`` of ``rank`` reads in ``epoch`` (see module docstring)."""
-    if resampled:
-        rng = _rng("resample", seed, epoch, rank, worker)
-        return [rng.choice(shards) for _ in range(max(1, len(shards) // (world_size * num_workers)))]
-    order = list(shards)
-    _rng("epoch", seed, epoch).shuffle(order)
-    return order[rank::world_size][worker::num_workers]
-
-
-class _Counters:
-    """A worker's counters; ``active=False`` while fast-skipping (those events were counted already)."""
-
-    def __init__(self, start: dict[str, int]) -> None:
-        self.values = {k: int(start.get(k, 0)) for k in COUNTERS}
-        self.active = True
-
-    def add(self, key: str, n: int = 1) -> None:
-        if self.active:
-            self.values[key] += n
-
-
-def _tar_samples(tf: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group consecutive members by webdataset key (``dir/key.ext`` -> key, ext)."""
-    key, files = None, {}
-    for member in tf:
-        if not member.isfile():
-            continue
-        k, ext = base_plus_ext(member.name)
-        if k is None:
-            continue
-        if k != key:
-            # NOTE: hand out the finished sample before reading on, so a shard that breaks later
-            # still delivers every complete sample before the break
-            if key is not None:
-                yield key, files
-            key, files = k, {}
-        files[ext.lower()] = tf.extractfile(member).read()
-    if key is not None:
-        yield key, files
-
-
-def _check_end_of_archive(path: str, offset: int) -> None:
-    # NOTE: tarfile ends silently when a file is cut at (or inside) a member header; a complete
-    # archive has a zero block where the members stop, so check it is there.
-    with open(path, "rb") as f:
-        f.seek(offset)
-        block = f.read(tarfile.BLOCKSIZE)
-    if len(block) < tarfile.BLOCKSIZE or block.count(0) != tarfile.BLOCKSIZE:
-        raise tarfile.ReadError(f"no end-of-archive block at byte {offset} (truncated?)")
-
-
-def read_shard(path: str, counters: _Counters) -> Iterator[tuple[str, str]]:
-    """Yield ``(key, prompt)`` of one shard, skipping and counting bad samples / a broken tar."""
-    counters.add("shards_opened")
-    skipped = dict.fromkeys(("missing_text", "undecodable", "empty"), 0)
-    name = os.path.basename(path)
-    try:
-        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
-            for key, files in _tar_samples(tf):
-                text = files.get("txt")
-                reason = None
-                if text is None:
-                    reason = "missing_text"
-                else:
-                    try:
-                        prompt = text.decode("utf-8").strip()
-                        reason = None if prompt else "empty"
-                    except UnicodeDecodeError:
-                        reason = "undecodable"
-                if reason is not None:
-                    skipped[reason] += 1
-                    counters.add(f"skipped_{reason}")
-                    continue
-                yield f"{name}/{key}", prompt
-            _check_end_of_archive(path, tf.offset)
-    except Exception as e:  # any breakage of one shard: count it, keep streaming from the next
-        counters.add("skipped_corrupt_shards")
-        warnings.warn(f"skipping the rest of corrupt shard {path}: {type(e).__name__}: {e}", DataWarning,
-                      stacklevel=2)
-    if any(skipped.values()):
-        detail = ", ".join(f"{k}={v}" for k, v in skipped.items() if v)
-        warnings.warn(f"shard {path}: skipped samples ({detail})", DataWarning, stacklevel=2)
+def first_sample(paths: Sequence[str], fmt: SampleFormat) -> tuple[Any | None, dict[str, int]]:
+    """The first good sample of ``paths`` in order (None: every shard is bad) and the counts of what was
+    skipped before it, without warnings (reads only up to that sample)."""
+    counters = _Counters({}, fmt.counters)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        for path in paths:
+            for _key, payload in fmt.read(path, counters):
+                sample = fmt.decode(payload, counters)
+                if sample is not None:
+                    return sample, counters.values
+    return None, counters.values
 
 
 def first_prompt(paths: Sequence[str]) -> str | None:
     """The first readable prompt of ``paths`` in order (None: every shard is bad), without warnings."""
-    counters = _Counters({})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DataWarning)
-        for path in paths:
-            for _key, prompt in read_shard(path, counters):
-                return prompt
-    return None
-
-
-def shuffled(items: Iterator[Any], bufsize: int, rng: random.Random) -> Iterator[Any]:
-    """webdataset-style shuffle buffer: memory ``bufsize``, order fixed by ``rng``."""
-    if bufsize <= 1:
-        yield from items
-        return
-    buf: list[Any] = []
-    for x in items:
-        if len(buf) < bufsize:
-            buf.append(x)
-            continue
-        i = rng.randrange(bufsize)
-        yield buf[i]
-        buf[i] = x
-    rng.shuffle(buf)
-    yield from buf
+    return first_sample(paths, PromptFormat())[0]
 
 
 @dataclass(frozen=True)
@@ -239,51 +163,51 @@ class _Plan:
     resampled: bool
     shuffle_buffer: int
     batch_size: int
-    tokenize: Tokenize | None
+    fmt: SampleFormat
 
 
 def worker_batches(plan: _Plan, worker: int, start: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Infinite batches of logical ``worker``, starting at cursor ``start`` = {epoch, offset, stats}."""
-    counters = _Counters(start.get("stats", {}))
+    fmt = plan.fmt
+    counters = _Counters(start.get("stats", {}), fmt.counters)
     epoch, skip = int(start["epoch"]), int(start["offset"])
     counters.active = skip == 0
-    pending: list[tuple[str, str, int]] = []
+    pending: list[tuple[str, Any, int]] = []
     empty_passes = 0
     while True:
         shards = worker_shards(list(plan.shards), seed=plan.seed, epoch=epoch, rank=plan.rank,
                                world_size=plan.world_size, worker=worker, num_workers=plan.num_workers,
                                resampled=plan.resampled)
-        samples = (s for path in shards for s in read_shard(path, counters))
-        rng = _rng("buffer", plan.seed, epoch, plan.rank, worker)
-        offset = 0
-        for key, prompt in shuffled(samples, plan.shuffle_buffer, rng):
+        items = (s for path in shards for s in fmt.read(path, counters))
+        rng = seeded_rng("buffer", plan.seed, epoch, plan.rank, worker)
+        offset = good = 0
+        for key, payload in shuffled(items, plan.shuffle_buffer, rng):
             offset += 1
-            if offset <= skip:  # fast-forward to the saved cursor: no batching, no tokenising
+            if offset <= skip:  # fast-forward to the saved cursor: no decoding, batching or tokenising
                 counters.active = offset == skip
+                good += 1  # (was decoded before the checkpoint; only "none at all" matters below)
                 continue
-            pending.append((key, prompt, epoch))
+            sample = fmt.decode(payload, counters)
+            if sample is None:
+                continue
+            good += 1
+            pending.append((key, sample, epoch))
             if len(pending) == plan.batch_size:
                 yield _make_batch(plan, pending, counters, worker, epoch, offset)
                 pending = []
         counters.active, skip = True, 0  # (the epoch may be shorter than the cursor if data changed)
-        empty_passes = 0 if offset else empty_passes + 1
+        empty_passes = 0 if good else empty_passes + 1
         if empty_passes >= MAX_EMPTY_PASSES:
-            raise RuntimeError(f"rank {plan.rank} worker {worker}: no valid prompt in {empty_passes} "
+            raise RuntimeError(f"rank {plan.rank} worker {worker}: no valid {fmt.noun} in {empty_passes} "
                                f"consecutive epochs; last shards read: {shards}")
         epoch += 1
 
 
-def _make_batch(plan: _Plan, samples: list[tuple[str, str, int]], counters: _Counters, worker: int,
+def _make_batch(plan: _Plan, samples: list[tuple[str, Any, int]], counters: _Counters, worker: int,
                 epoch: int, offset: int) -> dict[str, Any]:
     counters.add("samples", len(samples))
-    prompts = [s[1] for s in samples]
-    batch: dict[str, Any] = {"prompts": prompts, "keys": [s[0] for s in samples],
-                             "epoch": [s[2] for s in samples]}
-    if plan.tokenize is not None:
-        ids = plan.tokenize(prompts)
-        if not isinstance(ids, torch.Tensor) or ids.shape[0] != len(prompts):
-            raise TypeError(f"tokenize must return a tensor [B, L] with B={len(prompts)}, got {type(ids)}")
-        batch["input_ids"] = ids.long()
+    batch = plan.fmt.collate([s[1] for s in samples])
+    batch.update(keys=[s[0] for s in samples], epoch=[s[2] for s in samples])
     batch["_cursor"] = {"worker": worker, "epoch": epoch, "offset": offset, "stats": dict(counters.values)}
     return batch
 
@@ -310,27 +234,19 @@ class _WorkerDataset(IterableDataset):
         return worker_batches(self.plan, worker, self.starts[worker])
 
 
-def _zero_stats() -> dict[str, int]:
-    return dict.fromkeys(COUNTERS, 0)
+class ShardStream:
+    """Infinite, resumable batches ``{<fmt.collate fields>, "keys", "epoch", "stats"}`` of ``fmt`` for one
+    rank. ``shards``: brace/glob pattern, manifest.json or its directory (see :func:`resolve_shards`). See
+    the module docstring for the order, resume and world-size-change semantics."""
 
-
-class PromptStream:
-    """Infinite, resumable batches ``{"prompts", "keys", "epoch", "stats"[, "input_ids"]}`` for one rank.
-
-    ``shards``: brace/glob pattern, manifest.json or its directory (see :func:`resolve_shards`).
-    ``tokenize`` runs inside the workers on each batch's prompts. See the module docstring for the
-    order, resume and world-size-change semantics.
-    """
-
-    def __init__(self, shards: str, *, rank: int, world_size: int, batch_size: int, seed: int,
-                 num_workers: int = 2, shuffle_buffer: int = 1000, resampled: bool = True,
-                 tokenize: Tokenize | None = None) -> None:
+    def __init__(self, shards: str, *, fmt: SampleFormat, rank: int, world_size: int, batch_size: int, seed: int,
+                 num_workers: int = 2, shuffle_buffer: int = 1000, resampled: bool = True) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         if batch_size < 1 or num_workers < 0 or shuffle_buffer < 0:
             raise ValueError(f"bad batch_size={batch_size} / num_workers={num_workers} / "
                              f"shuffle_buffer={shuffle_buffer}")
-        paths = resolve_shards(shards)
+        paths = resolve_shards(shards, fmt.manifest_format)
         workers = max(1, num_workers)
         if len(paths) < world_size * workers:
             raise ValueError(f"shard pattern {shards!r} has {len(paths)} shards, fewer than world_size x "
@@ -338,16 +254,18 @@ class PromptStream:
                              "write more, smaller shards")
         self.pattern = shards
         self.num_workers = num_workers
-        self.plan = _Plan(tuple(paths), seed, rank, world_size, workers, resampled, shuffle_buffer,
-                          batch_size, tokenize)
+        self.plan = _Plan(tuple(paths), seed, rank, world_size, workers, resampled, shuffle_buffer, batch_size, fmt)
         self._batches = 0
-        self._cursors = [{"epoch": 0, "offset": 0, "stats": _zero_stats()} for _ in range(workers)]
-        self._stats_base = _zero_stats()  # counters carried over a layout change
+        self._cursors = [{"epoch": 0, "offset": 0, "stats": self._zero_stats()} for _ in range(workers)]
+        self._stats_base = self._zero_stats()  # counters carried over a layout change
         self._it: Iterator[dict[str, Any]] | None = None
+
+    def _zero_stats(self) -> dict[str, int]:
+        return dict.fromkeys(self.plan.fmt.counters, 0)
 
     # -- iteration -----------------------------------------------------------------------------
 
-    def __iter__(self) -> PromptStream:
+    def __iter__(self) -> ShardStream:
         return self
 
     def __next__(self) -> dict[str, Any]:
@@ -387,7 +305,7 @@ class PromptStream:
         p = self.plan
         return {"shards_sha256": hashlib.sha256(names.encode()).hexdigest(), "n_shards": len(p.shards),
                 "seed": p.seed, "rank": p.rank, "world_size": p.world_size, "num_workers": p.num_workers,
-                "resampled": p.resampled, "shuffle_buffer": p.shuffle_buffer}
+                "resampled": p.resampled, "shuffle_buffer": p.shuffle_buffer, **p.fmt.layout()}
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable position: what the consumer has received so far."""
@@ -397,34 +315,51 @@ class PromptStream:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"unsupported PromptStream state version {state.get('version')!r}")
+            raise ValueError(f"unsupported {type(self).__name__} state version {state.get('version')!r}")
         self.close()
+        names = self.plan.fmt.counters
         if state["layout"] == self._layout():
             self._batches = int(state["batches"])
             self._cursors = [{"epoch": int(c["epoch"]), "offset": int(c["offset"]), "stats": dict(c["stats"])}
                              for c in state["workers"]]
-            self._stats_base = {k: int(state["stats_base"].get(k, 0)) for k in COUNTERS}
+            self._stats_base = {k: int(state["stats_base"].get(k, 0)) for k in names}
             return
         epoch = min(int(c["epoch"]) for c in state["workers"])
         now = self._layout()
         changed = {k: (v, now.get(k)) for k, v in state["layout"].items() if now.get(k) != v}
-        warnings.warn(f"prompt stream layout changed since the checkpoint (old, new): {changed}; restarting "
-                      f"the new split at the start of epoch {epoch} (order not resumed exactly)", DataWarning,
-                      stacklevel=2)
-        base = {k: int(state["stats_base"].get(k, 0)) for k in COUNTERS}
+        warnings.warn(f"{self.plan.fmt.noun} stream layout changed since the checkpoint (old, new): {changed}; "
+                      f"restarting the new split at the start of epoch {epoch} (order not resumed exactly)",
+                      DataWarning, stacklevel=2)
+        base = {k: int(state["stats_base"].get(k, 0)) for k in names}
         for c in state["workers"]:
-            for k in COUNTERS:
+            for k in names:
                 base[k] += int(c["stats"].get(k, 0))
         self._stats_base = base
         self._batches = 0
-        self._cursors = [{"epoch": epoch, "offset": 0, "stats": _zero_stats()}
+        self._cursors = [{"epoch": epoch, "offset": 0, "stats": self._zero_stats()}
                          for _ in range(self.plan.num_workers)]
 
     def stats(self) -> dict[str, int]:
         """Counters of this rank (summed over workers); ``epochs`` = epochs all its workers have finished."""
         total = dict(self._stats_base)
         for c in self._cursors:
-            for k in COUNTERS:
+            for k in self.plan.fmt.counters:
                 total[k] += int(c["stats"].get(k, 0))
         total["epochs"] = min(int(c["epoch"]) for c in self._cursors)
         return total
+
+
+class PromptStream(ShardStream):
+    """Infinite, resumable batches ``{"prompts", "keys", "epoch", "stats"[, "input_ids"]}`` for one rank.
+
+    ``shards``: brace/glob pattern, manifest.json or its directory (see :func:`resolve_shards`).
+    ``tokenize`` runs inside the workers on each batch's prompts. See the module docstring for the
+    order, resume and world-size-change semantics.
+    """
+
+    def __init__(self, shards: str, *, rank: int, world_size: int, batch_size: int, seed: int,
+                 num_workers: int = 2, shuffle_buffer: int = 1000, resampled: bool = True,
+                 tokenize: Tokenize | None = None) -> None:
+        super().__init__(shards, fmt=PromptFormat(tokenize), rank=rank, world_size=world_size,
+                         batch_size=batch_size, seed=seed, num_workers=num_workers,
+                         shuffle_buffer=shuffle_buffer, resampled=resampled)

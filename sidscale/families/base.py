@@ -94,6 +94,17 @@ class Teacher:
     def family(self) -> ModelFamily:
         return _registry_lookup(self.kind)
 
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> fp32 latents [B, *latent_shape] with this teacher's VAE and
+        scale/shift (``families.shared.vae_encode``; pixel-space teachers: the images)."""
+        from sidscale.families.shared.vae_encode import encode_images
+
+        z = encode_images(self.vae, pixels, generator, self.scaling_factor, self.shift_factor)
+        if tuple(z.shape[1:]) != tuple(self.latent_shape):
+            raise ValueError(f"images {tuple(pixels.shape)} encode to latents {tuple(z.shape)}, not "
+                             f"[B, {', '.join(map(str, self.latent_shape))}] (teacher.resolution?)")
+        return z
+
 
 class ModelFamily(Protocol):
     """One adapter module per family; see the module docstring."""
