@@ -165,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.teacher is not None and (args.kind is None or args.resolution is None):
         print("error: --teacher needs --kind and --resolution", file=sys.stderr)
         return 2
+    from sidscale.families import TEACHER_KINDS
+
+    if args.teacher is not None and args.kind not in TEACHER_KINDS:
+        print(f"error: --kind {args.kind!r}: expected one of {', '.join(TEACHER_KINDS)}", file=sys.stderr)
+        return 2
     dropped: Counter = Counter()
     pairs = read_pairs(args.source, args, dropped)
     settings: dict = {}

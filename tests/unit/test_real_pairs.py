@@ -434,3 +434,55 @@ def test_make_real_shards_with_a_teacher_writes_its_seeded_vae_latents(tmp_path,
         j = [p.stem for p in images].index(f"img{int(caption.split()[1]):02d}")
         assert int(key.rsplit("/", 1)[1]) == j  # written in input order
         torch.testing.assert_close(x, want[j], rtol=0, atol=1e-5)
+
+
+def test_make_real_shards_reads_jsonl_and_tsv_captions(tmp_path, image_folder):
+    (tmp_path / "imgs").mkdir()
+    for name in ("img00.png", "img01.jpg", "img02.webp"):
+        (tmp_path / "imgs" / name).write_bytes((image_folder / name).read_bytes())
+    lines = [json.dumps({"image": "imgs/img01.jpg", "caption": "one"}), "{not json",
+             json.dumps({"image": "imgs/missing.png", "caption": "gone"}), "",
+             json.dumps({"image": "imgs/img00.png", "caption": "  zero "}),
+             json.dumps({"image": "imgs/img02.webp", "caption": ""})]
+    (tmp_path / "caps.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "caps.tsv").write_text("path\ttext\nimgs/img02.webp\ttwo\nimgs/img00.png\tzero\n")
+    tool = _tool("make_real_shards")
+    assert tool.main([str(tmp_path / "caps.jsonl"), "--out", str(tmp_path / "a")]) == 0
+    assert tool.main([str(tmp_path / "caps.tsv"), "--out", str(tmp_path / "b"), "--image-column", "path",
+                      "--caption-column", "text"]) == 0
+    for out, want in (("a", [("img01.jpg", "one"), ("img00.png", "zero")]),
+                      ("b", [("img02.webp", "two"), ("img00.png", "zero")])):
+        manifest = json.loads((tmp_path / out / "manifest.json").read_text())
+        members = tar_members(tmp_path / out / manifest["shards"][0]["path"])
+        got = [(members[f"{i:09d}.txt"].decode(), members[f"{i:09d}.{name.split('.')[1]}"])
+               for i, (name, _) in enumerate(want)]
+        assert got == [(c, (tmp_path / "imgs" / name).read_bytes()) for name, c in want]
+    assert json.loads((tmp_path / "a" / "manifest.json").read_text())["dropped"] == \
+        {"malformed": 1, "missing_image": 1, "empty_caption": 1}
+
+
+@pytest.mark.parametrize("preset", ["tiny", "sd3_tiny", "flux_tiny"])
+def test_each_familys_vae_encodes_into_its_teacher_latent_layout(preset):
+    """SD (no shift), SD3 and FLUX (shifted; FLUX's latent kept unpacked, its network packs it 2x2): the
+    encode of an image at the teacher's resolution has exactly the shape the teacher denoises."""
+    from diffusers import AutoencoderKL
+
+    from sidscale.families.base import Teacher
+    from sidscale.families.presets import latent_shape, preset_vae_config
+
+    cfg = preset_vae_config(preset)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vae = AutoencoderKL(**cfg).eval()
+    shape = latent_shape(preset)
+    factor = 2 ** (len(cfg["block_out_channels"]) - 1)
+    teacher = Teacher(Path("."), preset, torch.nn.Identity(), None, None, shape, cfg["scaling_factor"], vae,
+                      cfg.get("shift_factor") or 0.0)
+    pixels = torch.rand(1, 3, shape[1] * factor, shape[2] * factor, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    z = teacher.encode_images(pixels, torch.Generator().manual_seed(3))
+    assert z.shape == (1, *shape) and z.dtype == torch.float32
+    if preset == "flux_tiny":
+        from sidscale.families.flux.adapter import pack_latents
+        from sidscale.families.flux.presets import flux_preset
+
+        assert pack_latents(z).shape[-1] == flux_preset(preset).transformer["in_channels"]
