@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from sidscale.checkpointing.manager import Checkpointer, checkpoint_complete, repair_latest
-from sidscale.checkpointing.states import CounterState, DataState, EMAState, EngineState, RNGState
+from sidscale.checkpointing.states import CounterState, DataState, EMAState, EngineState, RealDataState, RNGState
 from sidscale.config import Config, ConfigError, accumulation_steps, config_to_dict
-from sidscale.core.noise import rank_sample_indices
+from sidscale.core.noise import rank_sample_indices, sample_seed
 from sidscale.core.precision import apply_precision
-from sidscale.data.sources import build_prompt_source
+from sidscale.data.sources import build_prompt_source, build_real_source
 from sidscale.distributed import comm
 from sidscale.distributed.ds_config import build_ds_config, zero_stage
 from sidscale.distributed.engines import build_engine, check_identical_across_ranks
@@ -45,6 +45,8 @@ from sidscale.terminal import method_label
 from sidscale.testing import fault_injection
 
 log = logging.getLogger("sidscale.train")
+# the noise key of the VAE posterior samples of image shards (apart from every phase's own draws)
+VAE_SAMPLE_PHASE = 1000
 
 
 class Trainer:
@@ -88,6 +90,8 @@ class Trainer:
         self._build_engines()
         self.method = build_method(cfg.method.name, self.settings, cfg.train, self.ema)
         self.prompts = build_prompt_source(cfg, self.run_dir, self.teacher, self.rank, self.world, self.dist.is_main)
+        # real (latent, caption) pairs for a phase that reads them (method.adversarial); None otherwise
+        self.real_data = build_real_source(cfg, self.run_dir, self.teacher, self.rank, self.world, self.dist.is_main)
         self.step, self.images_seen = 0, 0
         self.logger: RunLogger | None = None
         self.outputs = Outputs(self)
@@ -97,6 +101,7 @@ class Trainer:
             engines={"generator": EngineState(self.gen_engine, cfg.generator.lr, "generator.lr"),
                      "fake": EngineState(self.fake_engine, cfg.fake.lr, "fake.lr")},
             states={"ema": EMAState(self.ema), "rng": RNGState(self.device), "data": DataState(self.prompts),
+                    **({} if self.real_data is None else {"real_data": RealDataState(self.real_data)}),
                     "trainer": CounterState(self, extra_meta=lambda: {"sampling": self.sampling_meta()})},
             run_meta=lambda: {"world_size": self.world, "zero_stage": self.zero_stage,
                               "config": config_to_dict(self.cfg)},
@@ -155,7 +160,8 @@ class Trainer:
             fake_engine_fn=wrap(self.fake_engine, self.schedule, role="fake"),
             fake_module_fn=wrap(self.fake_engine.module, self.schedule, role="fake"),
             teacher_fn=wrap(self.teacher.net, self.schedule, role="teacher"),
-            schedule=self.schedule)
+            schedule=self.schedule,
+            fake_readout=self.family.discriminator_readout(self.fake_engine.module))
 
     def _choose_teacher_placement(self) -> Placement:
         """``teacher.partitioned`` resolved (auto: sidscale.perf.placement, from the real networks)."""
@@ -174,15 +180,28 @@ class Trainer:
         return choose_placement(setting, fits, detail)
 
     # ----------------------------------------------------------------------------- one iteration
-    def batch(self, noise_phase: int, accum_round: int) -> Batch:
-        """Micro-batch ``accum_round`` of this rank for the phase with noise key ``noise_phase``."""
+    def batch(self, noise_phase: int, accum_round: int, real_data: bool = False) -> Batch:
+        """Micro-batch ``accum_round`` of this rank for the phase with noise key ``noise_phase`` (with
+        ``real_data``: also the next real samples, latents on the device and their captions encoded)."""
         idx = rank_sample_indices(self.world, self.rank, self.micro, accum_round)
         noise = self.method.draw_noise(self.cfg.train.seed, self.step, noise_phase, idx, self.teacher.latent_shape,
                                        self.schedule, self.device)
         prompts, input_ids = self.prompts.batch(self.step, noise_phase, idx)
         cond = (self.teacher.conditioner.encode_ids(input_ids) if input_ids is not None
                 else self.teacher.conditioner.encode(prompts))
-        return Batch(noise, cond, self.teacher.conditioner.empty(self.micro))
+        real = None
+        if real_data:
+            if self.real_data is None:
+                raise ConfigError("the method reads real data but data.real_shards gave no source")
+            pairs = self.real_data.batch(self.step, noise_phase, idx)
+            x = pairs.x.to(self.device, non_blocking=True)
+            if pairs.kind == "image":  # image shards: the teacher's VAE encodes them here (latent shards: already)
+                # its posterior sample seeded by (seed, step, phase, first index): a resumed run draws the same
+                g = torch.Generator(self.device).manual_seed(
+                    sample_seed(self.cfg.train.seed, self.step, VAE_SAMPLE_PHASE + noise_phase, idx[0]))
+                x = self.teacher.encode_images(x, g)
+            real = (x, self.teacher.conditioner.encode(pairs.captions))
+        return Batch(noise, cond, self.teacher.conditioner.empty(self.micro), real)
 
     @contextlib.contextmanager
     def _frozen(self, names: tuple[str, ...]) -> Iterator[None]:
@@ -204,7 +223,7 @@ class Trainer:
         leftovers = [self.engines[n] for n in phase.frozen]  # frozen ZeRO-3 engines gather in the backward
         with self._frozen(phase.frozen):
             for r in range(self.gas):
-                loss, st = phase.loss(self.fns, self.batch(phase.noise_phase, r), k, self.micro)
+                loss, st = phase.loss(self.fns, self.batch(phase.noise_phase, r, phase.real_data), k, self.micro)
                 engine.backward(loss)
                 release_backward_leftovers(*leftovers)
                 engine.step()
@@ -219,12 +238,21 @@ class Trainer:
         fp16: a phase whose step the loss scaler skipped skips the later phases too (when the method says so)."""
         stats: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         k = self.method.step_count(self.cfg.train.seed, self.step)
+        begin = getattr(self.method, "begin_step", None)  # optional: schedules in images seen
+        if begin is not None:
+            begin(self.images_seen)
         phases = self.method.phases
         applied: dict[str, bool] = {}
         times: dict[str, float] = {}
+        inactive: set[str] = set()
         skip = False
         for i, phase in enumerate(phases):
             t0 = time.perf_counter()
+            if phase.active is not None and not phase.active(self.images_seen):
+                applied[phase.name] = False  # not run this iteration (a schedule), not an fp16 skip
+                times[phase.name] = 0.0
+                inactive.add(phase.name)
+                continue
             applied[phase.name] = False if skip else self._run_phase(phase, k, stats)
             skip = skip or (self.method.skip_later_phases_on_overflow and not applied[phase.name])
             if i < len(phases) - 1:
@@ -235,7 +263,7 @@ class Trainer:
         if applied[phases[-1].name]:  # the last phase's time includes what follows it (the EMA)
             times[phases[-1].name] += time.perf_counter() - t0
         for phase in phases:
-            stats[f"skipped_{phase.name}"] = torch.tensor(float(not applied[phase.name]))
+            stats[f"skipped_{phase.name}"] = torch.tensor(float(phase.name not in inactive and not applied[phase.name]))
             stats[f"time_{phase.name}"] = torch.tensor(times[phase.name])
         self.step += 1
         self.images_seen += self.cfg.train.global_batch
@@ -273,6 +301,8 @@ class Trainer:
     def _log(self, stats: dict[str, torch.Tensor], seconds: float, steps: int) -> None:
         vals = reduce_over_ranks(stats, self.device, self.world)
         src_stats = self.prompts.stats()
+        if self.real_data is not None:
+            src_stats = {**src_stats, **{f"real_{k}": v for k, v in self.real_data.stats().items()}}
         if self.logger is None or not self.dist.is_main:
             return
         out = {
@@ -327,3 +357,5 @@ class Trainer:
         finally:
             self.logger.close()
             self.prompts.close()
+            if self.real_data is not None:
+                self.real_data.close()
