@@ -29,12 +29,13 @@ from sidscale.testing import fault_injection
 def sampling_meta(r: Any) -> dict:
     """How to sample the generator of run ``r`` (an export's ``sidscale.json``): the family's schedule as
     training used it (VP: the teacher's full alphas_cumprod; cfg.schedule is not read by training,
-    so exporting it could give the sampler other betas), K and the generator's start level."""
+    so exporting it could give the sampler other betas), K, the generator's start level and the noise its
+    steps 2..K add (``noise_type``)."""
     source = str(Path(r.teacher.path) / "scheduler" / "scheduler_config.json")
     s = r.settings
     return {
         "family": r.family.name, "generator_steps": s.generator_steps,
-        "t_init": s.t_init, "sigma_init": s.sigma_init,
+        "t_init": s.t_init, "sigma_init": s.sigma_init, "noise_type": s.noise_type,
         "prediction_type": getattr(r.schedule, "prediction_type", "velocity"),
         "schedule": r.schedule.meta(source),
         "latent_shape": list(r.teacher.latent_shape), "scaling_factor": r.teacher.scaling_factor,

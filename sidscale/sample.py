@@ -37,9 +37,11 @@ def seeded_generator_noises(seeds: Sequence[int], shape: Sequence[int], steps: i
 
 
 def sampling_settings(meta: dict) -> MethodSettings:
-    """The generator's steps and start level as recorded in an export / checkpoint ``sampling`` entry."""
+    """The generator's steps, start level and noise type as recorded in an export / checkpoint ``sampling``
+    entry (an export written before noise types existed has none: its generator used fresh noise)."""
     return MethodSettings(t_init=int(meta.get("t_init", 625)), generator_steps=int(meta.get("generator_steps", 1)),
-                          sigma_init=float(meta.get("sigma_init", 1.0)))
+                          sigma_init=float(meta.get("sigma_init", 1.0)),
+                          noise_type=str(meta.get("noise_type", "fresh")))
 
 
 class FewStepPipeline:

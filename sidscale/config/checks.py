@@ -14,7 +14,7 @@ from sidscale.config.schema import TOY_KINDS, Config, NetConfig
 from sidscale.errors import ConfigError
 from sidscale.families import TEACHER_KINDS, validate_family_config  # the family registry owns kinds and rules
 from sidscale.method.base import METHODS
-from sidscale.method.losses import GEN_WEIGHTINGS
+from sidscale.method.losses import GEN_WEIGHTING_NAMES
 
 DTYPES = ("fp32", "bf16", "fp16")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
@@ -93,8 +93,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
 
     m, n_t = cfg.method, cfg.schedule.num_train_timesteps
     _check_enum("method.name", m.name, tuple(METHODS))  # the method registry (method/base.py)
-    _check_non_negative(m, "method", ["cfg_train_fake", "cfg_eval_fake", "cfg_eval_real", "alpha",
-                                      "fake_loss_scale", "gen_loss_scale"])
+    _check_non_negative(m, "method", ["cfg_eval_real", "alpha", "fake_loss_scale", "gen_loss_scale"])
+    # NOTE: cfg_train_fake / cfg_eval_fake may be negative (Anti-CFG, a negative fake-net guidance); the
+    # teacher's cfg_eval_real may not. Non-finite floats are already refused when the value is parsed.
     _check(0 <= m.t_init < n_t, "method.t_init", m.t_init, f"a timestep in [0, {n_t})")
     _check(0 <= m.t_min < n_t, "method.t_min", m.t_min, f"a timestep in [0, {n_t})")
     # NOTE: t_max is exclusive (t ~ UniformInt{t_min .. t_max-1}), so t_max == T is still valid.
@@ -104,7 +105,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     # NOTE: VP steps t_i = int(t_init (1 - i/K)) must stay distinct and >= 1 step apart.
     _check(1 <= m.generator_steps <= max(1, m.t_init), "method.generator_steps", m.generator_steps,
            f"an int in [1, method.t_init={m.t_init}]")
-    _check_enum("method.gen_weighting", m.gen_weighting, GEN_WEIGHTINGS)
+    _check_enum("method.gen_weighting", m.gen_weighting, GEN_WEIGHTING_NAMES)  # ours and the authors' spellings
     _check(0.0 < m.sigma_init <= 1.0, "method.sigma_init", m.sigma_init, "a sigma in (0, 1]")
     _check_enum("method.noise_type", m.noise_type, NOISE_TYPES)
     _validate_adversarial(cfg)

@@ -9,7 +9,8 @@
 
 Both implement ``sidscale.families.base.NoiseSchedule``: ``add_noise``, ``noise_only`` (the
 generator's first input), ``to_x0`` (prediction -> x0), ``dsm_target`` (what the fake net
-regresses), ``flow_sigma`` (the equivalent flow-matching sigma, for loss weighting), the
+regresses), ``flow_sigma`` (the equivalent flow-matching sigma, for loss weighting),
+``implied_noise`` (the noise a state and its x0 imply: the K-step generator's ddim noise), the
 generator's K levels and the per-sample draw of the loss level, both from ``MethodSettings``.
 """
 
@@ -138,6 +139,10 @@ class VPSchedule:
         a, s = self.coefficients(t, like)
         return s / (a + s)
 
+    def implied_noise(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """The eps with ``add_noise(x0, eps, t) == x_t``: ``(x_t - a x0) / s``."""
+        return self.x0_to_eps(x_t, x0, t)
+
     def generator_levels(self, settings: Any, num_steps: int) -> list[int]:
         """``t_i = int(t_init (1 - i/K))``, i = 0..K-1 (SiD-LSG's multi-step sampler; K = 1: t_init)."""
         return [int(settings.t_init * (1 - i / num_steps)) for i in range(num_steps)]
@@ -220,6 +225,11 @@ class FlowSchedule:
 
     def flow_sigma(self, t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
         return self._sigma(t, like)
+
+    def implied_noise(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """The eps with ``add_noise(x0, eps, t) == x_t``: ``(x_t - (1 - sigma) x0) / sigma`` (sigma > 0)."""
+        s = self._sigma(t, x_t)
+        return (x_t - (1 - s) * x0) / s
 
     def generator_levels(self, settings: Any, num_steps: int) -> list[float]:
         """``sigma_i = sigma_init (1 - i/K)``: 1, 0.75, 0.5, 0.25 for K = 4 (SiD-DiT's t_init = 999 / 999)."""

@@ -10,9 +10,10 @@ caller (``loss_normaliser``), so micro-batch sums add up to docs/method.md 5's "
 elements and micro-batches, divided by the per-rank batch".
 
 K-step generators (``generator_steps`` = K, docs/flow_matching.md 1.2): step i denoises
-``add_noise(x0_{i-1}, eps_i, level_i)`` (step 0: ``noise_only(z)``) with fresh noise per step;
-each iteration runs the first k steps for one k in 1..K shared by all ranks, the first k-1
-without gradient, and the loss is on step k's output. K = 1 is SiD-LSG's one-step generator.
+``add_noise(x0_{i-1}, eps_i, level_i)`` (step 0: ``noise_only(z)``), eps_i per ``noise_type``
+(``NOISE_TYPES``); each iteration runs the first k steps for one k in 1..K shared by all ranks,
+the first k-1 without gradient, and the loss is on step k's output. K = 1 is SiD-LSG's one-step
+generator.
 """
 
 from __future__ import annotations
@@ -26,10 +27,15 @@ import torch
 from sidscale.core.cond import Cond, where_cond
 from sidscale.core.noise import StepNoise
 from sidscale.method.guards import finite_samples, masked_sum
-from sidscale.method.guidance import EpsFn, guided_eps
-from sidscale.method.losses import GEN_WEIGHTINGS, at_least_fp32, fake_score_loss, sid_generator_loss
+from sidscale.method.guidance import EpsFn, fake_eps, guided_eps
+from sidscale.method.losses import at_least_fp32, canonical_weighting, fake_score_loss, sid_generator_loss
 
 NoiseSchedule = Any  # sidscale.families.base.NoiseSchedule (VPSchedule, FlowSchedule)
+
+# The noise eps_i that step i >= 1 of a K-step generator adds to the previous step's x0 (SiD-DiT's
+# --noise_type): fresh, a new draw per step (StepNoise.z_more); fixed, the first step's z again; ddim,
+# the noise the previous step's input and prediction imply (``schedule.implied_noise``), detached.
+NOISE_TYPES = ("fresh", "fixed", "ddim")
 
 
 @dataclass(frozen=True)
@@ -49,17 +55,19 @@ class MethodSettings:
     # K-step generator and the flow-matching knobs (docs/flow_matching.md 1.2-1.5); the VP schedule reads
     # t_init / t_min / t_max, the flow schedule sigma_init / sigma_logit_*.
     generator_steps: int = 1
-    gen_weighting: str = "sid_legacy"  # sid_legacy (SiD-LSG's 1/w) | one_minus_sigma (SiD-DiT)
+    gen_weighting: str = "sid_legacy"  # losses.GEN_WEIGHTINGS (the authors' spellings are stored as ours)
     sigma_init: float = 1.0
     sigma_logit_mean: float = 0.6931471805599453  # ln 2
     sigma_logit_std: float = 1.6
-    noise_type: str = "fresh"  # fresh | fixed | ddim: the noise of K-step generator steps 2..K
-    fake_text: bool = True  # false: Zero-CFG's text-free fake net
+    noise_type: str = "fresh"  # NOISE_TYPES: the noise of K-step generator steps 2..K
+    fake_text: bool = True  # false: Zero-CFG's text-free fake net (one call on the empty prompt)
     adversarial: Any = None  # config.AdversarialConfig (duck-typed: the method imports no config)
 
     def __post_init__(self) -> None:
-        if self.gen_weighting not in GEN_WEIGHTINGS:
-            raise ValueError(f"gen_weighting {self.gen_weighting!r}; expected one of {GEN_WEIGHTINGS}")
+        # frozen: the canonical name is written once here, so no later code sees an alias
+        object.__setattr__(self, "gen_weighting", canonical_weighting(self.gen_weighting))
+        if self.noise_type not in NOISE_TYPES:
+            raise ValueError(f"noise_type {self.noise_type!r}; expected one of {', '.join(NOISE_TYPES)}")
 
     @classmethod
     def from_config(cls, method_cfg) -> MethodSettings:
@@ -67,19 +75,29 @@ class MethodSettings:
 
     @property
     def uses_prompt_dropout(self) -> bool:
-        return self.prompt_dropout > 0 and (self.cfg_train_fake != 1.0 or self.cfg_eval_fake != 1.0)
+        # a text-free fake net (fake_text false) never sees the prompts, so there is nothing to drop
+        return (self.fake_text and self.prompt_dropout > 0
+                and (self.cfg_train_fake != 1.0 or self.cfg_eval_fake != 1.0))
 
 
 def generate(gen: EpsFn, schedule: NoiseSchedule, noises: Sequence[torch.Tensor], cond: Cond,
-             levels: Sequence) -> torch.Tensor:
+             levels: Sequence, noise_type: str = "fresh") -> torch.Tensor:
     """Run ``len(noises)`` steps of the K-step generator at ``levels`` (``generator_levels``), return
     the last step's x0. Only the last network call records a graph (when grad is enabled at all):
-    the earlier steps' outputs enter the last one as constants (docs/flow_matching.md 1.2)."""
+    the earlier steps' outputs enter the last one as constants (docs/flow_matching.md 1.2).
+    ``noise_type`` (``NOISE_TYPES``) picks step i's noise; fixed and ddim read only ``noises[0]`` (the
+    caller still draws all of them, so the hashed draws of every type are the same)."""
+    if noise_type not in NOISE_TYPES:
+        raise ValueError(f"noise_type {noise_type!r}; expected one of {', '.join(NOISE_TYPES)}")
     grad = torch.is_grad_enabled()
     n = len(noises)
-    x0 = noises[0]
-    for i, eps_i in enumerate(noises):
-        t = schedule.level_tensor(levels[i], eps_i.shape[0], eps_i.device)
+    x0 = x_in = t = noises[0]
+    for i, drawn in enumerate(noises):
+        eps_i = drawn if i == 0 or noise_type == "fresh" else noises[0]
+        if i > 0 and noise_type == "ddim":
+            # step i-1's input and prediction, as constants (they already are: that step ran without a graph)
+            eps_i = schedule.implied_noise(x_in, x0, t).detach()
+        t = schedule.level_tensor(levels[i], drawn.shape[0], drawn.device)
         with torch.set_grad_enabled(grad and i == n - 1):
             x_in = schedule.noise_only(eps_i, t) if i == 0 else schedule.add_noise(x0, eps_i, t)
             x0 = schedule.to_x0(x_in, gen(x_in, t, cond), t)
@@ -88,14 +106,14 @@ def generate(gen: EpsFn, schedule: NoiseSchedule, noises: Sequence[torch.Tensor]
 
 def one_step_generate(gen: EpsFn, schedule: NoiseSchedule, z: torch.Tensor, cond: Cond, level) -> torch.Tensor:
     """``x_g = G(z, c)``: input ``noise_only(z)`` (no signal term) at ``level`` (VP: t_init), denoised once."""
-    return generate(gen, schedule, [z], cond, [level])
+    return generate(gen, schedule, [z], cond, [level])  # one step: every noise type is the same
 
 
 def multi_step_generate(gen: EpsFn, schedule: NoiseSchedule, noises: Sequence[torch.Tensor], cond: Cond,
                         settings: MethodSettings) -> torch.Tensor:
     """All ``settings.generator_steps`` steps (sampling): ``noises`` holds one noise per step."""
     levels = schedule.generator_levels(settings, settings.generator_steps)
-    return generate(gen, schedule, list(noises)[:settings.generator_steps], cond, levels)
+    return generate(gen, schedule, list(noises)[:settings.generator_steps], cond, levels, settings.noise_type)
 
 
 def apply_prompt_dropout(cond: Cond, uncond: Cond, drop: torch.Tensor, settings: MethodSettings) -> Cond:
@@ -111,7 +129,7 @@ def _generator_output(gen: EpsFn, schedule: NoiseSchedule, noise: StepNoise, con
     if not 1 <= k <= settings.generator_steps:
         raise ValueError(f"generator step k = {k}: expected 1..{settings.generator_steps}")
     levels = schedule.generator_levels(settings, settings.generator_steps)
-    return at_least_fp32(generate(gen, schedule, noise.generator_noises(k), cond, levels))
+    return at_least_fp32(generate(gen, schedule, noise.generator_noises(k), cond, levels, settings.noise_type))
 
 
 def fake_step(
@@ -124,7 +142,7 @@ def fake_step(
     with torch.no_grad():
         x_g = _generator_output(gen, schedule, noise, cond, settings, k)
     x_t = schedule.add_noise(x_g, noise.eps, noise.t)
-    eps_hat = guided_eps(fake, x_t, noise.t, cond, uncond, settings.cfg_train_fake)
+    eps_hat = fake_eps(fake, x_t, noise.t, cond, uncond, settings.cfg_train_fake, settings.fake_text)
     keep = finite_samples(x_g, eps_hat)
     # Mask BEFORE squaring: a non-finite sample must not reach the loss function at all. Squaring
     # first and masking after sends 0 * NaN = NaN back through the square's backward (d/dx x^2 =
@@ -149,7 +167,9 @@ def generator_step(
     """
     x_g = _generator_output(gen, schedule, noise, cond, settings, k)
     x_t = schedule.add_noise(x_g, noise.eps, noise.t)
-    y_fake = schedule.to_x0(x_t, guided_eps(fake, x_t, noise.t, cond, uncond, settings.cfg_eval_fake), noise.t)
+    y_fake = schedule.to_x0(
+        x_t, fake_eps(fake, x_t, noise.t, cond, uncond, settings.cfg_eval_fake, settings.fake_text), noise.t
+    )
     y_real = schedule.to_x0(
         x_t, guided_eps(teacher, x_t, noise.t, cond, uncond, settings.cfg_eval_real), noise.t
     )

@@ -40,8 +40,8 @@ def toy_quality(
 ) -> dict[str, float]:
     """{"frechet_one_step", "frechet_teacher_ddim", "frechet_exact_vs_exact"}, prompts uniform over the toy
     prompts. The exact-vs-exact number (two independent exact sample sets) is the noise floor.
-    ``settings``: the generator's K steps and start level (default: one step at ``t_init``); the
-    ``*_one_step`` keys then hold the K-step student's numbers.
+    ``settings``: the generator's K steps, start level and noise type (default: one step at ``t_init``);
+    the ``*_one_step`` keys then hold the K-step student's numbers.
 
     The Frechet distance only sees the marginal over prompts; ``prompt_accuracy_*`` (the fraction of
     samples nearest to a component of their own prompt) and ``colour_accuracy_*`` (... of their own
@@ -170,7 +170,8 @@ class ToyEvaluation:
                 atomic_write_json(cache, {k: result[k] for k in keys})
         sampler = teacher_sampler_name(r.schedule)
         result.update(step=r.step, num_samples=ev.num_samples, teacher_steps=ev.teacher_steps,
-                      teacher_cfg=s.cfg_eval_real, generator_steps=s.generator_steps, teacher_sampler=sampler)
+                      teacher_cfg=s.cfg_eval_real, generator_steps=s.generator_steps, noise_type=s.noise_type,
+                      teacher_sampler=sampler)
         atomic_write_json(r.run_dir / "toy_eval.json", result)
         r.logger.scalars(r.step, toy_eval_scalars(result, result["generator_steps"], sampler, ev.teacher_steps))
         teacher_part = (f" | teacher {sampler_title(sampler)} {ev.teacher_steps} steps "
