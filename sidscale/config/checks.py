@@ -15,6 +15,7 @@ from sidscale.errors import ConfigError
 from sidscale.families import TEACHER_KINDS, validate_family_config  # the family registry owns kinds and rules
 from sidscale.method.base import METHODS
 from sidscale.method.losses import GEN_WEIGHTING_NAMES
+from sidscale.method.sid_lsg import NOISE_TYPES
 
 DTYPES = ("fp32", "bf16", "fp16")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
@@ -23,7 +24,6 @@ ATTENTION_MODES = ("sdpa", "eager")
 TEXT_ENCODER_DEVICES = ("gpu", "cpu")
 BETA_SCHEDULES = ("scaled_linear", "linear")
 TEACHER_PLACEMENTS = ("auto", "true", "false")
-NOISE_TYPES = ("fresh", "fixed", "ddim")
 
 
 def _check(ok: bool, path: str, value: Any, expected: str) -> None:

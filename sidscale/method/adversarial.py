@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from sidscale.core.cond import Cond
 from sidscale.core.noise import StepNoise
 from sidscale.method.guards import finite_samples, masked_sum
-from sidscale.method.guidance import EpsFn, guided_eps
-from sidscale.method.losses import at_least_fp32, sid_generator_loss
+from sidscale.method.guidance import EpsFn, fake_eps, guided_eps
+from sidscale.method.losses import at_least_fp32, generator_weight, sid_generator_loss
 from sidscale.method.sid_lsg import MethodSettings, _generator_output, apply_prompt_dropout, fake_step
 
 Tap = Any  # families.shared.readout.FeatureTap: ``logits(call, batch) -> (output, logits [batch, J])``
@@ -56,17 +56,6 @@ def gen_adv_loss_per_sample(l_gen: torch.Tensor, clamp: float, elements: int) ->
     return elements * F.softplus(-l_gen.float().clamp(-clamp, clamp)).flatten(1).mean(1)
 
 
-def sample_weight(weighting: str, w: torch.Tensor) -> torch.Tensor:
-    """The per-sample multiplier lambda of the SiD loss from ``sid_generator_loss``'s second output
-    (sid_legacy returns its normaliser, which divides; every other weighting returns the multiplier)."""
-    return 1.0 / w if weighting == "sid_legacy" else w
-
-
-def _fake_conds(cond: Cond, uncond: Cond, settings: MethodSettings) -> Cond:
-    """The conditioning the fake net sees: the prompt, or the empty prompt under Zero-CFG (fake_text false)."""
-    return cond if getattr(settings, "fake_text", True) else uncond
-
-
 def conditional_call(fake: EpsFn, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, scale: float) -> torch.Tensor:
     """One conditional call of the fake net (the real samples: no CFG). A prediction function that takes
     its guidance from the call (FLUX's official mode: an embedding) gets ``scale`` through ``conditional``."""
@@ -84,12 +73,13 @@ def adversarial_fake_step(
     adv = settings.adversarial
     batch = noise.eps.shape[0]
     with tap.capture() as captured:  # the fake net's one call inside fake_step
-        dsm_loss, stats = fake_step(gen, fake, schedule, noise, _fake_conds(cond, uncond, settings), uncond,
-                                    settings, loss_normaliser=loss_normaliser, k=k)
+        dsm_loss, stats = fake_step(gen, fake, schedule, noise, cond, uncond, settings,
+                                    loss_normaliser=loss_normaliser, k=k)
     if len(captured) != 1:
         raise RuntimeError(f"the discriminator read-out ran {len(captured)} times in the fake step; expected once")
     l_fake = captured[0][-batch:]
-    real_cond = apply_prompt_dropout(_fake_conds(real_cond, uncond, settings), uncond, noise.drop, settings)
+    # the real captions drop out with the generated sample's mask; Zero-CFG's fake net never sees text
+    real_cond = apply_prompt_dropout(real_cond, uncond, noise.drop, settings) if settings.fake_text else uncond
     x_t_real = schedule.add_noise(real_x.to(noise.eps.dtype), noise.eps, noise.t)
     _, l_real = tap.logits(lambda: conditional_call(fake, x_t_real, noise.t, real_cond, settings.cfg_train_fake),
                            batch)
@@ -123,8 +113,7 @@ def adversarial_generator_step(
     x_t = schedule.add_noise(x_g, noise.eps, noise.t)
     batch = x_g.shape[0]
     fake_pred, l_gen = tap.logits(
-        lambda: guided_eps(fake, x_t, noise.t, _fake_conds(cond, uncond, settings), uncond, settings.cfg_eval_fake),
-        batch)
+        lambda: fake_eps(fake, x_t, noise.t, cond, uncond, settings.cfg_eval_fake, settings.fake_text), batch)
     y_fake = schedule.to_x0(x_t, fake_pred, noise.t)
     y_real = schedule.to_x0(x_t, guided_eps(teacher, x_t, noise.t, cond, uncond, settings.cfg_eval_real), noise.t)
     keep = finite_samples(x_g, y_real, y_fake, l_gen)
@@ -133,7 +122,7 @@ def adversarial_generator_step(
     sigma = (None if settings.gen_weighting == "sid_legacy"
              else schedule.flow_sigma(noise.t, x_g).reshape(-1).expand(batch))
     sid, w = sid_generator_loss(*safe[:3], alpha=settings.alpha, weighting=settings.gen_weighting, sigma=sigma)
-    lam = sample_weight(settings.gen_weighting, w)
+    lam = generator_weight(settings.gen_weighting, sigma, safe[0], safe[1])  # the SiD term's own lambda
     adv_term = lam * gen_adv_loss_per_sample(safe[3], adv.logit_clamp, at_least_fp32(x_g[0]).numel())
     loss_sid = masked_sum(sid, keep) * (settings.gen_loss_scale / loss_normaliser)
     loss_adv = masked_sum(adv_term, keep) * (adv.gen_scale / loss_normaliser)

@@ -69,7 +69,7 @@ def _stub(x_applied: bool = True, y_applied: bool = True):
         cfg=SimpleNamespace(train=SimpleNamespace(seed=0, global_batch=8)),
         engines={"x": _Engine("x", log, x_applied), "y": _Engine("y", log, y_applied)},
         networks={"x": x, "y": torch.nn.Linear(2, 2)})
-    stub.batch = lambda noise_phase, r: r  # the "batch" of round r is r
+    stub.batch = lambda noise_phase, r, real_data=False: r  # the "batch" of round r is r
     stub._frozen = lambda names: Trainer._frozen(stub, names)
     stub._run_phase = lambda phase, k, stats: Trainer._run_phase(stub, phase, k, stats)
     return stub, log, frozen_seen, x
@@ -91,6 +91,26 @@ def test_phases_run_in_order_with_their_declared_reductions_and_restore_each_fla
     assert [p.requires_grad for p in x.parameters()] == [False, True]  # as before the step, not all True
     assert float(stats["skipped_a"]) == 0.0 and float(stats["skipped_b"]) == 0.0
     assert stub.method.after == [({"a": True, "b": True}, 40)] and (stub.step, stub.images_seen) == (6, 48)
+
+
+def test_an_inactive_phase_does_not_run_and_is_not_an_overflow_skip() -> None:
+    """A phase whose ``active`` says no (the adversarial warm-up) draws no batch and steps nothing; it is not
+    logged as an fp16 skip; the method sees the images seen before the step (``begin_step``) and is told the
+    phase was not applied. Mutations that fail it: ignoring ``active``, logging it as skipped, calling
+    ``active`` with the images seen after the step."""
+    import dataclasses
+
+    stub, log, _, _ = _stub()
+    seen = []
+    stub.method.begin_step = seen.append
+    a, b = stub.method.phases
+    stub.method.phases = (a, dataclasses.replace(b, active=lambda n: n > 40))
+    stats = Trainer.train_step(stub)
+    assert not [e for e in log if e[0] == "y"] and seen == [40]
+    assert float(stats["skipped_b"]) == 0.0 and "mean_b" not in stats
+    assert stub.method.after == [({"a": True, "b": False}, 40)]
+    stats = Trainer.train_step(stub)  # images seen 48 > 40: b runs
+    assert [e for e in log if e[0] == "y"] and seen == [40, 48] and float(stats["sum_b"]) == 6.0
 
 
 def test_an_overflow_skips_the_later_phases_and_after_step_is_told() -> None:
