@@ -26,6 +26,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Both modes: the released code's balance of the generator's terms, lsg = 100 on the SiD loss against
+# lsg_gan = 1 on the adversarial one (for the data-free runs a constant loss scale cancels in Adam).
+COMMON = ("method.gen_loss_scale=100",)
 # The toy adversarial settings (see the module docstring for the schedule)
 SIDA = ("method.adversarial.enabled=true", "data.real_shards=toy", "method.adversarial.disc_warmup_kimg=0.32",
         "method.adversarial.mix_after_kimg=0.96")
@@ -36,7 +39,7 @@ CASES = {f"{family}-{k}-{mode}": (family, k, mode) for family in ("vp", "flow") 
 def run_case(name: str, runs_root: Path, steps: int) -> dict:
     family, k, mode = CASES[name]
     run_dir = runs_root / name
-    sets = [f"train.max_steps={steps}", f"method.generator_steps={k}", *(SIDA if mode == "sida" else ())]
+    sets = [f"train.max_steps={steps}", f"method.generator_steps={k}", *COMMON, *(SIDA if mode == "sida" else ())]
     cmd = [sys.executable, str(REPO / "tools" / "demo.py"), "--family", family, "--run-dir", str(run_dir), "--fresh"]
     for s in sets:
         cmd += ["--set", s]
