@@ -20,8 +20,9 @@ from sidscale.distributed import comm
 def ds_precision(ds_config: dict) -> str:
     """``train.precision`` as written into the effective ds_config by ``build_ds_config``."""
     for key in ("fp16", "bf16"):
-        if (ds_config.get(key) or {}).get("enabled"):
-            return key
+        block = ds_config.get(key) or {}
+        if block.get("enabled"):
+            return "pure_bf16" if key == "bf16" and block.get("bf16_master_weights_and_grads") else key
     return "fp32"
 
 
