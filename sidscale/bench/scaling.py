@@ -44,7 +44,8 @@ the full buffer). ``b``: 2 bytes for bf16/fp16, 4 for fp32.
 - SiDA (``adversarial``): the fake step runs the fake net a second time, conditional only, on the micro-batch of
   real samples, with grad: one more forward and trainable backward of F per micro-batch (ZeRO-3 gathers
   them like any call); the generator step adds no network call.
-- checkpoints: every rank writes its optimizer partitions (fp32 master + Adam, 12P/N per engine; pure_bf16: 6P/N) and EMA shard
+- checkpoints: every rank writes its optimizer partitions (fp32 master + Adam, 12P/N per engine;
+  pure_bf16: 6P/N) and EMA shard
   (4P/N); the 16-bit module weights are written by rank 0 (ZeRO-1/2, b*P per engine) or as partitions (ZeRO-3),
   amortised over ``ckpt_every`` at a storage bandwidth per node.
 
