@@ -104,7 +104,7 @@ def test_engine_steps_like_plain_bf16_adam(stage):
 
 
 TOY = ["train.precision=pure_bf16", "teacher.dtype=bf16", "teacher.resolution=8", "train.global_batch=4",
-       "train.micro_batch=2", "data.shards=indexed:toy", "data.num_workers=1", "eval.num_samples=0",
+       "train.micro_batch=2", "data.shards=indexed:toy", "data.num_workers=0", "eval.num_samples=0",
        "eval.teacher_steps=2", "train.export_at_end=false", "train.seed=5", "generator.lr=1e-2", "fake.lr=1e-2",
        "train.ema_halflife_kimg=0.01", "train.log_every=1", "train.preview_every=100", "train.keep_last=5",
        "deepspeed.config=ds_configs/zero2.json"]
