@@ -25,6 +25,9 @@ Static, alive for the whole run:
 - ZeRO-1 with bf16 and fp32 gradient accumulation (sidscale's default, DeepSpeed's BF16_Optimizer):
   a full fp32 gradient accumulation buffer per engine, 4*P, allocated at start-up.
 
+pure_bf16 (bf16 masters, Adam moments and gradients) and SiDA (the fake phase's real-sample call, the real
+captions' conditioning, the host-side real prefetch): docs/memory_plan.md "pure_bf16 and SiDA".
+
 Nothing of the previews or exports stays resident: the full EMA is gathered into rank 0's host
 memory in chunks and the preview network exists only while previewing (``preview`` phase below).
 
