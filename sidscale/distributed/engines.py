@@ -88,8 +88,8 @@ CONSTRUCTIONS = ("auto", "copy", "zero_init")
 
 def build_engine(teacher_unet: torch.nn.Module, net_cfg: NetConfig, ds_config: dict, construct: str = "auto"):
     """A trainable copy of the teacher wrapped in a DeepSpeed engine (DeepSpeed casts it to
-    bf16/fp16 per ds_config and keeps fp32 master weights in the optimizer; bf16 ones under pure_bf16). The optimizer follows
-    the precision's rules: Adam eps and gradient value clipping (``sidscale.core.precision``).
+    bf16/fp16 per ds_config and keeps fp32 master weights in the optimizer; bf16 ones under pure_bf16).
+    The optimizer follows the precision's rules: Adam eps and gradient value clipping (``sidscale.core.precision``).
 
     ``construct``: ``copy`` = an fp32 deep copy of the teacher on every rank, then DeepSpeed
     partitions it (ZeRO-1/2 keep the module whole anyway); ``zero_init`` = built under
