@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus", type=int, default=None, help="default 8, or the world size with --measure")
     p.add_argument("--zero", type=int, default=2, choices=[1, 2, 3])
     p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16", "pure_bf16"])
+    p.add_argument("--adversarial", action="store_true",
+                   help="SiDA (method.adversarial.enabled): the fake phase's real-sample call and the real prefetch")
     p.add_argument("--teacher-dtype", default=None, choices=["fp32", "bf16", "fp16"])
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--gpu-mem-gib", type=float, default=80.0)
@@ -103,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                             cfg_scales=_recipe_cfg_scales(args.preset), reduce_bucket_size=rbs,
                             accumulation=args.accumulation, grad_accum_dtype=args.grad_accum_dtype,
                             teacher_partitioned=args.teacher_partitioned, text_encoders=args.text_encoders,
+                            adversarial=args.adversarial,
                             budget_fraction=args.budget_fraction or DEFAULT_BUDGET_FRACTION))
     if args.measure and _measure_device(args) == "cpu":
         # every rank of a CPU run lives in this host's memory: refuse before building anything
@@ -134,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{GPU_RESERVE_GIB:g} GiB outside the allocator); free at the peak: {result.free_fraction:.1%}")
     print(f"  largest micro-batch that fits the budget: {result.max_micro_batch}")
     print(f"  construction peak (teacher whole, G built, F being built): {result.construction_total / GIB:.3f} GiB")
+    for name, value in result.host.items():
+        print(f"  host memory per rank, {name}: {value / GIB:.3f} GiB")
     if measured is not None:
         print(f"  measured peak ({measured['device']}, largest rank) {measured['peak_bytes'] / GIB:9.3f} GiB; "
               f"predicted / measured = {record['predicted_over_measured']:.3f}")

@@ -41,7 +41,11 @@ the full buffer). ``b``: 2 bytes for bf16/fp16, 4 for fp32.
   (8 B). ZeRO-3 also broadcasts its trace checks (int64 module ids, kB): not modelled.
 - EMA: no traffic per step (each rank averages its own fp32 master partition); at previews and the export the
   fp32 EMA is gathered to rank 0, 4*P bytes, amortised over ``preview_every``.
-- checkpoints: every rank writes its optimizer partitions (fp32 master + Adam, 12P/N per engine) and EMA shard
+- SiDA (``adversarial``): the fake step runs the fake net a second time, conditional only, on the micro-batch of
+  real samples, with grad: one more forward and trainable backward of F per micro-batch (ZeRO-3 gathers
+  them like any call); the generator step adds no network call.
+- checkpoints: every rank writes its optimizer partitions (fp32 master + Adam, 12P/N per engine;
+  pure_bf16: 6P/N) and EMA shard
   (4P/N); the 16-bit module weights are written by rank 0 (ZeRO-1/2, b*P per engine) or as partitions (ZeRO-3),
   amortised over ``ckpt_every`` at a storage bandwidth per node.
 
@@ -170,6 +174,7 @@ class Setup:
     teacher_partitioned: bool = False
     generator_steps: int = 1  # K: each iteration runs k ~ U{1..K} steps; the mean (K+1)/2 is used
     cfg_scales: tuple[float, float, float] = (1.5, 1.5, 1.5)  # k1, k2, k4 (only != 1 matters: doubled batch)
+    adversarial: bool = False  # SiDA: + one conditional trainable fake-net call on the real samples per micro-batch
     gpus_per_node: int = 8
     intra_gbps: float = 300.0  # GB/s per GPU, ring bus bandwidth inside a node (NVLink/NVSwitch)
     inter_gbps: float = 40.0  # GB/s per GPU across nodes (e.g. 400 Gb/s InfiniBand per GPU)
@@ -254,7 +259,8 @@ def net_calls_per_micro_batch(s: Setup) -> dict[str, dict[str, float]]:
     return {
         # fake step: k no-grad forwards; generator step: k-1 no-grad + 1 forward and backward
         "generator": {"fwd": 2 * k_mean, "bwd_trainable": 1.0, "bwd_frozen": 0.0},
-        "fake": {"fwd": 2.0, "bwd_trainable": 1.0, "bwd_frozen": 1.0},
+        # SiDA adds the fake step's second call (real samples, with grad): one more forward and backward
+        "fake": {"fwd": 2.0 + s.adversarial, "bwd_trainable": 1.0 + s.adversarial, "bwd_frozen": 1.0},
         "teacher": {"fwd": 1.0, "bwd_trainable": 0.0, "bwd_frozen": 1.0},
     }
 
@@ -264,7 +270,7 @@ def forward_equivalents_per_sample(s: Setup) -> float:
     k1, k2, k4 = (2.0 if k != 1.0 else 1.0 for k in s.cfg_scales)
     k_mean = (s.generator_steps + 1) / 2
     ck = 1.0 if s.grad_checkpointing else 0.0
-    fake_step = k_mean + k1 * (3 + ck)
+    fake_step = k_mean + k1 * (3 + ck) + (3 + ck) * s.adversarial  # SiDA: the real samples, conditional only
     gen_step = (k_mean - 1) + (3 + ck) + k2 * (2 + ck) + k4 * (2 + ck)
     return fake_step + gen_step
 
@@ -319,7 +325,8 @@ def iteration_cost(profile: NetProfile, s: Setup) -> IterationCost:
 def checkpoint_bytes_per_rank(p: int, s: Setup) -> float:
     """Bytes the busiest rank writes per checkpoint (rank 0: it also writes ZeRO-1/2's 16-bit weights)."""
     n, b = s.gpus, s.bytes_per_el
-    per_engine = 12.0 * p / n + (b * p / n if s.zero == 3 else b * p)
+    optimizer = 6.0 if s.precision == "pure_bf16" else 12.0  # master + Adam's two moments, bf16 or fp32 each
+    per_engine = optimizer * p / n + (b * p / n if s.zero == 3 else b * p)
     return 2 * per_engine + 4.0 * p / n
 
 

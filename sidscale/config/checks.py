@@ -18,6 +18,7 @@ from sidscale.method.losses import GEN_WEIGHTING_NAMES
 from sidscale.method.sid_lsg import NOISE_TYPES
 
 DTYPES = ("fp32", "bf16", "fp16")
+TRAIN_PRECISIONS = (*DTYPES, "pure_bf16")  # pure_bf16: bf16 weights, grads and Adam states (docs/precision.md)
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 ATTENTION_MODES = ("sdpa", "eager")
@@ -47,6 +48,8 @@ def _check_non_negative(section: Any, prefix: str, names: Sequence[str]) -> None
 
 
 def _validate_net(net: NetConfig, prefix: str) -> None:
+    # NOTE: null eps / grad_clip_value under pure_bf16 mean 1e-4 / 1.0 (sidscale.core.precision); the messages
+    # below keep their wording (tests/unit/test_config.py asserts it)
     _check_non_negative(net, prefix, ["lr", "weight_decay"])
     _check(net.eps is None or net.eps > 0, f"{prefix}.eps", net.eps,
            "a positive value, or null (1e-8; 1e-6 when train.precision = fp16)")
@@ -121,7 +124,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(0.0 < tr.memory_fraction <= 1.0, "train.memory_fraction", tr.memory_fraction, "a fraction in (0, 1]")
     # NOTE: numpy seeds must fit in uint32; torch would take more, but one range for both.
     _check(0 <= tr.seed < 2**32, "train.seed", tr.seed, "an int in [0, 2**32)")
-    _check_enum("train.precision", tr.precision, DTYPES)
+    _check_enum("train.precision", tr.precision, TRAIN_PRECISIONS)
     _check_enum("train.compile_backend", tr.compile_backend, COMPILE_BACKENDS)
     # NOTE: ZeRO-3's gather/release hooks on the partitioned teacher's modules break compiled graphs.
     _check(not (tr.compile and t.partitioned == "true"), "train.compile", tr.compile,

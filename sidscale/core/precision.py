@@ -9,6 +9,9 @@
           precise than the bf16 matmuls of the trainable nets, so it cannot lower the run's
           precision floor, and it is up to 8x faster on A100/H100 tensor cores.
     fp16  TF32 ALLOWED, for the same reason (fp16 also keeps 10 mantissa bits).
+    pure_bf16  the authors' ``--bf16 1``: bf16 weights, gradients and Adam states (no fp32 master,
+          docs/precision.md). TF32 OFF, as in their loop: the fp32 parts left (the losses, the
+          reductions) are the run's only full-precision arithmetic, and are kept exact.
 
 The Trainer applies them at start (``Trainer.__init__``); the benchmark's trainer and reference
 runners go through the same functions (``sidscale.bench.bench``). For bf16/fp16 only the CUDA
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "pure_bf16")
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ class MathSettings:
 
 def math_settings(precision: str) -> MathSettings:
     """What ``precision`` (a ``train.precision`` value) sets; see the module docstring for why."""
-    if precision == "fp32":
+    if precision in ("fp32", "pure_bf16"):
         return MathSettings(False, False, "highest")
     if precision in ("bf16", "fp16"):
         return MathSettings(True, True, None)
@@ -93,19 +96,28 @@ ADAM_EPS = 1e-8
 # stays the default so an fp16 run follows the recipe (override with generator.eps / fake.eps).
 ADAM_EPS_FP16 = 1e-6
 GRAD_CLIP_VALUE_FP16 = 1.0  # the method's fp16 rule: clip gradient values to [-1, 1] before each step
+# The authors' pure-bf16 rules (SiD-DiT ``--bf16 1``): Adam moments in bf16 carry 8 mantissa bits, so
+# sqrt(v) of a tiny gradient is coarse and 1e-8 would let the update of such an entry blow up to ~lr;
+# eps 1e-4 bounds it. Gradient entries are clipped to [-1, 1] before every step (bf16 has no loss
+# scaler and no fp32 master to absorb a large one).
+ADAM_EPS_PURE_BF16 = 1e-4
+GRAD_CLIP_VALUE_PURE_BF16 = 1.0
+_DEFAULT_EPS = {"fp16": ADAM_EPS_FP16, "pure_bf16": ADAM_EPS_PURE_BF16}
+_DEFAULT_CLIP = {"fp16": GRAD_CLIP_VALUE_FP16, "pure_bf16": GRAD_CLIP_VALUE_PURE_BF16}
 
 
 def adam_eps(net_cfg, precision: str) -> float:
-    """``net_cfg.eps`` (a ``config.NetConfig``), or, when it is null, 1e-8 (1e-6 under fp16)."""
+    """``net_cfg.eps`` (a ``config.NetConfig``), or, when it is null, 1e-8 (1e-6 under fp16, 1e-4
+    under pure_bf16)."""
     if net_cfg.eps is not None:
         return float(net_cfg.eps)
-    return ADAM_EPS_FP16 if precision == "fp16" else ADAM_EPS
+    return _DEFAULT_EPS.get(precision, ADAM_EPS)
 
 
 def grad_clip_value(net_cfg, precision: str) -> float | None:
     """The entry-wise gradient clip of ``net_cfg``: None = off. Null in the config means 1.0
-    under fp16 and off otherwise; 0 switches it off explicitly."""
+    under fp16 and pure_bf16, off otherwise; 0 switches it off explicitly."""
     value = net_cfg.grad_clip_value
     if value is None:
-        return GRAD_CLIP_VALUE_FP16 if precision == "fp16" else None
+        return _DEFAULT_CLIP.get(precision)
     return float(value) if value > 0 else None

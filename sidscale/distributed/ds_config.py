@@ -35,6 +35,11 @@ def _precision_block(precision: str, user: dict) -> dict:
     """bf16/fp16 blocks from train.precision; loss-scaler settings in the user's fp16 block are kept."""
     if precision == "bf16":
         return {"bf16": {"enabled": True}, "fp16": {"enabled": False}}
+    if precision == "pure_bf16":
+        # No fp32 master: the ZeRO optimizer's partition, its gradient and Adam's moments are bf16
+        # (DeepSpeed 0.19.8, ZeRO 1/2/3; docs/precision.md).
+        return {"bf16": {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True},
+                "fp16": {"enabled": False}}
     if precision == "fp16":
         # Dynamic loss scaling (loss_scale 0); each engine keeps its own scaler.
         fp16 = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
@@ -45,6 +50,11 @@ def _precision_block(precision: str, user: dict) -> dict:
 
 
 _DTYPE_NAMES = ("fp32", "bf16", "fp16")
+
+
+def _ds_key(precision: str) -> str:
+    """The DeepSpeed block a ``train.precision`` enables (pure_bf16 is DeepSpeed's bf16 block)."""
+    return "bf16" if precision == "pure_bf16" else precision
 
 
 def _bf16_accumulation_block(stage: int, user: dict, path: Path) -> dict:
@@ -79,6 +89,35 @@ def _bf16_accumulation_block(stage: int, user: dict, path: Path) -> dict:
     return out
 
 
+def _pure_bf16_block(user: dict, path: Path) -> dict:
+    """bf16 gradient accumulation for pure_bf16, and a refusal of what DeepSpeed 0.19.8 cannot run.
+
+    The gradients are bf16 by definition here (the authors accumulate micro-batches in the bf16
+    ``.grad``). An fp32 accumulation dtype would make ZeRO-1 DeepSpeed's BF16_Optimizer, which keeps
+    fp32 masters and ignores ``bf16_master_weights_and_grads``: refused rather than silently fp32.
+    Offload is refused: with bf16 masters DeepSpeed 0.19.8 asserts on anything but a
+    DeepSpeedCPUAdam built with ``fp32_optimizer_states=False`` (``base_optimizer.py:
+    _configure_master_weights``), while sidscale's offload configs pass a torch Adam
+    (``engines.build_optimizer``).
+    """
+    data_types = user.get("data_types", {})
+    if not isinstance(data_types, dict):
+        raise ConfigError(f"deepspeed.config {path}: data_types must be a JSON object, got {data_types!r}")
+    accum = data_types.get("grad_accum_dtype", "bf16")
+    if accum != "bf16":
+        raise ConfigError(f"deepspeed.config {path}: data_types.grad_accum_dtype = {accum!r} with train.precision = "
+                          "'pure_bf16', whose gradients are bf16; remove the key, or use train.precision = bf16 "
+                          "(fp32 masters and fp32 accumulation)")
+    zero = user.get("zero_optimization", {})
+    for key in ("offload_optimizer", "offload_param"):
+        if str((zero.get(key) or {}).get("device", "none")).lower() not in ("none", "null"):
+            raise ConfigError(f"deepspeed.config {path}: zero_optimization.{key} with train.precision = 'pure_bf16' "
+                              "is not supported (DeepSpeed 0.19.8 needs its CPU Adam with bf16 moments for bf16 "
+                              "masters under offload, and sidscale's offload runs use torch Adam); use "
+                              "train.precision = bf16, or no offload")
+    return {"data_types": {**data_types, "grad_accum_dtype": "bf16"}}
+
+
 def build_ds_config(cfg: Config, world_size: int) -> dict:
     """The effective DeepSpeed config of both engines for this run."""
     path = resolve_deepspeed_config(cfg)
@@ -99,7 +138,7 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
             )
     for key in ("bf16", "fp16"):
         block = user.get(key)
-        if isinstance(block, dict) and block.get("enabled") and cfg.train.precision != key:
+        if isinstance(block, dict) and block.get("enabled") and _ds_key(cfg.train.precision) != key:
             raise ConfigError(
                 f"deepspeed.config {path}: {key}.enabled is true but train.precision = "
                 f"{cfg.train.precision!r}; set precision in the sidscale config only"
@@ -132,6 +171,8 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
     out.update(_precision_block(cfg.train.precision, user))
     if cfg.train.precision == "bf16":
         out.update(_bf16_accumulation_block(stage, user, path))
+    if cfg.train.precision == "pure_bf16":
+        out.update(_pure_bf16_block(user, path))
     out.setdefault("steps_per_print", 10**9)
     # NOTE: DeepSpeed's default is gradient-norm clipping at 1.0 (GRADIENT_CLIPPING_DEFAULT); the
     # method has no norm clipping (its fp16 rule is value clipping, generator.grad_clip_value), so a
@@ -151,7 +192,7 @@ def check_precision_supported(precision: str) -> None:
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
-    supported = {"fp32": True, "bf16": acc.is_bf16_supported(), "fp16": acc.is_fp16_supported()}[precision]
+    supported = {"fp32": True, "bf16": acc.is_bf16_supported(), "fp16": acc.is_fp16_supported()}[_ds_key(precision)]
     if not supported:
         raise ConfigError(
             f"train.precision = {precision!r} is not supported by DeepSpeed's {acc.device_name()!r} accelerator on "

@@ -20,8 +20,9 @@ from sidscale.distributed import comm
 def ds_precision(ds_config: dict) -> str:
     """``train.precision`` as written into the effective ds_config by ``build_ds_config``."""
     for key in ("fp16", "bf16"):
-        if (ds_config.get(key) or {}).get("enabled"):
-            return key
+        block = ds_config.get(key) or {}
+        if block.get("enabled"):
+            return "pure_bf16" if key == "bf16" and block.get("bf16_master_weights_and_grads") else key
     return "fp32"
 
 
@@ -87,8 +88,8 @@ CONSTRUCTIONS = ("auto", "copy", "zero_init")
 
 def build_engine(teacher_unet: torch.nn.Module, net_cfg: NetConfig, ds_config: dict, construct: str = "auto"):
     """A trainable copy of the teacher wrapped in a DeepSpeed engine (DeepSpeed casts it to
-    bf16/fp16 per ds_config and keeps fp32 master weights in the optimizer). The optimizer follows
-    the precision's rules: Adam eps and gradient value clipping (``sidscale.core.precision``).
+    bf16/fp16 per ds_config and keeps fp32 master weights in the optimizer; bf16 ones under pure_bf16).
+    The optimizer follows the precision's rules: Adam eps and gradient value clipping (``sidscale.core.precision``).
 
     ``construct``: ``copy`` = an fp32 deep copy of the teacher on every rank, then DeepSpeed
     partitions it (ZeRO-1/2 keep the module whole anyway); ``zero_init`` = built under

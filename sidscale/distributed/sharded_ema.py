@@ -5,6 +5,9 @@ the bf16/fp16 working weights: at the recipe's lr (1e-6) one Adam step is far be
 resolution of a weight, so the bf16 copy moves in jumps of one ulp while the masters move
 smoothly, and an EMA of the bf16 copy would be an average of rounded weights. In fp32 mode the
 masters equal the working weights bit for bit, so the EMA is the same as an EMA of the weights.
+Under ``train.precision = pure_bf16`` the masters themselves are bf16 (no fp32 copy exists); the
+EMA still keeps fp32 shards (``torch.float32`` copies, each update casts the master up), so its
+averaging does not round to bf16's 8 significant bits.
 
 Layout: one fp32 tensor per optimizer partition group, the same shape (padding included) and on
 the same device as the optimizer's own flat master partition, so the update is one ``lerp_`` per
@@ -50,7 +53,8 @@ class EMALayoutError(RuntimeError):
 
 
 def master_partitions(optimizer) -> list[torch.Tensor]:
-    """This rank's flat fp32 master partitions, one per group, as the ZeRO optimizer holds them now.
+    """This rank's flat master partitions (fp32; bf16 under pure_bf16), one per group, as the ZeRO
+    optimizer holds them now.
 
     Read anew at every use: DeepSpeed may replace these tensors (e.g. after offloading states).
     """

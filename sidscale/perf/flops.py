@@ -85,6 +85,8 @@ def matmul_precision(train_precision: str, tf32: bool) -> str:
     """The math precision that bounds the iteration's matmuls for the MFU denominator."""
     if train_precision in ("bf16", "fp16"):
         return train_precision
+    if train_precision == "pure_bf16":
+        return "bf16"
     return "tf32" if tf32 else "fp32"
 
 

@@ -25,6 +25,9 @@ Static, alive for the whole run:
 - ZeRO-1 with bf16 and fp32 gradient accumulation (sidscale's default, DeepSpeed's BF16_Optimizer):
   a full fp32 gradient accumulation buffer per engine, 4*P, allocated at start-up.
 
+pure_bf16 (bf16 masters, Adam moments and gradients) and SiDA (the fake phase's real-sample call, the real
+captions' conditioning, the host-side real prefetch): docs/memory_plan.md "pure_bf16 and SiDA".
+
 Nothing of the previews or exports stays resident: the full EMA is gathered into rank 0's host
 memory in chunks and the preview network exists only while previewing (``preview`` phase below).
 
@@ -105,7 +108,7 @@ from dataclasses import dataclass, field
 
 from sidscale.distributed.sharded_ema import GATHER_CHUNK_ELEMENTS
 from sidscale.families.base import PREVIEW_DECODE_CHUNK
-from sidscale.families.presets import preset_vae_config
+from sidscale.families.presets import latent_shape, preset_vae_config
 from sidscale.families.shared.diffusers_dir import DTYPES
 from sidscale.perf.preset_costs import (
     activation_bytes_per_sample,
@@ -116,6 +119,7 @@ from sidscale.perf.preset_costs import (
     param_counts,
     preset_counts,
     preview_decode_bytes,
+    text_condition_bytes_per_sample,
     vae_key,
     vae_params,
 )
@@ -173,6 +177,9 @@ class PlanInput:
     teacher_partitioned: bool = False  # teacher.partitioned: the frozen teacher as an optimizer-less ZeRO-3 engine
     text_encoders: str = "replicated"  # replicated | partitioned (ZeRO-3, no optimizer) | off (CPU / precomputed)
     previews: bool = True  # False: eval.preview_every=0 and no toy evaluation: no ``preview`` phase on the device
+    adversarial: bool = False  # method.adversarial.enabled (SiDA): the fake phase's real-sample call (docstring)
+    real_prefetch: int = 2  # real (latent, caption) samples each data worker keeps ready, per sample of a micro-batch
+    real_workers: int = 2  # data.num_workers (the real stream is read by as many workers as the prompts)
     preview_images: int = 8  # preview.prompts x preview.seeds_per_prompt (the presets: 4 x 2)
     teacher_reference: bool = True  # eval.teacher_steps > 0: the preview draws the teacher's reference once
     budget_fraction: float = DEFAULT_BUDGET_FRACTION  # train.memory_fraction (``budget_bytes``)
@@ -182,7 +189,20 @@ class PlanInput:
             raise ValueError(f"PlanInput.text_encoders = {self.text_encoders!r}; expected one of "
                              f"{TEXT_ENCODER_PLACEMENTS}")
 
+    @property
+    def work_dtype(self) -> str:
+        """The dtype of the engines' working weights and activations (pure_bf16: bf16)."""
+        return "bf16" if self.precision == "pure_bf16" else self.precision
+
+    @property
+    def master_bytes(self) -> int:
+        """Bytes per element of the ZeRO optimizer's master partition and of each Adam moment (pure_bf16: no
+        fp32 master, bf16 moments: DeepSpeed's bf16_master_weights_and_grads + bf16_optimizer_states)."""
+        return 2 if self.precision == "pure_bf16" else 4
+
     def accumulation_dtype(self) -> str:
+        if self.precision == "pure_bf16":  # build_ds_config refuses any other accumulation dtype
+            return "bf16"
         return self.grad_accum_dtype or ("fp32" if self.precision == "bf16" else self.precision)
 
     def bf16_optimizer(self) -> bool:
@@ -198,6 +218,7 @@ class MemoryPlan:
     phases: dict[str, dict[str, float]] = field(default_factory=dict)  # every phase's transient terms
     max_micro_batch: int = 0
     construction: dict[str, float] = field(default_factory=dict)  # bytes per GPU at the construction peak
+    host: dict[str, float] = field(default_factory=dict)  # bytes per rank in host memory (SiDA's real prefetch)
 
     @property
     def total(self) -> float:
@@ -224,6 +245,7 @@ class MemoryPlan:
              "phase_transient_gib": {k: sum(v.values()) / GIB for k, v in self.phases.items()},
              "construction_gib": {k: v / GIB for k, v in self.construction.items()},
              "construction_total_gib": self.construction_total / GIB,
+             "host_gib": {k: v / GIB for k, v in self.host.items()},
              "budget_gib": self.budget / GIB, "reserve_gib": GPU_RESERVE_GIB, "free_fraction": self.free_fraction}
         return d
 
@@ -231,8 +253,8 @@ class MemoryPlan:
 def construction_terms(c: NetCounts, text_params: int, inp: PlanInput, trained_static: dict[str, float],
                        zero_init: bool) -> dict[str, float]:
     """Bytes per GPU at the construction peak: while the fake net is built (module docstring)."""
-    tb = DTYPES[inp.teacher_dtype or inp.precision].itemsize
-    b = DTYPES[inp.precision].itemsize
+    tb = DTYPES[inp.teacher_dtype or inp.work_dtype].itemsize
+    b = DTYPES[inp.work_dtype].itemsize
     # teacher.text_encoders = cpu (plan: off) loads them straight to the host
     text = 0.0 if inp.text_encoders == "off" else float(tb * text_params)
     out = {"teacher_whole": float(tb * (c.params + c.buffers)), "text_encoders": text,
@@ -244,8 +266,10 @@ def construction_terms(c: NetCounts, text_params: int, inp: PlanInput, trained_s
         # the peak: inside the fake engine's initialize_optimizer_states (module docstring)
         sub_group = int(ds_zero_settings(3).get("sub_group_size", 1_000_000_000))
         out["fake_params"] = float(b * partition_elements(c.params, inp.gpus) + 4 * c.buffers)
-        out["fake_fp32_master"] = float(4 * partition_elements(c.params, inp.gpus))
-        out["fake_fp32_grad_buffer_at_init"] = float(4 * min(partition_elements(c.params, inp.gpus), sub_group))
+        mb = inp.master_bytes
+        out["fake_fp32_master" if mb == 4 else "fake_bf16_master"] = float(mb * partition_elements(c.params, inp.gpus))
+        out["fake_fp32_grad_buffer_at_init" if mb == 4 else "fake_bf16_grad_buffer_at_init"] = float(
+            mb * min(partition_elements(c.params, inp.gpus), sub_group))
     else:
         out["fake_fp32_copy"] = float(4 * (c.params + c.buffers))
     return out
@@ -255,10 +279,10 @@ def _preview_phase(inp: PlanInput, micro_batch: int, p: int, buffers: int,
                    one_block: dict[str, float]) -> dict[str, float]:
     """The ``preview`` phase's terms (module docstring). ``one_block``: per-sample peak bytes of a no-grad
     forward (``nograd_bytes_per_sample``), by dtype name."""
-    teacher_dtype = inp.teacher_dtype or inp.precision
+    teacher_dtype = inp.teacher_dtype or inp.work_dtype
     if inp.zero == 3:  # the EMA swapped into the partitioned generator (sharded_ema.ema_swapped_into)
-        out = {"saved_working_partition": DTYPES[inp.precision].itemsize * p / inp.gpus}
-        gen_dtype = inp.precision
+        out = {"saved_working_partition": DTYPES[inp.work_dtype].itemsize * p / inp.gpus}
+        gen_dtype = inp.work_dtype
     else:  # rank 0's copy of the EMA generator in the teacher's dtype
         out = {"preview_net": DTYPES[teacher_dtype].itemsize * (p + buffers),
                "ema_gather_buffers": 4.0 * min(p, GATHER_CHUNK_ELEMENTS)}
@@ -277,7 +301,8 @@ def _preview_phase(inp: PlanInput, micro_batch: int, p: int, buffers: int,
 def _phases(inp: PlanInput, micro_batch: int, grads: float, buckets: float, p: int,
             buffers: int) -> dict[str, dict[str, float]]:
     """The transient bytes of each phase of one iteration (module docstring), term by term."""
-    teacher_dtype = inp.teacher_dtype or inp.precision
+    teacher_dtype = inp.teacher_dtype or inp.work_dtype
+    w = inp.work_dtype
     k1, k2, k4 = inp.cfg_scales
     ck = inp.grad_checkpointing
 
@@ -292,29 +317,39 @@ def _phases(inp: PlanInput, micro_batch: int, grads: float, buckets: float, p: i
     def cfg_batch(k: float) -> int:
         return 2 * micro_batch if k != 1.0 else micro_batch
 
-    gen_acts = micro_batch * (saved(inp.precision, True) + recompute(inp.precision, True))
+    gen_acts = micro_batch * (saved(w, True) + recompute(w, True))
     fp32_grads = inp.accumulation_dtype() == "fp32"
     if inp.bf16_optimizer():  # fp32 gradients already; the boundary all-reduce flattens them into one copy
         step = {"grads": grads, "allreduce_flat_copy": 4.0 * min(p, 500_000_000)}
     else:
         step = {"grads": grads, "fp32_grad_copy": 0.0 if fp32_grads and inp.precision != "fp32" else 4 * p / inp.gpus}
+    if inp.precision == "pure_bf16":  # step() flattens the bf16 gradient partition; no fp32 copy of it
+        step = {"grads": grads, "bf16_grad_copy": 2 * p / inp.gpus}
     # The generator step's three networks: their saved activations are alive together; with checkpointing
     # only ONE block of one network is recomputed at a time (the backward leaves the teacher and the fake
     # net first, then G), so the recomputation term is the largest of the three, not their sum.
-    gen_saved = (micro_batch * saved(inp.precision, True) + cfg_batch(k2) * saved(inp.precision, False)
+    gen_saved = (micro_batch * saved(w, True) + cfg_batch(k2) * saved(w, False)
                  + cfg_batch(k4) * saved(teacher_dtype, False))
-    gen_recompute = max(micro_batch * recompute(inp.precision, True), cfg_batch(k2) * recompute(inp.precision, False),
+    gen_recompute = max(micro_batch * recompute(w, True), cfg_batch(k2) * recompute(w, False),
                         cfg_batch(k4) * recompute(teacher_dtype, False))
+    fake = {"activations": cfg_batch(k1) * (saved(w, True) + recompute(w, True)), "grads": grads,
+            "grad_buckets": buckets}
+    if inp.adversarial:
+        # SiDA: the fake net's conditional call on the real samples (trainable, no CFG batch) keeps its
+        # activations alive beside the DSM call's until the one backward of their summed loss; one block is
+        # recomputed at a time, the DSM call's (the larger batch), already counted. Plus the real captions'
+        # encoded conditioning, in the text encoders' dtype (the teacher's).
+        fake["real_call_activations"] = micro_batch * saved(w, True)
+        fake["real_text_condition"] = micro_batch * text_condition_bytes_per_sample(inp.preset, teacher_dtype)
     return {
-        "fake_backward": {"activations": cfg_batch(k1) * (saved(inp.precision, True) + recompute(inp.precision, True)),
-                          "grads": grads, "grad_buckets": buckets},
+        "fake_backward": fake,
         "gen_forward": {"activations": gen_saved + gen_recompute,
                         # from the second micro-batch on, G's accumulated gradient partition is alive
                         "grads": grads if inp.accumulation > 1 else 0.0},
         "gen_backward": {"activations": gen_acts, "grads": grads, "grad_buckets": buckets},
         "optimizer_step": step,
         "preview": _preview_phase(inp, micro_batch, p, buffers,
-                                  {d: nograd_bytes_per_sample(inp.preset, d) for d in {inp.precision, teacher_dtype}}),
+                                  {d: nograd_bytes_per_sample(inp.preset, d) for d in {w, teacher_dtype}}),
     }
 
 
@@ -324,13 +359,14 @@ def static_terms(inp: PlanInput, net_p: int, text_p: int, buf: int, largest_net:
     ``net_p`` parameters under the ZeRO block ``zs`` (module docstring): the one formula of ``plan``
     (preset counts) and of ``sidscale.perf.placement`` (the run's own networks)."""
     n, z = inp.gpus, inp.zero
-    b = DTYPES[inp.precision].itemsize
-    tb = DTYPES[inp.teacher_dtype or inp.precision].itemsize
+    b = DTYPES[inp.work_dtype].itemsize
+    tb = DTYPES[inp.teacher_dtype or inp.work_dtype].itemsize
+    mb = inp.master_bytes
     terms: dict[str, float] = {}
     for name in ("generator", "fake"):
         terms[f"{name}_params"] = b * net_p / (n if z == 3 else 1)
-        terms[f"{name}_fp32_master"] = 4 * net_p / n
-        terms[f"{name}_adam_states"] = 8 * net_p / n
+        terms[f"{name}_fp32_master" if mb == 4 else f"{name}_bf16_master"] = mb * net_p / n
+        terms[f"{name}_adam_states"] = 2 * mb * net_p / n
     terms["ema_fp32"] = 4 * net_p / n
     terms["teacher_net"] = tb * (partition_elements(net_p, n) if inp.teacher_partitioned else net_p)
     if buf:  # whole on every rank, fp32 in the two engines (module docstring)
@@ -389,9 +425,23 @@ def plan(inp: PlanInput, micro_batch: int | None = None) -> MemoryPlan:
         del phases["preview"]
     peak = max(phases, key=lambda k: sum(phases[k].values()))
     terms.update({f"{k} ({peak})": v for k, v in phases[peak].items() if v})
-    out = MemoryPlan(inp, terms, peak_phase=peak, phases=phases, construction=construction)
+    out = MemoryPlan(inp, terms, peak_phase=peak, phases=phases, construction=construction,
+                     host=host_terms(inp, mb))
     out.max_micro_batch = max_micro_batch(inp) if micro_batch is None else 0
     return out
+
+
+REAL_LATENT_BYTES = 4  # a real latent as the loader hands it over (fp32; the shards may store fp16)
+
+
+def host_terms(inp: PlanInput, micro_batch: int) -> dict[str, float]:
+    """Host memory per rank that the plan knows of: SiDA's real-latent prefetch (one latent per sample of a
+    micro-batch, ``real_prefetch`` micro-batches ready in each of ``real_workers`` data workers)."""
+    if not inp.adversarial:
+        return {}
+    c, h, w = latent_shape(inp.preset)
+    return {"real_latent_prefetch": float(REAL_LATENT_BYTES * c * h * w * micro_batch * inp.real_prefetch
+                                          * max(1, inp.real_workers))}
 
 
 def max_micro_batch(inp: PlanInput, limit: int = 1024) -> int:

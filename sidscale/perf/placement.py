@@ -89,8 +89,9 @@ def generator_step_activation_bytes(teacher: Any, cfg: Any) -> float:
     def cfg_batch(k: float) -> int:
         return 2 * mb if k != 1.0 else mb
 
-    return float(one(cfg.train.precision, True, mb, cfg.generator.grad_checkpointing)
-                 + one(cfg.train.precision, False, cfg_batch(settings.cfg_eval_fake), cfg.fake.grad_checkpointing)
+    work = "bf16" if cfg.train.precision == "pure_bf16" else cfg.train.precision  # the engines' working dtype
+    return float(one(work, True, mb, cfg.generator.grad_checkpointing)
+                 + one(work, False, cfg_batch(settings.cfg_eval_fake), cfg.fake.grad_checkpointing)
                  + one(cfg.teacher.dtype, False, cfg_batch(settings.cfg_eval_real), cfg.teacher.grad_checkpointing))
 
 
@@ -106,6 +107,7 @@ def plan_input_for_run(cfg: Any, ds_config: dict, world: int, partitioned: bool)
                      reduce_bucket_size=zs.get("reduce_bucket_size"), accumulation=accumulation_steps(cfg, world),
                      grad_accum_dtype=(ds_config.get("data_types") or {}).get("grad_accum_dtype"),
                      teacher_partitioned=partitioned,
+                     adversarial=bool(m.adversarial.enabled), real_workers=int(cfg.data.num_workers),
                      budget_fraction=float(getattr(cfg.train, "memory_fraction", 0.9)),
                      # teacher.text_encoders = cpu keeps them in host memory: nothing on the device
                      text_encoders="off" if getattr(cfg.teacher, "text_encoders", "gpu") == "cpu" else "replicated",

@@ -15,6 +15,7 @@ from sidscale.families.presets import (
     build_preset_text_encoders,
     checkpoint_block_types,
     latent_shape,
+    preset_net_inputs,
     preset_vae_config,
 )
 from sidscale.families.shared.diffusers_dir import DTYPES
@@ -58,6 +59,18 @@ def activation_bytes_per_sample(preset: str, dtype_name: str, trainable: bool, g
     net = build_preset_net(preset, "meta").to(dtype).requires_grad_(trainable)
     return (net_saved_bytes(preset, net, 4, dtype, grad_checkpointing)
             - net_saved_bytes(preset, net, 2, dtype, grad_checkpointing)) / 2
+
+
+@lru_cache(maxsize=16)
+def text_condition_bytes_per_sample(preset: str, dtype_name: str) -> float:
+    """Bytes of one sample's text conditioning as the denoiser takes it (every input tensor of one
+    training forward but x_t (ids included): prompt embeddings, pooled embeddings, the timestep), at batch 1 on meta."""
+    dtype = DTYPES[dtype_name]
+    net = build_preset_net(preset, "meta").to(dtype)
+    args, kw = preset_net_inputs(preset, net, 1, "meta", dtype)
+    # x_t is the one input that requires grad (preset_net_inputs)
+    tensors = [t for t in (*args, *kw.values()) if isinstance(t, torch.Tensor) and not t.requires_grad]
+    return float(sum(t.numel() * t.element_size() for t in tensors))
 
 
 @lru_cache(maxsize=16)  # NOTE: the largest-micro-batch search asks for it once per phase and candidate

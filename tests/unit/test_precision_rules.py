@@ -250,3 +250,78 @@ def test_fp16_clips_unscaled_accumulated_gradient_before_adam(one_rank, tmp_path
 def test_fp16_engine_uses_recipe_eps_by_default(one_rank, tmp_path, monkeypatch):
     engine, _ = _fp16_engine(tmp_path, 2, monkeypatch)
     assert engine.optimizer.optimizer.param_groups[0]["eps"] == 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# pure_bf16 (the authors' --bf16 1): rules, the ds_config it writes, what it refuses
+# --------------------------------------------------------------------------------------------
+
+
+def test_trainer_pure_bf16_turns_tf32_off(restore_math_flags, tmp_path):
+    """pure_bf16 runs with TF32 off like the authors' loop (the fp32 losses and reductions stay exact)."""
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    _trainer_start("pure_bf16", tmp_path)
+    assert torch.backends.cuda.matmul.allow_tf32 is False
+    assert torch.backends.cudnn.allow_tf32 is False
+    assert torch.get_float32_matmul_precision() == "highest"
+
+
+def test_pure_bf16_defaults_and_overrides():
+    from sidscale.config import NetConfig
+    from sidscale.core.precision import adam_eps, grad_clip_value
+
+    assert (adam_eps(NetConfig(), "pure_bf16"), grad_clip_value(NetConfig(), "pure_bf16")) == (1e-4, 1.0)
+    assert adam_eps(NetConfig(eps=1e-8), "pure_bf16") == 1e-8  # an explicit value wins
+    assert grad_clip_value(NetConfig(grad_clip_value=0.0), "pure_bf16") is None  # 0 = off
+    assert grad_clip_value(NetConfig(grad_clip_value=0.25), "pure_bf16") == 0.25
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_pure_bf16_ds_config(stage):
+    """The effective ds_config: DeepSpeed's bf16 block with bf16 master weights, gradients and optimizer
+    states, bf16 gradient accumulation (no fp32 communication override), and the engines read it back as
+    pure_bf16 (so they get its eps and clip); bf16 keeps its fp32 masters and fp32 accumulation."""
+    from sidscale.config import load_config
+    from sidscale.distributed.ds_config import build_ds_config
+    from sidscale.distributed.engines import ds_precision
+
+    cfg = load_config("toy", ["train.precision=pure_bf16", f"deepspeed.config=ds_configs/zero{stage}.json"])
+    ds = build_ds_config(cfg, 1)
+    assert ds["bf16"] == {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
+    assert ds["fp16"] == {"enabled": False}
+    assert ds["data_types"]["grad_accum_dtype"] == "bf16" and "communication_data_type" not in ds
+    assert ds_precision(ds) == "pure_bf16"
+    bf = build_ds_config(load_config("toy", ["train.precision=bf16", f"deepspeed.config=ds_configs/zero{stage}.json"]),
+                         1)
+    assert bf["bf16"] == {"enabled": True} and bf["data_types"]["grad_accum_dtype"] == "fp32"
+    assert ds_precision(bf) == "bf16"
+
+
+@pytest.mark.parametrize("setup, message", [
+    ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}, "offload_optimizer"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, "offload_param"),
+    ({"zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"}}, "grad_accum_dtype"),
+])
+def test_pure_bf16_refuses_what_deepspeed_cannot_run(tmp_path, setup, message):
+    """Offload (DeepSpeed 0.19.8 asserts on a torch Adam with bf16 masters) and fp32 accumulation (ZeRO-1
+    would silently become BF16_Optimizer with fp32 masters) are refused, naming train.precision; the same
+    ds_configs under bf16 are accepted."""
+    import json
+
+    from sidscale.config import ConfigError, load_config
+    from sidscale.distributed.ds_config import build_ds_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(setup))
+    with pytest.raises(ConfigError, match=rf"{message}.*train.precision = 'pure_bf16'"):
+        build_ds_config(load_config("toy", ["train.precision=pure_bf16", f"deepspeed.config={path}"]), 1)
+    build_ds_config(load_config("toy", ["train.precision=bf16", f"deepspeed.config={path}"]), 1)
+
+
+def test_pure_bf16_is_a_train_precision_only():
+    from sidscale.config import ConfigError, load_config, validate
+
+    validate(load_config("toy", ["train.precision=pure_bf16"]))
+    with pytest.raises(ConfigError, match="teacher.dtype"):
+        validate(load_config("toy", ["teacher.dtype=pure_bf16"]))

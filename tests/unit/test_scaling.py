@@ -278,3 +278,63 @@ def test_memory_table_recommends_the_cheapest_setting_that_fits():
     assert len(rec) == 1 and rec[0] > 0, [(r["max_mb_8"]) for r in small]
     assert all(r["max_mb_8"] == 0 for r in small[:rec[0]]) and small[rec[0]]["max_mb_8"] >= 1
     assert sum(bool(r.get("recommended_64")) for r in small) <= 1
+
+
+def test_pure_bf16_and_sida_in_the_memory_plan():
+    """pure_bf16: per parameter 2 B weights + a 2 B master and 2 x 2 B Adam moments per 1/N partition, bf16
+    gradients, no fp32 gradient copy, the EMA still fp32 (closed forms on the preset's count). SiDA: the fake
+    phase adds one trainable conditional forward on the micro-batch of real samples (the measured per-sample
+    bytes of a trainable forward, the same number the DSM call's term uses) and the real captions' encoded
+    conditioning (counted from the tensor shapes: SD1.5's 77 x 768 CLIP states + its int64 timestep); the real
+    latents' prefetch is host memory: latent elements x 4 B x micro-batch x prefetch x workers."""
+    from sidscale.perf.memory_plan import PlanInput, plan
+    from sidscale.perf.preset_costs import activation_bytes_per_sample, param_counts
+
+    p, _ = param_counts("sd15")
+    n, mb = 8, 2
+    bf = plan(PlanInput("sd15", gpus=n, zero=2, micro_batch=mb), micro_batch=mb)
+    pure = plan(PlanInput("sd15", gpus=n, zero=2, micro_batch=mb, precision="pure_bf16"), micro_batch=mb)
+    assert pure.terms["generator_params"] == bf.terms["generator_params"] == 2 * p
+    assert pure.terms["generator_bf16_master"] == 2 * p / n and "generator_fp32_master" not in pure.terms
+    assert pure.terms["fake_adam_states"] == 4 * p / n and bf.terms["fake_adam_states"] == 8 * p / n
+    assert pure.terms["ema_fp32"] == bf.terms["ema_fp32"] == 4 * p / n
+    assert pure.phases["optimizer_step"] == {"grads": 2 * p / n, "bf16_grad_copy": 2 * p / n}
+    assert bf.phases["optimizer_step"]["grads"] == 4 * p / n  # fp32 accumulation in bf16 mode
+    static = {k: v for k, v in bf.terms.items() if "(" not in k}
+    pure_static = {k: v for k, v in pure.terms.items() if "(" not in k}
+    assert sum(static.values()) - sum(pure_static.values()) == pytest.approx(2 * (2 + 4) * p / n)
+    assert pure.host == {} and bf.phases["fake_backward"].keys() == {"activations", "grads", "grad_buckets"}
+
+    sida = plan(PlanInput("sd15", gpus=n, zero=2, micro_batch=mb, adversarial=True, real_workers=3),
+                micro_batch=mb)
+    fb = sida.phases["fake_backward"]
+    assert fb["real_call_activations"] == mb * activation_bytes_per_sample("sd15", "bf16", True, False)
+    assert fb["real_call_activations"] == pytest.approx(bf.phases["fake_backward"]["activations"] / 2)  # CFG: 2 mb
+    assert fb["real_text_condition"] == mb * (2 * 77 * 768 + 8)  # bf16 CLIP states + the int64 timestep
+    assert sida.host == {"real_latent_prefetch": 4 * 4 * 64 * 64 * mb * 2 * 3}
+    others = {k: v for k, v in sida.phases.items() if k != "fake_backward"}
+    assert others == {k: v for k, v in bf.phases.items() if k != "fake_backward"}  # the G phase: no new call
+    assert sida.max_micro_batch <= bf.max_micro_batch
+
+
+def test_sida_and_pure_bf16_in_the_scaling_model():
+    """SiDA adds one forward and one trainable backward of the fake net per micro-batch (FLOPs: 3 forwards'
+    worth, 4 with checkpointing; ZeRO-3: one more gather of F's modules in each); pure_bf16 halves the
+    optimizer partitions a checkpoint writes (2 B master + 4 B Adam instead of 4 + 8)."""
+    from sidscale.bench.scaling import checkpoint_bytes_per_rank, net_calls_per_micro_batch
+
+    for ck in (False, True):
+        base = Setup(gpus=8, zero=3, grad_checkpointing=ck)
+        sida = dataclasses.replace(base, adversarial=True)
+        assert forward_equivalents_per_sample(sida) - forward_equivalents_per_sample(base) == 3 + ck
+        plain, adv = net_calls_per_micro_batch(base), net_calls_per_micro_batch(sida)
+        assert adv["fake"] == {"fwd": plain["fake"]["fwd"] + 1, "bwd_trainable": plain["fake"]["bwd_trainable"] + 1,
+                               "bwd_frozen": plain["fake"]["bwd_frozen"]}
+        assert adv["generator"] == plain["generator"] and adv["teacher"] == plain["teacher"]
+    p, n = 10**9, 8
+    for zero in (2, 3):
+        s = Setup(gpus=n, zero=zero)
+        working = 2 * p / n if zero == 3 else 2 * p
+        assert checkpoint_bytes_per_rank(p, s) == 2 * (12 * p / n + working) + 4 * p / n
+        assert checkpoint_bytes_per_rank(p, dataclasses.replace(s, precision="pure_bf16")) == (
+            2 * (6 * p / n + working) + 4 * p / n)
