@@ -58,7 +58,7 @@ class Trainer:
         ``sidscale.families.presets``); by default it is loaded from ``cfg.teacher``.
         ``load_universal``: the engines will load a universal checkpoint (elastic resume)."""
         self.cfg, self.run_dir, self.dist = cfg, Path(run_dir), dist_info
-        # TF32 off for fp32 (the reference recipe), allowed for bf16/fp16: sidscale/core/precision.py says why.
+        # TF32 off for fp32 and pure_bf16 (the reference recipes), allowed for bf16/fp16: core/precision.py says why.
         apply_precision(cfg.train.precision)
         self.world, self.rank, self.device = dist_info.world_size, dist_info.rank, dist_info.device
         self.micro = cfg.train.micro_batch
@@ -136,7 +136,7 @@ class Trainer:
             self.teacher_engine = partition_teacher(self.teacher.net, self.ds_config, cfg.teacher.dtype)
         if cfg.train.precision != "fp16":
             # NOTE: with fp16 the loss scaler must see inf gradients to skip the step, so the
-            # method's NaN->0 / inf->1e5 mapping applies to fp32 and bf16 only.
+            # method's NaN->0 / inf->1e5 mapping applies to fp32, bf16 and pure_bf16 only.
             register_grad_sanitizers(self.gen_engine.module)
             register_grad_sanitizers(self.fake_engine.module)
         if cfg.train.compile:

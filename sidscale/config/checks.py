@@ -52,9 +52,10 @@ def _validate_net(net: NetConfig, prefix: str) -> None:
     # below keep their wording (tests/unit/test_config.py asserts it)
     _check_non_negative(net, prefix, ["lr", "weight_decay"])
     _check(net.eps is None or net.eps > 0, f"{prefix}.eps", net.eps,
-           "a positive value, or null (1e-8; 1e-6 when train.precision = fp16)")
+           "a positive value, or null (1e-8; 1e-6 when train.precision = fp16, 1e-4 when pure_bf16)")
     _check(net.grad_clip_value is None or net.grad_clip_value >= 0, f"{prefix}.grad_clip_value",
-           net.grad_clip_value, "a value >= 0 (0 = off), or null (1.0 when train.precision = fp16, else off)")
+           net.grad_clip_value,
+           "a value >= 0 (0 = off), or null (1.0 when train.precision = fp16 or pure_bf16, else off)")
     for i, beta in enumerate(net.betas):
         _check(0.0 <= beta < 1.0, f"{prefix}.betas[{i}]", beta, "a value in [0, 1)")
 

@@ -127,11 +127,12 @@ class NetConfig:
 
     lr: float = 1e-6
     betas: tuple[float, float] = (0.0, 0.999)
-    # Adam eps; null = the method's default: 1e-8, or 1e-6 when train.precision = fp16 (docs/method.md 6).
+    # Adam eps; null = the method's default: 1e-8, or 1e-6 when train.precision = fp16, 1e-4 when pure_bf16
+    # (docs/method.md 6, docs/precision.md).
     eps: float | None = None
     weight_decay: float = 0.0
     # Clip every gradient entry to [-v, v] right before Adam (after loss-scale unscaling, accumulation
-    # and the data-parallel reduction); null = 1.0 when train.precision = fp16 (docs/precision.md), off
+    # and the data-parallel reduction); null = 1.0 when train.precision = fp16 or pure_bf16 (docs/precision.md), off
     # otherwise; 0 = off.
     grad_clip_value: float | None = None
     grad_checkpointing: bool = False

@@ -224,9 +224,9 @@ def test_wrong_types(override: str, expected: str) -> None:
         ("fake.betas=[0.9, 1.0]", "fake.betas[1] = 1.0: expected a value in [0, 1)"),
         ("generator.betas=[-0.1, 0.9]", "generator.betas[0] = -0.1: expected a value in [0, 1)"),
         ("generator.eps=0", "generator.eps = 0.0: expected a positive value, or null (1e-8; 1e-6 when "
-                            "train.precision = fp16)"),
+                            "train.precision = fp16, 1e-4 when pure_bf16)"),
         ("fake.grad_clip_value=-1", "fake.grad_clip_value = -1.0: expected a value >= 0 (0 = off), or null "
-                                    "(1.0 when train.precision = fp16, else off)"),
+                                    "(1.0 when train.precision = fp16 or pure_bf16, else off)"),
         ("teacher.kind=sana", "teacher.kind = 'sana': expected one of toy, sd, sdxl, sd3, toy_flow, flux"),
         ("teacher.dtype=fp8", "teacher.dtype = 'fp8': expected one of fp32, bf16, fp16"),
         ("teacher.prediction_type=x0",
@@ -235,7 +235,7 @@ def test_wrong_types(override: str, expected: str) -> None:
          "schedule.beta_schedule = 'cosine': expected one of scaled_linear, linear"),
         ("schedule.beta_end=0.0001",
          "schedule.beta_end = 0.0001: expected a value in (beta_start=0.00085, 1)"),
-        ("train.precision=fp64", "train.precision = 'fp64': expected one of fp32, bf16, fp16"),
+        ("train.precision=fp64", "train.precision = 'fp64': expected one of fp32, bf16, fp16, pure_bf16"),
         ("train.global_batch=36", "train.global_batch = 36: expected a multiple of train.micro_batch=8"),
         ("train.global_batch=0", "train.global_batch = 0: expected a positive value"),
         ("train.micro_batch=0", "train.micro_batch = 0: expected a positive value"),
