@@ -133,6 +133,69 @@ def run_trainer(run_dir: Path, overrides: list[str], nproc: int = 2, config: str
     return proc
 
 
+def _script_rank_main(script: str, args: list[str], env: dict[str, str], out_path: str, err_path: str) -> None:
+    """One rank running ``script`` as ``__main__`` with ``args``, in a process forked from the fork server."""
+    import runpy
+
+    out = open(out_path, "w", buffering=1)
+    err = open(err_path, "w", buffering=1)
+    os.dup2(out.fileno(), 1)
+    os.dup2(err.fileno(), 2)
+    sys.stdout, sys.stderr = out, err
+    for k in RENDEZVOUS_KEYS:
+        os.environ.pop(k, None)
+    os.environ.update(env)
+    multiprocessing.set_start_method("fork", force=True)  # as in _rank_main
+    import torch
+
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
+    sys.argv = [script, *args]
+    code = 1
+    try:
+        runpy.run_path(script, run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        out.flush()
+        err.flush()
+        os._exit(code)
+
+
+def run_script_ranks(script: Path, args: list[str], nproc: int = 2,
+                     timeout: float = 600) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node=nproc script args`` for a test worker script whose subject is not the
+    launch (what the ranks compute, not how they were started): the same rendezvous variables as
+    torchrun sets, but each rank forked from the fork server (no interpreter start-up and imports).
+    stdout / stderr: every rank's, rank 0's first; returncode: the first non-zero exit code (-9: killed
+    at ``timeout``)."""
+    port = str(free_port())
+    base = dict(ENV, WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port, GROUP_RANK="0")
+    ctx = _fork_context()
+    with tempfile.TemporaryDirectory(prefix="sidscale-launch-") as logs:
+        paths = [(str(Path(logs) / f"{r}.out"), str(Path(logs) / f"{r}.err")) for r in range(nproc)]
+        procs = [ctx.Process(target=_script_rank_main,
+                             args=(str(script), args, dict(base, RANK=str(r), LOCAL_RANK=str(r)), o, e))
+                 for r, (o, e) in enumerate(paths)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        timed_out = [p for p in procs if p.exitcode is None]
+        for p in timed_out:
+            p.kill()
+            p.join()
+        codes = [p.exitcode if p not in timed_out else -9 for p in procs]
+        stdout = "".join(Path(o).read_text(errors="replace") for o, _ in paths if Path(o).is_file())
+        stderr = "".join(Path(e).read_text(errors="replace") for _, e in paths if Path(e).is_file())
+    code = next((c for c in codes if c != 0), 0)
+    return subprocess.CompletedProcess([str(script), *args], code, stdout, stderr)
+
+
 class Launch:
     """A trainer started in the background, in a session of its own (apart from pytest's, so a kill
     never reaches the test runner); output goes to files, not pipes, which a chatty run could fill."""
