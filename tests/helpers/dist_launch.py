@@ -6,8 +6,10 @@ sidscale/train.py`` does. The processes come from a fork server that imported to
 diffusers and transformers once per test session: a fresh interpreter spends ~7 s of CPU on those
 imports, which was most of the cost of each of the suite's ~20 launches. The fork server is a
 single-threaded process that has run no torch op, so the forked ranks start as clean as a new
-interpreter, minus the imports. Tests that need a launcher or a signal-able process tree
-(torchrun, SIGKILL, SIGUSR1, SLURM) start real interpreters instead.
+interpreter, minus the imports. ``run_script_ranks`` does the same for a worker script that would
+otherwise run under torchrun (with torchrun's rendezvous variables). Tests that need a launcher or a
+signal-able process tree (torchrun, SIGKILL, SIGUSR1, SLURM), or whose numbers depend on the process
+(the memory plan's measured peak), start real interpreters instead.
 """
 
 from __future__ import annotations
@@ -58,8 +60,10 @@ def _fork_context():
     return _context
 
 
-def _rank_main(argv: list[str], env: dict[str, str], out_path: str, err_path: str) -> None:
-    """One rank, in a process forked from the fork server: output to files, then main()."""
+def _start_forked_rank(env: dict[str, str], out_path: str, err_path: str):
+    """What a process forked from the fork server does first to look like a launched rank: output to
+    files, the rank's environment, default signal handlers, no inherited log handlers, fork as the start
+    method and the rank's thread count. Returns the output files (flushed at exit by the caller)."""
     out = open(out_path, "w", buffering=1)
     err = open(err_path, "w", buffering=1)
     os.dup2(out.fileno(), 1)
@@ -79,6 +83,12 @@ def _rank_main(argv: list[str], env: dict[str, str], out_path: str, err_path: st
     import torch
 
     torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
+    return out, err
+
+
+def _rank_main(argv: list[str], env: dict[str, str], out_path: str, err_path: str) -> None:
+    """One rank, in a process forked from the fork server: output to files, then main()."""
+    out, err = _start_forked_rank(env, out_path, err_path)
     code = 1
     try:
         from sidscale.train import main
@@ -94,23 +104,15 @@ def _rank_main(argv: list[str], env: dict[str, str], out_path: str, err_path: st
         os._exit(code)
 
 
-def run_trainer(run_dir: Path, overrides: list[str], nproc: int = 2, config: str = "toy",
-                timeout: float = 600, check: bool = True, env: dict[str, str] | None = None,
-                codes_out: list[int] | None = None) -> subprocess.CompletedProcess:
-    """``sidscale/train.py`` on ``nproc`` ranks. stdout / stderr: every rank's, rank 0's first;
-    returncode: the first non-zero exit code of a rank, else 0. ``env``: added to each rank's
-    environment (e.g. ``SIDSCALE_FAULT``); ``codes_out``: receives every rank's exit code (-9: killed
-    at ``timeout``)."""
-    argv = ["--config", config, "--run-dir", str(run_dir)]
-    for o in overrides:
-        argv += ["--set", o]
-    port = str(free_port())
-    base = dict(HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-                WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **(env or {}))
+def _run_forked(target, args: tuple, base_env: dict[str, str], nproc: int,
+                timeout: float) -> tuple[list[int], str, str]:
+    """``target(*args, env, out_path, err_path)`` on ``nproc`` ranks forked from the fork server (env:
+    ``base_env`` plus RANK / LOCAL_RANK); every rank's exit code (-9: killed at ``timeout``), then all
+    ranks' stdout and stderr, rank 0's first."""
     ctx = _fork_context()
     with tempfile.TemporaryDirectory(prefix="sidscale-launch-") as logs:
         paths = [(str(Path(logs) / f"{r}.out"), str(Path(logs) / f"{r}.err")) for r in range(nproc)]
-        procs = [ctx.Process(target=_rank_main, args=(argv, dict(base, RANK=str(r), LOCAL_RANK=str(r)), o, e))
+        procs = [ctx.Process(target=target, args=(*args, dict(base_env, RANK=str(r), LOCAL_RANK=str(r)), o, e))
                  for r, (o, e) in enumerate(paths)]
         for p in procs:
             p.start()
@@ -124,6 +126,23 @@ def run_trainer(run_dir: Path, overrides: list[str], nproc: int = 2, config: str
         codes = [p.exitcode if p not in timed_out else -9 for p in procs]
         stdout = "".join(Path(o).read_text(errors="replace") for o, _ in paths if Path(o).is_file())
         stderr = "".join(Path(e).read_text(errors="replace") for _, e in paths if Path(e).is_file())
+    return codes, stdout, stderr
+
+
+def run_trainer(run_dir: Path, overrides: list[str], nproc: int = 2, config: str = "toy",
+                timeout: float = 600, check: bool = True, env: dict[str, str] | None = None,
+                codes_out: list[int] | None = None) -> subprocess.CompletedProcess:
+    """``sidscale/train.py`` on ``nproc`` ranks. stdout / stderr: every rank's, rank 0's first;
+    returncode: the first non-zero exit code of a rank, else 0. ``env``: added to each rank's
+    environment (e.g. ``SIDSCALE_FAULT``); ``codes_out``: receives every rank's exit code (-9: killed
+    at ``timeout``)."""
+    argv = ["--config", config, "--run-dir", str(run_dir)]
+    for o in overrides:
+        argv += ["--set", o]
+    port = str(free_port())
+    base = dict(HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+                WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **(env or {}))
+    codes, stdout, stderr = _run_forked(_rank_main, (argv,), base, nproc, timeout)
     if codes_out is not None:
         codes_out.extend(codes)
     code = next((c for c in codes if c != 0), 0)
@@ -131,6 +150,41 @@ def run_trainer(run_dir: Path, overrides: list[str], nproc: int = 2, config: str
     if check and code != 0:
         raise AssertionError(f"trainer failed (exit codes {codes}):\n{stdout[-3000:]}\n{stderr[-6000:]}")
     return proc
+
+
+def _script_rank_main(script: str, args: list[str], env: dict[str, str], out_path: str, err_path: str) -> None:
+    """One rank running ``script`` as ``__main__`` with ``args``, in a process forked from the fork server."""
+    import runpy
+
+    out, err = _start_forked_rank(env, out_path, err_path)
+    sys.argv = [script, *args]
+    code = 1
+    try:
+        runpy.run_path(script, run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        out.flush()
+        err.flush()
+        os._exit(code)
+
+
+def run_script_ranks(script: Path, args: list[str], nproc: int = 2,
+                     timeout: float = 600) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node=nproc script args`` for a test worker script whose subject is not the
+    launch (what the ranks compute, not how they were started): the same rendezvous variables as
+    torchrun sets, but each rank forked from the fork server (no interpreter start-up and imports).
+    stdout / stderr: every rank's, rank 0's first; returncode: the first non-zero exit code (-9: killed
+    at ``timeout``)."""
+    port = str(free_port())
+    base = dict(ENV, WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port, GROUP_RANK="0")
+    codes, stdout, stderr = _run_forked(_script_rank_main, (str(script), args), base, nproc, timeout)
+    code = next((c for c in codes if c != 0), 0)
+    return subprocess.CompletedProcess([str(script), *args], code, stdout, stderr)
 
 
 class Launch:

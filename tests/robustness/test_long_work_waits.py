@@ -14,12 +14,13 @@ rank, with its rank, and the job ends (finding 5).
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
 
 from sidscale.testing import fault_injection
-from tests.helpers.dist_launch import run_trainer
+from tests.helpers.dist_launch import _fork_context, run_trainer
 
 TIMEOUT_S = 10  # dist.timeout_s, the smallest the config accepts
 SLOW_S = TIMEOUT_S + 5
@@ -32,25 +33,42 @@ OVERRIDES = [
 ]
 
 
-@pytest.mark.slow
-def test_rank0_slower_than_the_timeout_in_its_one_off_work_is_waited_for(tmp_path: Path,
-                                                                        tiny_toy_teacher: Path) -> None:
-    faults = [fault_injection.Fault(point=p, step=s, rank=0, action="slow", seconds=SLOW_S)
-              for p, s in (("teacher_fit", 0), ("prune", STEPS), ("export", STEPS), ("toy_eval", STEPS))]
-    run = tmp_path / "run"
-    codes: list[int] = []
-    proc = run_trainer(run, [*OVERRIDES, f"teacher.path={tiny_toy_teacher}", f"teacher.cache_dir={tmp_path / 'c'}"],
-                       env={fault_injection.ENV: ";".join(f.spec() for f in faults)}, check=False, codes_out=codes)
-    assert codes == [0, 0], f"exit codes {codes}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    # every slowed piece of work was done, and its result reached every rank's path
-    assert (run / "export" / "sidscale.json").is_file()
-    assert json.loads((run / "toy_eval.json").read_text())["step"] == STEPS
-    assert (run / "checkpoints" / f"step_{STEPS:08d}" / "meta.json").is_file()
+class SlowedRun(threading.Thread):
+    """The run whose rank 0 is slowed at each one-off point (4 x SLOW_S of sleeping), started in the
+    background when the module's first test asks for it: the other tests of the module run meanwhile
+    instead of leaving a core idle for a minute. The last test of the module checks its result."""
+
+    def __init__(self, run: Path, teacher: Path, cache: Path):
+        super().__init__(daemon=True)
+        self.run_dir, self.teacher, self.cache = run, teacher, cache
+        self.codes: list[int] = []
+        self.proc = None
+        self.error: BaseException | None = None
+        _fork_context()  # made once, before the thread uses it
+        self.start()
+
+    def run(self) -> None:
+        faults = [fault_injection.Fault(point=p, step=s, rank=0, action="slow", seconds=SLOW_S)
+                  for p, s in (("teacher_fit", 0), ("prune", STEPS), ("export", STEPS), ("toy_eval", STEPS))]
+        try:
+            self.proc = run_trainer(self.run_dir, [*OVERRIDES, f"teacher.path={self.teacher}",
+                                                   f"teacher.cache_dir={self.cache}"],
+                                    env={fault_injection.ENV: ";".join(f.spec() for f in faults)}, check=False,
+                                    codes_out=self.codes)
+        except BaseException as e:  # re-raised by the test
+            self.error = e
+
+
+@pytest.fixture(scope="module")
+def slowed_run(tiny_toy_teacher: Path, tmp_path_factory) -> SlowedRun:
+    tmp = tmp_path_factory.mktemp("slowed")
+    return SlowedRun(tmp / "run", tiny_toy_teacher, tmp / "c")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", ["teacher_fit", "load_teacher"])
-def test_an_input_error_on_one_rank_is_printed_by_that_rank(tmp_path: Path, tiny_toy_teacher: Path, point) -> None:
+def test_an_input_error_on_one_rank_is_printed_by_that_rank(tmp_path: Path, tiny_toy_teacher: Path, point,
+                                                            slowed_run: SlowedRun) -> None:
     """``teacher_fit``: rank 1 is gone before rank 0's first long-work wait, which must notice (the wait
     group exists from start-up; made then, it would wait for rank 1 for its whole 24-hour limit)."""
     fault = fault_injection.Fault(point=point, step=0, rank=1, action="config_error")
@@ -85,7 +103,7 @@ def _wait_probe(rank: int, port: str, out: str) -> None:
 
 
 @pytest.mark.slow
-def test_a_rank_that_waited_too_long_says_for_what(tmp_path: Path) -> None:
+def test_a_rank_that_waited_too_long_says_for_what(tmp_path: Path, slowed_run: SlowedRun) -> None:
     from sidscale.distributed.runtime import free_port
     from tests.helpers.dist_launch import _fork_context
 
@@ -99,3 +117,18 @@ def test_a_rank_that_waited_too_long_says_for_what(tmp_path: Path) -> None:
     message = (tmp_path / "1.txt").read_text()
     assert message.startswith("rank 1 waited ") and "(limit 3 s) for rank 0 to finish the probe's work: " \
         "rank 0 ran past the limit" in message, message
+
+
+# NOTE: last in the file: the slowed run (started by the first test) ran while the tests above ran.
+@pytest.mark.slow
+def test_rank0_slower_than_the_timeout_in_its_one_off_work_is_waited_for(slowed_run: SlowedRun) -> None:
+    slowed_run.join(600)
+    assert not slowed_run.is_alive(), "the slowed run did not end within 600 s"
+    if slowed_run.error is not None:
+        raise slowed_run.error
+    proc, codes, run = slowed_run.proc, slowed_run.codes, slowed_run.run_dir
+    assert codes == [0, 0], f"exit codes {codes}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    # every slowed piece of work was done, and its result reached every rank's path
+    assert (run / "export" / "sidscale.json").is_file()
+    assert json.loads((run / "toy_eval.json").read_text())["step"] == STEPS
+    assert (run / "checkpoints" / f"step_{STEPS:08d}" / "meta.json").is_file()

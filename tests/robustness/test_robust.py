@@ -372,10 +372,10 @@ def test_checkpoint_decisions_are_rank0s(path, tmp_path, monkeypatch) -> None:
 def test_comm_check_on_two_gloo_ranks() -> None:
     """tools/comm_check.py (the GPU check's NCCL probe) runs every comm helper on 2 real ranks and
     compares each result with what every rank can compute alone."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={runtime.free_port()}",
-           str(REPO / "tools" / "comm_check.py"), "--timeout-s", "60"]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    from tests.helpers.dist_launch import run_script_ranks
+
+    # the ranks forked from the fork server, with torchrun's rendezvous variables: the tool, not the launch, is tested
+    proc = run_script_ranks(REPO / "tools" / "comm_check.py", ["--timeout-s", "60"], timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     (line,) = [x for x in proc.stdout.splitlines() if x.startswith("{")]
     out = json.loads(line)

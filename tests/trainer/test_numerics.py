@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
-import subprocess
-import sys
 import weakref
 from pathlib import Path
 
@@ -205,14 +202,9 @@ def test_two_rank_partitions_gather_to_rank0_only(tmp_path):
     DeepSpeed's full masters, the shards' concatenation and the offline reassembly; rank 1
     receives nothing during the gather, and every tensor it sends is one chunk. ZeRO-3: the EMA swapped
     into the partitioned module (the previews' path) computes what the EMA computes, then is undone."""
-    from sidscale.distributed.runtime import free_port
+    from tests.helpers.dist_launch import run_script_ranks
 
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={free_port()}", str(REPO / "tests" / "helpers" / "ema_partition_worker.py"),
-                           str(tmp_path)], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    proc = run_script_ranks(REPO / "tests" / "helpers" / "ema_partition_worker.py", [str(tmp_path)], timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())

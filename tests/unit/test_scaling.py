@@ -7,9 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,18 +28,12 @@ TINY_RUN = Setup(gpus=2, zero=2, micro_batch=2, global_batch=8, precision="bf16"
 @pytest.fixture(scope="module")
 def two_rank_counts(tmp_path_factory) -> dict:
     """The one 2-rank launch of this file: per rank, per case, {op: {message bytes: count}}."""
-    from sidscale.distributed.runtime import free_port
+    from tests.helpers.dist_launch import run_script_ranks
 
     out = tmp_path_factory.mktemp("scaling_comm")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
     # no warm-up: in the exact regime the first iteration moves the same bytes (checked: bench/results)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={free_port()}", str(REPO / "tests" / "helpers" / "scaling_comm_worker.py"),
-                           str(out), "zero2,zero3", "0"], capture_output=True, text=True, timeout=400, env=env,
-                          cwd=REPO)
+    proc = run_script_ranks(REPO / "tests" / "helpers" / "scaling_comm_worker.py", [str(out), "zero2,zero3", "0"],
+                            timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {r: json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)}
 
