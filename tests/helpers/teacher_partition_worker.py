@@ -53,7 +53,7 @@ def generator_gradients(trainer, detach_teacher: bool = False) -> dict:
         def teacher_fn(x, t, c, f=trainer.fns.teacher_fn):
             return f(x, t, c).detach()
     probe = GatherProbe(trainer.teacher.net) if trainer.teacher_engine is not None else None
-    noise, cond, uncond = trainer.batch(PHASE_GEN, 0)
+    noise, cond, uncond, _ = trainer.batch(PHASE_GEN, 0)
     trainer.fake_engine.module.requires_grad_(False)
     loss, _ = generator_step(trainer.fns.gen_engine_fn, trainer.fns.fake_module_fn, teacher_fn, trainer.schedule,
                              noise, cond, uncond, trainer.settings, loss_normaliser=trainer.micro, k=1)

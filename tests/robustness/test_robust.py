@@ -330,7 +330,7 @@ def _stub_trainer(run_dir: Path, step: int, max_steps: int, saves: list) -> Simp
     stub = SimpleNamespace(cfg=cfg, run_dir=run_dir, step=step, images_seen=0, rank=1,
                            dist=SimpleNamespace(is_main=False), schedule=None,
                            settings=SimpleNamespace(generator_steps=1),
-                           prompts=SimpleNamespace(close=lambda: None))
+                           prompts=SimpleNamespace(close=lambda: None), real_data=None)
 
     def train_step():
         stub.step += 1
