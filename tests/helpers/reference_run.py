@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -43,3 +44,12 @@ def assert_identical(run_dir: Path, reference: Path, steps: int = MAX_STEPS) -> 
     for k, v in want.items():
         same = torch.equal(got[k], v) if isinstance(v, torch.Tensor) else got[k] == v
         assert same, f"{k} differs from the uninterrupted run"
+
+
+def stopped_at(run_dir: Path, step: int, dest: Path) -> Path:
+    """``dest`` as a run stopped at ``step`` leaves it: a copy of ``run_dir``'s checkpoint of that step, and
+    ``latest`` naming it."""
+    name = f"step_{step:08d}"
+    shutil.copytree(run_dir / "checkpoints" / name, dest / "checkpoints" / name)
+    (dest / "checkpoints" / "latest").write_text(name + "\n")
+    return dest

@@ -4,7 +4,6 @@ elastically on another number of ranks (flow toy teacher), with the real-data cu
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 
 from sidscale.checkpointing.files import find_resume_checkpoint, read_meta
 from tests.helpers.dist_launch import run_trainer
-from tests.helpers.reference_run import BASE, assert_identical
+from tests.helpers.reference_run import BASE, assert_identical, stopped_at
 
 # warm-up: images_seen 0 and 8 are <= 8, so steps 1-2 train the discriminator only; the adversarial
 # term joins once images_seen > 16 (step 4 on)
@@ -70,9 +69,7 @@ def test_warmup_trains_the_discriminator_alone_then_the_generator(adversarial_ru
 
 @pytest.mark.slow
 def test_adversarial_resume_is_exact(adversarial_run, tiny_toy_teacher, tmp_path):
-    split = tmp_path / "split"
-    shutil.copytree(adversarial_run / "checkpoints" / "step_00000002", split / "checkpoints" / "step_00000002")
-    (split / "checkpoints" / "latest").write_text("step_00000002\n")
+    split = stopped_at(adversarial_run, 2, tmp_path / "split")
     proc = run_trainer(split, BASE + ADVERSARIAL + [f"teacher.path={tiny_toy_teacher}"])
     assert "resumed from" in proc.stdout
     assert_identical(split, adversarial_run)

@@ -13,7 +13,7 @@ import torch
 
 from sidscale.core.ema import ema_beta
 from tests.helpers.inprocess import one_rank_group, one_rank_trainer, run_main
-from tests.helpers.reference_run import assert_identical
+from tests.helpers.reference_run import assert_identical, stopped_at
 
 LR = 0.05
 BETA2 = 0.999
@@ -153,9 +153,7 @@ def test_pure_bf16_resume_is_exact(tmp_path, tiny_toy_teacher):
     full = tmp_path / "full"
     proc = run_main(full, common)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    split = tmp_path / "split"
-    shutil.copytree(full / "checkpoints" / "step_00000002", split / "checkpoints" / "step_00000002")
-    (split / "checkpoints" / "latest").write_text("step_00000002\n")
+    split = stopped_at(full, 2, tmp_path / "split")
     proc = run_main(split, common)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout + proc.stderr
@@ -177,9 +175,7 @@ def test_pure_bf16_elastic_resume_loads_the_bf16_states(tmp_path, tiny_toy_teach
     common = [f"teacher.path={tiny_toy_teacher}", *TOY, "train.max_steps=3", "train.ckpt_every=1"]
     ref = tmp_path / "two_ranks"
     run_trainer(ref, common, nproc=2)
-    split = tmp_path / "one_rank"
-    shutil.copytree(ref / "checkpoints" / "step_00000002", split / "checkpoints" / "step_00000002")
-    (split / "checkpoints" / "latest").write_text("step_00000002\n")
+    split = stopped_at(ref, 2, tmp_path / "one_rank")
     proc = run_main(split, common)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resharded for 1" in proc.stdout + proc.stderr

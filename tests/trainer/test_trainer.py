@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ from safetensors.torch import load_file
 from sidscale.checkpointing.files import find_resume_checkpoint, full_ema_from_checkpoint
 from tests.helpers.dist_launch import REPO, run_trainer
 from tests.helpers.inprocess import one_rank_trainer, run_main
-from tests.helpers.reference_run import assert_identical
+from tests.helpers.reference_run import assert_identical, stopped_at
 from tests.helpers.reference_run import overrides as reference_overrides
 
 BASE = [
@@ -42,9 +41,7 @@ def test_resume_is_exact(tmp_path, tiny_toy_teacher, fp32_reference_run):
     identical to the uninterrupted run in both engines' weights and optimizer-driven updates, the EMA
     and the data cursor."""
     common = reference_overrides(tiny_toy_teacher)
-    split = tmp_path / "split"
-    shutil.copytree(fp32_reference_run / "checkpoints" / "step_00000002", split / "checkpoints" / "step_00000002")
-    (split / "checkpoints" / "latest").write_text("step_00000002\n")
+    split = stopped_at(fp32_reference_run, 2, tmp_path / "split")
     proc = run_trainer(split, common)
     assert "resumed from" in proc.stdout and "step_00000002" in proc.stdout
     assert_identical(split, fp32_reference_run)
