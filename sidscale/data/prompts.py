@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from sidscale.core.noise import sample_seed
+from sidscale.data.stream import StreamSource
 
 INDEXED_PREFIX = "indexed:"
 
@@ -45,7 +46,7 @@ class IndexedPromptSource:
         pass
 
 
-class StreamPromptSource:
+class StreamPromptSource(StreamSource):
     """Sequential batches from a ``PromptStream`` (its own position is the data cursor)."""
 
     def __init__(self, shards: str, *, rank: int, world_size: int, batch_size: int, seed: int, num_workers: int,
@@ -71,17 +72,3 @@ class StreamPromptSource:
         if len(b["prompts"]) != len(indices):
             raise RuntimeError(f"prompt stream gave {len(b['prompts'])} prompts, expected {len(indices)}")
         return b["prompts"], b.get("input_ids")
-
-    def stats(self) -> dict[str, int]:
-        return self.stream.stats()
-
-    def state_dict(self) -> dict:
-        return self.stream.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.stream.load_state_dict(state)
-
-    def close(self) -> None:
-        close = getattr(self.stream, "close", None)
-        if close is not None:
-            close()

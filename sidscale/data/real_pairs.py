@@ -34,7 +34,7 @@ import torch
 
 from sidscale.data.shard_reading import COUNTERS, _Counters, read_shard
 from sidscale.data.shards import REAL_MANIFEST_FORMAT
-from sidscale.data.stream import ShardStream, first_sample
+from sidscale.data.stream import ShardStream, StreamSource, first_sample
 from sidscale.errors import ConfigError
 
 KINDS = ("latent", "image")
@@ -132,7 +132,7 @@ class RealPairFormat:
         return {"kind": self.kind}
 
 
-class RealPairSource:
+class RealPairSource(StreamSource):
     """Sequential ``RealBatch``es of this rank from ``shards`` (a brace/glob pattern of tars, a manifest.json
     of ``tools/make_real_shards.py`` or its directory). Problems that would fail every rank (no shard, no
     good sample in any shard) are a ``ConfigError`` naming ``data.real_shards``, before the run starts."""
@@ -167,15 +167,3 @@ class RealPairSource:
         if len(b["captions"]) != len(indices):
             raise RuntimeError(f"real-pair stream gave {len(b['captions'])} samples, expected {len(indices)}")
         return RealBatch(b["x"], self.kind, b["captions"])
-
-    def stats(self) -> dict[str, int]:
-        return self.stream.stats()
-
-    def state_dict(self) -> dict:
-        return self.stream.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.stream.load_state_dict(state)
-
-    def close(self) -> None:
-        self.stream.close()

@@ -363,3 +363,24 @@ class PromptStream(ShardStream):
         super().__init__(shards, fmt=PromptFormat(tokenize), rank=rank, world_size=world_size,
                          batch_size=batch_size, seed=seed, num_workers=num_workers,
                          shuffle_buffer=shuffle_buffer, resampled=resampled)
+
+
+class StreamSource:
+    """A source whose position is its ``ShardStream``'s (``self.stream``): its counters, cursor and close are the
+    stream's (the prompt source and the real-pair source)."""
+
+    stream: Any
+
+    def stats(self) -> dict[str, int]:
+        return self.stream.stats()
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
+
+    def close(self) -> None:
+        close = getattr(self.stream, "close", None)
+        if close is not None:
+            close()
