@@ -29,7 +29,7 @@ from sidscale.core.cond import Cond
 from sidscale.core.noise import StepNoise
 from sidscale.method.guards import finite_samples, masked_sum
 from sidscale.method.guidance import EpsFn, fake_eps, guided_eps
-from sidscale.method.losses import at_least_fp32, generator_weight, sid_generator_loss
+from sidscale.method.losses import generator_weight, sid_generator_loss
 from sidscale.method.sid_lsg import MethodSettings, _generator_output, apply_prompt_dropout, fake_step
 
 Tap = Any  # families.shared.readout.FeatureTap: ``logits(call, batch) -> (output, logits [batch, J])``
@@ -72,12 +72,10 @@ def adversarial_fake_step(
     their captions (one conditional call, no CFG). The real captions drop out with the same mask."""
     adv = settings.adversarial
     batch = noise.eps.shape[0]
-    with tap.capture() as captured:  # the fake net's one call inside fake_step
-        dsm_loss, stats = fake_step(gen, fake, schedule, noise, cond, uncond, settings,
-                                    loss_normaliser=loss_normaliser, k=k)
-    if len(captured) != 1:
-        raise RuntimeError(f"the discriminator read-out ran {len(captured)} times in the fake step; expected once")
-    l_fake = captured[0][-batch:]
+    # the generated samples' logits: read in fake_step's one (guided) fake-net call
+    (dsm_loss, stats), l_fake = tap.logits(
+        lambda: fake_step(gen, fake, schedule, noise, cond, uncond, settings, loss_normaliser=loss_normaliser, k=k),
+        batch)
     # the real captions drop out with the generated sample's mask; Zero-CFG's fake net never sees text
     real_cond = apply_prompt_dropout(real_cond, uncond, noise.drop, settings) if settings.fake_text else uncond
     x_t_real = schedule.add_noise(real_x.to(noise.eps.dtype), noise.eps, noise.t)
@@ -123,7 +121,7 @@ def adversarial_generator_step(
              else schedule.flow_sigma(noise.t, x_g).reshape(-1).expand(batch))
     sid, w = sid_generator_loss(*safe[:3], alpha=settings.alpha, weighting=settings.gen_weighting, sigma=sigma)
     lam = generator_weight(settings.gen_weighting, sigma, safe[0], safe[1])  # the SiD term's own lambda
-    adv_term = lam * gen_adv_loss_per_sample(safe[3], adv.logit_clamp, at_least_fp32(x_g[0]).numel())
+    adv_term = lam * gen_adv_loss_per_sample(safe[3], adv.logit_clamp, x_g[0].numel())
     loss_sid = masked_sum(sid, keep) * (settings.gen_loss_scale / loss_normaliser)
     loss_adv = masked_sum(adv_term, keep) * (adv.gen_scale / loss_normaliser)
     loss = loss_sid if mix == 0.0 else (1.0 - mix) * loss_sid + mix * loss_adv

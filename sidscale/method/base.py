@@ -85,7 +85,8 @@ class DistillMethod(Protocol):
     stat_tags: Mapping[str, tuple[str, bool, float | None]]
 
     def begin_step(self, images_seen: int) -> None:
-        """Before the phases of an iteration (``images_seen``: before it): schedules in images seen."""
+        """Optional (the trainer calls it where it exists): before the phases of an iteration
+        (``images_seen``: before it), for schedules in images seen."""
         ...
 
     def step_count(self, seed: int, step: int) -> int:

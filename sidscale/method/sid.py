@@ -53,7 +53,7 @@ class SiD:
     def __init__(self, settings: MethodSettings, train_cfg: Any, ema: Any) -> None:
         self.settings, self.train_cfg, self.ema = settings, train_cfg, ema
         self.adversarial = settings.adversarial if getattr(settings.adversarial, "enabled", False) else None
-        self.images_seen = 0
+        self.mix = 0.0  # the adversarial term's weight this iteration (begin_step)
         fake_stats = {"loss_fake": MEAN, "dropped_fake": SUM}
         gen_stats = {"loss_gen": MEAN, "w_mean": MEAN, "dropped_gen": SUM}
         if self.adversarial is None:
@@ -99,7 +99,6 @@ class SiD:
         return generator_active(self.adversarial, images_seen)
 
     def begin_step(self, images_seen: int) -> None:
-        self.images_seen = images_seen
         self.mix = adversarial_mix(self.adversarial, images_seen) if self.adversarial is not None else 0.0
 
     def step_count(self, seed: int, step: int) -> int:

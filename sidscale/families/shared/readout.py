@@ -52,8 +52,9 @@ class FeatureTap:
             handle.remove()
 
     def logits(self, fn: Callable[[], torch.Tensor], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run ``fn`` (one network call, possibly a CFG batch [uncond; cond] of 2B) and return its result
-        and the logits of its LAST ``batch`` samples (the conditional half of a CFG batch)."""
+        """Run ``fn`` (one network call, possibly a CFG batch [uncond; cond] of 2B, or a step that makes one)
+        and return its result and the logits of its LAST ``batch`` samples (the conditional half of a CFG
+        batch)."""
         with self.capture() as captured:
             out = fn()
         if len(captured) != 1:
