@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from sidscale.distributed.runtime import free_port
@@ -86,22 +87,32 @@ def _start_forked_rank(env: dict[str, str], out_path: str, err_path: str):
     return out, err
 
 
-def _rank_main(argv: list[str], env: dict[str, str], out_path: str, err_path: str) -> None:
-    """One rank, in a process forked from the fork server: output to files, then main()."""
-    out, err = _start_forked_rank(env, out_path, err_path)
+def _run_and_exit(out, err, body: Callable[[], int], exit_none: int) -> None:
+    """``body()``'s exit code as this forked rank's (a traceback and 1 on an exception; ``sys.exit(None)``
+    is ``exit_none``), after flushing its output files."""
     code = 1
     try:
-        from sidscale.train import main
-
-        code = main(argv)
+        code = body()
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
+        code = e.code if isinstance(e.code, int) else (exit_none if e.code is None else 1)
     except BaseException:
         traceback.print_exc()
     finally:
         out.flush()
         err.flush()
         os._exit(code)
+
+
+def _rank_main(argv: list[str], env: dict[str, str], out_path: str, err_path: str) -> None:
+    """One rank, in a process forked from the fork server: output to files, then main()."""
+    out, err = _start_forked_rank(env, out_path, err_path)
+
+    def body() -> int:
+        from sidscale.train import main
+
+        return main(argv)
+
+    _run_and_exit(out, err, body, exit_none=1)
 
 
 def _run_forked(target, args: tuple, base_env: dict[str, str], nproc: int,
@@ -158,18 +169,12 @@ def _script_rank_main(script: str, args: list[str], env: dict[str, str], out_pat
 
     out, err = _start_forked_rank(env, out_path, err_path)
     sys.argv = [script, *args]
-    code = 1
-    try:
+
+    def body() -> int:
         runpy.run_path(script, run_name="__main__")
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        out.flush()
-        err.flush()
-        os._exit(code)
+        return 0
+
+    _run_and_exit(out, err, body, exit_none=0)
 
 
 def run_script_ranks(script: Path, args: list[str], nproc: int = 2,
