@@ -4,7 +4,7 @@ Each rank is a separate process with RANK / WORLD_SIZE / MASTER_* in its environ
 starts them in slurm/distill.sh, running ``sidscale.train.main`` exactly as ``python
 sidscale/train.py`` does. The processes come from a fork server that imported torch, DeepSpeed,
 diffusers and transformers once per test session: a fresh interpreter spends ~7 s of CPU on those
-imports, which was most of the cost of each of the suite's ~20 launches. The fork server is a
+imports, which was most of the cost of each of the suite's launches. The fork server is a
 single-threaded process that has run no torch op, so the forked ranks start as clean as a new
 interpreter, minus the imports. ``run_script_ranks`` does the same for a worker script that would
 otherwise run under torchrun (with torchrun's rendezvous variables). Tests that need a launcher or a
@@ -48,6 +48,15 @@ PRELOAD = [
     "sidscale.data.prompts", "sidscale.data.shards", "sidscale.families.unet_vp.adapter",
     "sidscale.families.sd3.adapter",
     "diffusers.models.transformers.transformer_flux", "sidscale.families.flux.adapter",
+    # What DeepSpeed imports in the first engine's optimizer check (ZeRO's list of supported optimizers
+    # takes in its Muon optimizer, whose import loads torch.compile's inductor: ~1.5 s of each rank's
+    # ~5 s of CPU), and the rest a rank imported on its way to its first step (PIL's image plugins for
+    # the previews, DeepSpeed's expert-parallel injection, sidscale's method and memory plan).
+    "deepspeed.runtime.zero.muon.muon_optimizer", "torch._inductor.compile_fx", "PIL.PngImagePlugin",
+    "PIL.JpegImagePlugin", "PIL.BmpImagePlugin", "PIL.GifImagePlugin", "PIL.PpmImagePlugin", "packaging.specifiers",
+    "torch.utils.serialization", "deepspeed.comm.mori", "deepspeed.module_inject.auto_ep_layer",
+    "deepspeed.ops.triton_ops", "sidscale.method.sid", "sidscale.method.adversarial", "sidscale.core.ema",
+    "sidscale.perf.placement", "sidscale.families.presets", "sidscale.startup_signals",
 ]
 
 _context = None
