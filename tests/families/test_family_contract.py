@@ -3,7 +3,8 @@
 Each family's tiny teacher is written by its spec and loaded through the real loader; then:
 encoding = diffusers' own ``encode_prompt`` of the family's pipeline (where it has one); the
 prediction function = a direct call of the network (timestep convention, latent packing, v -> eps);
-the teacher's sampler in one step = ``to_x0`` of one prediction at the first level; every bench /
+the teacher's sampler in one step = ``to_x0`` of one prediction at the first level; an export loads in
+plain diffusers with its weights and samples as the network does; every bench /
 plan preset of the family resolves to networks and a memory-plan entry; the config rules of the
 spec raise the config's own messages."""
 
@@ -193,6 +194,62 @@ def test_discriminator_readout_is_the_features_before_the_decoder(tiny, name):
     torch.testing.assert_close(logits, seen[0][2:])
     if not unet:  # one logit per channel of the transformer's width
         assert logits.shape[1] == net.config.num_attention_heads * net.config.attention_head_dim
+
+
+# --------------------------------------------------------------- export round trip
+@pytest.mark.parametrize("name", FAMILIES)
+def test_export_loads_in_plain_diffusers_and_samples_with_its_weights(tiny, name, tmp_path):
+    """A generator exported as training exports it (``export_generator`` with the run's ``sampling_meta``):
+    plain diffusers loads its network folder, by the class its config names, with exactly the exported
+    weights (and the whole pipeline, where the family has a diffusers pipeline); the export's sampler
+    (``FewStepPipeline.from_export``: network, text side and schedule read back from the export) gives the
+    K-step generation of those weights with the teacher's own conditioner and schedule."""
+    import copy
+    import json
+    from types import SimpleNamespace
+
+    import diffusers
+
+    from sidscale.export import export_generator, read_export_meta
+    from sidscale.method.sid_lsg import MethodSettings, multi_step_generate
+    from sidscale.outputs import sampling_meta
+    from sidscale.sample import FewStepPipeline, seeded_generator_noises
+
+    cfg, teacher = tiny(name)
+    family = teacher.family
+    g = torch.Generator().manual_seed(4)
+    # every weight moved, as a trained generator's EMA is: an export of the teacher's own weights would fail
+    ema = {k: (v.detach() + 0.01 * torch.randn(v.shape, generator=g)) for k, v in teacher.net.named_parameters()}
+    settings = MethodSettings.from_config(cfg.method)
+    run = SimpleNamespace(teacher=teacher, settings=settings, schedule=teacher.schedule, family=family, cfg=cfg,
+                          step=7, images_seen=56)
+    out = export_generator(ema, dict(teacher.net.config), tmp_path / "export", sampling_meta(run))
+
+    folder = out / family.network_folder
+    cls = getattr(diffusers, json.loads((folder / "config.json").read_text())["_class_name"])
+    nets = [cls.from_pretrained(folder)]
+    pipeline = family.pipeline_class_name(cfg.teacher.kind)
+    if pipeline is not None:
+        pipe = diffusers.DiffusionPipeline.from_pretrained(out, local_files_only=True)
+        assert type(pipe).__name__ == pipeline
+        nets.append(getattr(pipe, family.network_folder))
+    for net in nets:
+        loaded = dict(net.named_parameters())
+        assert loaded.keys() == ema.keys()
+        assert all(torch.equal(loaded[k], v) for k, v in ema.items())
+    meta = read_export_meta(out)
+    assert (meta["teacher_kind"], meta["generator_steps"], meta["step"]) == (cfg.teacher.kind,
+                                                                              settings.generator_steps, 7)
+
+    prompts, seeds = PROMPTS[:2], [3, 4]
+    got = FewStepPipeline.from_export(out).latents(prompts, seeds)
+    generator = copy.deepcopy(teacher.net)
+    generator.load_state_dict(ema, strict=False)  # parameters only: buffers are the teacher's (unchanged)
+    noises = seeded_generator_noises(seeds, teacher.latent_shape, settings.generator_steps)
+    with torch.no_grad():
+        want = multi_step_generate(family.prediction_fn(generator, teacher.schedule), teacher.schedule, noises,
+                                   teacher.conditioner.encode(prompts), settings)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------- presets: networks and a memory-plan entry
