@@ -27,10 +27,15 @@ import torch.nn.functional as F
 
 from sidscale.core.cond import Cond
 from sidscale.core.noise import StepNoise
-from sidscale.method.guards import finite_samples, masked_sum
-from sidscale.method.guidance import EpsFn, fake_eps, guided_eps
-from sidscale.method.losses import generator_weight, sid_generator_loss
-from sidscale.method.sid_lsg import MethodSettings, _generator_output, apply_prompt_dropout, fake_step
+from sidscale.method.guards import finite_samples, masked_mean, masked_sum
+from sidscale.method.guidance import EpsFn
+from sidscale.method.sid_lsg import (
+    MethodSettings,
+    apply_prompt_dropout,
+    fake_step,
+    generator_predictions,
+    masked_sid_generator_loss,
+)
 
 Tap = Any  # families.shared.readout.FeatureTap: ``logits(call, batch) -> (output, logits [batch, J])``
 
@@ -107,21 +112,15 @@ def adversarial_generator_step(
     sample by the SiD weighting lambda. The gradient reaches theta through x_t into the teacher and
     the fake net (frozen, in the graph), and through the fake net's features for the adversarial term."""
     adv = settings.adversarial
-    x_g = _generator_output(gen, schedule, noise, cond, settings, k)
-    x_t = schedule.add_noise(x_g, noise.eps, noise.t)
-    batch = x_g.shape[0]
-    fake_pred, l_gen = tap.logits(
-        lambda: fake_eps(fake, x_t, noise.t, cond, uncond, settings.cfg_eval_fake, settings.fake_text), batch)
-    y_fake = schedule.to_x0(x_t, fake_pred, noise.t)
-    y_real = schedule.to_x0(x_t, guided_eps(teacher, x_t, noise.t, cond, uncond, settings.cfg_eval_real), noise.t)
+    batch = noise.eps.shape[0]
+    # the logits of the one fake-net call among the predictions (the generator and the teacher are other nets)
+    (x_g, y_real, y_fake), l_gen = tap.logits(
+        lambda: generator_predictions(gen, fake, teacher, schedule, noise, cond, uncond, settings, k), batch)
     keep = finite_samples(x_g, y_real, y_fake, l_gen)
-    safe = [torch.where(keep.view(-1, *([1] * (v.dim() - 1))), v, torch.zeros_like(v))
-            for v in (x_g, y_real, y_fake, l_gen)]
-    sigma = (None if settings.gen_weighting == "sid_legacy"
-             else schedule.flow_sigma(noise.t, x_g).reshape(-1).expand(batch))
-    sid, w = sid_generator_loss(*safe[:3], alpha=settings.alpha, weighting=settings.gen_weighting, sigma=sigma)
-    lam = generator_weight(settings.gen_weighting, sigma, safe[0], safe[1])  # the SiD term's own lambda
-    adv_term = lam * gen_adv_loss_per_sample(safe[3], adv.logit_clamp, x_g[0].numel())
+    sid, w = masked_sid_generator_loss(x_g, y_real, y_fake, keep, schedule, noise.t, settings)
+    lam = 1 / w if settings.gen_weighting == "sid_legacy" else w  # the SiD term's own lambda (w: its normaliser)
+    safe_l_gen = torch.where(keep.view(-1, 1), l_gen, torch.zeros_like(l_gen))
+    adv_term = lam * gen_adv_loss_per_sample(safe_l_gen, adv.logit_clamp, x_g[0].numel())
     loss_sid = masked_sum(sid, keep) * (settings.gen_loss_scale / loss_normaliser)
     loss_adv = masked_sum(adv_term, keep) * (adv.gen_scale / loss_normaliser)
     loss = loss_sid if mix == 0.0 else (1.0 - mix) * loss_sid + mix * loss_adv
@@ -131,6 +130,6 @@ def adversarial_generator_step(
         "loss_gen_adv": loss_adv.detach(),
         "adv_mix": torch.full((), mix, device=loss.device),
         "dropped_gen": (~keep).sum().detach(),
-        "w_mean": (torch.where(keep, w, torch.zeros_like(w)).sum() / keep.sum().clamp_min(1)).detach(),
+        "w_mean": masked_mean(w, keep),
     }
     return loss, stats

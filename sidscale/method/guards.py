@@ -23,6 +23,12 @@ def masked_sum(per_sample: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.where(keep, per_sample, torch.zeros_like(per_sample)).sum()
 
 
+def masked_mean(per_sample: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean of the kept samples (0 when none is kept), detached: a statistic. A masked mean, not
+    ``per_sample[keep]``, so logging needs no host sync."""
+    return (torch.where(keep, per_sample, torch.zeros_like(per_sample)).sum() / keep.sum().clamp_min(1)).detach()
+
+
 def sanitize_grad(grad: torch.Tensor, clip_value: float | None = None) -> torch.Tensor:
     """NaN -> 0, +-inf -> +-1e5; with ``clip_value`` also clamp every entry to [-clip, clip]."""
     grad = torch.nan_to_num(grad, nan=0.0, posinf=GRAD_INF_VALUE, neginf=-GRAD_INF_VALUE)

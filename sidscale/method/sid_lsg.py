@@ -26,7 +26,7 @@ import torch
 
 from sidscale.core.cond import Cond, where_cond
 from sidscale.core.noise import StepNoise
-from sidscale.method.guards import finite_samples, masked_sum
+from sidscale.method.guards import finite_samples, masked_mean, masked_sum
 from sidscale.method.guidance import EpsFn, fake_eps, guided_eps
 from sidscale.method.losses import at_least_fp32, canonical_weighting, fake_score_loss, sid_generator_loss
 
@@ -165,6 +165,24 @@ def generator_step(
     evaluated WITH autograd: the SiD gradient reaches theta through x_t into both networks.
     Running them under no_grad or detaching y_real / y_fake is a different (DMD-like) method.
     """
+    x_g, y_real, y_fake = generator_predictions(gen, fake, teacher, schedule, noise, cond, uncond, settings, k)
+    keep = finite_samples(x_g, y_real, y_fake)
+    per_sample, w = masked_sid_generator_loss(x_g, y_real, y_fake, keep, schedule, noise.t, settings)
+    loss = masked_sum(per_sample, keep) * (settings.gen_loss_scale / loss_normaliser)
+    stats = {
+        "loss_gen": loss.detach(),
+        "dropped_gen": (~keep).sum().detach(),
+        "w_mean": masked_mean(w, keep),
+    }
+    return loss, stats
+
+
+def generator_predictions(
+    gen: EpsFn, fake: EpsFn, teacher: EpsFn, schedule: NoiseSchedule, noise: StepNoise, cond: Cond,
+    uncond: Cond, settings: MethodSettings, k: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_g, y_real, y_fake)`` of the generator step: the k-step output and both networks' x0 estimates at
+    its noised copy, with the graph through both (one fake-net call, then one teacher call)."""
     x_g = _generator_output(gen, schedule, noise, cond, settings, k)
     x_t = schedule.add_noise(x_g, noise.eps, noise.t)
     y_fake = schedule.to_x0(
@@ -173,19 +191,18 @@ def generator_step(
     y_real = schedule.to_x0(
         x_t, guided_eps(teacher, x_t, noise.t, cond, uncond, settings.cfg_eval_real), noise.t
     )
-    keep = finite_samples(x_g, y_real, y_fake)
-    # Dropped samples still enter the loss function (masked to 0 below); keep them finite so
-    # the masked branch cannot produce NaN * 0 in the backward pass.
+    return x_g, y_real, y_fake
+
+
+def masked_sid_generator_loss(
+    x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, keep: torch.Tensor, schedule: NoiseSchedule,
+    t: torch.Tensor, settings: MethodSettings,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sid_generator_loss`` per sample with the samples outside ``keep`` zeroed first, and its normaliser w
+    (sid_legacy) or multiplier lambda (the other weightings; sigma from the loss level ``t``)."""
+    # Dropped samples still enter the loss function (masked to 0 by the caller's sum); keep them finite
+    # so the masked branch cannot produce NaN * 0 in the backward pass.
     safe = [torch.where(keep.view(-1, 1, 1, 1), v, torch.zeros_like(v)) for v in (x_g, y_real, y_fake)]
     sigma = (None if settings.gen_weighting == "sid_legacy"
-             else schedule.flow_sigma(noise.t, x_g).reshape(-1).expand(x_g.shape[0]))
-    per_sample, w = sid_generator_loss(*safe, alpha=settings.alpha, weighting=settings.gen_weighting,
-                                       sigma=sigma)
-    loss = masked_sum(per_sample, keep) * (settings.gen_loss_scale / loss_normaliser)
-    stats = {
-        "loss_gen": loss.detach(),
-        "dropped_gen": (~keep).sum().detach(),
-        # A masked mean, not w[keep], so logging needs no host sync.
-        "w_mean": (torch.where(keep, w, torch.zeros_like(w)).sum() / keep.sum().clamp_min(1)).detach(),
-    }
-    return loss, stats
+             else schedule.flow_sigma(t, x_g).reshape(-1).expand(x_g.shape[0]))
+    return sid_generator_loss(*safe, alpha=settings.alpha, weighting=settings.gen_weighting, sigma=sigma)
