@@ -319,12 +319,12 @@ def _phases(inp: PlanInput, micro_batch: int, grads: float, buckets: float, p: i
 
     gen_acts = micro_batch * (saved(w, True) + recompute(w, True))
     fp32_grads = inp.accumulation_dtype() == "fp32"
-    if inp.bf16_optimizer():  # fp32 gradients already; the boundary all-reduce flattens them into one copy
+    if inp.precision == "pure_bf16":  # step() flattens the bf16 gradient partition; no fp32 copy of it
+        step = {"grads": grads, "bf16_grad_copy": 2 * p / inp.gpus}
+    elif inp.bf16_optimizer():  # fp32 gradients already; the boundary all-reduce flattens them into one copy
         step = {"grads": grads, "allreduce_flat_copy": 4.0 * min(p, 500_000_000)}
     else:
         step = {"grads": grads, "fp32_grad_copy": 0.0 if fp32_grads and inp.precision != "fp32" else 4 * p / inp.gpus}
-    if inp.precision == "pure_bf16":  # step() flattens the bf16 gradient partition; no fp32 copy of it
-        step = {"grads": grads, "bf16_grad_copy": 2 * p / inp.gpus}
     # The generator step's three networks: their saved activations are alive together; with checkpointing
     # only ONE block of one network is recomputed at a time (the backward leaves the teacher and the fake
     # net first, then G), so the recomputation term is the largest of the three, not their sum.
