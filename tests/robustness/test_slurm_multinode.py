@@ -194,7 +194,9 @@ def runs(tmp_path_factory):
 def reference(cluster, tiny_toy_teacher, runs):
     """The same job as 4 ranks on one machine: the result every multi-node job must equal. Run by the test
     launcher (ranks forked from its fork server, in the background while the SLURM jobs start): four
-    interpreter starts fewer than a one-node SLURM job, on the same trainer and rank order."""
+    interpreter starts fewer than a one-node SLURM job, on the same trainer and rank order. It asks for
+    ``cluster`` only to start after it: where the cluster cannot be built the module skips or fails
+    before this run spends a minute of CPU."""
     run_dir = runs / "one_node"
     _fork_context()  # made once, before the thread uses it
 
