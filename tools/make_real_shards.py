@@ -33,11 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
+from sidscale.config.schema import TOY_KINDS  # noqa: E402
 from sidscale.data.real_pairs import IMAGE_EXTS, decode_image  # noqa: E402
 from sidscale.data.real_shards import npy_bytes, write_real_shards  # noqa: E402
+from sidscale.families.shared.diffusers_dir import DTYPES, load_vae, vae_downsampling  # noqa: E402
 
-TOY_KINDS = ("toy", "toy_flow")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LATENT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
@@ -117,21 +117,18 @@ def _listed(source: Path, args: argparse.Namespace, dropped: Counter) -> Iterato
     raise ValueError(f"{source}: expected a folder of images, a .jsonl or a .tsv")
 
 
-def load_vae(teacher: Path, kind: str, device: str, dtype: str) -> tuple[torch.nn.Module | None, float, float]:
+def teacher_vae(teacher: Path, kind: str, device: str, dtype: str) -> tuple[torch.nn.Module | None, float, float]:
     """(VAE or None for the toy kinds, scaling_factor, shift_factor) of a teacher directory."""
     if kind in TOY_KINDS:
         return None, 1.0, 0.0
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(teacher / "vae", torch_dtype=DTYPES[dtype], local_files_only=True)
-    vae = vae.to(device).requires_grad_(False).eval()
+    vae = load_vae(teacher, DTYPES[dtype], device)
     return vae, float(vae.config.scaling_factor), float(vae.config.shift_factor or 0.0)
 
 
 def latent_shape(vae: torch.nn.Module | None, resolution: int) -> list[int]:
     if vae is None:
         return [3, resolution, resolution]
-    down = 2 ** (len(vae.config.block_out_channels) - 1)
+    down = vae_downsampling(vae)
     return [int(vae.config.latent_channels), resolution // down, resolution // down]
 
 
@@ -177,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.teacher is None:
             kind, samples = "image", pairs
         else:
-            vae, scaling, shift = load_vae(args.teacher, args.kind, args.device, args.dtype)
+            vae, scaling, shift = teacher_vae(args.teacher, args.kind, args.device, args.dtype)
             kind, samples = "latent", encoded(pairs, vae, scaling, shift, args)
             settings = {"teacher": str(args.teacher), "teacher_kind": args.kind, "resolution": args.resolution,
                         "latent_shape": latent_shape(vae, args.resolution), "scaling_factor": scaling,

@@ -209,7 +209,13 @@ class FluxFamily:
     def load_teacher(self, cfg, device: torch.device | str) -> Teacher:
         """Transformer, CLIP-L + T5 and VAE of a local diffusers FLUX directory (FluxPipeline layout)."""
         from sidscale.families.flux.conditioning import check_flux_dir, load_flux_conditioner
-        from sidscale.families.shared.diffusers_dir import DTYPES, load_transformer, load_vae, refuse_unet_levers
+        from sidscale.families.shared.diffusers_dir import (
+            DTYPES,
+            load_transformer,
+            load_vae,
+            refuse_unet_levers,
+            vae_downsampling,
+        )
 
         t = cfg.teacher
         refuse_unet_levers(t, "a FLUX transformer")
@@ -226,7 +232,7 @@ class FluxFamily:
                                             joint_attention_dim=int(net.config.joint_attention_dim),
                                             pooled_projection_dim=int(net.config.pooled_projection_dim))
         vae = load_vae(path, dtype, device)
-        down = 2 ** (len(vae.config.block_out_channels) - 1)
+        down = vae_downsampling(vae)
         if t.resolution % (down * PACK):
             raise ConfigError(f"teacher.resolution = {t.resolution}: must be a multiple of {down * PACK} (the VAE "
                               f"factor {down} x FLUX's 2x2 latent packing)")

@@ -56,7 +56,13 @@ class SD3Family:
     def load_teacher(self, cfg, device: torch.device | str) -> Teacher:
         """Transformer, text encoders (T5 optional) and VAE of a local diffusers SD3 / SD3.5 directory."""
         from sidscale.families.sd3.conditioning import check_sd3_dir, load_sd3_conditioner
-        from sidscale.families.shared.diffusers_dir import DTYPES, load_transformer, load_vae, refuse_unet_levers
+        from sidscale.families.shared.diffusers_dir import (
+            DTYPES,
+            load_transformer,
+            load_vae,
+            refuse_unet_levers,
+            vae_downsampling,
+        )
 
         t = cfg.teacher
         refuse_unet_levers(t, "an SD3 transformer")
@@ -69,7 +75,7 @@ class SD3Family:
         conditioner = load_sd3_conditioner(path, dtype, text_device, t5=t.t5,
                                            max_sequence_length=t.max_sequence_length)
         vae = load_vae(path, dtype, device)
-        down = 2 ** (len(vae.config.block_out_channels) - 1)
+        down = vae_downsampling(vae)
         patch, max_pos = int(net.config.patch_size), int(net.config.pos_embed_max_size or 0)
         if t.resolution % (down * patch):
             raise ConfigError(f"teacher.resolution = {t.resolution}: must be a multiple of {down * patch} (the VAE "

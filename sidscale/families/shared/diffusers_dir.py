@@ -76,6 +76,11 @@ def load_vae(path: Path, dtype: torch.dtype, device: torch.device | str) -> torc
     return vae.to(device).requires_grad_(False).eval()
 
 
+def vae_downsampling(vae: torch.nn.Module) -> int:
+    """Pixels per latent position along each side: 2 per resolution level of the VAE's encoder after the first."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def _fp16_decoder_parts(vae: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
     """What an upcast leaves in fp16: with SDPA (or xformers) attention, SiD-LSG's ``upcast_vae`` (a
     copy of diffusers' former ``StableDiffusionXLPipeline.upcast_vae``) keeps post_quant_conv, the

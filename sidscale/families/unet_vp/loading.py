@@ -23,7 +23,13 @@ from sidscale.core.schedule import VPSchedule
 from sidscale.errors import ConfigError, TeacherDirError
 from sidscale.families.base import Teacher
 from sidscale.families.shared.clip import load_conditioner
-from sidscale.families.shared.diffusers_dir import DTYPES, check_teacher_dir, decode_precision
+from sidscale.families.shared.diffusers_dir import (
+    DTYPES,
+    check_teacher_dir,
+    decode_precision,
+    load_vae,
+    vae_downsampling,
+)
 
 ATTENTION_MODES = ("sdpa", "eager")  # teacher.attention (the config lists the same two)
 
@@ -79,7 +85,7 @@ def check_unet_matches(unet: torch.nn.Module, path: Path, kind: str) -> None:
 
 def load_teacher(cfg: Any, device: torch.device | str = "cpu") -> Teacher:
     """UNet + text conditioner + schedule (+ VAE) of the teacher, frozen, in ``cfg.dtype``."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     from sidscale.families.toy.fit import resolve_teacher_dir
 
@@ -97,10 +103,9 @@ def load_teacher(cfg: Any, device: torch.device | str = "cpu") -> Teacher:
     conditioner = load_conditioner(path, cfg.kind, dtype, device, resolution=cfg.resolution)
     vae, scaling = None, 1.0
     if (path / "vae").is_dir():
-        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, local_files_only=True)
-        vae = vae.to(device).requires_grad_(False).eval()
+        vae = load_vae(path, dtype, device)
         scaling = float(vae.config.scaling_factor)
-    down = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    down = vae_downsampling(vae) if vae is not None else 1
     if cfg.resolution % down:
         raise ConfigError(f"teacher.resolution = {cfg.resolution}: must be a multiple of the VAE factor "
                           f"{down}")
