@@ -3,16 +3,16 @@
 Each node is a network namespace with its own hostname and address on a bridge, and its own slurmd;
 a job with ``--nodes 2 --ntasks-per-node 2`` runs 4 CPU (gloo) ranks, 2 per node, whose traffic
 crosses the bridge. One cluster serves the whole module. Compared, bit for bit, with the same job as 4
-ranks on one machine (same global batch, same rank order; the test launcher's ranks, not SLURM's: the
-one-node SLURM path is tests/robustness/test_slurm.py's and the elastic case's) unless said otherwise:
-1. the spanning job; per-rank logs name their node;
+ranks on one machine (same global batch, same rank order; the test launcher's ranks, not SLURM's: a job
+on one node is the elastic case's) unless said otherwise:
+1. the spanning job runs to completion; one log per rank, each naming its node;
 2. the rendezvous comes from SLURM alone (MASTER_ADDR = first node as the other node resolves it,
    nothing leaks from the submitting shell, GLOO_SOCKET_IFNAME = the inter-node interface);
 3. node loss: node2's ranks are SIGKILLed mid-step: the job fails fast, is not requeued, and a
    resubmission of the same RUN_DIR resumes from the last checkpoint and ends identical;
 4. preemption: ``scancel --signal=USR1 --batch`` reaches the 4 ranks on both nodes, they stop at the
-   same step with exit 75, the job requeues itself and ends identical (to an uninterrupted 2-node job
-   on the same webdataset stream);
+   same step with a checkpoint and exit 75, the job requeues itself, resumes from that step and ends
+   identical (to the uninterrupted job on the same webdataset stream, 4 ranks of the test launcher);
 5. elastic: the 2-node checkpoint resumes on 1 node, and that one on 2 nodes again, within the fp32
    summation-order tolerance;
 6. webdataset shards in epoch mode, split over the 4 ranks of both nodes: after the requeue every
@@ -47,7 +47,7 @@ from sidscale.checkpointing.files import (
     step_dir,
 )
 from tests.helpers.dist_launch import REPO, _fork_context, free_port, run_trainer
-from tests.robustness.test_slurm import job_report, weights
+from tests.helpers.slurm_jobs import job_report, weights
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -231,9 +231,17 @@ STREAM_EPOCH_LEN = {0: 8, 1: 8, 2: 4, 3: 4}
 
 @pytest.fixture(scope="module")
 def stream_reference(cluster, tiny_toy_teacher, runs):
-    """The uninterrupted 2-node job reading the webdataset stream: what the preempted job must equal."""
+    """The uninterrupted job reading the webdataset stream, what the preempted job must equal: 4 ranks of the
+    test launcher in the background, as ``reference`` (the stream is split by rank and world size, the same
+    there as on 2 nodes x 2). Its value: the run directory and every rank's output."""
     run_dir = runs / "stream_reference"
-    return run_dir, cluster.submit(run_dir, tiny_toy_teacher, nodes=2, per_node=2, overrides=STREAM)
+    _fork_context()  # made once, before the thread uses it
+
+    def run() -> tuple[Path, str]:
+        proc = run_trainer(run_dir, OVERRIDES + [f"teacher.path={tiny_toy_teacher}", *STREAM], nproc=4)
+        return run_dir, proc.stdout + proc.stderr
+
+    return Background(run)
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +321,11 @@ def test_spanning_job_equals_one_node_job(cluster, reference, spanning):
     # hostname of its UTS namespace and SLURM's node name agree.
     for rank, node in {0: "node1", 1: "node1", 2: "node2", 3: "node2"}.items():
         assert f"(local {rank % 2}) on node {node} [{node}]" in lines[rank], lines[rank]
-    assert "on 2 node(s) (node[1-2]), 4 ranks" in Path(f"{two_nodes}.out").read_text()
+    batch_log = Path(f"{two_nodes}.out").read_text()
+    assert "on 2 node(s) (node[1-2]), 4 ranks" in batch_log
+    # one log per rank, and the batch log names the run directory and the end of training
+    assert sorted(p.name for p in (two_nodes / "logs").glob("*.log")) == [f"rank{r}.log" for r in range(4)]
+    assert f"run dir {two_nodes}" in batch_log and "training finished" in batch_log, batch_log
     assert_identical(one_node, two_nodes)
 
 
@@ -398,8 +410,10 @@ def test_usr1_reaches_every_rank_on_both_nodes_and_requeues(cluster, stream_refe
     stop = stops[0]
     assert 2 <= stop < MAX_STEPS
     rank0 = (run_dir / "logs" / "rank0.log").read_text()
+    # nothing lost: the checkpoint of the step they stopped at is where the second attempt starts
+    assert f"stopped by signal at step {stop}; checkpoint saved" in rank0, job_report(run_dir)
     assert re.search(rf"resumed from \S+step_0*{stop} \(step {stop}\)", rank0), job_report(run_dir)
-    assert_identical(finished(cluster, stream_reference), run_dir)
+    assert_identical(stream_reference.get()[0], run_dir)
 
 
 def test_stream_shards_split_over_both_nodes_and_resume_exactly(cluster, stream_reference, preempted):
@@ -409,10 +423,10 @@ def test_stream_shards_split_over_both_nodes_and_resume_exactly(cluster, stream_
     run_dir, job, thread, _ = preempted
     thread.join(timeout=360)
     assert cluster.wait(job, run_dir, timeout=420, restarts="1") == "COMPLETED", job_report(run_dir)
-    reference = finished(cluster, stream_reference)
-    for run in (reference, run_dir):
-        for rank in range(4):
-            assert "prompt stream layout changed" not in (run / "logs" / f"rank{rank}.log").read_text()
+    reference, reference_output = stream_reference.get()
+    assert "prompt stream layout changed" not in reference_output
+    for rank in range(4):
+        assert "prompt stream layout changed" not in (run_dir / "logs" / f"rank{rank}.log").read_text()
     got, want = {}, {}
     for rank in range(4):
         for states, run in ((got, run_dir), (want, reference)):
