@@ -7,9 +7,10 @@ diffusers and transformers once per test session: a fresh interpreter spends ~7 
 imports, which was most of the cost of each of the suite's launches. The fork server is a
 single-threaded process that has run no torch op, so the forked ranks start as clean as a new
 interpreter, minus the imports. ``run_script_ranks`` does the same for a worker script that would
-otherwise run under torchrun (with torchrun's rendezvous variables). Tests that need a launcher or a
-signal-able process tree (torchrun, SIGKILL, SIGUSR1, SLURM), or whose numbers depend on the process
-(the memory plan's measured peak), start real interpreters instead.
+otherwise run under torchrun (with torchrun's rendezvous variables), and ``Launch(forked_ranks=True)``
+starts forked ranks in the background, each in a session of its own, for the tests that signal or kill
+them. Tests whose subject is the launch itself (torchrun, the fail-fast of a launcher, SLURM), or whose
+numbers depend on the process (the memory plan's measured peak), start real interpreters instead.
 """
 
 from __future__ import annotations
@@ -201,12 +202,45 @@ def run_script_ranks(script: Path, args: list[str], nproc: int = 2,
     return subprocess.CompletedProcess([str(script), *args], code, stdout, stderr)
 
 
+def _session_rank_main(argv: list[str], env: dict[str, str], out_path: str, err_path: str) -> None:
+    """``_rank_main`` in a session (and process group) of its own, as ``Popen(start_new_session=True)``
+    starts a direct rank: a signal to the rank's process group reaches the rank and its DataLoader
+    workers, never the fork server or pytest."""
+    os.setsid()
+    _rank_main(argv, env, out_path, err_path)
+
+
+class _ForkedRank:
+    """The part of ``subprocess.Popen`` that ``Launch`` uses, for a rank forked from the fork server."""
+
+    stdout = None
+
+    def __init__(self, process):
+        self.process = process
+        self.pid = process.pid
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            raise subprocess.TimeoutExpired(f"rank {self.pid}", timeout)
+        return self.process.exitcode
+
+
 class Launch:
     """A trainer started in the background, in a session of its own (apart from pytest's, so a kill
-    never reaches the test runner); output goes to files, not pipes, which a chatty run could fill."""
+    never reaches the test runner); output goes to files, not pipes, which a chatty run could fill.
+
+    Ranks: torchrun's (default); ``direct_ranks``: one interpreter per rank with RANK / WORLD_SIZE in
+    its environment, as ``srun`` starts them (each rank's own exit code is visible: torchrun would turn
+    75 into 1); ``forked_ranks``: the same, but each rank forked from the fork server, in a session of
+    its own (no interpreter start-up; for the tests whose subject is what a signal or a kill does to the
+    ranks and their checkpoints, not how they were started)."""
 
     def __init__(self, run_dir: Path, overrides: list[str], log_dir: Path, direct_ranks: bool = False,
-                 fault: fault_injection.Fault | None = None):
+                 fault: fault_injection.Fault | None = None, forked_ranks: bool = False):
         self.log_dir = log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
         self.marker_dir = log_dir / "fault_reached"
@@ -215,9 +249,19 @@ class Launch:
             env.update({fault_injection.ENV: fault.spec(), fault_injection.DIR_ENV: str(self.marker_dir)})
         train = [str(REPO / "sidscale" / "train.py"), "--config", "toy", "--run-dir", str(run_dir)]
         train += [a for o in overrides for a in ("--set", o)]
-        if direct_ranks:
-            # One process per rank with RANK/WORLD_SIZE in the environment, as srun starts them: each
-            # rank's own exit code is visible (torchrun would turn 75 into 1).
+        if forked_ranks:
+            port = str(free_port())
+            ctx = _fork_context()
+            self.procs = []
+            for r in range(2):
+                rank_env = dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                MASTER_PORT=port)
+                process = ctx.Process(target=_session_rank_main,
+                                      args=(train[1:], rank_env, str(log_dir / f"rank{r}.out"),
+                                            str(log_dir / f"rank{r}.stderr.out")))
+                process.start()
+                self.procs.append(_ForkedRank(process))
+        elif direct_ranks:
             port = str(free_port())
             self.procs = [self._popen([sys.executable, *train], f"rank{r}",
                                       dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",

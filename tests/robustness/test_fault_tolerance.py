@@ -67,7 +67,7 @@ def test_sigkill_after_a_step_then_restart_is_exact(overrides, reference, tmp_pa
     """Both ranks finish step 3 (the checkpoint of step 2 is complete), then the whole launch is
     SIGKILLed: the restart resumes at step 2, loses nothing more, and ends identical."""
     run_dir = tmp_path / "run"
-    launch = Launch(run_dir, overrides, tmp_path / "logs",
+    launch = Launch(run_dir, overrides, tmp_path / "logs", forked_ranks=True,
                     fault=fault_injection.Fault(point="after_step", step=3, action="hang"))
     try:
         launch.wait_until(lambda: launch.ranks_at_fault() == 2, what="both ranks after step 3")
@@ -87,7 +87,7 @@ def test_sigkill_during_a_checkpoint_save_resumes_from_the_previous_one(override
     the newest complete checkpoint with a warning."""
     run_dir = tmp_path / "run"
     partial = step_dir(run_dir, 4)
-    launch = Launch(run_dir, overrides, tmp_path / "logs",
+    launch = Launch(run_dir, overrides, tmp_path / "logs", forked_ranks=True,
                     fault=fault_injection.Fault(point="in_save", step=4, action="hang"))
     try:
         launch.wait_until(lambda: launch.ranks_at_fault() == 2, what="both ranks inside the save of step 4")
@@ -178,7 +178,7 @@ def test_sigusr1_to_one_rank_checkpoints_exits_75_and_restart_is_exact(overrides
     """Only rank 1 gets SIGUSR1, right after step 3 (SLURM may signal ranks at different times):
     both ranks must stop after that same step, save it and exit 75; the restart continues exactly."""
     run_dir = tmp_path / "run"
-    launch = Launch(run_dir, overrides, tmp_path / "logs", direct_ranks=True,
+    launch = Launch(run_dir, overrides, tmp_path / "logs", forked_ranks=True,
                     fault=fault_injection.Fault(point="after_step", step=3, rank=1, action="signal"))
     try:
         codes = launch.wait(timeout=300)

@@ -216,7 +216,7 @@ def test_sigterm_to_every_process_still_checkpoints_and_exits_75(overrides, fp32
     group (its DataLoader worker included) gets SIGTERM after step 3. Workers ignore it, the ranks
     stop after that step, save it and exit 75; the restart continues exactly."""
     run = tmp_path / "run"
-    launch = Launch(run, overrides, tmp_path / "logs", direct_ranks=True,
+    launch = Launch(run, overrides, tmp_path / "logs", forked_ranks=True,
                     fault=fault_injection.Fault(point="after_step", step=3, action="sigterm_group"))
     try:
         codes = launch.wait(timeout=300)
