@@ -81,13 +81,18 @@ SHARED_UNITS = {
     "fp32_reference_run": ("test_trainer", "test_fault_tolerance", "test_resume_faults"),
     # the local SLURM clusters: one apt-get install at a time (dpkg's lock), one cluster at a time
     "slurm": ("test_slurm", "test_slurm_multinode"),
+    # the memory plan of the full-size presets: its per-preset costs (meta-device builds and activation
+    # traces of SDXL, SD3.5, FLUX, ..., sidscale/perf/preset_costs.py) are cached per process; one worker
+    # computes them once (measured: 121 CPU-seconds together, 186 in separate processes)
+    "memory_plan": ("test_preview_memory", "test_presets", "test_sd3_presets", "test_flux_presets",
+                    "test_teacher_partition", "test_perf", "test_scaling"),
 }
 # Units started first, longest first: a long unit picked up last would leave the other worker idle at
 # the end. The order of the per-unit totals of `--durations=0` on this project's 2-core machine
 # (2026-12-04); the rest follow in file order.
-LONG_UNITS_FIRST = ("slurm", "fp32_reference_run", "test_trainer_equivalence", "test_sd3_family", "test_terminal",
-                    "test_teacher_partition_resume", "test_long_work_waits", "test_scaling", "test_toy_flow",
-                    "test_numerics", "test_reference_toy", "test_teacher_partition", "test_flux_family")
+LONG_UNITS_FIRST = ("slurm", "fp32_reference_run", "memory_plan", "test_trainer_equivalence", "test_sd3_family",
+                    "test_terminal", "test_teacher_partition_resume", "test_long_work_waits", "test_toy_flow",
+                    "test_numerics", "test_reference_toy", "test_flux_family")
 
 
 def unit_of(path: str) -> str:
