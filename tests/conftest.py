@@ -1,6 +1,7 @@
 """Shared test setup: everything offline and on CPU (set before any library reads the env), and the
 session-wide fixtures that several test files share instead of each paying for its own copy."""
 
+import gc
 import os
 from pathlib import Path
 
@@ -129,6 +130,16 @@ def pytest_configure(config):
 
         os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
+
+
+def pytest_collection_finish(session):
+    """Once collected, every test module and what it imports at module level (torch, DeepSpeed,
+    diffusers, ...) is loaded for good: freeze those objects out of the garbage collector's scans, so a
+    full collection later in the session (DeepSpeed forces one per memory report at engine build: 16 in
+    one bf16 ZeRO-1 trainer build) walks only what the tests created. Measured on the numerics, toy-flow
+    and eval files in one process: 12.5 s of their 80 CPU-seconds in the collector, 8.9 s frozen."""
+    gc.collect()
+    gc.freeze()
 
 
 def pytest_collection_modifyitems(config, items):
