@@ -249,24 +249,22 @@ class Launch:
             env.update({fault_injection.ENV: fault.spec(), fault_injection.DIR_ENV: str(self.marker_dir)})
         train = [str(REPO / "sidscale" / "train.py"), "--config", "toy", "--run-dir", str(run_dir)]
         train += [a for o in overrides for a in ("--set", o)]
-        if forked_ranks:
+        if forked_ranks or direct_ranks:
             port = str(free_port())
+            rank_envs = [dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=port) for r in range(2)]
+        if forked_ranks:
             ctx = _fork_context()
             self.procs = []
-            for r in range(2):
-                rank_env = dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                                MASTER_PORT=port)
+            for r, rank_env in enumerate(rank_envs):
                 process = ctx.Process(target=_session_rank_main,
                                       args=(train[1:], rank_env, str(log_dir / f"rank{r}.out"),
                                             str(log_dir / f"rank{r}.stderr.out")))
                 process.start()
                 self.procs.append(_ForkedRank(process))
         elif direct_ranks:
-            port = str(free_port())
-            self.procs = [self._popen([sys.executable, *train], f"rank{r}",
-                                      dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
-                                           MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
-                          for r in range(2)]
+            self.procs = [self._popen([sys.executable, *train], f"rank{r}", rank_env)
+                          for r, rank_env in enumerate(rank_envs)]
         else:
             self.procs = [self._popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                                        f"--master_port={free_port()}", *train], "torchrun", env)]

@@ -13,7 +13,6 @@ Skipped (with the reason) only where SLURM cannot be installed or started here.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.dist_launch import REPO, free_port
+from tests.helpers.slurm_jobs import job_field
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -74,12 +74,6 @@ def cluster():
             subprocess.run(["scancel", *jobs.split()], capture_output=True, env=slurm_env)
         subprocess.run(["bash", str(TOOLS / "stop.sh"), str(state)], capture_output=True, timeout=120)
         shutil.rmtree(state, ignore_errors=True)
-
-
-def job_field(env: dict, job: str, field: str) -> str:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, env=env).stdout
-    m = re.search(rf"\b{field}=(\S*)", out)
-    return m.group(1) if m else ""
 
 
 def test_one_node_cluster_runs_a_job_shaped_as_distill_sh_and_requeues_it(cluster, tmp_path):

@@ -47,7 +47,7 @@ from sidscale.checkpointing.files import (
     step_dir,
 )
 from tests.helpers.dist_launch import REPO, _fork_context, free_port, run_trainer
-from tests.helpers.slurm_jobs import job_report, weights
+from tests.helpers.slurm_jobs import job_field, job_report, weights
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -84,9 +84,7 @@ class Cluster:
         self.env = dict(os.environ, SLURM_CONF=str(state / "etc" / "slurm.conf"))
 
     def field(self, job: str, name: str) -> str:
-        out = _run(["scontrol", "show", "job", "-o", job], env=self.env).stdout
-        m = re.search(rf"\b{name}=(\S*)", out)
-        return m.group(1) if m else ""
+        return job_field(self.env, job, name)
 
     def submit(self, run_dir: Path, teacher: Path | None, nodes: int, per_node: int, extra_env: dict | None = None,
                nodelist: str | None = None, overrides: tuple[str, ...] = (), config: str = "toy") -> str:
@@ -190,6 +188,18 @@ def runs(tmp_path_factory):
     return tmp_path_factory.mktemp("mn_runs")
 
 
+def launcher_job(run_dir: Path, teacher: Path, overrides: tuple[str, ...] = ()) -> Background:
+    """The job of this module (``OVERRIDES`` + ``overrides``) as 4 ranks of the test launcher, in the background;
+    its result: the run directory and every rank's output."""
+    _fork_context()  # made once, before the thread uses it
+
+    def run() -> tuple[Path, str]:
+        proc = run_trainer(run_dir, OVERRIDES + [f"teacher.path={teacher}", *overrides], nproc=4)
+        return run_dir, proc.stdout + proc.stderr
+
+    return Background(run)
+
+
 @pytest.fixture(scope="module")
 def reference(cluster, tiny_toy_teacher, runs):
     """The same job as 4 ranks on one machine: the result every multi-node job must equal. Run by the test
@@ -197,14 +207,7 @@ def reference(cluster, tiny_toy_teacher, runs):
     interpreter starts fewer than a one-node SLURM job, on the same trainer and rank order. It asks for
     ``cluster`` only to start after it: where the cluster cannot be built the module skips or fails
     before this run spends a minute of CPU."""
-    run_dir = runs / "one_node"
-    _fork_context()  # made once, before the thread uses it
-
-    def run() -> Path:
-        run_trainer(run_dir, OVERRIDES + [f"teacher.path={tiny_toy_teacher}"], nproc=4)
-        return run_dir
-
-    return Background(run)
+    return launcher_job(runs / "one_node", tiny_toy_teacher)
 
 
 @pytest.fixture(scope="module")
@@ -233,15 +236,8 @@ STREAM_EPOCH_LEN = {0: 8, 1: 8, 2: 4, 3: 4}
 def stream_reference(cluster, tiny_toy_teacher, runs):
     """The uninterrupted job reading the webdataset stream, what the preempted job must equal: 4 ranks of the
     test launcher in the background, as ``reference`` (the stream is split by rank and world size, the same
-    there as on 2 nodes x 2). Its value: the run directory and every rank's output."""
-    run_dir = runs / "stream_reference"
-    _fork_context()  # made once, before the thread uses it
-
-    def run() -> tuple[Path, str]:
-        proc = run_trainer(run_dir, OVERRIDES + [f"teacher.path={tiny_toy_teacher}", *STREAM], nproc=4)
-        return run_dir, proc.stdout + proc.stderr
-
-    return Background(run)
+    there as on 2 nodes x 2)."""
+    return launcher_job(runs / "stream_reference", tiny_toy_teacher, STREAM)
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +310,7 @@ def elastic(cluster, tiny_toy_teacher, spanning, runs):
 
 
 def test_spanning_job_equals_one_node_job(cluster, reference, spanning):
-    one_node, two_nodes = reference.get(), finished(cluster, spanning)
+    (one_node, _), two_nodes = reference.get(), finished(cluster, spanning)
     lines = rank_lines(two_nodes)
     assert sorted(lines) == [0, 1, 2, 3], job_report(two_nodes)
     # 2 ranks per node, in block order (ranks 0-1 on the first node), each naming its own node: the
@@ -386,7 +382,7 @@ def test_node_loss_fails_fast_and_resumes_identically(cluster, tiny_toy_teacher,
     assert state == "COMPLETED", job_report(run_dir)
     rank0 = (run_dir / "logs" / "rank0.log").read_text()
     assert re.search(r"resumed from \S+step_0*2 \(step 2\)", rank0), job_report(run_dir)
-    assert_identical(reference.get(), run_dir)
+    assert_identical(reference.get()[0], run_dir)
 
 
 def test_usr1_reaches_every_rank_on_both_nodes_and_requeues(cluster, stream_reference, preempted, sd35):
@@ -459,7 +455,7 @@ def test_elastic_two_nodes_to_one_and_back(cluster, reference, elastic):
     assert len(jobs) == 2
     assert read_meta(find_resume_checkpoint(run))["world_size"] == 4
     assert not (run / "checkpoints" / "universal").exists()
-    ref_step, ref = weights(reference.get())
+    ref_step, ref = weights(reference.get()[0])
     step, got = weights(run)
     assert step == ref_step == MAX_STEPS and got.keys() == ref.keys()
     worst = max((got[k] - ref[k]).abs().max().item() for k in ref)
