@@ -92,12 +92,11 @@ def adversarial_fake_step(
     safe_fake = torch.where(keep.view(-1, 1), l_fake, zero)
     per_sample = disc_loss_per_sample(safe_real, safe_fake, adv.logit_clamp, real_x[0].numel())
     disc = masked_sum(per_sample, keep) * (adv.disc_scale / loss_normaliser)
-    kept = keep.sum().clamp_min(1)
     stats.update({
         "loss_disc": disc.detach(),
         # the share of samples the discriminator gets right (mean logit's sign); masked means: no host sync
-        "disc_real_acc": (torch.where(keep, l_real.detach().mean(1) > 0, False).sum() / kept).detach(),
-        "disc_fake_acc": (torch.where(keep, l_fake.detach().mean(1) < 0, False).sum() / kept).detach(),
+        "disc_real_acc": masked_mean(l_real.detach().mean(1) > 0, keep),
+        "disc_fake_acc": masked_mean(l_fake.detach().mean(1) < 0, keep),
         "dropped_disc": (~keep).sum().detach(),
     })
     return dsm_loss + disc, stats
