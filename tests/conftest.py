@@ -87,12 +87,15 @@ SHARED_UNITS = {
     # computes them once (measured: 121 CPU-seconds together, 186 in separate processes)
     "memory_plan": ("test_preview_memory", "test_presets", "test_sd3_presets", "test_flux_presets",
                     "test_teacher_partition", "test_perf", "test_scaling"),
+    # the fitted flow toy teacher (tiny_toy_flow_teacher: 80 fit steps, ~13 CPU-seconds in each worker
+    # that fits it)
+    "toy_flow_teacher": ("test_toy_flow", "test_adversarial_training"),
 }
 # Units started first, longest first: a long unit picked up last would leave the other worker idle at
 # the end. The order of the per-unit totals of `--durations=0` on this project's 2-core machine
 # (2026-12-04); the rest follow in file order.
 LONG_UNITS_FIRST = ("slurm", "fp32_reference_run", "memory_plan", "test_trainer_equivalence", "test_sd3_family",
-                    "test_terminal", "test_teacher_partition_resume", "test_long_work_waits", "test_toy_flow",
+                    "test_terminal", "test_teacher_partition_resume", "test_long_work_waits", "toy_flow_teacher",
                     "test_numerics", "test_reference_toy", "test_flux_family")
 
 

@@ -9,8 +9,9 @@ single-threaded process that has run no torch op, so the forked ranks start as c
 interpreter, minus the imports. ``run_script_ranks`` does the same for a worker script that would
 otherwise run under torchrun (with torchrun's rendezvous variables), and ``Launch(forked_ranks=True)``
 starts forked ranks in the background, each in a session of its own, for the tests that signal or kill
-them. Tests whose subject is the launch itself (torchrun, the fail-fast of a launcher, SLURM), or whose
-numbers depend on the process (the memory plan's measured peak), start real interpreters instead.
+them. Tests whose subject is the launch itself (torchrun, the fail-fast of a launcher, SLURM) start real
+interpreters instead. (The memory plan's 2-rank measured peak runs forked too: its allocation trace starts
+before the trainer is built, so a forked rank measures what a fresh one does, tests/unit/test_perf.py.)
 """
 
 from __future__ import annotations

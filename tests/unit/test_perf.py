@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tempfile
 
 import pytest
@@ -13,17 +10,6 @@ import torch
 
 from sidscale.perf.flops import count_flops, gpu_peak_tflops, mfu
 from tests.helpers.dist_launch import REPO
-
-
-def child_env() -> dict[str, str]:
-    """This process's environment without a rendezvous.
-
-    NOTE: init_distributed of the in-process fixture put RANK/MASTER_PORT into os.environ; a child
-    that inherits them would try to join that (single-rank) group's port.
-    """
-    from tests.helpers.inprocess import RENDEZVOUS_KEYS
-
-    return {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_KEYS}
 
 
 def test_flops_closed_forms():
@@ -167,9 +153,7 @@ MEASURED_CASES = [
 @pytest.mark.parametrize("nproc, args, phase", MEASURED_CASES, ids=["tiny-zero2", "tiny-zero3", "tiny-zero2-2ranks"])
 def test_memory_plan_total_within_15_percent_of_measured_peak(nproc, args, phase):
     """The plan's total per rank against the allocator's measured peak over real trainer iterations
-    (one rank in this process, two under torchrun)."""
-    from sidscale.distributed.runtime import free_port
-
+    (one rank in this process, two as torchrun starts them: tests/helpers/dist_launch.py)."""
     argv = ["--measure", "--device", "cpu", "--precision", "bf16", "--steps", "1", "--json", *args]
     if nproc == 1:
         import contextlib
@@ -182,12 +166,10 @@ def test_memory_plan_total_within_15_percent_of_measured_peak(nproc, args, phase
         with single_rank_environment(), contextlib.redirect_stdout(out):
             assert memory_plan_main(argv) == 0
         stdout = out.getvalue()
-    else:
-        env = child_env()
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", "tools/memory_plan.py", *argv]
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400,
-                              env={**env, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    else:  # the tool's ranks with torchrun's rendezvous variables, forked from the test launcher's fork server
+        from tests.helpers.dist_launch import run_script_ranks
+
+        proc = run_script_ranks(REPO / "tools" / "memory_plan.py", argv, nproc=nproc, timeout=400)
         assert proc.returncode == 0, proc.stderr[-3000:]
         stdout = proc.stdout
     rec = json.loads([line for line in stdout.splitlines() if line.startswith("{")][0])
