@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sidscale.perf.flops import count_flops, gpu_peak_tflops, mfu
-from tests.helpers.dist_launch import REPO
+from tests.helpers.dist_launch import REPO, run_script_ranks
 
 
 def test_flops_closed_forms():
@@ -167,8 +167,6 @@ def test_memory_plan_total_within_15_percent_of_measured_peak(nproc, args, phase
             assert memory_plan_main(argv) == 0
         stdout = out.getvalue()
     else:  # the tool's ranks with torchrun's rendezvous variables, forked from the test launcher's fork server
-        from tests.helpers.dist_launch import run_script_ranks
-
         proc = run_script_ranks(REPO / "tools" / "memory_plan.py", argv, nproc=nproc, timeout=400)
         assert proc.returncode == 0, proc.stderr[-3000:]
         stdout = proc.stdout
