@@ -145,6 +145,20 @@ def pytest_collection_finish(session):
     gc.freeze()
 
 
+_frozen_through: list[str] = []
+
+
+def pytest_runtest_setup(item):
+    """At the first test of each module, once the previous module's fixtures are torn down: what is still
+    alive (the modules its tests imported lazily, session fixtures) is frozen too, so the next module's
+    full collections walk only its own objects."""
+    module = item.nodeid.split("::", 1)[0]
+    if _frozen_through[-1:] != [module]:
+        _frozen_through.append(module)
+        gc.collect()
+        gc.freeze()
+
+
 def pytest_collection_modifyitems(config, items):
     """``gpu`` tests need CUDA: on a CPU machine they are skipped with the reason (and counted as
     skipped, never as passed); tools/gpu_check.sh runs them on a GPU. In an xdist worker, the long

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import sys
 import traceback
@@ -111,9 +112,38 @@ class DistInfo:
         return self.rank == 0
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now (for a local rendezvous)."""
-    with socket.socket() as s:
+EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
+
+
+def ephemeral_port_low(path: str = EPHEMERAL_RANGE_FILE) -> int:
+    """The lowest port the kernel hands to outgoing connections (Linux's default range starts at 32768)."""
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(low: int | None = None, span: int = 16384) -> int:
+    """A TCP port on 127.0.0.1 that is free now, for a local rendezvous (MASTER_PORT).
+
+    Chosen at random BELOW the kernel's ephemeral range, never from it: a port that the kernel picked
+    for ``bind(0)`` and that was then released can be taken, before rank 0 listens on it, as the local
+    end of any outgoing connection on the host (another job's gloo mesh or TCPStore client). Rank 0
+    then cannot listen, and the other ranks connect to a port that never answers until the rendezvous
+    times out. The kernel never gives ports below that range to outgoing connections. ``low`` / ``span``:
+    draw from ``[low - span, low)`` (default: the ``span`` ports under the ephemeral range)."""
+    low = ephemeral_port_low() if low is None else low
+    pick = random.SystemRandom()  # not the global generator: seeded runs would all draw the same ports
+    for _ in range(64):
+        port = pick.randrange(max(1024, low - span), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # in use (a service, or a rendezvous of another job): draw again
+                continue
+            return port
+    with socket.socket() as s:  # everything drawn was busy: what the kernel gives
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

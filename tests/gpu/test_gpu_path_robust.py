@@ -113,6 +113,34 @@ def test_slurm_nodelist_errors_name_the_list(bad: str) -> None:
         runtime.expand_nodelist(bad)
 
 
+def test_free_port_is_below_the_ephemeral_range_and_skips_ports_in_use(tmp_path) -> None:
+    """A local rendezvous port is never one the kernel may give an outgoing connection (the range in
+    /proc/sys/net/ipv4/ip_local_port_range): one drawn from it was taken by another job's connection
+    before rank 0 listened, and rank 1 waited out its 180 s rendezvous timeout. A port in use is skipped."""
+    import socket
+
+    low = runtime.ephemeral_port_low()
+    ports = {runtime.free_port() for _ in range(20)}
+    assert all(max(1024, low - 16384) <= p < low for p in ports), (low, sorted(ports))
+    assert len(ports) > 1  # drawn at random, not one fixed port every job would fight over
+    # a range of two ports, one of them held by a listener: the other one, every time
+    with socket.socket() as held, socket.socket() as other:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        busy = held.getsockname()[1]
+        other.bind(("127.0.0.1", busy - 1))  # free now (else this raises), released below
+    assert {runtime.free_port(low=busy + 1, span=2) for _ in range(10)} <= {busy - 1, busy}
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", busy))
+        held.listen()
+        assert {runtime.free_port(low=busy + 1, span=2) for _ in range(10)} == {busy - 1}
+    rng = tmp_path / "range"
+    rng.write_text("40000\t60999\n")
+    assert runtime.ephemeral_port_low(str(rng)) == 40000
+    rng.write_text("")
+    assert runtime.ephemeral_port_low(str(rng)) == 32768  # unreadable: Linux's default
+
+
 def _slurm_env(monkeypatch: pytest.MonkeyPatch, **extra: str) -> None:
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_NODELIST",
               "SLURM_NODELIST", "SLURM_JOBID"):

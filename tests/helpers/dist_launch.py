@@ -68,7 +68,7 @@ def _fork_context():
     global _context
     if _context is None:
         _context = multiprocessing.get_context("forkserver")
-        _context.set_forkserver_preload(PRELOAD)
+        _context.set_forkserver_preload(["tests.helpers.fork_server_preload"])
     return _context
 
 
@@ -147,8 +147,21 @@ def _run_forked(target, args: tuple, base_env: dict[str, str], nproc: int,
             p.join()
         codes = [p.exitcode if p not in timed_out else -9 for p in procs]
         stdout = "".join(Path(o).read_text(errors="replace") for o, _ in paths if Path(o).is_file())
-        stderr = "".join(Path(e).read_text(errors="replace") for _, e in paths if Path(e).is_file())
+        stderr = "".join(f"{RANK_HEADER.format(rank=r)}{Path(e).read_text(errors='replace')}"
+                         for r, (_, e) in enumerate(paths) if Path(e).is_file())
     return codes, stdout, stderr
+
+
+RANK_HEADER = "\n===== rank {rank} stderr =====\n"
+
+
+def rank_tails(stderr: str, chars: int = 2500) -> str:
+    """The end of EVERY rank's part of a forked launch's stderr (each after its ``RANK_HEADER``), for a
+    failure message: the last characters of the whole text would show only the last rank's, and the
+    rank that failed first (whose error the others only wait on) is often rank 0."""
+    parts = stderr.split("\n===== rank ")
+    return "".join(("\n===== rank " if i else "") + (p if len(p) <= chars else p[:30] + "\n...\n" + p[-chars:])
+                   for i, p in enumerate(parts))
 
 
 def run_trainer(run_dir: Path, overrides: list[str], nproc: int = 2, config: str = "toy",
@@ -170,7 +183,7 @@ def run_trainer(run_dir: Path, overrides: list[str], nproc: int = 2, config: str
     code = next((c for c in codes if c != 0), 0)
     proc = subprocess.CompletedProcess(["sidscale/train.py", *argv], code, stdout, stderr)
     if check and code != 0:
-        raise AssertionError(f"trainer failed (exit codes {codes}):\n{stdout[-3000:]}\n{stderr[-6000:]}")
+        raise AssertionError(f"trainer failed (exit codes {codes}):\n{stdout[-3000:]}\n{rank_tails(stderr)}")
     return proc
 
 

@@ -466,31 +466,43 @@ def test_after_the_rendezvous_the_group_has_the_configured_timeout(monkeypatch):
         rendezvous_timeout_s(600)
 
 
-def test_a_stop_signal_during_the_imports_is_kept_not_fatal(tmp_path):
-    """SIGUSR1 while train.py is still importing (here: at the moment it imports numpy, its first
-    heavy import) used to kill the rank (the default action). Now it is recorded, and the trainer's
-    StopSignal takes it over: the job stops after its first step like for any stop request."""
-    import signal
+@pytest.fixture(scope="module")
+def script_start(tmp_path_factory) -> str:
+    """``python sidscale/train.py --help`` in a fresh interpreter (train.py run as ``__main__``, as a
+    launcher starts it), with a SIGUSR1 sent at the moment it imports numpy (its first heavy import) and
+    every garbage collection recorded: the driver's output, shared by the two tests below."""
     import subprocess
     import sys
 
-    driver = tmp_path / "driver.py"
+    driver = tmp_path_factory.mktemp("start") / "driver.py"
     driver.write_text(f"""
-import os, runpy, signal, sys
+import gc, os, runpy, signal, sys
+
+collections = []  # (generation, objects frozen at the time) of each collection inside train.py
+
+def record(phase, info):
+    if phase == "start" and inside:
+        collections.append((info["generation"], gc.get_freeze_count()))
 
 class SignalOnNumpy:
     def find_spec(self, name, path=None, target=None):
         if name == "numpy":
             sys.meta_path.remove(self)
+            print("collector on while importing", gc.isenabled())
             os.kill(os.getpid(), signal.SIGUSR1)
         return None
 
+gc.callbacks.append(record)
 sys.meta_path.insert(0, SignalOnNumpy())
 sys.argv = ["sidscale/train.py", "--help"]
+inside = True
 try:
     runpy.run_path({str(Path(train.__file__))!r}, run_name="__main__")
 except SystemExit as e:
     print("train.py exited", e.code)
+inside = False
+print("collector on after", gc.isenabled(), "frozen", gc.get_freeze_count())
+print("full collections of an unfrozen heap", sum(1 for g, frozen in collections if g == 2 and frozen == 0))
 from sidscale.distributed.preemption import StopSignal
 stop = StopSignal()
 print("received", stop.received, "stop", stop.stop_requested())
@@ -498,7 +510,29 @@ print("received", stop.received, "stop", stop.stop_requested())
     proc = subprocess.run([sys.executable, str(driver)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"rc {proc.returncode}: {proc.stderr[-2000:]}"
     assert "train.py exited 0" in proc.stdout
-    assert f"received [{int(signal.SIGUSR1)}] stop True" in proc.stdout, proc.stdout[-2000:]
+    return proc.stdout
+
+
+def test_a_stop_signal_during_the_imports_is_kept_not_fatal(script_start):
+    """SIGUSR1 while train.py is still importing used to kill the rank (the default action). Now it is
+    recorded, and the trainer's StopSignal takes it over: the job stops after its first step like for
+    any stop request."""
+    import signal
+
+    assert f"received [{int(signal.SIGUSR1)}] stop True" in script_start, script_start[-2000:]
+
+
+def test_start_up_imports_run_without_full_collections_and_end_frozen(script_start):
+    """train.py's module imports run with the garbage collector off (no full collection walks the
+    growing import heap), then the imported heap is frozen out of later scans and the collector is back
+    on for the run."""
+    import re
+
+    assert "collector on while importing False" in script_start, script_start[-2000:]
+    assert "full collections of an unfrozen heap 0" in script_start, script_start[-2000:]
+    after = re.search(r"collector on after (\w+) frozen (\d+)", script_start)
+    assert after and after.group(1) == "True", script_start[-2000:]
+    assert int(after.group(2)) > 100_000, script_start[-2000:]  # torch, DeepSpeed, ...: ~1M objects
 
 
 def test_a_stop_signal_in_the_per_rank_shell_of_distill_sh_reaches_the_trainer(tmp_path):

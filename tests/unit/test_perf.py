@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sidscale.perf.flops import count_flops, gpu_peak_tflops, mfu
-from tests.helpers.dist_launch import REPO, run_script_ranks
+from tests.helpers.dist_launch import REPO, rank_tails, run_script_ranks
 
 
 def test_flops_closed_forms():
@@ -168,7 +168,7 @@ def test_memory_plan_total_within_15_percent_of_measured_peak(nproc, args, phase
         stdout = out.getvalue()
     else:  # the tool's ranks with torchrun's rendezvous variables, forked from the test launcher's fork server
         proc = run_script_ranks(REPO / "tools" / "memory_plan.py", argv, nproc=nproc, timeout=400)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, rank_tails(proc.stderr)
         stdout = proc.stdout
     rec = json.loads([line for line in stdout.splitlines() if line.startswith("{")][0])
     assert rec["inputs"]["gpus"] == nproc and rec["peak_phase"] == phase
