@@ -123,12 +123,16 @@ def test_free_port_is_below_the_ephemeral_range_and_skips_ports_in_use(tmp_path)
     ports = {runtime.free_port() for _ in range(20)}
     assert all(max(1024, low - 16384) <= p < low for p in ports), (low, sorted(ports))
     assert len(ports) > 1  # drawn at random, not one fixed port every job would fight over
-    # a range of two ports, one of them held by a listener: the other one, every time
-    with socket.socket() as held, socket.socket() as other:
-        held.bind(("127.0.0.1", 0))
-        held.listen()
-        busy = held.getsockname()[1]
-        other.bind(("127.0.0.1", busy - 1))  # free now (else this raises), released below
+    # a range of two ports, one of them held by a listener: the other one, every time (a pair drawn where
+    # free_port draws, below the ephemeral range: in it, other connections of the suite come and go)
+    for _ in range(50):
+        busy = runtime.free_port()
+        with socket.socket() as other:
+            try:
+                other.bind(("127.0.0.1", busy - 1))
+            except OSError:
+                continue
+        break
     assert {runtime.free_port(low=busy + 1, span=2) for _ in range(10)} <= {busy - 1, busy}
     with socket.socket() as held:
         held.bind(("127.0.0.1", busy))
