@@ -159,8 +159,9 @@ def rank_tails(stderr: str, chars: int = 2500) -> str:
     """The end of EVERY rank's part of a forked launch's stderr (each after its ``RANK_HEADER``), for a
     failure message: the last characters of the whole text would show only the last rank's, and the
     rank that failed first (whose error the others only wait on) is often rank 0."""
-    parts = stderr.split("\n===== rank ")
-    return "".join(("\n===== rank " if i else "") + (p if len(p) <= chars else p[:30] + "\n...\n" + p[-chars:])
+    marker = RANK_HEADER.split("{rank}")[0]
+    parts = stderr.split(marker)
+    return "".join((marker if i else "") + (p if len(p) <= chars else p[:30] + "\n...\n" + p[-chars:])
                    for i, p in enumerate(parts))
 
 

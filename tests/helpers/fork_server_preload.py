@@ -10,12 +10,13 @@ kernel copied each shared page into the rank (copy-on-write). Frozen objects are
 from __future__ import annotations
 
 import gc
-import importlib
 
-from tests.helpers.dist_launch import PRELOAD
-
-gc.disable()
+gc.disable()  # before the import below too: tests.helpers.dist_launch imports torch
 try:
+    import importlib
+
+    from tests.helpers.dist_launch import PRELOAD
+
     for name in PRELOAD:
         try:
             importlib.import_module(name)

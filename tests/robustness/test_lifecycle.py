@@ -479,6 +479,7 @@ def script_start(tmp_path_factory) -> str:
 import gc, os, runpy, signal, sys
 
 collections = []  # (generation, objects frozen at the time) of each collection inside train.py
+inside = False
 
 def record(phase, info):
     if phase == "start" and inside:
