@@ -93,9 +93,12 @@ SHARED_UNITS = {
 }
 # Units started first, longest first: a long unit picked up last would leave the other worker idle at
 # the end. The order of the per-unit totals of `--durations=0` on this project's 2-core machine
-# (2026-12-04); the rest follow in file order.
-LONG_UNITS_FIRST = ("slurm", "fp32_reference_run", "memory_plan", "test_trainer_equivalence", "test_sd3_family",
-                    "test_terminal", "test_teacher_partition_resume", "test_long_work_waits", "toy_flow_teacher",
+# (2026-12-04); the rest follow in file order. Except test_long_work_waits: its worker mostly waits
+# (rank 0 slowed past the timeout), so it is picked up when the first long unit ends, while the other
+# worker runs the multi-node SLURM jobs or the multi-rank equivalence runs, which use more than one core
+# and fill the idle one (placed 8th, it ran beside single-process tests: a core idle for ~55 s).
+LONG_UNITS_FIRST = ("slurm", "fp32_reference_run", "test_long_work_waits", "memory_plan", "test_trainer_equivalence",
+                    "test_sd3_family", "test_terminal", "test_teacher_partition_resume", "toy_flow_teacher",
                     "test_numerics", "test_reference_toy", "test_flux_family")
 
 
